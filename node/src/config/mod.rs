@@ -1,0 +1,1 @@
+//! Configuration room (being written).

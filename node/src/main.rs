@@ -1,0 +1,2 @@
+//! The `hangar` binary.
+fn main() {}

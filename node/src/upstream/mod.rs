@@ -1,0 +1,1 @@
+//! Upstream MCP client transports (being written).
