@@ -1,0 +1,438 @@
+//! `hangarctl`: the operator CLI for a Hangar gateway. It talks to a node's `/api` over HTTP;
+//! any node of a cluster can be addressed.
+
+use std::process::ExitCode;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand, ValueEnum};
+use serde_json::{Value, json};
+
+#[derive(Parser)]
+#[command(name = "hangarctl", version, about = "Operate a Hangar MCP gateway")]
+struct Cli {
+    /// Base URL of any Hangar node.
+    #[arg(long, env = "HANGAR_ENDPOINT", default_value = "http://127.0.0.1:8000", global = true)]
+    endpoint: String,
+    /// API key (sent as X-API-Key).
+    #[arg(long, env = "HANGAR_API_KEY", global = true, hide_env_values = true)]
+    api_key: Option<String>,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Output::Table, global = true)]
+    output: Output,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// MCP servers.
+    Servers {
+        #[command(subcommand)]
+        cmd: ServersCmd,
+    },
+    /// Tools across all servers.
+    Tools {
+        #[command(subcommand)]
+        cmd: ToolsCmd,
+    },
+    /// Call a tool: `hangarctl call SERVER TOOL --args '{"a":1}'`.
+    Call {
+        /// Server (or group) id.
+        server: String,
+        /// Tool name as the upstream knows it.
+        tool: String,
+        /// Arguments as a JSON object.
+        #[arg(long, default_value = "{}")]
+        args: String,
+    },
+    /// Node status.
+    System,
+}
+
+#[derive(Subcommand)]
+enum ServersCmd {
+    /// List servers (optionally by state).
+    List {
+        /// cold, initializing, ready, degraded or dead.
+        #[arg(long)]
+        state: Option<String>,
+    },
+    /// Show one server.
+    Get {
+        /// Server id.
+        id: String,
+    },
+    /// Add a server: `hangarctl servers add ID --mode remote --endpoint URL` or
+    /// `--mode subprocess --command python3 --command -m --command my_server`.
+    Add {
+        /// Server id.
+        id: String,
+        /// subprocess or remote.
+        #[arg(long, default_value = "subprocess")]
+        mode: String,
+        /// Command and arguments (repeat the flag for each element).
+        #[arg(long = "command")]
+        command: Vec<String>,
+        /// Endpoint URL for remote servers.
+        #[arg(long)]
+        endpoint: Option<String>,
+        /// Environment variables KEY=VALUE (repeatable).
+        #[arg(long = "env")]
+        env: Vec<String>,
+        /// Idle TTL in seconds.
+        #[arg(long)]
+        idle_ttl_s: Option<u64>,
+        /// Description.
+        #[arg(long)]
+        description: Option<String>,
+    },
+    /// Remove a server (stops it first).
+    Rm {
+        /// Server id.
+        id: String,
+    },
+    /// Start a server now.
+    Start {
+        /// Server id.
+        id: String,
+    },
+    /// Stop a server.
+    Stop {
+        /// Server id.
+        id: String,
+    },
+    /// Show the last stderr lines of a server.
+    Logs {
+        /// Server id.
+        id: String,
+        /// Number of lines (1..1000).
+        #[arg(long, default_value_t = 100)]
+        lines: usize,
+    },
+    /// List a server's tools.
+    Tools {
+        /// Server id.
+        id: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum ToolsCmd {
+    /// List every tool.
+    List,
+}
+
+struct Client {
+    http: reqwest::Client,
+    base: String,
+    api_key: Option<String>,
+}
+
+impl Client {
+    fn new(endpoint: &str, api_key: Option<String>) -> anyhow::Result<Self> {
+        let http = reqwest::Client::builder()
+            .timeout(std::time::Duration::from_secs(120))
+            .build()
+            .context("building the HTTP client")?;
+        Ok(Client {
+            http,
+            base: endpoint.trim_end_matches('/').to_owned(),
+            api_key,
+        })
+    }
+
+    async fn send(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> anyhow::Result<Value> {
+        let url = format!("{}{}", self.base, path);
+        let mut req = self.http.request(method, &url);
+        if let Some(k) = &self.api_key {
+            req = req.header("X-API-Key", k);
+        }
+        if let Some(b) = body {
+            req = req
+                .header("Content-Type", "application/json")
+                .body(b.to_string());
+        }
+        let resp = req
+            .send()
+            .await
+            .with_context(|| format!("cannot reach Hangar at {} (is the node running? set --endpoint)", self.base))?;
+        let status = resp.status();
+        let text = resp.text().await.context("reading the response")?;
+        let v: Value = serde_json::from_str(&text).unwrap_or(Value::String(text.clone()));
+        if !status.is_success() {
+            let msg = v
+                .pointer("/error/message")
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+                .unwrap_or(text);
+            bail!("{status}: {msg}");
+        }
+        Ok(v)
+    }
+
+    async fn get(&self, path: &str) -> anyhow::Result<Value> {
+        self.send(reqwest::Method::GET, path, None).await
+    }
+
+    async fn post(&self, path: &str, body: Value) -> anyhow::Result<Value> {
+        self.send(reqwest::Method::POST, path, Some(body)).await
+    }
+
+    async fn mcp(&self, method: &str, params: Value) -> anyhow::Result<Value> {
+        let url = format!("{}/mcp", self.base);
+        let mut req = self
+            .http
+            .post(&url)
+            .header("Content-Type", "application/json")
+            .header("Accept", "application/json");
+        if let Some(k) = &self.api_key {
+            req = req.header("X-API-Key", k);
+        }
+        let body = json!({"jsonrpc": "2.0", "id": 1, "method": method, "params": params});
+        let resp = req
+            .body(body.to_string())
+            .send()
+            .await
+            .with_context(|| format!("cannot reach Hangar at {}", self.base))?;
+        let text = resp.text().await.context("reading the MCP answer")?;
+        let v: Value = serde_json::from_str(&text).context("the MCP answer is not JSON")?;
+        if let Some(e) = v.get("error") {
+            bail!(
+                "{} (code {})",
+                e.get("message").and_then(Value::as_str).unwrap_or("error"),
+                e.get("code").and_then(Value::as_i64).unwrap_or(0)
+            );
+        }
+        Ok(v.get("result").cloned().unwrap_or(Value::Null))
+    }
+}
+
+fn cell(v: &Value) -> String {
+    match v {
+        Value::Null => "-".into(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+fn table(rows: &[Value], cols: &[&str]) -> String {
+    let mut widths: Vec<usize> = cols.iter().map(|c| c.len()).collect();
+    let cells: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| cols.iter().map(|c| cell(r.get(*c).unwrap_or(&Value::Null))).collect())
+        .collect();
+    for row in &cells {
+        for (i, c) in row.iter().enumerate() {
+            widths[i] = widths[i].max(c.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let line = |vals: Vec<String>, out: &mut String| {
+        let parts: Vec<String> = vals
+            .iter()
+            .enumerate()
+            .map(|(i, v)| format!("{:<w$}", v, w = widths[i]))
+            .collect();
+        out.push_str(parts.join("  ").trim_end());
+        out.push('\n');
+    };
+    line(cols.iter().map(|c| c.to_uppercase()).collect(), &mut out);
+    for row in cells {
+        line(row, &mut out);
+    }
+    out
+}
+
+fn print(output: Output, v: &Value, human: impl FnOnce(&Value) -> String) {
+    match output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(v).unwrap_or_default()),
+        Output::Table => print!("{}", human(v)),
+    }
+}
+
+fn kv(v: &Value) -> String {
+    let mut out = String::new();
+    if let Some(o) = v.as_object() {
+        let w = o.keys().map(String::len).max().unwrap_or(0);
+        for (k, val) in o {
+            out.push_str(&format!("{k:<w$}  {}\n", cell(val)));
+        }
+    }
+    out
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let c = Client::new(&cli.endpoint, cli.api_key.clone())?;
+    let out = cli.output;
+    match cli.command {
+        Cmd::Servers { cmd } => match cmd {
+            ServersCmd::List { state } => {
+                let path = match state {
+                    Some(s) => format!("/api/mcp_servers/?state={s}"),
+                    None => "/api/mcp_servers/".into(),
+                };
+                let v = c.get(&path).await?;
+                print(out, &v, |v| {
+                    let rows = v["mcp_servers"].as_array().cloned().unwrap_or_default();
+                    table(&rows, &["mcp_server", "mode", "state", "tools_count", "description"])
+                });
+            }
+            ServersCmd::Get { id } => {
+                let v = c.get(&format!("/api/mcp_servers/{id}")).await?;
+                print(out, &v, kv);
+            }
+            ServersCmd::Add {
+                id,
+                mode,
+                command,
+                endpoint,
+                env,
+                idle_ttl_s,
+                description,
+            } => {
+                let mut body = json!({"mcp_server_id": id, "mode": mode});
+                if !command.is_empty() {
+                    body["command"] = json!(command);
+                }
+                if let Some(e) = endpoint {
+                    body["endpoint"] = json!(e);
+                }
+                if !env.is_empty() {
+                    let mut m = serde_json::Map::new();
+                    for kvs in env {
+                        let Some((k, v)) = kvs.split_once('=') else {
+                            bail!("--env expects KEY=VALUE (got '{kvs}')");
+                        };
+                        m.insert(k.to_owned(), json!(v));
+                    }
+                    body["env"] = Value::Object(m);
+                }
+                if let Some(t) = idle_ttl_s {
+                    body["idle_ttl_s"] = json!(t);
+                }
+                if let Some(d) = description {
+                    body["description"] = json!(d);
+                }
+                let v = c.post("/api/mcp_servers/", body).await?;
+                print(out, &v, |v| format!("created {}\n", cell(&v["mcp_server_id"])));
+            }
+            ServersCmd::Rm { id } => {
+                let v = c.send(reqwest::Method::DELETE, &format!("/api/mcp_servers/{id}"), None).await?;
+                print(out, &v, |_| format!("deleted {id}\n"));
+            }
+            ServersCmd::Start { id } => {
+                let v = c.post(&format!("/api/mcp_servers/{id}/start"), json!({})).await?;
+                print(out, &v, |v| {
+                    format!(
+                        "{} is {} ({} tools)\n",
+                        id,
+                        cell(&v["state"]),
+                        v["tools"].as_array().map_or(0, Vec::len)
+                    )
+                });
+            }
+            ServersCmd::Stop { id } => {
+                let v = c
+                    .post(&format!("/api/mcp_servers/{id}/stop"), json!({"reason": "user_request"}))
+                    .await?;
+                print(out, &v, |_| format!("stopped {id}\n"));
+            }
+            ServersCmd::Logs { id, lines } => {
+                let v = c.get(&format!("/api/mcp_servers/{id}/logs?lines={lines}")).await?;
+                print(out, &v, |v| {
+                    v["logs"]
+                        .as_array()
+                        .map(|ls| {
+                            ls.iter()
+                                .map(|l| format!("[{}] {}\n", cell(&l["stream"]), cell(&l["line"])))
+                                .collect()
+                        })
+                        .unwrap_or_default()
+                });
+            }
+            ServersCmd::Tools { id } => {
+                let v = c.get(&format!("/api/mcp_servers/{id}/tools")).await?;
+                print(out, &v, |v| {
+                    let rows = v["tools"].as_array().cloned().unwrap_or_default();
+                    table(&rows, &["name", "description"])
+                });
+            }
+        },
+        Cmd::Tools { cmd: ToolsCmd::List } => {
+            let v = c.get("/api/tools/").await?;
+            print(out, &v, |v| {
+                let rows = v["tools"].as_array().cloned().unwrap_or_default();
+                table(&rows, &["exposed_name", "mcp_server_id", "description"])
+            });
+        }
+        Cmd::Call { server, tool, args } => {
+            let arguments: Value =
+                serde_json::from_str(&args).with_context(|| format!("--args must be a JSON object (got '{args}')"))?;
+            if !arguments.is_object() {
+                bail!("--args must be a JSON object (got '{args}')");
+            }
+            let v = c
+                .mcp(
+                    "tools/call",
+                    json!({"name": format!("{server}__{tool}"), "arguments": arguments}),
+                )
+                .await?;
+            print(out, &v, |v| {
+                let mut s = String::new();
+                for item in v["content"].as_array().cloned().unwrap_or_default() {
+                    match item.get("text").and_then(Value::as_str) {
+                        Some(t) => s.push_str(t),
+                        None => s.push_str(&item.to_string()),
+                    }
+                    s.push('\n');
+                }
+                if v.get("isError") == Some(&Value::Bool(true)) {
+                    s.insert_str(0, "tool reported an error:\n");
+                }
+                s
+            });
+        }
+        Cmd::System => {
+            let v = c.get("/api/system/").await?;
+            print(out, &v["system"], kv);
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("hangarctl: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("hangarctl: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tables_align_columns() {
+        let rows = vec![json!({"a": "x", "b": 1}), json!({"a": "longer", "b": null})];
+        let t = table(&rows, &["a", "b"]);
+        assert_eq!(t, "A       B\nx       1\nlonger  -\n");
+    }
+}
