@@ -1,2 +1,170 @@
-//! The `hangar` binary.
-fn main() {}
+//! The `hangar` binary: `serve`, `validate`, `version`.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use hangar_node::app::{self, ServeOptions};
+use hangar_node::config::{self, ConfigError};
+
+#[derive(Parser)]
+#[command(name = "hangar", version, about = "Hangar: a clustered gateway and control plane for MCP servers")]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a node: MCP front door at /mcp, REST at /api, probes and /metrics.
+    Serve {
+        /// Configuration file (MCP Hangar's YAML format).
+        #[arg(long, short = 'c', env = "MCP_CONFIG")]
+        config: Option<PathBuf>,
+        /// HTTP listen address (overrides `server.listen`), e.g. 127.0.0.1:8000 or 127.0.0.1:0.
+        #[arg(long, env = "HANGAR_LISTEN")]
+        listen: Option<String>,
+        /// Serve MCP on stdin/stdout for a desktop client (no HTTP listener unless --listen).
+        #[arg(long)]
+        stdio: bool,
+        /// Write {"http_addr":…,"pid":…} to this file once the listener is up.
+        #[arg(long)]
+        ready_file: Option<PathBuf>,
+        /// This node's id (stamped into events and relayed request ids).
+        #[arg(long, env = "HANGAR_NODE_ID", default_value = "node-1")]
+        node_id: String,
+    },
+    /// Validate a configuration file: exit 0 valid, 1 invalid, 2 unreadable.
+    Validate {
+        /// The file to check.
+        file: PathBuf,
+    },
+    /// Print the version.
+    Version,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::Validate { file }) => validate(&file),
+        Some(Command::Version) => {
+            println!("hangar {}", env!("CARGO_PKG_VERSION"));
+            ExitCode::SUCCESS
+        }
+        Some(Command::Serve {
+            config,
+            listen,
+            stdio,
+            ready_file,
+            node_id,
+        }) => serve(config, listen, stdio, ready_file, node_id),
+        None => {
+            eprintln!("usage: hangar serve --config FILE | hangar validate FILE | hangar version (see --help)");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn validate(file: &Path) -> ExitCode {
+    match config::load_file(file) {
+        Ok(cfg) => {
+            println!(
+                "{}: valid ({} MCP servers/groups)",
+                file.display(),
+                cfg.mcp_servers.len()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => report_config_error(file, &e),
+    }
+}
+
+fn report_config_error(file: &Path, e: &ConfigError) -> ExitCode {
+    match e {
+        ConfigError::Unreadable { .. } => {
+            eprintln!("{e}");
+            ExitCode::from(2)
+        }
+        ConfigError::Invalid { problems } => {
+            eprintln!("{}: invalid configuration ({} problem(s)):", file.display(), problems.len());
+            for p in problems {
+                eprintln!("  {p}");
+            }
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn serve(
+    config_path: Option<PathBuf>,
+    listen: Option<String>,
+    stdio: bool,
+    ready_file: Option<PathBuf>,
+    node_id: String,
+) -> ExitCode {
+    let config_path = config_path.or_else(|| {
+        let default = PathBuf::from("config.yaml");
+        default.exists().then_some(default)
+    });
+    let cfg = match &config_path {
+        Some(p) => match config::load_file(p) {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("hangar: refusing to start: the configuration is not usable");
+                return report_config_error(p, &e);
+            }
+        },
+        None => {
+            eprintln!("hangar: no --config given and no ./config.yaml; starting with no MCP servers");
+            config::Config::empty()
+        }
+    };
+    hangar_node::telemetry::init_logging(cfg.logging.level.as_deref(), cfg.logging.json_format);
+    let listen = listen.or_else(env_listen);
+    let opts = ServeOptions {
+        config: cfg,
+        config_path,
+        listen,
+        stdio,
+        ready_file,
+        node_id,
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("hangar: cannot start the async runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match rt.block_on(run(opts)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %format!("{e:#}"), "hangar_failed");
+            eprintln!("hangar: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// `MCP_HTTP_HOST` / `MCP_HTTP_PORT` (MCP Hangar's variables) as a listen address.
+fn env_listen() -> Option<String> {
+    let host = std::env::var("MCP_HTTP_HOST").ok();
+    let port = std::env::var("MCP_HTTP_PORT").ok();
+    match (host, port) {
+        (None, None) => None,
+        (h, p) => Some(format!(
+            "{}:{}",
+            h.unwrap_or_else(|| "127.0.0.1".into()),
+            p.unwrap_or_else(|| "8000".into())
+        )),
+    }
+}
+
+async fn run(opts: ServeOptions) -> anyhow::Result<()> {
+    let node = app::Node::start(opts).await.context("starting the node")?;
+    let node = Arc::new(node);
+    node.run_until_shutdown().await
+}
+

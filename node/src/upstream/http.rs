@@ -369,8 +369,14 @@ impl HttpConn {
 
     /// POST a notification or a response; failures are logged, not returned.
     pub(super) async fn post_notification(&self, body: String) {
-        if let Err(e) = self.post(body, None, None, None).await {
-            tracing::debug!(mcp_server = %self.server, error = %e, "upstream_notification_failed");
+        match self.request_builder(body).send().await {
+            Ok(resp) => {
+                let status = resp.status();
+                if !status.is_success() {
+                    tracing::debug!(mcp_server = %self.server, %status, "upstream_notification_refused");
+                }
+            }
+            Err(e) => tracing::debug!(mcp_server = %self.server, error = %without_url(&e), "upstream_notification_failed"),
         }
     }
 

@@ -1,0 +1,578 @@
+//! API room: REST under `/api` (MCP Hangar's shapes and error envelope), the probes
+//! `/health/live|ready|startup`, and `/metrics` (Prometheus text format).
+//!
+//! Error envelope: `{"error":{"code":"<ErrorClass>","message":"…","details":{…}|null}}`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{Path, Query, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Redirect, Response};
+use axum::routing::{get, post};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::config::{self, ServerSpec};
+use crate::gateway::Gateway;
+use crate::gateway::naming::exposed_name;
+use crate::runtime::{Instance, InstanceStatus, Runtime, RuntimeError, ServerState};
+
+/// State shared by the API handlers.
+#[derive(Clone)]
+pub struct ApiState {
+    /// The gateway (for catalogue views).
+    pub gateway: Arc<Gateway>,
+}
+
+impl ApiState {
+    fn runtime(&self) -> &Arc<Runtime> {
+        self.gateway.runtime()
+    }
+}
+
+/// An API error rendered in MCP Hangar's envelope.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+    details: Value,
+}
+
+impl ApiError {
+    /// A new error.
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>, details: Value) -> Self {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+            details,
+        }
+    }
+
+    fn not_found(id: &str) -> Self {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "McpServerNotFoundError",
+            format!("MCP server '{id}' not found; GET /api/mcp_servers/ lists the configured servers"),
+            json!({ "mcp_server_id": id }),
+        )
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = json!({"error": {"code": self.code, "message": self.message, "details": self.details}});
+        (self.status, axum::Json(body)).into_response()
+    }
+}
+
+impl From<RuntimeError> for ApiError {
+    fn from(e: RuntimeError) -> Self {
+        match &e {
+            RuntimeError::Exists(id) => ApiError::new(
+                StatusCode::CONFLICT,
+                "McpServerAlreadyExistsError",
+                e.to_string(),
+                json!({ "mcp_server_id": id }),
+            ),
+            RuntimeError::NotFound(id) => ApiError::not_found(id),
+            RuntimeError::IsGroup(id) => ApiError::new(
+                StatusCode::CONFLICT,
+                "ValidationError",
+                e.to_string(),
+                json!({ "mcp_server_id": id }),
+            ),
+        }
+    }
+}
+
+type ApiResult = Result<Response, ApiError>;
+
+/// The `/api`, `/health` and `/metrics` routes.
+pub fn routes(state: ApiState) -> Router {
+    Router::new()
+        .route("/api/mcp_servers/", get(list_servers).post(create_server))
+        .route("/api/mcp_servers", get(|| async { Redirect::temporary("/api/mcp_servers/") }))
+        .route("/api/mcp_servers/{id}", get(get_server).delete(delete_server))
+        .route("/api/mcp_servers/{id}/start", post(start_server))
+        .route("/api/mcp_servers/{id}/stop", post(stop_server))
+        .route("/api/mcp_servers/{id}/tools", get(server_tools))
+        .route("/api/mcp_servers/{id}/logs", get(server_logs))
+        .route("/api/tools/", get(list_tools))
+        .route("/api/tools", get(|| async { Redirect::temporary("/api/tools/") }))
+        .route("/api/system/", get(system))
+        .route("/api/system", get(|| async { Redirect::temporary("/api/system/") }))
+        .route("/api/{*rest}", axum::routing::any(api_not_found))
+        .route("/health/live", get(|| async { axum::Json(json!({"status": "healthy"})) }))
+        .route("/health/ready", get(ready))
+        .route("/health/startup", get(startup))
+        .route("/metrics", get(metrics))
+        .with_state(state)
+}
+
+async fn api_not_found(Path(rest): Path<String>) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "NotFoundError",
+        format!("No API route /api/{rest}; see the README for the routes Hangar serves"),
+        Value::Null,
+    )
+}
+
+fn server_json(s: &InstanceStatus) -> Value {
+    json!({
+        "mcp_server": s.id,
+        "state": s.state.as_str(),
+        "mode": s.mode,
+        "alive": s.alive,
+        "tools_count": s.tools_count,
+        "health_status": health_status(s.state),
+        "tools_predefined": s.tools_predefined,
+        "description": s.description,
+    })
+}
+
+fn health_status(state: ServerState) -> &'static str {
+    match state {
+        ServerState::Ready => "healthy",
+        ServerState::Degraded => "degraded",
+        ServerState::Dead => "unhealthy",
+        ServerState::Cold | ServerState::Initializing => "unknown",
+    }
+}
+
+#[derive(Deserialize)]
+struct StateFilter {
+    state: Option<String>,
+}
+
+async fn list_servers(State(st): State<ApiState>, Query(q): Query<StateFilter>) -> ApiResult {
+    let filter = match q.state.as_deref() {
+        None | Some("") => None,
+        Some(s) => Some(ServerState::parse(s).ok_or_else(|| {
+            ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "ValidationError",
+                format!("state must be one of cold, initializing, ready, degraded, dead (got '{s}')"),
+                json!({ "field": "state" }),
+            )
+        })?),
+    };
+    let rt = st.runtime();
+    let mut servers: Vec<Value> = rt
+        .instances()
+        .iter()
+        .map(|i| i.status())
+        .filter(|s| filter.is_none_or(|f| s.state == f))
+        .map(|s| server_json(&s))
+        .collect();
+    if filter.is_none() {
+        for g in rt.groups() {
+            let spec = g.spec();
+            servers.push(json!({
+                "mcp_server": g.id(),
+                "state": group_state(rt, g.id()),
+                "mode": "group",
+                "alive": true,
+                "tools_count": Value::Null,
+                "health_status": "unknown",
+                "tools_predefined": false,
+                "description": spec.description,
+                "members": spec.members.iter().map(|m| m.id.clone()).collect::<Vec<_>>(),
+            }));
+        }
+    }
+    Ok(axum::Json(json!({ "mcp_servers": servers })).into_response())
+}
+
+fn group_state(rt: &Runtime, id: &str) -> &'static str {
+    let Some(g) = rt.group(id) else { return "inactive" };
+    let spec = g.spec();
+    let ready = spec
+        .members
+        .iter()
+        .filter(|m| rt.instance(&m.id).is_some_and(|i| i.state() == ServerState::Ready))
+        .count() as u32;
+    if ready == 0 {
+        "inactive"
+    } else if ready < spec.min_healthy {
+        "partial"
+    } else {
+        "healthy"
+    }
+}
+
+/// Mask secrets in a serialized spec: every value under `env`, `headers` and `auth`, and any
+/// field whose name looks like a credential.
+pub fn mask_secrets(v: &mut Value) {
+    match v {
+        Value::Object(map) => {
+            for (k, val) in map.iter_mut() {
+                let lk = k.to_ascii_lowercase();
+                if matches!(lk.as_str(), "env" | "headers") {
+                    if let Value::Object(inner) = val {
+                        for x in inner.values_mut() {
+                            *x = Value::String("***".into());
+                        }
+                    }
+                } else if ["password", "token", "secret", "api_key", "apikey", "key"]
+                    .iter()
+                    .any(|s| lk.contains(s))
+                    && (val.is_string() || val.is_number())
+                {
+                    *val = Value::String("***".into());
+                } else {
+                    mask_secrets(val);
+                }
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(mask_secrets),
+        _ => {}
+    }
+}
+
+fn spec_json(spec: &ServerSpec) -> Value {
+    let mut v = serde_json::to_value(spec).unwrap_or(Value::Null);
+    mask_secrets(&mut v);
+    v
+}
+
+fn instance(st: &ApiState, id: &str) -> Result<Arc<Instance>, ApiError> {
+    st.runtime().instance(id).ok_or_else(|| ApiError::not_found(id))
+}
+
+async fn get_server(State(st): State<ApiState>, Path(id): Path<String>) -> ApiResult {
+    let rt = st.runtime();
+    if let Some(g) = rt.group(&id) {
+        let spec = g.spec();
+        let members: Vec<Value> = spec
+            .members
+            .iter()
+            .map(|m| {
+                let state = rt.instance(&m.id).map(|i| i.state().as_str()).unwrap_or("unknown");
+                json!({"id": m.id, "state": state, "weight": m.weight, "priority": m.priority})
+            })
+            .collect();
+        return Ok(axum::Json(json!({
+            "mcp_server": id,
+            "group_id": id,
+            "mode": "group",
+            "state": group_state(rt, &id),
+            "description": spec.description,
+            "min_healthy": spec.min_healthy,
+            "members": members,
+            "config": spec_json(&ServerSpec::Group(spec.clone())),
+        }))
+        .into_response());
+    }
+    let inst = instance(&st, &id)?;
+    let s = inst.status();
+    let tools: Vec<String> = match inst.catalog() {
+        Some(c) => c.tools.iter().map(|t| t.key.clone()).collect(),
+        None => Vec::new(),
+    };
+    let mut v = server_json(&s);
+    if let Value::Object(o) = &mut v {
+        o.insert("tools".into(), json!(tools));
+        o.insert(
+            "health".into(),
+            json!({"last_error": s.last_error, "starts": s.starts, "started_at": s.started_at}),
+        );
+        o.insert("last_used".into(), json!(s.last_used));
+        o.insert("pid".into(), json!(s.pid));
+        o.insert("config".into(), spec_json(&inst.spec()));
+    }
+    Ok(axum::Json(v).into_response())
+}
+
+async fn create_server(State(st): State<ApiState>, body: axum::body::Bytes) -> ApiResult {
+    let mut v: Value = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "ValidationError",
+            format!("request body must be a JSON object: {e}"),
+            Value::Null,
+        )
+    })?;
+    let obj = v.as_object_mut().ok_or_else(|| {
+        ApiError::new(StatusCode::BAD_REQUEST, "ValidationError", "request body must be a JSON object", Value::Null)
+    })?;
+    let id = obj
+        .remove("mcp_server_id")
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "ValidationError",
+                "mcp_server_id (string) is required",
+                json!({"field": "mcp_server_id"}),
+            )
+        })?;
+    obj.remove("source");
+    let doc = json!({ "mcp_servers": { id.clone(): Value::Object(obj.clone()) } });
+    // No ${VAR} interpolation for API input: values are taken literally.
+    let cfg = config::load_str(&doc.to_string(), &|_| None).map_err(|e| {
+        let problems: Vec<Value> = match &e {
+            config::ConfigError::Invalid { problems } => problems
+                .iter()
+                .map(|p| json!({"path": p.path, "message": p.message}))
+                .collect(),
+            config::ConfigError::Unreadable { reason, .. } => vec![json!({"path": "", "message": reason})],
+        };
+        ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "ValidationError",
+            format!("invalid MCP server definition: {e}"),
+            json!({ "problems": problems }),
+        )
+    })?;
+    if st.runtime().exists(&id) {
+        return Err(RuntimeError::Exists(id).into());
+    }
+    for (sid, spec) in cfg.mcp_servers {
+        if let ServerSpec::Group(_) = spec {
+            return Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "ValidationError",
+                "groups are created under /api/groups/ (or in the config file)",
+                json!({"field": "mode"}),
+            ));
+        }
+        st.runtime().add_server(&sid, spec)?;
+    }
+    tracing::info!(mcp_server = %id, "mcp_server_registered_via_api");
+    Ok((
+        StatusCode::CREATED,
+        axum::Json(json!({"mcp_server_id": id, "created": true})),
+    )
+        .into_response())
+}
+
+async fn delete_server(State(st): State<ApiState>, Path(id): Path<String>) -> ApiResult {
+    st.runtime().remove_server(&id).await?;
+    Ok(axum::Json(json!({"deleted": true, "mcp_server_id": id})).into_response())
+}
+
+async fn start_server(State(st): State<ApiState>, Path(id): Path<String>) -> ApiResult {
+    if st.runtime().group(&id).is_some() {
+        return Err(RuntimeError::IsGroup(id).into());
+    }
+    let inst = instance(&st, &id)?;
+    match inst.ensure_ready().await {
+        Ok(_) => {
+            let tools: Vec<String> = inst
+                .catalog()
+                .map(|c| c.tools.iter().map(|t| t.key.clone()).collect())
+                .unwrap_or_default();
+            Ok(axum::Json(json!({"mcp_server": id, "state": inst.state().as_str(), "tools": tools})).into_response())
+        }
+        Err(e) => Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "McpServerStartError",
+            e.to_string(),
+            json!({"mcp_server_id": id, "state": inst.state().as_str()}),
+        )),
+    }
+}
+
+#[derive(Deserialize, Default)]
+struct StopBody {
+    reason: Option<String>,
+}
+
+async fn stop_server(State(st): State<ApiState>, Path(id): Path<String>, body: axum::body::Bytes) -> ApiResult {
+    if st.runtime().group(&id).is_some() {
+        return Err(RuntimeError::IsGroup(id).into());
+    }
+    let inst = instance(&st, &id)?;
+    let body: StopBody = if body.is_empty() {
+        StopBody::default()
+    } else {
+        serde_json::from_slice(&body).map_err(|e| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "ValidationError",
+                format!("body must be JSON like {{\"reason\": \"...\"}}: {e}"),
+                Value::Null,
+            )
+        })?
+    };
+    let reason = body.reason.unwrap_or_else(|| "user_request".to_owned());
+    let reason = match reason.as_str() {
+        "user_request" | "manual_stop" | "maintenance" => reason,
+        _ => "user_request".to_owned(),
+    };
+    inst.stop(&reason).await;
+    Ok(axum::Json(json!({"stopped": id, "reason": reason})).into_response())
+}
+
+async fn server_tools(State(st): State<ApiState>, Path(id): Path<String>) -> ApiResult {
+    let inst = instance(&st, &id)?;
+    let tools: Vec<Value> = match inst.catalog() {
+        Some(c) => c
+            .tools
+            .iter()
+            .map(|t| {
+                json!({
+                    "name": t.key,
+                    "description": t.field("description"),
+                    "parameters": t.field("inputSchema"),
+                })
+            })
+            .collect(),
+        None => Vec::new(),
+    };
+    Ok(axum::Json(json!({"mcp_server": id, "state": inst.state().as_str(), "tools": tools})).into_response())
+}
+
+#[derive(Deserialize)]
+struct LogsQuery {
+    lines: Option<usize>,
+}
+
+async fn server_logs(State(st): State<ApiState>, Path(id): Path<String>, Query(q): Query<LogsQuery>) -> ApiResult {
+    let lines = q.lines.unwrap_or(100);
+    if !(1..=1000).contains(&lines) {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "ValidationError",
+            format!("lines must be between 1 and 1000 (got {lines})"),
+            json!({"field": "lines"}),
+        ));
+    }
+    let inst = instance(&st, &id)?;
+    let logs: Vec<Value> = inst
+        .logs(lines)
+        .into_iter()
+        .map(|l| json!({"timestamp": l.timestamp, "line": l.line, "mcp_server_id": id, "stream": l.stream}))
+        .collect();
+    Ok(axum::Json(json!({"logs": logs, "mcp_server_id": id, "count": logs.len()})).into_response())
+}
+
+async fn list_tools(State(st): State<ApiState>) -> ApiResult {
+    let mut tools = Vec::new();
+    for inst in st.runtime().instances() {
+        let Some(c) = inst.catalog() else { continue };
+        for t in &c.tools {
+            tools.push(json!({
+                "mcp_server_id": inst.id(),
+                "tool_name": t.key,
+                "exposed_name": exposed_name(inst.id(), &t.key),
+                "description": t.field("description"),
+                "input_schema": t.field("inputSchema").map(|s| s.to_string()),
+            }));
+        }
+    }
+    Ok(axum::Json(json!({ "tools": tools })).into_response())
+}
+
+fn counter_sum(vec: &prometheus::IntCounterVec, status: Option<&str>) -> u64 {
+    use prometheus::core::Collector;
+    vec.collect()
+        .iter()
+        .flat_map(|mf| mf.get_metric().iter())
+        .filter(|m| {
+            status.is_none_or(|s| {
+                m.get_label()
+                    .iter()
+                    .any(|l| l.name() == "status" && l.value() == s)
+            })
+        })
+        .map(|m| m.get_counter().get_value() as u64)
+        .sum()
+}
+
+async fn system(State(st): State<ApiState>) -> ApiResult {
+    let rt = st.runtime();
+    let mut by_state = serde_json::Map::new();
+    for s in ["cold", "initializing", "ready", "degraded", "dead"] {
+        by_state.insert(s.into(), json!(0));
+    }
+    let mut total_tools = 0;
+    for i in rt.instances() {
+        let s = i.status();
+        total_tools += s.tools_count;
+        if let Some(Value::Number(n)) = by_state.get(s.state.as_str()) {
+            let next = n.as_u64().unwrap_or(0) + 1;
+            by_state.insert(s.state.as_str().into(), json!(next));
+        }
+    }
+    let calls = counter_sum(&rt.metrics().tool_calls, None);
+    let failures = counter_sum(&rt.metrics().tool_calls, Some("error"));
+    let rate = if calls == 0 { 1.0 } else { (calls - failures) as f64 / calls as f64 };
+    Ok(axum::Json(json!({"system": {
+        "total_mcp_servers": rt.instances().len() + rt.groups().len(),
+        "mcp_servers_by_state": by_state,
+        "total_tools": total_tools,
+        "total_invocations": calls,
+        "total_failures": failures,
+        "overall_success_rate": rate,
+        "uptime_seconds": rt.uptime().as_secs_f64(),
+        "version": env!("CARGO_PKG_VERSION"),
+        "instance": {
+            "instance_id": rt.node_id(),
+            "node_id": rt.node_id(),
+            "coordinates_with_peers": false,
+            "manages_fleet": true,
+            "storage_is_shareable": false,
+            "rate_limits_are_per_instance": true,
+        }
+    }}))
+    .into_response())
+}
+
+async fn ready(State(st): State<ApiState>) -> Response {
+    let rt = st.runtime();
+    let ready = rt
+        .instances()
+        .iter()
+        .filter(|i| i.state() == ServerState::Ready)
+        .count();
+    axum::Json(json!({
+        "status": "ready",
+        "ready_mcp_servers": ready,
+        "total_mcp_servers": rt.instances().len(),
+    }))
+    .into_response()
+}
+
+async fn startup(State(st): State<ApiState>) -> Response {
+    axum::Json(json!({
+        "status": "healthy",
+        "startup_complete": true,
+        "uptime_seconds": st.runtime().uptime().as_secs_f64(),
+    }))
+    .into_response()
+}
+
+async fn metrics(State(st): State<ApiState>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        st.runtime().metrics().render(),
+    )
+        .into_response()
+}
+
+/// How long a graceful shutdown waits for in-flight requests.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+#[cfg(test)]
+mod tests {
+    use super::mask_secrets;
+    use serde_json::json;
+
+    #[test]
+    fn masks_env_headers_and_credentials() {
+        let mut v = json!({"command": ["x"], "env": {"TOKEN": "abc"}, "http": {"headers": {"X": "1"}},
+                           "auth": {"type": "bearer", "bearer_token": "zzz"}, "idle_ttl_s": 5});
+        mask_secrets(&mut v);
+        assert_eq!(v["env"]["TOKEN"], "***");
+        assert_eq!(v["http"]["headers"]["X"], "***");
+        assert_eq!(v["auth"]["bearer_token"], "***");
+        assert_eq!(v["auth"]["type"], "bearer");
+        assert_eq!(v["idle_ttl_s"], 5);
+    }
+}

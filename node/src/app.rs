@@ -1,0 +1,192 @@
+//! Node assembly: builds the rooms from a validated configuration, binds the listener,
+//! serves until SIGTERM/SIGINT (or stdin EOF in `--stdio` mode) and shuts down in order:
+//! stop accepting, let in-flight requests finish within a deadline, stop every child.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use axum::Router;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::api::{self, ApiState};
+use crate::config::Config;
+use crate::gateway::http::{self as front, FrontDoor, HostGuard};
+use crate::gateway::{Gateway, GatewayConfig};
+use crate::runtime::Runtime;
+use crate::telemetry::Metrics;
+
+/// What `hangar serve` was asked to do.
+pub struct ServeOptions {
+    /// The validated configuration.
+    pub config: Config,
+    /// Where it came from (for reloads and reporting).
+    pub config_path: Option<PathBuf>,
+    /// Listen address override.
+    pub listen: Option<String>,
+    /// Serve stdio instead of (or in addition to, with `listen`) HTTP.
+    pub stdio: bool,
+    /// Ready file to write once listening.
+    pub ready_file: Option<PathBuf>,
+    /// Node id.
+    pub node_id: String,
+}
+
+/// A running node.
+pub struct Node {
+    /// The gateway.
+    pub gateway: Arc<Gateway>,
+    /// The runtime.
+    pub runtime: Arc<Runtime>,
+    http: Option<(SocketAddr, tokio::task::JoinHandle<std::io::Result<()>>)>,
+    stdio: bool,
+    shutdown: CancellationToken,
+}
+
+/// How long in-flight HTTP requests may run after a shutdown signal.
+const GRACE: Duration = Duration::from_secs(10);
+
+impl Node {
+    /// Build every room and bind the listener (if any).
+    pub async fn start(opts: ServeOptions) -> anyhow::Result<Node> {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let cfg = opts.config;
+        let metrics = Arc::new(Metrics::new());
+        let events = Arc::new(crate::telemetry::events::EventLog::new(&opts.node_id, 10_000));
+        let runtime = Runtime::new(&cfg, metrics, events, opts.node_id.clone());
+        let gateway = Gateway::new(
+            runtime.clone(),
+            GatewayConfig {
+                naming: cfg.tool_access.naming,
+                request_timeout: cfg.server.request_timeout,
+            },
+        );
+        let shutdown = CancellationToken::new();
+        let listen = match (&opts.listen, opts.stdio) {
+            (Some(l), _) => Some(l.clone()),
+            (None, false) => Some(cfg.server.listen.clone()),
+            (None, true) => None,
+        };
+        let mut http = None;
+        if let Some(listen) = listen {
+            let addr: SocketAddr = listen
+                .parse()
+                .with_context(|| format!("listen address '{listen}' is not HOST:PORT (e.g. 127.0.0.1:8000)"))?;
+            let listener = TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr}"))?;
+            let bound = listener.local_addr()?;
+            if !bound.ip().is_loopback() {
+                tracing::warn!(addr = %bound, "listening on a non-loopback address without authentication");
+            }
+            let guard = Arc::new(HostGuard::new(bound, &cfg.server.allowed_hosts, &cfg.server.allowed_origins));
+            let app = Router::new()
+                .merge(front::routes(FrontDoor {
+                    gateway: gateway.clone(),
+                    max_body: cfg.server.max_body_bytes,
+                }))
+                .merge(api::routes(ApiState {
+                    gateway: gateway.clone(),
+                }))
+                .layer(axum::middleware::from_fn_with_state(guard, front::guard));
+            let token = shutdown.clone();
+            let task = tokio::spawn(async move {
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(async move { token.cancelled().await })
+                    .await
+            });
+            tracing::info!(addr = %bound, node_id = %opts.node_id, "http_server_started");
+            if let Some(path) = &opts.ready_file {
+                write_ready_file(path, bound)?;
+            }
+            http = Some((bound, task));
+        }
+        for inst in runtime.instances() {
+            if inst.spec().common().is_some_and(|c| c.auto_start) {
+                tokio::spawn(async move {
+                    if let Err(e) = inst.ensure_ready().await {
+                        tracing::warn!(error = %e, "auto_start_failed");
+                    }
+                });
+            }
+        }
+        Ok(Node {
+            gateway,
+            runtime,
+            http,
+            stdio: opts.stdio,
+            shutdown,
+        })
+    }
+
+    /// The bound HTTP address.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http.as_ref().map(|(a, _)| *a)
+    }
+
+    /// Serve until a shutdown signal (or stdin EOF in stdio mode), then shut down in order.
+    pub async fn run_until_shutdown(self: Arc<Self>) -> anyhow::Result<()> {
+        let stdio_done = async {
+            if self.stdio {
+                if let Err(e) = crate::gateway::stdio::serve(self.gateway.clone()).await {
+                    tracing::warn!(error = %e, "stdio_front_door_failed");
+                }
+                tracing::info!("stdin_closed");
+            } else {
+                std::future::pending::<()>().await;
+            }
+        };
+        tokio::select! {
+            sig = signals() => tracing::info!(signal = sig, "shutdown_requested"),
+            _ = stdio_done => {},
+        }
+        self.shutdown.cancel();
+        if let Some((_, task)) = &self.http {
+            // Wait for in-flight requests within the grace period.
+            let waited = tokio::time::timeout(GRACE, async {
+                while !task.is_finished() {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            })
+            .await;
+            if waited.is_err() {
+                tracing::warn!("in-flight requests did not finish within the grace period");
+            }
+        }
+        self.runtime.shutdown_all().await;
+        tracing::info!("server_lifecycle_shutdown_complete");
+        Ok(())
+    }
+}
+
+fn write_ready_file(path: &std::path::Path, addr: SocketAddr) -> anyhow::Result<()> {
+    let body = serde_json::json!({ "http_addr": addr.to_string(), "pid": std::process::id() });
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, body.to_string()).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+/// Resolves with the name of the first termination signal. SIGHUP is handled (not fatal)
+/// and reported; configuration hot reload arrives with the lifecycle work.
+async fn signals() -> &'static str {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
+    ) else {
+        tracing::error!("cannot install signal handlers; stop the node with SIGKILL");
+        return std::future::pending().await;
+    };
+    loop {
+        tokio::select! {
+            _ = term.recv() => return "SIGTERM",
+            _ = int.recv() => return "SIGINT",
+            _ = hup.recv() => tracing::info!("reload_signal_received: hot reload is not available in this version; restart the node to apply a new configuration"),
+        }
+    }
+}
