@@ -144,8 +144,11 @@ impl Gateway {
 
     fn on_runtime_event(&self, ev: RuntimeEvent) {
         match ev {
-            RuntimeEvent::CatalogChanged { server, lists } => {
+            RuntimeEvent::CatalogChanged { server, lists, notify } => {
                 *self.index.write() = None;
+                if !notify {
+                    return;
+                }
                 for list in lists {
                     let method = format!("notifications/{list}/list_changed");
                     let json = Message::notification(method, None).to_json();

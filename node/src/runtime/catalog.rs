@@ -111,6 +111,15 @@ impl Catalog {
         self.capabilities.iter().any(|c| c == name)
     }
 
+    /// Whether two catalogues offer the same items (by key, in order).
+    pub fn same_lists(&self, other: &Catalog) -> bool {
+        let keys = |v: &[CatalogEntry]| v.iter().map(|e| e.key.clone()).collect::<Vec<_>>();
+        keys(&self.tools) == keys(&other.tools)
+            && keys(&self.prompts) == keys(&other.prompts)
+            && keys(&self.resources) == keys(&other.resources)
+            && keys(&self.resource_templates) == keys(&other.resource_templates)
+    }
+
     /// Find a tool by its upstream name.
     pub fn tool(&self, name: &str) -> Option<&CatalogEntry> {
         self.tools.iter().find(|t| t.key == name)

@@ -94,6 +94,8 @@ pub enum RuntimeEvent {
         server: String,
         /// Which lists changed: "tools", "prompts", "resources".
         lists: Vec<&'static str>,
+        /// Whether clients should be told (the visible lists really changed).
+        notify: bool,
     },
     /// A server was added or removed.
     ServersChanged,
@@ -449,7 +451,11 @@ impl Instance {
             .observe(elapsed.as_secs_f64());
         self.starts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let catalog = Arc::new(catalog);
-        let removed = self.inner.lock().removed;
+        let (removed, previous) = {
+            let inner = self.inner.lock();
+            (inner.removed, inner.catalog.clone())
+        };
+        let changed = previous.is_some_and(|old| !old.same_lists(&catalog));
         if removed {
             conn.shutdown().await;
             return Err(StartError::Removed { server: self.id.clone() });
@@ -480,6 +486,7 @@ impl Instance {
         let _ = self.events.send(RuntimeEvent::CatalogChanged {
             server: self.id.clone(),
             lists: vec!["tools", "prompts", "resources"],
+            notify: changed,
         });
         self.spawn_watchers(conn.clone());
         Ok(conn)
@@ -536,6 +543,7 @@ impl Instance {
                 let _ = self.events.send(RuntimeEvent::CatalogChanged {
                     server: self.id.clone(),
                     lists: vec![list],
+                    notify: true,
                 });
             }
             None => {

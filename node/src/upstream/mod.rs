@@ -201,12 +201,12 @@ pub struct Upstream {
 }
 
 /// Shared progress-routing state used by both transports.
-pub(super) type PendingMap = Mutex<HashMap<u64, stdio::PendingCall>>;
+type PendingMap = Mutex<HashMap<u64, stdio::PendingCall>>;
 
 static PROGRESS_SEQ: AtomicU64 = AtomicU64::new(1);
 
 /// Deliver a progress notification to the call whose (rewritten) token it carries.
-pub(super) async fn route_progress(
+async fn route_progress(
     pending: &PendingMap,
     tokens: &Mutex<HashMap<String, u64>>,
     mut msg: Message,

@@ -232,7 +232,7 @@ impl StdioConn {
         let mut guard = self.child.lock().await;
         let child = guard.as_mut()?;
         match tokio::time::timeout(std::time::Duration::from_millis(500), child.wait()).await {
-            Ok(Ok(st)) => Some(format!("exit status {st}")),
+            Ok(Ok(st)) => Some(st.to_string()),
             _ => None,
         }
     }
