@@ -782,6 +782,11 @@ pub fn route_error(e: &RouteError) -> RpcError {
             &data(serde_json::json!({ "group": group })),
         ),
         RouteError::Start(_) => RpcError::with_data(UPSTREAM_ERROR, e.to_string(), &data(serde_json::json!({}))),
+        RouteError::GroupCircuitOpen { group, retry_in_s } => RpcError::with_data(
+            UPSTREAM_ERROR,
+            e.to_string(),
+            &data(serde_json::json!({ "group": group, "retry_after_s": retry_in_s })),
+        ),
         RouteError::Upstream { server, source } => {
             let code = if matches!(source, UpstreamError::Timeout { .. }) {
                 TIMEOUT_ERROR

@@ -5,10 +5,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::collections::HashMap;
+use std::time::Instant;
+
 use parking_lot::Mutex;
 use serde_json::value::RawValue;
 
-use crate::config::{ServerSpec, Strategy};
+use crate::config::{GroupMember, ServerSpec, Strategy};
 use crate::runtime::{Group, Instance, Runtime, StartError};
 use crate::upstream::{CallSink, Outcome, Upstream, UpstreamError};
 
@@ -33,6 +36,14 @@ pub enum RouteError {
     /// The server could not be started.
     #[error(transparent)]
     Start(#[from] StartError),
+    /// The group's circuit breaker is open.
+    #[error("Circuit breaker open for group '{group}': too many failed requests; next probe in {retry_in_s:.1}s")]
+    GroupCircuitOpen {
+        /// Group id.
+        group: String,
+        /// Seconds until a probe is allowed.
+        retry_in_s: f64,
+    },
     /// The transport failed during the call.
     #[error("MCP server '{server}' failed: {source}")]
     Upstream {
@@ -50,6 +61,7 @@ impl RouteError {
         match self {
             RouteError::Unknown(_) => "McpServerNotFoundError",
             RouteError::NoAvailableMember { .. } => "NoAvailableMemberError",
+            RouteError::GroupCircuitOpen { .. } => "CircuitBreakerOpen",
             RouteError::Start(StartError::CircuitOpen { .. }) => "CircuitBreakerOpen",
             RouteError::Start(_) => "McpServerStartError",
             RouteError::Upstream { source, .. } => match source {
@@ -84,15 +96,106 @@ pub struct Routed {
     pub outcome: Outcome,
 }
 
+/// Routing state of one group member.
+#[derive(Debug, Clone)]
+struct MemberState {
+    failures: u32,
+    successes: u32,
+    in_rotation: bool,
+    current_weight: i64,
+}
+
+impl Default for MemberState {
+    fn default() -> Self {
+        MemberState {
+            failures: 0,
+            successes: 0,
+            in_rotation: true,
+            current_weight: 0,
+        }
+    }
+}
+
+/// Group circuit breaker state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BreakerState {
+    /// Requests flow.
+    Closed,
+    /// Requests are refused until the reset timeout passes.
+    Open,
+    /// One probe request is allowed.
+    HalfOpen,
+}
+
+impl BreakerState {
+    /// Name used in metrics and events.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BreakerState::Closed => "closed",
+            BreakerState::Open => "open",
+            BreakerState::HalfOpen => "half_open",
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Breaker {
+    state: BreakerState,
+    failures: u32,
+    opened_at: Option<Instant>,
+    probing: bool,
+}
+
+#[derive(Debug)]
+struct GroupState {
+    members: HashMap<String, MemberState>,
+    rr: usize,
+    breaker: Breaker,
+}
+
+impl Default for GroupState {
+    fn default() -> Self {
+        GroupState {
+            members: HashMap::new(),
+            rr: 0,
+            breaker: Breaker {
+                state: BreakerState::Closed,
+                failures: 0,
+                opened_at: None,
+                probing: false,
+            },
+        }
+    }
+}
+
+/// A member's routing view (for REST and management tools).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct MemberView {
+    /// Member id.
+    pub id: String,
+    /// In rotation.
+    pub in_rotation: bool,
+    /// Consecutive failures seen by routing.
+    pub consecutive_failures: u32,
+    /// Weight.
+    pub weight: u32,
+    /// Priority.
+    pub priority: u32,
+}
+
 /// The router.
 pub struct Router {
     runtime: Arc<Runtime>,
+    groups: Mutex<HashMap<String, GroupState>>,
 }
 
 impl Router {
     /// A router over the node's runtime.
     pub fn new(runtime: Arc<Runtime>) -> Self {
-        Router { runtime }
+        Router {
+            runtime,
+            groups: Mutex::new(HashMap::new()),
+        }
     }
 
     /// The runtime this router routes into.
@@ -112,33 +215,258 @@ impl Router {
         Ok(self.group_order(&group))
     }
 
+    /// Order the members of a group for one request: the strategy's choice first, then the
+    /// other members in rotation (failover order), then members out of rotation (last resort,
+    /// which is also how they prove themselves healthy again).
     fn group_order(&self, group: &Arc<Group>) -> Vec<Arc<Instance>> {
         let spec = group.spec();
-        let mut members: Vec<(Arc<Instance>, u32)> = spec
+        let members: Vec<(Arc<Instance>, &GroupMember)> = spec
             .members
             .iter()
-            .filter_map(|m| self.runtime.instance(&m.id).map(|i| (i, m.priority)))
+            .filter_map(|m| self.runtime.instance(&m.id).map(|i| (i, m)))
             .collect();
         if members.is_empty() {
             return Vec::new();
         }
+        let mut groups = self.groups.lock();
+        let st = groups.entry(group.id().to_owned()).or_default();
+        let (mut live, out): (Vec<_>, Vec<_>) = members
+            .into_iter()
+            .partition(|(i, _)| st.members.get(i.id()).is_none_or(|m| m.in_rotation));
+        if live.is_empty() {
+            return out.into_iter().map(|(i, _)| i).collect();
+        }
         match spec.strategy {
-            Strategy::Priority => {
-                members.sort_by_key(|(_, p)| *p);
+            Strategy::RoundRobin => {
+                let start = st.rr % live.len();
+                st.rr = st.rr.wrapping_add(1);
+                live.rotate_left(start);
             }
-            _ => {
-                let start = group.next_cursor() % members.len();
-                members.rotate_left(start);
+            Strategy::WeightedRoundRobin => {
+                // Smooth weighted round robin (nginx): interleaves, never bursts.
+                let total: i64 = live.iter().map(|(_, m)| i64::from(m.weight)).sum();
+                let mut best = 0;
+                let mut best_w = i64::MIN;
+                for (idx, (inst, m)) in live.iter().enumerate() {
+                    let ms = st.members.entry(inst.id().to_owned()).or_default();
+                    ms.current_weight += i64::from(m.weight);
+                    if ms.current_weight > best_w {
+                        best_w = ms.current_weight;
+                        best = idx;
+                    }
+                }
+                if let Some(ms) = st.members.get_mut(live[best].0.id()) {
+                    ms.current_weight -= total;
+                }
+                let chosen = live.remove(best);
+                live.sort_by_key(|(_, m)| std::cmp::Reverse(m.weight));
+                live.insert(0, chosen);
+            }
+            Strategy::LeastConnections => {
+                let start = st.rr % live.len();
+                st.rr = st.rr.wrapping_add(1);
+                live.rotate_left(start);
+                live.sort_by_key(|(i, _)| i.in_flight());
+            }
+            Strategy::Random => {
+                let total: u32 = live.iter().map(|(_, m)| m.weight).sum();
+                let mut pick = rand::random_range(0..total.max(1));
+                let mut idx = 0;
+                for (k, (_, m)) in live.iter().enumerate() {
+                    if pick < m.weight {
+                        idx = k;
+                        break;
+                    }
+                    pick -= m.weight;
+                }
+                let chosen = live.remove(idx);
+                live.insert(0, chosen);
+            }
+            Strategy::Priority => {
+                live.sort_by_key(|(_, m)| m.priority);
             }
         }
-        members.into_iter().map(|(i, _)| i).collect()
+        live.into_iter().chain(out).map(|(i, _)| i).collect()
+    }
+
+    /// Whether the group breaker lets a request through now (moves OPEN → HALF_OPEN after the
+    /// reset timeout and admits exactly one probe).
+    fn breaker_admits(&self, group: &Group) -> Result<(), f64> {
+        let spec = group.spec();
+        let mut groups = self.groups.lock();
+        let st = groups.entry(group.id().to_owned()).or_default();
+        let b = &mut st.breaker;
+        match b.state {
+            BreakerState::Closed => Ok(()),
+            BreakerState::Open => {
+                let elapsed = b.opened_at.map_or(f64::MAX, |t| t.elapsed().as_secs_f64());
+                let timeout = spec.circuit_breaker.reset_timeout.as_secs_f64();
+                if elapsed >= timeout {
+                    b.state = BreakerState::HalfOpen;
+                    b.probing = true;
+                    drop(groups);
+                    self.breaker_changed(group.id(), BreakerState::Open, BreakerState::HalfOpen);
+                    Ok(())
+                } else {
+                    Err(timeout - elapsed)
+                }
+            }
+            BreakerState::HalfOpen => {
+                if b.probing {
+                    Err(0.0)
+                } else {
+                    b.probing = true;
+                    Ok(())
+                }
+            }
+        }
+    }
+
+    fn breaker_changed(&self, group: &str, old: BreakerState, new: BreakerState) {
+        let m = self.runtime.metrics();
+        for s in [BreakerState::Closed, BreakerState::Open, BreakerState::HalfOpen] {
+            m.circuit_breaker_state
+                .with_label_values(&[group, s.as_str()])
+                .set(i64::from(s == new));
+        }
+        let log = self.runtime.events();
+        log.publish(
+            "CircuitBreakerStateChanged",
+            serde_json::json!({"mcp_server_id": group, "old_state": old.as_str(), "new_state": new.as_str()}),
+        );
+        match new {
+            BreakerState::Open => {
+                log.publish("GroupCircuitOpened", serde_json::json!({"group_id": group}));
+            }
+            BreakerState::Closed => {
+                log.publish("GroupCircuitClosed", serde_json::json!({"group_id": group}));
+            }
+            BreakerState::HalfOpen => {}
+        }
+    }
+
+    /// Record the outcome of a whole group request for the breaker.
+    fn breaker_record(&self, group: &Group, ok: bool) {
+        let spec = group.spec();
+        let mut groups = self.groups.lock();
+        let st = groups.entry(group.id().to_owned()).or_default();
+        let b = &mut st.breaker;
+        let old = b.state;
+        b.probing = false;
+        if ok {
+            b.failures = 0;
+            b.state = BreakerState::Closed;
+            b.opened_at = None;
+        } else {
+            b.failures += 1;
+            if b.state == BreakerState::HalfOpen || b.failures >= spec.circuit_breaker.failure_threshold {
+                b.state = BreakerState::Open;
+                b.opened_at = Some(Instant::now());
+            }
+        }
+        let new = b.state;
+        drop(groups);
+        if old != new {
+            self.breaker_changed(group.id(), old, new);
+        }
+    }
+
+    /// Record a member's outcome: members leave rotation after `unhealthy_threshold`
+    /// consecutive failures and return after `healthy_threshold` consecutive successes.
+    fn member_record(&self, group: &Group, member: &str, ok: bool) {
+        let spec = group.spec();
+        let mut groups = self.groups.lock();
+        let st = groups.entry(group.id().to_owned()).or_default();
+        let ms = st.members.entry(member.to_owned()).or_default();
+        let was = ms.in_rotation;
+        if ok {
+            ms.failures = 0;
+            ms.successes += 1;
+            if !ms.in_rotation && ms.successes >= spec.health.healthy_threshold {
+                ms.in_rotation = true;
+            }
+        } else {
+            ms.successes = 0;
+            ms.failures += 1;
+            if ms.in_rotation && ms.failures >= spec.health.unhealthy_threshold {
+                ms.in_rotation = false;
+            }
+        }
+        let now = ms.in_rotation;
+        drop(groups);
+        if was != now {
+            let reason = if now { "healthy_threshold_reached" } else { "unhealthy_threshold_reached" };
+            self.runtime.events().publish(
+                "GroupMemberHealthChanged",
+                serde_json::json!({"group_id": group.id(), "member_id": member, "in_rotation": now, "reason": reason}),
+            );
+        }
+    }
+
+    /// Members of a group with their routing state.
+    pub fn members(&self, group: &str) -> Vec<MemberView> {
+        let Some(g) = self.runtime.group(group) else { return Vec::new() };
+        let groups = self.groups.lock();
+        let st = groups.get(group);
+        g.spec()
+            .members
+            .iter()
+            .map(|m| {
+                let ms = st.and_then(|s| s.members.get(&m.id)).cloned().unwrap_or_default();
+                MemberView {
+                    id: m.id.clone(),
+                    in_rotation: ms.in_rotation,
+                    consecutive_failures: ms.failures,
+                    weight: m.weight,
+                    priority: m.priority,
+                }
+            })
+            .collect()
+    }
+
+    /// The group breaker state.
+    pub fn breaker_state(&self, group: &str) -> BreakerState {
+        self.groups
+            .lock()
+            .get(group)
+            .map_or(BreakerState::Closed, |s| s.breaker.state)
+    }
+
+    /// Put every member back in rotation and close the breaker.
+    pub fn rebalance(&self, group: &str) {
+        let old = self.breaker_state(group);
+        self.groups.lock().remove(group);
+        if old != BreakerState::Closed {
+            self.breaker_changed(group, old, BreakerState::Closed);
+        }
     }
 
     /// Route one request. Tries candidates in order; moves on only when the failure is safe
     /// to retry (the request never reached the upstream, or the call is idempotent).
     pub async fn request(&self, target: &str, req: RouteRequest<'_>) -> Result<Routed, RouteError> {
+        let group = self.runtime.group(target);
+        if let Some(g) = &group {
+            if let Err(retry_in) = self.breaker_admits(g) {
+                self.runtime
+                    .metrics()
+                    .errors
+                    .with_label_values(&["routing", "CircuitBreakerOpen"])
+                    .inc();
+                return Err(RouteError::GroupCircuitOpen {
+                    group: target.to_owned(),
+                    retry_in_s: retry_in,
+                });
+            }
+        }
+        let result = self.request_inner(target, group.as_deref(), req).await;
+        if let Some(g) = &group {
+            self.breaker_record(g, result.is_ok());
+        }
+        result
+    }
+
+    async fn request_inner(&self, target: &str, group: Option<&Group>, req: RouteRequest<'_>) -> Result<Routed, RouteError> {
         let candidates = self.candidates(target)?;
-        let is_group = self.runtime.group(target).is_some();
         if candidates.is_empty() {
             return Err(RouteError::NoAvailableMember {
                 group: target.to_owned(),
@@ -151,18 +479,18 @@ impl Router {
             let conn = match inst.ensure_ready().await {
                 Ok(c) => c,
                 Err(e) => {
-                    if is_group && i < last {
-                        failures.push(e.to_string());
+                    let Some(g) = group else {
+                        return Err(RouteError::Start(e));
+                    };
+                    self.member_record(g, inst.id(), false);
+                    failures.push(e.to_string());
+                    if i < last {
                         continue;
                     }
-                    if is_group {
-                        failures.push(e.to_string());
-                        return Err(RouteError::NoAvailableMember {
-                            group: target.to_owned(),
-                            detail: failures.join("; "),
-                        });
-                    }
-                    return Err(RouteError::Start(e));
+                    return Err(RouteError::NoAvailableMember {
+                        group: target.to_owned(),
+                        detail: failures.join("; "),
+                    });
                 }
             };
             if let Some(slot) = &req.slot {
@@ -175,36 +503,49 @@ impl Router {
                 Ok(outcome) => {
                     inst.touch();
                     inst.report_success();
+                    if let Some(g) = group {
+                        self.member_record(g, inst.id(), true);
+                    }
                     return Ok(Routed { instance: inst, outcome });
                 }
                 Err(e) => {
                     inst.report_transport_failure(&conn, &e.to_string());
                     let retryable = e.before_send() || req.idempotent;
-                    if is_group && i < last && retryable {
-                        tracing::info!(group = target, member = inst.id(), error = %e, "group_member_failed_trying_next");
-                        failures.push(format!("{}: {e}", inst.id()));
-                        continue;
+                    if let Some(g) = group {
+                        self.member_record(g, inst.id(), false);
+                        if i < last && retryable {
+                            tracing::info!(group = target, member = inst.id(), error = %e, "group_member_failed_trying_next");
+                            failures.push(format!("{}: {e}", inst.id()));
+                            continue;
+                        }
+                        return Err(RouteError::Upstream {
+                            server: inst.id().to_owned(),
+                            source: e,
+                        });
                     }
                     // A single server whose connection died before the request left: one
                     // transparent restart attempt.
-                    if !is_group && e.before_send() {
+                    if e.before_send() {
                         if let Ok(conn2) = inst.ensure_ready().await {
                             if let Some(slot) = &req.slot {
                                 *slot.lock() = Some(conn2.clone());
                             }
-                            match conn2
+                            return match conn2
                                 .request(req.method, req.params.clone(), req.sink.clone(), Some(req.timeout))
                                 .await
                             {
-                                Ok(outcome) => return Ok(Routed { instance: inst, outcome }),
+                                Ok(outcome) => {
+                                    inst.report_success();
+                                    Ok(Routed { instance: inst, outcome })
+                                }
                                 Err(e2) => {
                                     inst.report_transport_failure(&conn2, &e2.to_string());
-                                    return Err(RouteError::Upstream {
+                                    Err(RouteError::Upstream {
                                         server: inst.id().to_owned(),
                                         source: e2,
-                                    });
+                                    })
                                 }
-                            }
+                            };
                         }
                     }
                     return Err(RouteError::Upstream {
@@ -292,7 +633,84 @@ pub fn glob_match(pattern: &str, text: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::glob_match;
+    use super::*;
+    use crate::telemetry::Metrics;
+    use crate::telemetry::events::EventLog;
+
+    fn router(strategy: &str, members: &str) -> (Router, Arc<Group>) {
+        let yaml = format!(
+            "mcp_servers:\n  a: {{command: [x]}}\n  b: {{command: [x]}}\n  c: {{command: [x]}}\n  g:\n    mode: group\n    strategy: {strategy}\n    circuit_breaker: {{failure_threshold: 2, reset_timeout_s: 1}}\n    members: {members}\n"
+        );
+        let cfg = crate::config::load_str(&yaml, &|_| None).unwrap();
+        let rt = Runtime::new(&cfg, Arc::new(Metrics::new()), Arc::new(EventLog::new("n", 100)), "n".into());
+        let g = rt.group("g").unwrap();
+        (Router::new(rt), g)
+    }
+
+    fn first(r: &Router, g: &Arc<Group>) -> String {
+        r.group_order(g)[0].id().to_owned()
+    }
+
+    #[test]
+    fn round_robin_is_exactly_cyclic_and_skips_members_out_of_rotation() {
+        let (r, g) = router("round_robin", "[{id: a}, {id: b}, {id: c}]");
+        let order: Vec<String> = (0..9).map(|_| first(&r, &g)).collect();
+        assert_eq!(order, ["a", "b", "c", "a", "b", "c", "a", "b", "c"]);
+        r.member_record(&g, "c", false);
+        r.member_record(&g, "c", false);
+        let order: Vec<String> = (0..6).map(|_| first(&r, &g)).collect();
+        assert!(order.iter().all(|m| m != "c"), "{order:?}");
+        assert_eq!(r.group_order(&g).last().unwrap().id(), "c", "out-of-rotation members are the last resort");
+        r.member_record(&g, "c", true);
+        assert!(r.members("g").iter().all(|m| m.in_rotation));
+    }
+
+    #[test]
+    fn smooth_weighted_round_robin_interleaves_80_20() {
+        let (r, g) = router("weighted_round_robin", "[{id: a, weight: 80}, {id: b, weight: 20}]");
+        let picks: Vec<String> = (0..100).map(|_| first(&r, &g)).collect();
+        assert_eq!(picks.iter().filter(|m| *m == "a").count(), 80);
+        let mut run = 0;
+        for p in &picks {
+            run = if p == "a" { run + 1 } else { 0 };
+            assert!(run < 5, "at most 4 consecutive picks of the heavy member: {picks:?}");
+        }
+    }
+
+    #[test]
+    fn weighted_random_within_five_percent() {
+        let (r, g) = router("random", "[{id: a, weight: 70}, {id: b, weight: 30}]");
+        let a = (0..1000).filter(|_| first(&r, &g) == "a").count();
+        assert!((650..=750).contains(&a), "{a}");
+    }
+
+    #[test]
+    fn priority_prefers_the_lowest_number_and_fails_over_in_order() {
+        let (r, g) = router("priority", "[{id: a, priority: 2}, {id: b, priority: 1}, {id: c, priority: 3}]");
+        let order: Vec<String> = r.group_order(&g).iter().map(|i| i.id().to_owned()).collect();
+        assert_eq!(order, ["b", "a", "c"]);
+    }
+
+    #[test]
+    fn breaker_opens_rejects_half_opens_and_closes() {
+        let (r, g) = router("round_robin", "[{id: a}]");
+        assert!(r.breaker_admits(&g).is_ok());
+        r.breaker_record(&g, false);
+        r.breaker_record(&g, false);
+        assert_eq!(r.breaker_state("g"), BreakerState::Open);
+        assert!(r.breaker_admits(&g).is_err());
+        // Reset timeout is 1 s: force it elapsed.
+        r.groups.lock().get_mut("g").unwrap().breaker.opened_at = Some(Instant::now() - Duration::from_secs(2));
+        assert!(r.breaker_admits(&g).is_ok(), "one probe after the reset timeout");
+        assert_eq!(r.breaker_state("g"), BreakerState::HalfOpen);
+        assert!(r.breaker_admits(&g).is_err(), "only one probe at a time");
+        r.breaker_record(&g, false);
+        assert_eq!(r.breaker_state("g"), BreakerState::Open, "a failed probe re-opens");
+        r.groups.lock().get_mut("g").unwrap().breaker.opened_at = Some(Instant::now() - Duration::from_secs(2));
+        assert!(r.breaker_admits(&g).is_ok());
+        r.breaker_record(&g, true);
+        assert_eq!(r.breaker_state("g"), BreakerState::Closed);
+    }
 
     #[test]
     fn globs() {
