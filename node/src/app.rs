@@ -44,6 +44,101 @@ pub struct Node {
     http: Option<(SocketAddr, tokio::task::JoinHandle<std::io::Result<()>>)>,
     stdio: bool,
     shutdown: CancellationToken,
+    /// Configuration reloads.
+    pub reloader: Arc<Reloader>,
+}
+
+/// Reloads the configuration file: validates it first (an invalid file changes nothing and
+/// is reported), then applies the difference to the runtime and the gateway.
+pub struct Reloader {
+    path: Option<PathBuf>,
+    runtime: Arc<Runtime>,
+    gateway: Arc<Gateway>,
+    lock: tokio::sync::Mutex<()>,
+    fingerprint: parking_lot::Mutex<Option<Vec<u8>>>,
+}
+
+/// Outcome of a reload.
+#[derive(Debug, serde::Serialize)]
+pub struct ReloadReport {
+    /// `success`.
+    pub status: &'static str,
+    /// What changed.
+    #[serde(flatten)]
+    pub diff: crate::config::ConfigDiff,
+    /// Time taken.
+    pub duration_ms: u64,
+}
+
+impl Reloader {
+    /// Reload now. `requested_by`: `sighup`, `api`, `tool`, `file_watcher`.
+    pub async fn reload(&self, requested_by: &str) -> Result<ReloadReport, String> {
+        let _g = self.lock.lock().await;
+        let t0 = std::time::Instant::now();
+        let log = self.runtime.events();
+        let Some(path) = &self.path else {
+            return Err("this node was started without a configuration file; nothing to reload".into());
+        };
+        log.publish(
+            "ConfigurationReloadRequested",
+            serde_json::json!({"config_path": path.display().to_string(), "requested_by": requested_by}),
+        );
+        let bytes = std::fs::read(path).ok();
+        let cfg = match crate::config::load_file(path) {
+            Ok(c) => c,
+            Err(e) => {
+                let msg = e.to_string();
+                tracing::error!(error = %msg, requested_by, "configuration_reload_failed (the previous configuration keeps serving)");
+                log.publish(
+                    "ConfigurationReloadFailed",
+                    serde_json::json!({"config_path": path.display().to_string(), "requested_by": requested_by, "error": msg}),
+                );
+                *self.fingerprint.lock() = bytes;
+                return Err(msg);
+            }
+        };
+        let diff = self.runtime.apply(&cfg.mcp_servers).await;
+        self.gateway.set_config(GatewayConfig {
+            naming: cfg.tool_access.naming,
+            request_timeout: cfg.server.request_timeout,
+        });
+        *self.fingerprint.lock() = bytes;
+        let duration_ms = t0.elapsed().as_millis() as u64;
+        log.publish(
+            "ConfigurationReloaded",
+            serde_json::json!({"config_path": path.display().to_string(), "requested_by": requested_by,
+                "mcp_servers_added": diff.added, "mcp_servers_removed": diff.removed,
+                "mcp_servers_updated": diff.updated, "mcp_servers_unchanged": diff.unchanged,
+                "reload_duration_ms": duration_ms}),
+        );
+        Ok(ReloadReport {
+            status: "success",
+            diff,
+            duration_ms,
+        })
+    }
+
+    /// Watch the file: reload when its content changes (checked every `period`).
+    fn watch(self: Arc<Self>, period: Duration, shutdown: CancellationToken) {
+        let Some(path) = self.path.clone() else { return };
+        *self.fingerprint.lock() = std::fs::read(&path).ok();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(period);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tick.tick() => {}
+                }
+                let now = std::fs::read(&path).ok();
+                let changed = now.is_some() && *self.fingerprint.lock() != now;
+                if changed {
+                    tracing::info!(path = %path.display(), "config_file_modified_detected");
+                    let _ = self.reload("file_watcher").await;
+                }
+            }
+        });
+    }
 }
 
 /// How long in-flight HTTP requests may run after a shutdown signal.
@@ -65,6 +160,22 @@ impl Node {
             },
         );
         let shutdown = CancellationToken::new();
+        let reloader = Arc::new(Reloader {
+            path: opts.config_path.clone(),
+            runtime: runtime.clone(),
+            gateway: gateway.clone(),
+            lock: tokio::sync::Mutex::new(()),
+            fingerprint: parking_lot::Mutex::new(None),
+        });
+        if cfg.config_reload.enabled {
+            let period = if cfg.config_reload.use_watchdog {
+                Duration::from_secs(1)
+            } else {
+                Duration::from_secs(cfg.config_reload.interval_s)
+            };
+            reloader.clone().watch(period, shutdown.clone());
+        }
+        crate::supervisor::spawn(runtime.clone(), shutdown.clone());
         let listen = match (&opts.listen, opts.stdio) {
             (Some(l), _) => Some(l.clone()),
             (None, false) => Some(cfg.server.listen.clone()),
@@ -90,6 +201,7 @@ impl Node {
                 }))
                 .merge(api::routes(ApiState {
                     gateway: gateway.clone(),
+                    reloader: Some(reloader.clone()),
                 }))
                 .layer(axum::middleware::from_fn_with_state(guard, front::guard));
             let token = shutdown.clone();
@@ -119,6 +231,7 @@ impl Node {
             http,
             stdio: opts.stdio,
             shutdown,
+            reloader,
         })
     }
 
@@ -140,7 +253,7 @@ impl Node {
             }
         };
         tokio::select! {
-            sig = signals() => tracing::info!(signal = sig, "shutdown_requested"),
+            sig = signals(self.reloader.clone()) => tracing::info!(signal = sig, "shutdown_requested"),
             _ = stdio_done => {},
         }
         self.shutdown.cancel();
@@ -170,9 +283,8 @@ fn write_ready_file(path: &std::path::Path, addr: SocketAddr) -> anyhow::Result<
     Ok(())
 }
 
-/// Resolves with the name of the first termination signal. SIGHUP is handled (not fatal)
-/// and reported; configuration hot reload arrives with the lifecycle work.
-async fn signals() -> &'static str {
+/// Resolves with the name of the first termination signal. SIGHUP reloads the configuration.
+async fn signals(reloader: Arc<Reloader>) -> &'static str {
     use tokio::signal::unix::{SignalKind, signal};
     let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
         signal(SignalKind::terminate()),
@@ -186,7 +298,11 @@ async fn signals() -> &'static str {
         tokio::select! {
             _ = term.recv() => return "SIGTERM",
             _ = int.recv() => return "SIGINT",
-            _ = hup.recv() => tracing::info!("reload_signal_received: hot reload is not available in this version; restart the node to apply a new configuration"),
+            _ = hup.recv() => {
+                tracing::info!("reload_signal_received");
+                let r = reloader.clone();
+                tokio::spawn(async move { let _ = r.reload("sighup").await; });
+            }
         }
     }
 }

@@ -24,6 +24,8 @@ use crate::runtime::{Instance, InstanceStatus, Runtime, RuntimeError, ServerStat
 pub struct ApiState {
     /// The gateway (for catalogue views).
     pub gateway: Arc<Gateway>,
+    /// Configuration reloads (None in tests without a file).
+    pub reloader: Option<Arc<crate::app::Reloader>>,
 }
 
 impl ApiState {
@@ -105,6 +107,15 @@ pub fn routes(state: ApiState) -> Router {
         .route("/api/tools", get(|| async { Redirect::temporary("/api/tools/") }))
         .route("/api/system/", get(system))
         .route("/api/system", get(|| async { Redirect::temporary("/api/system/") }))
+        .route("/api/groups/", get(list_groups).post(create_group))
+        .route("/api/groups", get(|| async { Redirect::temporary("/api/groups/") }))
+        .route("/api/groups/{id}", get(get_group).delete(delete_group))
+        .route("/api/groups/{id}/members", get(group_members).post(add_member))
+        .route("/api/groups/{id}/members/{member}", axum::routing::delete(remove_member))
+        .route("/api/groups/{id}/rebalance", post(rebalance_group))
+        .route("/api/config/reload", post(reload_config))
+        .route("/api/events", get(events))
+        .route("/api/events/stream", get(event_stream))
         .route("/api/{*rest}", axum::routing::any(api_not_found))
         .route("/health/live", get(|| async { axum::Json(json!({"status": "healthy"})) }))
         .route("/health/ready", get(ready))
@@ -574,5 +585,287 @@ mod tests {
         assert_eq!(v["auth"]["bearer_token"], "***");
         assert_eq!(v["auth"]["type"], "bearer");
         assert_eq!(v["idle_ttl_s"], 5);
+    }
+}
+
+fn group_not_found(id: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "GroupNotFoundError",
+        format!("group '{id}' not found; GET /api/groups/ lists the groups"),
+        json!({ "group_id": id }),
+    )
+}
+
+fn group_json(st: &ApiState, id: &str) -> Option<Value> {
+    let rt = st.runtime();
+    let g = rt.group(id)?;
+    let spec = g.spec();
+    let router = st.gateway.router();
+    let members: Vec<Value> = router
+        .members(id)
+        .into_iter()
+        .map(|m| {
+            let state = rt.instance(&m.id).map(|i| i.state().as_str()).unwrap_or("unknown");
+            json!({"id": m.id, "state": state, "in_rotation": m.in_rotation, "weight": m.weight,
+                   "priority": m.priority, "consecutive_failures": m.consecutive_failures})
+        })
+        .collect();
+    let healthy = members
+        .iter()
+        .filter(|m| m["in_rotation"] == json!(true) && m["state"] == json!("ready"))
+        .count();
+    let breaker = router.breaker_state(id);
+    let state = if breaker == crate::routing::BreakerState::Open { "degraded" } else { group_state(rt, id) };
+    Some(json!({
+        "group_id": id,
+        "description": spec.description,
+        "state": state,
+        "strategy": spec.strategy,
+        "min_healthy": spec.min_healthy,
+        "healthy_count": healthy,
+        "total_members": members.len(),
+        "circuit_breaker_state": breaker.as_str(),
+        "members": members,
+    }))
+}
+
+async fn list_groups(State(st): State<ApiState>) -> ApiResult {
+    let groups: Vec<Value> = st
+        .runtime()
+        .groups()
+        .iter()
+        .filter_map(|g| group_json(&st, g.id()))
+        .collect();
+    Ok(axum::Json(json!({ "groups": groups })).into_response())
+}
+
+async fn get_group(State(st): State<ApiState>, Path(id): Path<String>) -> ApiResult {
+    group_json(&st, &id)
+        .map(|v| axum::Json(v).into_response())
+        .ok_or_else(|| group_not_found(&id))
+}
+
+async fn group_members(State(st): State<ApiState>, Path(id): Path<String>) -> ApiResult {
+    let v = group_json(&st, &id).ok_or_else(|| group_not_found(&id))?;
+    Ok(axum::Json(json!({"group_id": id, "members": v["members"]})).into_response())
+}
+
+fn validation(message: String, details: Value) -> ApiError {
+    ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "ValidationError", message, details)
+}
+
+/// Validate a group definition against the current servers by building a config document.
+fn validated_group(st: &ApiState, id: &str, body: &Value) -> Result<crate::config::GroupSpec, ApiError> {
+    let mut servers = serde_json::Map::new();
+    for inst in st.runtime().instances() {
+        // Members are validated by reference; any valid server definition stands in.
+        servers.insert(inst.id().to_owned(), json!({"command": ["placeholder"]}));
+    }
+    let mut def = body.clone();
+    def["mode"] = json!("group");
+    servers.insert(id.to_owned(), def);
+    let doc = json!({ "mcp_servers": servers });
+    let cfg = config::load_str(&doc.to_string(), &|_| None).map_err(|e| {
+        let problems: Vec<Value> = match &e {
+            config::ConfigError::Invalid { problems } => problems
+                .iter()
+                .map(|p| json!({"path": p.path, "message": p.message}))
+                .collect(),
+            config::ConfigError::Unreadable { reason, .. } => vec![json!({"path": "", "message": reason})],
+        };
+        validation(format!("invalid group definition: {e}"), json!({ "problems": problems }))
+    })?;
+    match cfg.mcp_servers.get(id) {
+        Some(ServerSpec::Group(g)) => Ok(g.clone()),
+        _ => Err(validation("invalid group definition".into(), Value::Null)),
+    }
+}
+
+async fn create_group(State(st): State<ApiState>, body: axum::body::Bytes) -> ApiResult {
+    let mut v: Value = serde_json::from_slice(&body)
+        .map_err(|e| validation(format!("request body must be a JSON object: {e}"), Value::Null))?;
+    let id = v
+        .as_object_mut()
+        .and_then(|o| o.remove("group_id"))
+        .and_then(|x| x.as_str().map(str::to_owned))
+        .ok_or_else(|| validation("group_id (string) is required".into(), json!({"field": "group_id"})))?;
+    if v.get("members").is_none() {
+        v["members"] = json!([]);
+        if v.get("min_healthy").is_none() {
+            v["min_healthy"] = json!(1);
+        }
+    }
+    let empty = v["members"].as_array().is_some_and(Vec::is_empty);
+    let spec = if empty {
+        // An empty group is allowed through the API; members are added later.
+        let mut probe = v.clone();
+        probe["members"] = json!([]);
+        probe["min_healthy"] = json!(1);
+        let mut g = validated_group(&st, &id, &json!({"members": [{"id": "__probe__", "command": ["x"]}],
+            "strategy": probe.get("strategy").cloned().unwrap_or(json!("round_robin"))}))?;
+        g.members.clear();
+        g.description = v.get("description").and_then(Value::as_str).map(str::to_owned);
+        g
+    } else {
+        validated_group(&st, &id, &v)?
+    };
+    st.runtime().add_server(&id, ServerSpec::Group(spec))?;
+    st.runtime()
+        .events()
+        .publish("GroupCreated", json!({"group_id": id}));
+    Ok((StatusCode::CREATED, axum::Json(json!({"group_id": id, "created": true}))).into_response())
+}
+
+async fn delete_group(State(st): State<ApiState>, Path(id): Path<String>) -> ApiResult {
+    if st.runtime().group(&id).is_none() {
+        return Err(group_not_found(&id));
+    }
+    st.runtime().remove_server(&id).await?;
+    st.gateway.router().rebalance(&id);
+    st.runtime().events().publish("GroupDeleted", json!({"group_id": id}));
+    Ok(axum::Json(json!({"deleted": true, "group_id": id})).into_response())
+}
+
+#[derive(Deserialize)]
+struct MemberBody {
+    member_id: String,
+    #[serde(default = "one")]
+    weight: u32,
+    #[serde(default = "one")]
+    priority: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+async fn add_member(State(st): State<ApiState>, Path(id): Path<String>, body: axum::body::Bytes) -> ApiResult {
+    let g = st.runtime().group(&id).ok_or_else(|| group_not_found(&id))?;
+    let b: MemberBody = serde_json::from_slice(&body).map_err(|e| {
+        validation(
+            format!("body must be {{\"member_id\": \"…\", \"weight\": 1, \"priority\": 1}}: {e}"),
+            Value::Null,
+        )
+    })?;
+    if st.runtime().instance(&b.member_id).is_none() {
+        return Err(validation(
+            format!("member '{}' is not a configured MCP server (groups cannot contain groups)", b.member_id),
+            json!({"field": "member_id"}),
+        ));
+    }
+    if !(1..=100).contains(&b.weight) || !(1..=100).contains(&b.priority) {
+        return Err(validation("weight and priority must be between 1 and 100".into(), Value::Null));
+    }
+    let mut spec = g.spec();
+    if spec.members.iter().any(|m| m.id == b.member_id) {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "ValidationError",
+            format!("'{}' is already a member of '{id}'", b.member_id),
+            Value::Null,
+        ));
+    }
+    spec.members.push(crate::config::GroupMember {
+        id: b.member_id.clone(),
+        weight: b.weight,
+        priority: b.priority,
+        tools: None,
+    });
+    g.set_spec(spec);
+    st.runtime().events().publish(
+        "GroupMemberAdded",
+        json!({"group_id": id, "member_id": b.member_id, "weight": b.weight, "priority": b.priority}),
+    );
+    Ok((StatusCode::CREATED, axum::Json(json!({"group_id": id, "member_id": b.member_id, "added": true}))).into_response())
+}
+
+async fn remove_member(State(st): State<ApiState>, Path((id, member)): Path<(String, String)>) -> ApiResult {
+    let g = st.runtime().group(&id).ok_or_else(|| group_not_found(&id))?;
+    let mut spec = g.spec();
+    let before = spec.members.len();
+    spec.members.retain(|m| m.id != member);
+    if spec.members.len() == before {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "MemberNotFoundError",
+            format!("'{member}' is not a member of '{id}'"),
+            Value::Null,
+        ));
+    }
+    g.set_spec(spec);
+    st.runtime()
+        .events()
+        .publish("GroupMemberRemoved", json!({"group_id": id, "member_id": member}));
+    Ok(axum::Json(json!({"group_id": id, "member_id": member, "removed": true})).into_response())
+}
+
+async fn rebalance_group(State(st): State<ApiState>, Path(id): Path<String>) -> ApiResult {
+    if st.runtime().group(&id).is_none() {
+        return Err(group_not_found(&id));
+    }
+    st.gateway.router().rebalance(&id);
+    Ok(axum::Json(json!({"status": "rebalanced", "group_id": id})).into_response())
+}
+
+#[derive(Deserialize)]
+struct EventsQuery {
+    since: Option<u64>,
+    limit: Option<usize>,
+}
+
+async fn events(State(st): State<ApiState>, Query(q): Query<EventsQuery>) -> ApiResult {
+    let limit = q.limit.unwrap_or(100).clamp(1, 10_000);
+    let log = st.runtime().events();
+    let events: Vec<Value> = log
+        .since(q.since.unwrap_or(0), limit)
+        .iter()
+        .filter_map(|e| serde_json::to_value(&**e).ok())
+        .collect();
+    Ok(axum::Json(json!({"events": events, "last_seq": log.last_seq()})).into_response())
+}
+
+async fn event_stream(State(st): State<ApiState>) -> Response {
+    use futures::StreamExt;
+    let rx = st.runtime().events().subscribe();
+    let stream = tokio_stream::wrappers::BroadcastStream::new(rx).filter_map(|ev| async move {
+        let ev = ev.ok()?;
+        let data = serde_json::to_string(&*ev).ok()?;
+        Some(Ok::<_, std::convert::Infallible>(
+            axum::response::sse::Event::default().event(ev.event_type.clone()).id(ev.seq.to_string()).data(data),
+        ))
+    });
+    axum::response::sse::Sse::new(stream)
+        .keep_alive(axum::response::sse::KeepAlive::new().interval(Duration::from_secs(15)))
+        .into_response()
+}
+
+async fn reload_config(State(st): State<ApiState>, body: axum::body::Bytes) -> ApiResult {
+    if !body.is_empty() {
+        let v: Value = serde_json::from_slice(&body)
+            .map_err(|e| validation(format!("body must be JSON like {{\"graceful\": true}}: {e}"), Value::Null))?;
+        if v.get("config_path").is_some() {
+            return Err(validation(
+                "config_path cannot be changed through the API; edit the file the node was started with".into(),
+                json!({"field": "config_path"}),
+            ));
+        }
+    }
+    let Some(r) = &st.reloader else {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "ConfigurationUnavailableError",
+            "this node has no configuration file to reload",
+            Value::Null,
+        ));
+    };
+    match r.reload("api").await {
+        Ok(report) => Ok(axum::Json(report).into_response()),
+        Err(e) => Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "ConfigurationReloadFailed",
+            format!("the new configuration is invalid; the previous one keeps serving: {e}"),
+            Value::Null,
+        )),
     }
 }

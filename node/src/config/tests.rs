@@ -150,3 +150,14 @@ fn predefined_tools_and_policies() {
     let ServerSpec::Subprocess(b) = &c.mcp_servers["b"] else { panic!() };
     assert!(matches!(&b.common.tools, Some(ToolsSpec::Policy(p)) if p.deny_list == vec!["admin_*"]));
 }
+
+#[test]
+fn diff_classifies_servers() {
+    let old = load("mcp_servers:\n  a: {command: [x]}\n  b: {command: [y]}\n  c: {command: [z]}\n").unwrap();
+    let new = load("mcp_servers:\n  a: {command: [x]}\n  b: {command: [y2]}\n  d: {command: [w]}\n").unwrap();
+    let d = diff(&old.mcp_servers, &new.mcp_servers);
+    assert_eq!(d.added, vec!["d"]);
+    assert_eq!(d.removed, vec!["c"]);
+    assert_eq!(d.updated, vec!["b"]);
+    assert_eq!(d.unchanged, vec!["a"]);
+}

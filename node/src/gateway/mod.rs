@@ -127,6 +127,11 @@ impl Gateway {
         *self.index.write() = None;
     }
 
+    /// The router (group state for REST and management tools).
+    pub fn router(&self) -> &Router {
+        &self.router
+    }
+
     /// The runtime behind the gateway.
     pub fn runtime(&self) -> &Arc<Runtime> {
         &self.runtime

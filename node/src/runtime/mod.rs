@@ -166,6 +166,7 @@ pub struct Instance {
     log: Arc<EventLog>,
     starts: std::sync::atomic::AtomicU64,
     checking: std::sync::atomic::AtomicBool,
+    idling: std::sync::atomic::AtomicBool,
 }
 
 /// A point-in-time view of an instance for REST and management tools.
@@ -239,6 +240,7 @@ impl Instance {
             log,
             starts: std::sync::atomic::AtomicU64::new(0),
             checking: std::sync::atomic::AtomicBool::new(false),
+            idling: std::sync::atomic::AtomicBool::new(false),
         };
         let mode = inst.spec.read().mode_name();
         inst.metrics.server_info.with_label_values(&[&inst.id, mode]).set(1);
@@ -759,6 +761,15 @@ impl Instance {
 
     /// Mark the instance idle-stopped (→ COLD) if it is still idle and nothing is in flight.
     pub async fn stop_if_idle(&self) -> bool {
+        if self.idling.swap(true, std::sync::atomic::Ordering::AcqRel) {
+            return false;
+        }
+        let stopped = self.stop_if_idle_inner().await;
+        self.idling.store(false, std::sync::atomic::Ordering::Release);
+        stopped
+    }
+
+    async fn stop_if_idle_inner(&self) -> bool {
         let (idle, ttl, last_used) = {
             let inner = self.inner.lock();
             let ttl = self.spec.read().common().map(|c| c.idle_ttl_s as f64).unwrap_or(300.0);
@@ -873,6 +884,11 @@ impl Group {
     /// Next round-robin position (used by the routing room).
     pub fn next_cursor(&self) -> usize {
         self.cursor.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Replace the spec (membership changes through the API).
+    pub fn set_spec(&self, spec: GroupSpec) {
+        *self.spec.write() = spec;
     }
 }
 
@@ -1023,6 +1039,52 @@ impl Runtime {
         self.metrics.forget_server(id);
         let _ = self.events.send(RuntimeEvent::ServersChanged);
         Ok(())
+    }
+
+    /// The current servers and groups as configuration specs.
+    pub fn specs(&self) -> IndexMap<String, ServerSpec> {
+        let mut out: IndexMap<String, ServerSpec> = self
+            .instances()
+            .iter()
+            .map(|i| (i.id().to_owned(), i.spec()))
+            .collect();
+        for g in self.groups() {
+            out.insert(g.id().to_owned(), ServerSpec::Group(g.spec()));
+        }
+        out
+    }
+
+    /// Apply a new set of servers: added ones appear COLD, removed ones stop and go, changed
+    /// ones restart with the new definition, unchanged ones keep their processes and
+    /// connections. Returns what changed.
+    pub async fn apply(&self, new: &IndexMap<String, ServerSpec>) -> crate::config::ConfigDiff {
+        let d = crate::config::diff(&self.specs(), new);
+        for id in d.removed.iter().chain(d.updated.iter()) {
+            let group = self.group(id);
+            match (group, new.get(id)) {
+                (Some(g), Some(ServerSpec::Group(spec))) => g.set_spec(spec.clone()),
+                _ => {
+                    let _ = self.remove_server(id).await;
+                }
+            }
+        }
+        for id in d.added.iter().chain(d.updated.iter()) {
+            if self.exists(id) {
+                continue;
+            }
+            if let Some(spec) = new.get(id) {
+                self.insert(id.clone(), spec.clone());
+            }
+        }
+        // Keep configuration order.
+        {
+            let mut inst = self.instances.write();
+            inst.sort_by_key(|k, _| new.get_index_of(k).unwrap_or(usize::MAX));
+            let mut groups = self.groups.write();
+            groups.sort_by_key(|k, _| new.get_index_of(k).unwrap_or(usize::MAX));
+        }
+        let _ = self.events.send(RuntimeEvent::ServersChanged);
+        d
     }
 
     /// Stop every instance (graceful shutdown), concurrently.
