@@ -1,1 +1,364 @@
-//! Placeholder (being written).
+//! End-to-end test harness: starts real `hangar` nodes and real upstream MCP servers as
+//! child processes on 127.0.0.1 with random ports and temporary directories, talks to them
+//! over HTTP, and kills every process it started when dropped.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+/// The cargo target directory the binaries were built into.
+pub fn target_dir() -> PathBuf {
+    if let Ok(d) = std::env::var("CARGO_TARGET_DIR") {
+        return PathBuf::from(d);
+    }
+    // .../target/debug/deps/e2e-xxxx → .../target
+    let exe = std::env::current_exe().expect("current exe");
+    exe.ancestors().nth(3).expect("target dir").to_path_buf()
+}
+
+/// Path of a workspace binary (`hangar`, `hangar-fixture`, `hangarctl`), built by
+/// `cargo build --workspace --bins`.
+pub fn bin(name: &str) -> PathBuf {
+    let env_key = format!("{}_BIN", name.to_ascii_uppercase().replace('-', "_"));
+    if let Ok(p) = std::env::var(&env_key) {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("current exe");
+    let profile_dir = exe.parent().and_then(Path::parent).expect("profile dir");
+    let p = profile_dir.join(name);
+    assert!(
+        p.exists(),
+        "{} not found: run `cargo build --workspace --bins` first (or set {env_key})",
+        p.display()
+    );
+    p
+}
+
+/// Poll `f` until it returns `Some` or the deadline passes.
+pub fn poll_until<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+/// Async variant of [`poll_until`].
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// Whether a process with this pid exists (and is not a zombie).
+pub fn pid_alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => {
+            // state is the field after the ")" of the command name
+            let state = stat.rsplit(')').next().and_then(|r| r.split_whitespace().next());
+            state != Some("Z")
+        }
+        Err(_) => false,
+    }
+}
+
+/// A child process killed on drop.
+pub struct Proc {
+    child: Option<Child>,
+    /// Where its stderr goes.
+    pub stderr_path: PathBuf,
+}
+
+impl Proc {
+    /// The pid.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(Child::id).unwrap_or(0)
+    }
+
+    /// SIGKILL and reap.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait (bounded); returns the exit code.
+    pub fn terminate(&mut self) -> Option<i32> {
+        let mut c = self.child.take()?;
+        let _ = Command::new("kill").args(["-s", "TERM", &c.id().to_string()]).status();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(Some(st)) = c.try_wait() {
+                return st.code();
+            }
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                let _ = c.wait();
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Whether it is still running.
+    pub fn running(&mut self) -> bool {
+        match &mut self.child {
+            Some(c) => c.try_wait().ok().flatten().is_none(),
+            None => false,
+        }
+    }
+
+    /// Its stderr so far.
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// A running `hangar` node.
+pub struct Node {
+    /// The process.
+    pub proc: Proc,
+    /// `http://127.0.0.1:PORT`.
+    pub base: String,
+    /// Its temporary directory (config, ready file, logs).
+    pub dir: tempfile::TempDir,
+    /// The config file path.
+    pub config_path: PathBuf,
+}
+
+impl Node {
+    /// Start a node with this YAML config; waits until it listens.
+    pub fn start(config_yaml: &str) -> Node {
+        Self::start_with(config_yaml, &[])
+    }
+
+    /// Start with extra environment variables.
+    pub fn start_with(config_yaml: &str, env: &[(&str, &str)]) -> Node {
+        let dir = tempfile::tempdir().unwrap();
+        let config_path = dir.path().join("config.yaml");
+        std::fs::write(&config_path, config_yaml).unwrap();
+        let ready = dir.path().join("ready.json");
+        let stderr_path = dir.path().join("hangar.stderr");
+        let mut cmd = Command::new(bin("hangar"));
+        cmd.arg("serve")
+            .arg("--config")
+            .arg(&config_path)
+            .args(["--listen", "127.0.0.1:0", "--ready-file"])
+            .arg(&ready)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&stderr_path).unwrap());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("spawn hangar");
+        let mut proc = Proc {
+            child: Some(child),
+            stderr_path,
+        };
+        let addr = poll_until("hangar ready file", Duration::from_secs(30), || {
+            if !proc.running() {
+                panic!("hangar exited during start-up:\n{}", proc.stderr());
+            }
+            let text = std::fs::read_to_string(&ready).ok()?;
+            let v: Value = serde_json::from_str(&text).ok()?;
+            v["http_addr"].as_str().map(str::to_owned)
+        });
+        Node {
+            proc,
+            base: format!("http://{addr}"),
+            dir,
+            config_path,
+        }
+    }
+
+    /// URL of a path.
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    /// Rewrite the config file (for reload tests).
+    pub fn write_config(&self, yaml: &str) {
+        let tmp = self.config_path.with_extension("tmp");
+        std::fs::write(&tmp, yaml).unwrap();
+        std::fs::rename(&tmp, &self.config_path).unwrap();
+    }
+}
+
+/// A fixture MCP server over Streamable HTTP.
+pub struct FixtureHttp {
+    /// The process.
+    pub proc: Proc,
+    /// Its MCP endpoint URL.
+    pub url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl FixtureHttp {
+    /// Start `hangar-fixture http` with a name.
+    pub fn start(name: &str) -> FixtureHttp {
+        Self::start_args(name, &[])
+    }
+
+    /// Start with extra arguments (e.g. `--stateless`).
+    pub fn start_args(name: &str, extra: &[&str]) -> FixtureHttp {
+        let dir = tempfile::tempdir().unwrap();
+        let ready = dir.path().join("url");
+        let stderr_path = dir.path().join("fixture.stderr");
+        let mut cmd = Command::new(bin("hangar-fixture"));
+        cmd.arg("http");
+        if !extra.contains(&"--listen") {
+            cmd.args(["--listen", "127.0.0.1:0"]);
+        }
+        let child = cmd
+            .args(["--name", name, "--ready-file"])
+            .arg(&ready)
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&stderr_path).unwrap())
+            .spawn()
+            .expect("spawn hangar-fixture");
+        let mut proc = Proc {
+            child: Some(child),
+            stderr_path,
+        };
+        let url = poll_until("fixture ready file", Duration::from_secs(15), || {
+            if !proc.running() {
+                panic!("fixture exited during start-up:\n{}", proc.stderr());
+            }
+            let t = std::fs::read_to_string(&ready).ok()?;
+            let t = t.trim();
+            (!t.is_empty()).then(|| t.to_owned())
+        });
+        FixtureHttp { proc, url, _dir: dir }
+    }
+}
+
+/// YAML for a stdio fixture server entry (indented under `mcp_servers:`).
+pub fn fixture_stdio_yaml(id: &str, extra: &str) -> String {
+    format!(
+        "  {id}:\n    mode: subprocess\n    command: [\"{}\", stdio, --name, {id}]\n{extra}",
+        bin("hangar-fixture").display()
+    )
+}
+
+/// An HTTP client for tests.
+pub fn client() -> reqwest::Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .build()
+        .unwrap()
+}
+
+/// A raw HTTP answer.
+#[derive(Debug)]
+pub struct Answer {
+    /// HTTP status.
+    pub status: u16,
+    /// Content type.
+    pub content_type: String,
+    /// Body text.
+    pub body: String,
+}
+
+impl Answer {
+    /// The JSON-RPC messages in the body (one JSON body, or every SSE `data:`).
+    pub fn messages(&self) -> Vec<Value> {
+        if self.content_type.starts_with("text/event-stream") {
+            self.body
+                .split("\n\n")
+                .filter_map(|ev| {
+                    let data: Vec<&str> = ev
+                        .lines()
+                        .filter_map(|l| l.strip_prefix("data:").map(|d| d.strip_prefix(' ').unwrap_or(d)))
+                        .collect();
+                    (!data.is_empty()).then(|| serde_json::from_str(&data.join("\n")).ok()).flatten()
+                })
+                .collect()
+        } else {
+            serde_json::from_str(&self.body).map(|v| vec![v]).unwrap_or_default()
+        }
+    }
+
+    /// The last message (the response).
+    pub fn response(&self) -> Value {
+        self.messages().pop().unwrap_or_else(|| panic!("no JSON-RPC message in {self:?}"))
+    }
+}
+
+/// POST a raw body to an MCP endpoint.
+pub async fn post_raw(c: &reqwest::Client, url: &str, body: &str, headers: &[(&str, &str)]) -> Answer {
+    let mut rb = c
+        .post(url)
+        .header("Content-Type", "application/json")
+        .header("Accept", "application/json, text/event-stream")
+        .body(body.to_owned());
+    for (k, v) in headers {
+        rb = rb.header(*k, *v);
+    }
+    let resp = rb.send().await.expect("POST");
+    let status = resp.status().as_u16();
+    let content_type = resp
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
+    let body = resp.text().await.unwrap_or_default();
+    Answer {
+        status,
+        content_type,
+        body,
+    }
+}
+
+/// Send one JSON-RPC request; returns the whole answer.
+pub async fn rpc(c: &reqwest::Client, url: &str, method: &str, params: Value) -> Answer {
+    let body = json!({"jsonrpc": "2.0", "id": 1, "method": method, "params": params}).to_string();
+    post_raw(c, url, &body, &[]).await
+}
+
+/// Call a tool and return the JSON-RPC response object.
+pub async fn call_tool(c: &reqwest::Client, url: &str, name: &str, args: Value) -> Value {
+    rpc(c, url, "tools/call", json!({"name": name, "arguments": args})).await.response()
+}
+
+/// The text of the first content item of a tool result.
+pub fn text_of(resp: &Value) -> String {
+    resp["result"]["content"][0]["text"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no text content in {resp}"))
+        .to_owned()
+}
+
+/// GET JSON.
+pub async fn get_json(c: &reqwest::Client, url: &str) -> (u16, Value) {
+    let resp = c.get(url).send().await.expect("GET");
+    let status = resp.status().as_u16();
+    let text = resp.text().await.unwrap_or_default();
+    (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+}

@@ -321,16 +321,16 @@ impl Instance {
         }
     }
 
-    /// The last `n` log lines: from the live process, else from the one that died last.
+    /// The last `n` log lines: those of the process that ended last (so a crash can be
+    /// diagnosed after the restart), followed by the live process's.
     pub fn logs(&self, n: usize) -> Vec<LogLine> {
         let inner = self.inner.lock();
-        match &inner.conn {
-            Some(c) => c.logs(n),
-            None => {
-                let skip = inner.dead_logs.len().saturating_sub(n);
-                inner.dead_logs[skip..].to_vec()
-            }
+        let mut all = inner.dead_logs.clone();
+        if let Some(c) = &inner.conn {
+            all.extend(c.logs(n));
         }
+        let skip = all.len().saturating_sub(n);
+        all.split_off(skip)
     }
 
     fn publish_state(&self, state: ServerState, at: f64) {
@@ -411,6 +411,11 @@ impl Instance {
 
     fn mark_dead(&self, inner: &mut Inner, conn: &Arc<Upstream>, why: &str) {
         inner.dead_logs = conn.logs(1000);
+        inner.dead_logs.push(LogLine {
+            timestamp: unix_now(),
+            line: format!("[hangar] process ended: {why}"),
+            stream: "hangar".to_owned(),
+        });
         inner.conn = None;
         inner.last_error = Some(why.to_owned());
         self.metrics.stops.with_label_values(&[&self.id, "error"]).inc();
