@@ -11,7 +11,12 @@ use serde_json::{Value, json};
 #[command(name = "hangarctl", version, about = "Operate a Hangar MCP gateway")]
 struct Cli {
     /// Base URL of any Hangar node.
-    #[arg(long, env = "HANGAR_ENDPOINT", default_value = "http://127.0.0.1:8000", global = true)]
+    #[arg(
+        long,
+        env = "HANGAR_ENDPOINT",
+        default_value = "http://127.0.0.1:8000",
+        global = true
+    )]
     endpoint: String,
     /// API key (sent as X-API-Key).
     #[arg(long, env = "HANGAR_API_KEY", global = true, hide_env_values = true)]
@@ -147,7 +152,12 @@ impl Client {
         })
     }
 
-    async fn send(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> anyhow::Result<Value> {
+    async fn send(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> anyhow::Result<Value> {
         let url = format!("{}{}", self.base, path);
         let mut req = self.http.request(method, &url);
         if let Some(k) = &self.api_key {
@@ -158,10 +168,12 @@ impl Client {
                 .header("Content-Type", "application/json")
                 .body(b.to_string());
         }
-        let resp = req
-            .send()
-            .await
-            .with_context(|| format!("cannot reach Hangar at {} (is the node running? set --endpoint)", self.base))?;
+        let resp = req.send().await.with_context(|| {
+            format!(
+                "cannot reach Hangar at {} (is the node running? set --endpoint)",
+                self.base
+            )
+        })?;
         let status = resp.status();
         let text = resp.text().await.context("reading the response")?;
         let v: Value = serde_json::from_str(&text).unwrap_or(Value::String(text.clone()));
@@ -225,7 +237,11 @@ fn table(rows: &[Value], cols: &[&str]) -> String {
     let mut widths: Vec<usize> = cols.iter().map(|c| c.len()).collect();
     let cells: Vec<Vec<String>> = rows
         .iter()
-        .map(|r| cols.iter().map(|c| cell(r.get(*c).unwrap_or(&Value::Null))).collect())
+        .map(|r| {
+            cols.iter()
+                .map(|c| cell(r.get(*c).unwrap_or(&Value::Null)))
+                .collect()
+        })
         .collect();
     for row in &cells {
         for (i, c) in row.iter().enumerate() {
@@ -280,7 +296,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 let v = c.get(&path).await?;
                 print(out, &v, |v| {
                     let rows = v["mcp_servers"].as_array().cloned().unwrap_or_default();
-                    table(&rows, &["mcp_server", "mode", "state", "tools_count", "description"])
+                    table(
+                        &rows,
+                        &["mcp_server", "mode", "state", "tools_count", "description"],
+                    )
                 });
             }
             ServersCmd::Get { id } => {
@@ -320,14 +339,24 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     body["description"] = json!(d);
                 }
                 let v = c.post("/api/mcp_servers/", body).await?;
-                print(out, &v, |v| format!("created {}\n", cell(&v["mcp_server_id"])));
+                print(out, &v, |v| {
+                    format!("created {}\n", cell(&v["mcp_server_id"]))
+                });
             }
             ServersCmd::Rm { id } => {
-                let v = c.send(reqwest::Method::DELETE, &format!("/api/mcp_servers/{id}"), None).await?;
+                let v = c
+                    .send(
+                        reqwest::Method::DELETE,
+                        &format!("/api/mcp_servers/{id}"),
+                        None,
+                    )
+                    .await?;
                 print(out, &v, |_| format!("deleted {id}\n"));
             }
             ServersCmd::Start { id } => {
-                let v = c.post(&format!("/api/mcp_servers/{id}/start"), json!({})).await?;
+                let v = c
+                    .post(&format!("/api/mcp_servers/{id}/start"), json!({}))
+                    .await?;
                 print(out, &v, |v| {
                     format!(
                         "{} is {} ({} tools)\n",
@@ -339,12 +368,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             ServersCmd::Stop { id } => {
                 let v = c
-                    .post(&format!("/api/mcp_servers/{id}/stop"), json!({"reason": "user_request"}))
+                    .post(
+                        &format!("/api/mcp_servers/{id}/stop"),
+                        json!({"reason": "user_request"}),
+                    )
                     .await?;
                 print(out, &v, |_| format!("stopped {id}\n"));
             }
             ServersCmd::Logs { id, lines } => {
-                let v = c.get(&format!("/api/mcp_servers/{id}/logs?lines={lines}")).await?;
+                let v = c
+                    .get(&format!("/api/mcp_servers/{id}/logs?lines={lines}"))
+                    .await?;
                 print(out, &v, |v| {
                     v["logs"]
                         .as_array()
@@ -364,7 +398,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 });
             }
         },
-        Cmd::Tools { cmd: ToolsCmd::List } => {
+        Cmd::Tools {
+            cmd: ToolsCmd::List,
+        } => {
             let v = c.get("/api/tools/").await?;
             print(out, &v, |v| {
                 let rows = v["tools"].as_array().cloned().unwrap_or_default();
@@ -372,8 +408,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             });
         }
         Cmd::Call { server, tool, args } => {
-            let arguments: Value =
-                serde_json::from_str(&args).with_context(|| format!("--args must be a JSON object (got '{args}')"))?;
+            let arguments: Value = serde_json::from_str(&args)
+                .with_context(|| format!("--args must be a JSON object (got '{args}')"))?;
             if !arguments.is_object() {
                 bail!("--args must be a JSON object (got '{args}')");
             }
@@ -409,7 +445,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 fn main() -> ExitCode {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let cli = Cli::parse();
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("hangarctl: {e}");

@@ -10,7 +10,11 @@ use hangar_node::app::{self, ServeOptions};
 use hangar_node::config::{self, ConfigError};
 
 #[derive(Parser)]
-#[command(name = "hangar", version, about = "Hangar: a clustered gateway and control plane for MCP servers")]
+#[command(
+    name = "hangar",
+    version,
+    about = "Hangar: a clustered gateway and control plane for MCP servers"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -61,7 +65,9 @@ fn main() -> ExitCode {
             node_id,
         }) => serve(config, listen, stdio, ready_file, node_id),
         None => {
-            eprintln!("usage: hangar serve --config FILE | hangar validate FILE | hangar version (see --help)");
+            eprintln!(
+                "usage: hangar serve --config FILE | hangar validate FILE | hangar version (see --help)"
+            );
             ExitCode::from(2)
         }
     }
@@ -88,7 +94,11 @@ fn report_config_error(file: &Path, e: &ConfigError) -> ExitCode {
             ExitCode::from(2)
         }
         ConfigError::Invalid { problems } => {
-            eprintln!("{}: invalid configuration ({} problem(s)):", file.display(), problems.len());
+            eprintln!(
+                "{}: invalid configuration ({} problem(s)):",
+                file.display(),
+                problems.len()
+            );
             for p in problems {
                 eprintln!("  {p}");
             }
@@ -117,7 +127,9 @@ fn serve(
             }
         },
         None => {
-            eprintln!("hangar: no --config given and no ./config.yaml; starting with no MCP servers");
+            eprintln!(
+                "hangar: no --config given and no ./config.yaml; starting with no MCP servers"
+            );
             config::Config::empty()
         }
     };
@@ -131,7 +143,10 @@ fn serve(
         ready_file,
         node_id,
     };
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("hangar: cannot start the async runtime: {e}");
@@ -167,4 +182,3 @@ async fn run(opts: ServeOptions) -> anyhow::Result<()> {
     let node = Arc::new(node);
     node.run_until_shutdown().await
 }
-

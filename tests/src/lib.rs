@@ -44,7 +44,10 @@ pub fn poll_until<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Optio
         if let Some(v) = f() {
             return v;
         }
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(25));
     }
 }
@@ -60,7 +63,10 @@ where
         if let Some(v) = f().await {
             return v;
         }
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }
@@ -70,7 +76,10 @@ pub fn pid_alive(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         Ok(stat) => {
             // state is the field after the ")" of the command name
-            let state = stat.rsplit(')').next().and_then(|r| r.split_whitespace().next());
+            let state = stat
+                .rsplit(')')
+                .next()
+                .and_then(|r| r.split_whitespace().next());
             state != Some("Z")
         }
         Err(_) => false,
@@ -101,7 +110,9 @@ impl Proc {
     /// SIGTERM and wait (bounded); returns the exit code.
     pub fn terminate(&mut self) -> Option<i32> {
         let mut c = self.child.take()?;
-        let _ = Command::new("kill").args(["-s", "TERM", &c.id().to_string()]).status();
+        let _ = Command::new("kill")
+            .args(["-s", "TERM", &c.id().to_string()])
+            .status();
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if let Ok(Some(st)) = c.try_wait() {
@@ -253,7 +264,11 @@ impl FixtureHttp {
             let t = t.trim();
             (!t.is_empty()).then(|| t.to_owned())
         });
-        FixtureHttp { proc, url, _dir: dir }
+        FixtureHttp {
+            proc,
+            url,
+            _dir: dir,
+        }
     }
 }
 
@@ -294,24 +309,38 @@ impl Answer {
                 .filter_map(|ev| {
                     let data: Vec<&str> = ev
                         .lines()
-                        .filter_map(|l| l.strip_prefix("data:").map(|d| d.strip_prefix(' ').unwrap_or(d)))
+                        .filter_map(|l| {
+                            l.strip_prefix("data:")
+                                .map(|d| d.strip_prefix(' ').unwrap_or(d))
+                        })
                         .collect();
-                    (!data.is_empty()).then(|| serde_json::from_str(&data.join("\n")).ok()).flatten()
+                    (!data.is_empty())
+                        .then(|| serde_json::from_str(&data.join("\n")).ok())
+                        .flatten()
                 })
                 .collect()
         } else {
-            serde_json::from_str(&self.body).map(|v| vec![v]).unwrap_or_default()
+            serde_json::from_str(&self.body)
+                .map(|v| vec![v])
+                .unwrap_or_default()
         }
     }
 
     /// The last message (the response).
     pub fn response(&self) -> Value {
-        self.messages().pop().unwrap_or_else(|| panic!("no JSON-RPC message in {self:?}"))
+        self.messages()
+            .pop()
+            .unwrap_or_else(|| panic!("no JSON-RPC message in {self:?}"))
     }
 }
 
 /// POST a raw body to an MCP endpoint.
-pub async fn post_raw(c: &reqwest::Client, url: &str, body: &str, headers: &[(&str, &str)]) -> Answer {
+pub async fn post_raw(
+    c: &reqwest::Client,
+    url: &str,
+    body: &str,
+    headers: &[(&str, &str)],
+) -> Answer {
     let mut rb = c
         .post(url)
         .header("Content-Type", "application/json")
@@ -344,7 +373,14 @@ pub async fn rpc(c: &reqwest::Client, url: &str, method: &str, params: Value) ->
 
 /// Call a tool and return the JSON-RPC response object.
 pub async fn call_tool(c: &reqwest::Client, url: &str, name: &str, args: Value) -> Value {
-    rpc(c, url, "tools/call", json!({"name": name, "arguments": args})).await.response()
+    rpc(
+        c,
+        url,
+        "tools/call",
+        json!({"name": name, "arguments": args}),
+    )
+    .await
+    .response()
 }
 
 /// The text of the first content item of a tool result.
@@ -360,5 +396,8 @@ pub async fn get_json(c: &reqwest::Client, url: &str) -> (u16, Value) {
     let resp = c.get(url).send().await.expect("GET");
     let status = resp.status().as_u16();
     let text = resp.text().await.unwrap_or_default();
-    (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
 }

@@ -16,27 +16,51 @@ async fn negotiates_every_protocol_revision() {
     let c = client();
     let url = node.url("/mcp");
     for v in ["2024-11-05", "2025-03-26", "2025-06-18", "2025-11-25"] {
-        let r = rpc(&c, &url, "initialize", json!({"protocolVersion": v, "capabilities": {},
-            "clientInfo": {"name": "t", "version": "1"}})).await;
+        let r = rpc(
+            &c,
+            &url,
+            "initialize",
+            json!({"protocolVersion": v, "capabilities": {},
+            "clientInfo": {"name": "t", "version": "1"}}),
+        )
+        .await;
         assert_eq!(r.status, 200);
         let resp = r.response();
         assert_eq!(resp["result"]["protocolVersion"], v, "{resp}");
         assert_eq!(resp["result"]["serverInfo"]["name"], "mcp-hangar");
     }
-    let r = rpc(&c, &url, "initialize", json!({"protocolVersion": "1999-01-01", "capabilities": {},
-        "clientInfo": {"name": "t", "version": "1"}})).await;
+    let r = rpc(
+        &c,
+        &url,
+        "initialize",
+        json!({"protocolVersion": "1999-01-01", "capabilities": {},
+        "clientInfo": {"name": "t", "version": "1"}}),
+    )
+    .await;
     assert_eq!(r.response()["result"]["protocolVersion"], "2025-11-25");
     // Stateless revision: per-request _meta + header.
     let meta = json!({"io.modelcontextprotocol/protocolVersion": "2026-07-28",
         "io.modelcontextprotocol/clientCapabilities": {}, "io.modelcontextprotocol/clientInfo": {"name": "t", "version": "1"}});
-    let body = json!({"jsonrpc": "2.0", "id": 1, "method": "server/discover", "params": {"_meta": meta}}).to_string();
+    let body =
+        json!({"jsonrpc": "2.0", "id": 1, "method": "server/discover", "params": {"_meta": meta}})
+            .to_string();
     let r = post_raw(&c, &url, &body, &[("MCP-Protocol-Version", "2026-07-28")]).await;
     assert_eq!(r.status, 200, "{r:?}");
     let res = r.response()["result"].clone();
-    assert!(res["supportedVersions"].as_array().unwrap().contains(&json!("2026-07-28")));
-    assert_eq!(res["_meta"]["io.modelcontextprotocol/serverInfo"]["name"], "mcp-hangar");
-    let body = json!({"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {"name": "fx__echo",
-        "arguments": {"message": "modern"}, "_meta": meta}}).to_string();
+    assert!(
+        res["supportedVersions"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("2026-07-28"))
+    );
+    assert_eq!(
+        res["_meta"]["io.modelcontextprotocol/serverInfo"]["name"],
+        "mcp-hangar"
+    );
+    let body =
+        json!({"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {"name": "fx__echo",
+        "arguments": {"message": "modern"}, "_meta": meta}})
+        .to_string();
     let r = post_raw(&c, &url, &body, &[("MCP-Protocol-Version", "2026-07-28")]).await;
     assert_eq!(text_of(&r.response()), "modern");
     // Header missing → 400; unsupported version → 400 with the supported list.
@@ -44,14 +68,19 @@ async fn negotiates_every_protocol_revision() {
     assert_eq!(r.status, 400, "{r:?}");
     let mut bad = meta.clone();
     bad["io.modelcontextprotocol/protocolVersion"] = json!("2031-01-01");
-    let body = json!({"jsonrpc": "2.0", "id": 3, "method": "tools/list", "params": {"_meta": bad}}).to_string();
+    let body = json!({"jsonrpc": "2.0", "id": 3, "method": "tools/list", "params": {"_meta": bad}})
+        .to_string();
     let r = post_raw(&c, &url, &body, &[("MCP-Protocol-Version", "2026-07-28")]).await;
     assert_eq!(r.status, 400);
     assert_eq!(r.response()["error"]["code"], -32022);
     // Removed RPCs answer -32601 (HTTP 404) in the stateless revision.
-    let body = json!({"jsonrpc": "2.0", "id": 4, "method": "ping", "params": {"_meta": meta}}).to_string();
+    let body =
+        json!({"jsonrpc": "2.0", "id": 4, "method": "ping", "params": {"_meta": meta}}).to_string();
     let r = post_raw(&c, &url, &body, &[("MCP-Protocol-Version", "2026-07-28")]).await;
-    assert_eq!((r.status, r.response()["error"]["code"].clone()), (404, json!(-32601)));
+    assert_eq!(
+        (r.status, r.response()["error"]["code"].clone()),
+        (404, json!(-32601))
+    );
 }
 
 #[tokio::test]
@@ -66,31 +95,84 @@ async fn aggregates_stdio_and_remote_servers_and_routes_calls() {
     let c = client();
     let url = node.url("/mcp");
     let tools = rpc(&c, &url, "tools/list", json!({})).await.response();
-    let names: Vec<&str> = tools["result"]["tools"].as_array().unwrap().iter().map(|t| t["name"].as_str().unwrap()).collect();
-    assert!(names.contains(&"fx__echo") && names.contains(&"web__echo"), "{names:?}");
+    let names: Vec<&str> = tools["result"]["tools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap())
+        .collect();
+    assert!(
+        names.contains(&"fx__echo") && names.contains(&"web__echo"),
+        "{names:?}"
+    );
     assert!(names.iter().all(|n| n.len() <= 64));
-    assert_eq!(text_of(&call_tool(&c, &url, "fx__echo", json!({"message": "a"})).await), "a");
-    assert_eq!(text_of(&call_tool(&c, &url, "web__echo", json!({"message": "b"})).await), "b");
-    let who: Value = serde_json::from_str(&text_of(&call_tool(&c, &url, "web__whoami", json!({})).await)).unwrap();
+    assert_eq!(
+        text_of(&call_tool(&c, &url, "fx__echo", json!({"message": "a"})).await),
+        "a"
+    );
+    assert_eq!(
+        text_of(&call_tool(&c, &url, "web__echo", json!({"message": "b"})).await),
+        "b"
+    );
+    let who: Value = serde_json::from_str(&text_of(
+        &call_tool(&c, &url, "web__whoami", json!({})).await,
+    ))
+    .unwrap();
     assert_eq!(who["mode"], "http");
     // Structured content and unknown fields pass through.
     let r = call_tool(&c, &url, "fx__add", json!({"a": 2, "b": 3})).await;
     assert_eq!(r["result"]["structuredContent"]["result"], 5.0);
     // Prompts, resources, templates and completion through the aggregate.
     let p = rpc(&c, &url, "prompts/list", json!({})).await.response();
-    assert!(p["result"]["prompts"].as_array().unwrap().iter().any(|x| x["name"] == "fx__greet"));
-    let g = rpc(&c, &url, "prompts/get", json!({"name": "web__greet", "arguments": {"who": "Ada"}})).await.response();
+    assert!(
+        p["result"]["prompts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|x| x["name"] == "fx__greet")
+    );
+    let g = rpc(
+        &c,
+        &url,
+        "prompts/get",
+        json!({"name": "web__greet", "arguments": {"who": "Ada"}}),
+    )
+    .await
+    .response();
     assert_eq!(g["result"]["messages"][0]["content"]["text"], "Hello, Ada!");
     let rl = rpc(&c, &url, "resources/list", json!({})).await.response();
     assert_eq!(rl["result"]["resources"].as_array().unwrap().len(), 2);
-    let rr = rpc(&c, &url, "resources/read", json!({"uri": "fixture://web/readme"})).await.response();
+    let rr = rpc(
+        &c,
+        &url,
+        "resources/read",
+        json!({"uri": "fixture://web/readme"}),
+    )
+    .await
+    .response();
     assert_eq!(rr["result"]["contents"][0]["text"], "readme of web");
-    let rt = rpc(&c, &url, "resources/read", json!({"uri": "fixture://fx/items/42"})).await.response();
+    let rt = rpc(
+        &c,
+        &url,
+        "resources/read",
+        json!({"uri": "fixture://fx/items/42"}),
+    )
+    .await
+    .response();
     assert_eq!(rt["result"]["contents"][0]["text"], "{\"id\":\"42\"}");
-    let cc = rpc(&c, &url, "completion/complete", json!({"ref": {"type": "ref/prompt", "name": "fx__greet"},
-        "argument": {"name": "who", "value": "a"}})).await.response();
+    let cc = rpc(
+        &c,
+        &url,
+        "completion/complete",
+        json!({"ref": {"type": "ref/prompt", "name": "fx__greet"},
+        "argument": {"name": "who", "value": "a"}}),
+    )
+    .await
+    .response();
     assert_eq!(cc["result"]["completion"]["values"], json!(["alice"]));
-    let lv = rpc(&c, &url, "logging/setLevel", json!({"level": "debug"})).await.response();
+    let lv = rpc(&c, &url, "logging/setLevel", json!({"level": "debug"}))
+        .await
+        .response();
     assert_eq!(lv["result"], json!({}));
 }
 
@@ -100,21 +182,37 @@ async fn bad_input_gets_clear_errors_and_the_node_keeps_serving() {
     let c = client();
     let url = node.url("/mcp");
     let r = post_raw(&c, &url, "{not json", &[]).await;
-    assert_eq!((r.status, r.response()["error"]["code"].clone()), (400, json!(-32700)));
+    assert_eq!(
+        (r.status, r.response()["error"]["code"].clone()),
+        (400, json!(-32700))
+    );
     let r = post_raw(&c, &url, r#"{"jsonrpc":"2.0","id":1}"#, &[]).await;
     assert_eq!(r.response()["error"]["code"], -32600);
     let r = rpc(&c, &url, "no/such/method", json!({})).await;
     assert_eq!(r.response()["error"]["code"], -32601);
     let r = rpc(&c, &url, "tools/call", json!({"arguments": {}})).await;
     assert_eq!(r.response()["error"]["code"], -32602);
-    let r = post_raw(&c, &url, r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":[1]}"#, &[]).await;
+    let r = post_raw(
+        &c,
+        &url,
+        r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":[1]}"#,
+        &[],
+    )
+    .await;
     assert_eq!(r.response()["error"]["code"], -32602);
     let r = call_tool(&c, &url, "fx__nope", json!({})).await;
-    assert!(r["error"]["message"].as_str().unwrap().contains("Unknown tool"), "{r}");
+    assert!(
+        r["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("Unknown tool"),
+        "{r}"
+    );
     let r = call_tool(&c, &url, "ghost__echo", json!({})).await;
     assert_eq!(r["error"]["code"], -32602);
     let big = json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
-        "params": {"name": "fx__echo", "arguments": {"message": "x".repeat(4096)}}}).to_string();
+        "params": {"name": "fx__echo", "arguments": {"message": "x".repeat(4096)}}})
+    .to_string();
     let r = post_raw(&c, &url, &big, &[]).await;
     assert_eq!(r.status, 413);
     let r = post_raw(&c, &url, "{}", &[("Host", "evil.example")]).await;
@@ -128,7 +226,10 @@ async fn bad_input_gets_clear_errors_and_the_node_keeps_serving() {
     let r = post_raw(&c, &url, "[]", &[]).await;
     assert_eq!(r.status, 400);
     // Still serving.
-    assert_eq!(text_of(&call_tool(&c, &url, "fx__echo", json!({"message": "ok"})).await), "ok");
+    assert_eq!(
+        text_of(&call_tool(&c, &url, "fx__echo", json!({"message": "ok"})).await),
+        "ok"
+    );
 }
 
 #[tokio::test]
@@ -140,14 +241,31 @@ async fn upstream_crash_mid_call_fails_fast_and_garbage_is_ignored() {
     assert_eq!(text_of(&r), "garbage sent");
     let t0 = Instant::now();
     let r = call_tool(&c, &url, "fx__crash_after", json!({"n": 1})).await;
-    assert!(t0.elapsed() < Duration::from_secs(5), "in-flight caller must not hang");
+    assert!(
+        t0.elapsed() < Duration::from_secs(5),
+        "in-flight caller must not hang"
+    );
     assert_eq!(r["error"]["code"], -32000, "{r}");
-    assert!(r["error"]["message"].as_str().unwrap().contains("ended"), "{r}");
+    assert!(
+        r["error"]["message"].as_str().unwrap().contains("ended"),
+        "{r}"
+    );
     // The next call restarts the server.
-    assert_eq!(text_of(&call_tool(&c, &url, "fx__echo", json!({"message": "back"})).await), "back");
+    assert_eq!(
+        text_of(&call_tool(&c, &url, "fx__echo", json!({"message": "back"})).await),
+        "back"
+    );
     let (_, logs) = get_json(&c, &node.url("/api/mcp_servers/fx/logs?lines=1000")).await;
-    let lines: Vec<String> = logs["logs"].as_array().unwrap().iter().map(|l| l["line"].as_str().unwrap().to_owned()).collect();
-    assert!(lines.iter().any(|l| l.contains("this is not JSON")), "garbage kept in the log ring: {lines:?}");
+    let lines: Vec<String> = logs["logs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["line"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(
+        lines.iter().any(|l| l.contains("this is not JSON")),
+        "garbage kept in the log ring: {lines:?}"
+    );
 }
 
 #[tokio::test]
@@ -159,15 +277,33 @@ async fn progress_streams_as_sse_with_the_callers_token() {
     let r = post_raw(&c, &node.url("/mcp"), &body, &[]).await;
     assert!(r.content_type.starts_with("text/event-stream"), "{r:?}");
     let msgs = r.messages();
-    let progress: Vec<&Value> = msgs.iter().filter(|m| m["method"] == "notifications/progress").collect();
+    let progress: Vec<&Value> = msgs
+        .iter()
+        .filter(|m| m["method"] == "notifications/progress")
+        .collect();
     assert_eq!(progress.len(), 3, "{msgs:?}");
-    assert!(progress.iter().all(|p| p["params"]["progressToken"] == "my-token"));
+    assert!(
+        progress
+            .iter()
+            .all(|p| p["params"]["progressToken"] == "my-token")
+    );
     assert_eq!(msgs.last().unwrap()["id"], 9);
     assert_eq!(text_of(msgs.last().unwrap()), "done 3");
     // A JSON-only client gets one JSON answer.
-    let resp = c.post(node.url("/mcp")).header("Content-Type", "application/json").header("Accept", "application/json")
-        .body(body).send().await.unwrap();
-    assert!(resp.headers()["content-type"].to_str().unwrap().starts_with("application/json"));
+    let resp = c
+        .post(node.url("/mcp"))
+        .header("Content-Type", "application/json")
+        .header("Accept", "application/json")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        resp.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("application/json")
+    );
 }
 
 #[tokio::test]
@@ -175,13 +311,29 @@ async fn server_scope_is_transparent() {
     let node = Node::start(&config(""));
     let c = client();
     let url = node.url("/servers/fx/mcp");
-    let init = rpc(&c, &url, "initialize", json!({"protocolVersion": "2025-06-18", "capabilities": {},
-        "clientInfo": {"name": "t", "version": "1"}})).await.response();
+    let init = rpc(
+        &c,
+        &url,
+        "initialize",
+        json!({"protocolVersion": "2025-06-18", "capabilities": {},
+        "clientInfo": {"name": "t", "version": "1"}}),
+    )
+    .await
+    .response();
     assert_eq!(init["result"]["serverInfo"]["name"], "hangar-fixture-fx");
     assert_eq!(init["result"]["protocolVersion"], "2025-06-18");
     let tools = rpc(&c, &url, "tools/list", json!({})).await.response();
-    assert!(tools["result"]["tools"].as_array().unwrap().iter().any(|t| t["name"] == "echo"));
-    assert_eq!(text_of(&call_tool(&c, &url, "echo", json!({"message": "plain"})).await), "plain");
+    assert!(
+        tools["result"]["tools"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|t| t["name"] == "echo")
+    );
+    assert_eq!(
+        text_of(&call_tool(&c, &url, "echo", json!({"message": "plain"})).await),
+        "plain"
+    );
     let r = rpc(&c, &node.url("/servers/ghost/mcp"), "tools/list", json!({})).await;
     assert_eq!(r.status, 404);
 }
@@ -189,36 +341,66 @@ async fn server_scope_is_transparent() {
 #[tokio::test]
 async fn expired_upstream_session_is_reinitialized_transparently() {
     let web = FixtureHttp::start("web");
-    let node = Node::start(&format!("mcp_servers:\n  web:\n    mode: remote\n    endpoint: {}\n", web.url));
+    let node = Node::start(&format!(
+        "mcp_servers:\n  web:\n    mode: remote\n    endpoint: {}\n",
+        web.url
+    ));
     let c = client();
     let url = node.url("/mcp");
-    assert_eq!(text_of(&call_tool(&c, &url, "web__echo", json!({"message": "1"})).await), "1");
+    assert_eq!(
+        text_of(&call_tool(&c, &url, "web__echo", json!({"message": "1"})).await),
+        "1"
+    );
     let admin = web.url.replace("/mcp", "/admin/expire-sessions");
     assert_eq!(c.post(&admin).send().await.unwrap().status().as_u16(), 200);
-    assert_eq!(text_of(&call_tool(&c, &url, "web__echo", json!({"message": "2"})).await), "2");
+    assert_eq!(
+        text_of(&call_tool(&c, &url, "web__echo", json!({"message": "2"})).await),
+        "2"
+    );
     let (_, stats) = get_json(&c, &web.url.replace("/mcp", "/admin/stats")).await;
     assert_eq!(stats["counts"]["initialize"], 2, "{stats}");
 }
 
 /// Read an SSE response incrementally, answering relayed requests as they arrive.
-async fn relay_roundtrip(c: &reqwest::Client, url: &str, tool: &str, answer: impl Fn(&Value) -> Value) -> Value {
+async fn relay_roundtrip(
+    c: &reqwest::Client,
+    url: &str,
+    tool: &str,
+    answer: impl Fn(&Value) -> Value,
+) -> Value {
     let body = json!({"jsonrpc": "2.0", "id": 77, "method": "tools/call", "params": {"name": tool, "arguments": {"prompt": "p", "message": "m"}}});
-    let resp = c.post(url).header("Content-Type", "application/json").header("Accept", "application/json, text/event-stream")
-        .body(body.to_string()).send().await.unwrap();
+    let resp = c
+        .post(url)
+        .header("Content-Type", "application/json")
+        .header("Accept", "application/json, text/event-stream")
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap();
     let mut stream = resp.bytes_stream();
     let mut buf = String::new();
     let deadline = Instant::now() + Duration::from_secs(20);
     while Instant::now() < deadline {
-        let Some(chunk) = stream.next().await else { break };
+        let Some(chunk) = stream.next().await else {
+            break;
+        };
         buf.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
         while let Some(end) = buf.find("\n\n") {
             let ev: String = buf.drain(..end + 2).collect();
-            let data: Vec<&str> = ev.lines().filter_map(|l| l.strip_prefix("data: ")).collect();
-            if data.is_empty() { continue; }
+            let data: Vec<&str> = ev
+                .lines()
+                .filter_map(|l| l.strip_prefix("data: "))
+                .collect();
+            if data.is_empty() {
+                continue;
+            }
             let msg: Value = serde_json::from_str(&data.join("\n")).unwrap();
             if msg.get("method").is_some() && msg.get("id").is_some() {
                 let id = msg["id"].clone();
-                assert!(id.as_str().unwrap().starts_with("hgr/"), "relayed ids name their node: {id}");
+                assert!(
+                    id.as_str().unwrap().starts_with("hgr/"),
+                    "relayed ids name their node: {id}"
+                );
                 let reply = json!({"jsonrpc": "2.0", "id": id, "result": answer(&msg)});
                 let r = post_raw(c, url, &reply.to_string(), &[]).await;
                 assert_eq!(r.status, 202);
@@ -233,19 +415,33 @@ async fn relay_roundtrip(c: &reqwest::Client, url: &str, tool: &str, answer: imp
 #[tokio::test]
 async fn sampling_elicitation_and_roots_are_relayed_to_the_client() {
     let web = FixtureHttp::start("web");
-    let node = Node::start(&format!("mcp_servers:\n{}  web:\n    mode: remote\n    endpoint: {}\n", fixture_stdio_yaml("fx", ""), web.url));
+    let node = Node::start(&format!(
+        "mcp_servers:\n{}  web:\n    mode: remote\n    endpoint: {}\n",
+        fixture_stdio_yaml("fx", ""),
+        web.url
+    ));
     let c = client();
     let url = node.url("/mcp");
     for server in ["fx", "web"] {
-        let r = relay_roundtrip(&c, &url, &format!("{server}__sample"), |_| json!({"role": "assistant",
-            "content": {"type": "text", "text": "from the client"}, "model": "m"})).await;
+        let r = relay_roundtrip(&c, &url, &format!("{server}__sample"), |_| {
+            json!({"role": "assistant",
+            "content": {"type": "text", "text": "from the client"}, "model": "m"})
+        })
+        .await;
         assert_eq!(text_of(&r), "sampled: from the client", "{server}");
         let r = relay_roundtrip(&c, &url, &format!("{server}__elicit"), |m| {
             assert_eq!(m["method"], "elicitation/create");
             json!({"action": "accept", "content": {"answer": "42"}})
-        }).await;
+        })
+        .await;
         assert!(text_of(&r).contains("42"), "{r}");
-        let r = relay_roundtrip(&c, &url, &format!("{server}__roots"), |_| json!({"roots": [{"uri": "file:///w", "name": "w"}]})).await;
+        let r = relay_roundtrip(
+            &c,
+            &url,
+            &format!("{server}__roots"),
+            |_| json!({"roots": [{"uri": "file:///w", "name": "w"}]}),
+        )
+        .await;
         assert!(text_of(&r).contains("file:///w"), "{r}");
     }
 }
