@@ -77,7 +77,9 @@ impl Reloader {
         let t0 = std::time::Instant::now();
         let log = self.runtime.events();
         let Some(path) = &self.path else {
-            return Err("this node was started without a configuration file; nothing to reload".into());
+            return Err(
+                "this node was started without a configuration file; nothing to reload".into(),
+            );
         };
         log.publish(
             "ConfigurationReloadRequested",
@@ -120,7 +122,9 @@ impl Reloader {
 
     /// Watch the file: reload when its content changes (checked every `period`).
     fn watch(self: Arc<Self>, period: Duration, shutdown: CancellationToken) {
-        let Some(path) = self.path.clone() else { return };
+        let Some(path) = self.path.clone() else {
+            return;
+        };
         *self.fingerprint.lock() = std::fs::read(&path).ok();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(period);
@@ -141,6 +145,25 @@ impl Reloader {
     }
 }
 
+impl crate::gateway::management::ConfigReloader for Reloader {
+    fn reload<'a>(
+        &'a self,
+        requested_by: &'a str,
+    ) -> std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<serde_json::Value, String>> + Send + 'a>,
+    > {
+        Box::pin(async move {
+            let report = Reloader::reload(self, requested_by).await?;
+            let d = &report.diff;
+            Ok(
+                serde_json::json!({"status": report.status, "mcp_servers_added": d.added,
+                "mcp_servers_removed": d.removed, "mcp_servers_updated": d.updated,
+                "mcp_servers_unchanged": d.unchanged, "duration_ms": report.duration_ms}),
+            )
+        })
+    }
+}
+
 /// How long in-flight HTTP requests may run after a shutdown signal.
 const GRACE: Duration = Duration::from_secs(10);
 
@@ -150,7 +173,10 @@ impl Node {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let cfg = opts.config;
         let metrics = Arc::new(Metrics::new());
-        let events = Arc::new(crate::telemetry::events::EventLog::new(&opts.node_id, 10_000));
+        let events = Arc::new(crate::telemetry::events::EventLog::new(
+            &opts.node_id,
+            10_000,
+        ));
         let runtime = Runtime::new(&cfg, metrics, events, opts.node_id.clone());
         let gateway = Gateway::new(
             runtime.clone(),
@@ -167,6 +193,7 @@ impl Node {
             lock: tokio::sync::Mutex::new(()),
             fingerprint: parking_lot::Mutex::new(None),
         });
+        gateway.set_reloader(reloader.clone());
         if cfg.config_reload.enabled {
             let period = if cfg.config_reload.use_watchdog {
                 Duration::from_secs(1)
@@ -183,9 +210,9 @@ impl Node {
         };
         let mut http = None;
         if let Some(listen) = listen {
-            let addr: SocketAddr = listen
-                .parse()
-                .with_context(|| format!("listen address '{listen}' is not HOST:PORT (e.g. 127.0.0.1:8000)"))?;
+            let addr: SocketAddr = listen.parse().with_context(|| {
+                format!("listen address '{listen}' is not HOST:PORT (e.g. 127.0.0.1:8000)")
+            })?;
             let listener = TcpListener::bind(addr)
                 .await
                 .with_context(|| format!("cannot listen on {addr}"))?;
@@ -193,7 +220,11 @@ impl Node {
             if !bound.ip().is_loopback() {
                 tracing::warn!(addr = %bound, "listening on a non-loopback address without authentication");
             }
-            let guard = Arc::new(HostGuard::new(bound, &cfg.server.allowed_hosts, &cfg.server.allowed_origins));
+            let guard = Arc::new(HostGuard::new(
+                bound,
+                &cfg.server.allowed_hosts,
+                &cfg.server.allowed_origins,
+            ));
             let app = Router::new()
                 .merge(front::routes(FrontDoor {
                     gateway: gateway.clone(),

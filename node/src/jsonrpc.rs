@@ -224,10 +224,12 @@ mod tests {
 
     #[test]
     fn classifies_messages() {
-        let m: Message = serde_json::from_str(r#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#).unwrap();
+        let m: Message =
+            serde_json::from_str(r#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#).unwrap();
         assert_eq!(m.kind(), Kind::Request);
         let m: Message =
-            serde_json::from_str(r#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#).unwrap();
+            serde_json::from_str(r#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#)
+                .unwrap();
         assert_eq!(m.kind(), Kind::Notification);
         let m: Message = serde_json::from_str(r#"{"jsonrpc":"2.0","id":"a","result":{}}"#).unwrap();
         assert_eq!(m.kind(), Kind::Response);
@@ -244,8 +246,10 @@ mod tests {
 
     #[test]
     fn raw_object_rewrites_one_field_only() {
-        let p = RawValue::from_string(r#"{"name":"a__echo","arguments":{"x":1e400},"_meta":{"k":[1,2]}}"#.into())
-            .unwrap();
+        let p = RawValue::from_string(
+            r#"{"name":"a__echo","arguments":{"x":1e400},"_meta":{"k":[1,2]}}"#.into(),
+        )
+        .unwrap();
         let mut obj = raw_object(Some(&p)).unwrap();
         obj.insert("name".into(), raw(&serde_json::json!("echo")));
         assert_eq!(

@@ -45,7 +45,12 @@ pub struct ApiError {
 
 impl ApiError {
     /// A new error.
-    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>, details: Value) -> Self {
+    pub fn new(
+        status: StatusCode,
+        code: &'static str,
+        message: impl Into<String>,
+        details: Value,
+    ) -> Self {
         ApiError {
             status,
             code,
@@ -58,7 +63,9 @@ impl ApiError {
         ApiError::new(
             StatusCode::NOT_FOUND,
             "McpServerNotFoundError",
-            format!("MCP server '{id}' not found; GET /api/mcp_servers/ lists the configured servers"),
+            format!(
+                "MCP server '{id}' not found; GET /api/mcp_servers/ lists the configured servers"
+            ),
             json!({ "mcp_server_id": id }),
         )
     }
@@ -66,7 +73,8 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = json!({"error": {"code": self.code, "message": self.message, "details": self.details}});
+        let body =
+            json!({"error": {"code": self.code, "message": self.message, "details": self.details}});
         (self.status, axum::Json(body)).into_response()
     }
 }
@@ -97,27 +105,51 @@ type ApiResult = Result<Response, ApiError>;
 pub fn routes(state: ApiState) -> Router {
     Router::new()
         .route("/api/mcp_servers/", get(list_servers).post(create_server))
-        .route("/api/mcp_servers", get(|| async { Redirect::temporary("/api/mcp_servers/") }))
-        .route("/api/mcp_servers/{id}", get(get_server).delete(delete_server))
+        .route(
+            "/api/mcp_servers",
+            get(|| async { Redirect::temporary("/api/mcp_servers/") }),
+        )
+        .route(
+            "/api/mcp_servers/{id}",
+            get(get_server).delete(delete_server),
+        )
         .route("/api/mcp_servers/{id}/start", post(start_server))
         .route("/api/mcp_servers/{id}/stop", post(stop_server))
         .route("/api/mcp_servers/{id}/tools", get(server_tools))
         .route("/api/mcp_servers/{id}/logs", get(server_logs))
         .route("/api/tools/", get(list_tools))
-        .route("/api/tools", get(|| async { Redirect::temporary("/api/tools/") }))
+        .route(
+            "/api/tools",
+            get(|| async { Redirect::temporary("/api/tools/") }),
+        )
         .route("/api/system/", get(system))
-        .route("/api/system", get(|| async { Redirect::temporary("/api/system/") }))
+        .route(
+            "/api/system",
+            get(|| async { Redirect::temporary("/api/system/") }),
+        )
         .route("/api/groups/", get(list_groups).post(create_group))
-        .route("/api/groups", get(|| async { Redirect::temporary("/api/groups/") }))
+        .route(
+            "/api/groups",
+            get(|| async { Redirect::temporary("/api/groups/") }),
+        )
         .route("/api/groups/{id}", get(get_group).delete(delete_group))
-        .route("/api/groups/{id}/members", get(group_members).post(add_member))
-        .route("/api/groups/{id}/members/{member}", axum::routing::delete(remove_member))
+        .route(
+            "/api/groups/{id}/members",
+            get(group_members).post(add_member),
+        )
+        .route(
+            "/api/groups/{id}/members/{member}",
+            axum::routing::delete(remove_member),
+        )
         .route("/api/groups/{id}/rebalance", post(rebalance_group))
         .route("/api/config/reload", post(reload_config))
         .route("/api/events", get(events))
         .route("/api/events/stream", get(event_stream))
         .route("/api/{*rest}", axum::routing::any(api_not_found))
-        .route("/health/live", get(|| async { axum::Json(json!({"status": "healthy"})) }))
+        .route(
+            "/health/live",
+            get(|| async { axum::Json(json!({"status": "healthy"})) }),
+        )
         .route("/health/ready", get(ready))
         .route("/health/startup", get(startup))
         .route("/metrics", get(metrics))
@@ -167,7 +199,9 @@ async fn list_servers(State(st): State<ApiState>, Query(q): Query<StateFilter>) 
             ApiError::new(
                 StatusCode::UNPROCESSABLE_ENTITY,
                 "ValidationError",
-                format!("state must be one of cold, initializing, ready, degraded, dead (got '{s}')"),
+                format!(
+                    "state must be one of cold, initializing, ready, degraded, dead (got '{s}')"
+                ),
                 json!({ "field": "state" }),
             )
         })?),
@@ -200,12 +234,17 @@ async fn list_servers(State(st): State<ApiState>, Query(q): Query<StateFilter>) 
 }
 
 fn group_state(rt: &Runtime, id: &str) -> &'static str {
-    let Some(g) = rt.group(id) else { return "inactive" };
+    let Some(g) = rt.group(id) else {
+        return "inactive";
+    };
     let spec = g.spec();
     let ready = spec
         .members
         .iter()
-        .filter(|m| rt.instance(&m.id).is_some_and(|i| i.state() == ServerState::Ready))
+        .filter(|m| {
+            rt.instance(&m.id)
+                .is_some_and(|i| i.state() == ServerState::Ready)
+        })
         .count() as u32;
     if ready == 0 {
         "inactive"
@@ -252,7 +291,9 @@ fn spec_json(spec: &ServerSpec) -> Value {
 }
 
 fn instance(st: &ApiState, id: &str) -> Result<Arc<Instance>, ApiError> {
-    st.runtime().instance(id).ok_or_else(|| ApiError::not_found(id))
+    st.runtime()
+        .instance(id)
+        .ok_or_else(|| ApiError::not_found(id))
 }
 
 async fn get_server(State(st): State<ApiState>, Path(id): Path<String>) -> ApiResult {
@@ -263,7 +304,10 @@ async fn get_server(State(st): State<ApiState>, Path(id): Path<String>) -> ApiRe
             .members
             .iter()
             .map(|m| {
-                let state = rt.instance(&m.id).map(|i| i.state().as_str()).unwrap_or("unknown");
+                let state = rt
+                    .instance(&m.id)
+                    .map(|i| i.state().as_str())
+                    .unwrap_or("unknown");
                 json!({"id": m.id, "state": state, "weight": m.weight, "priority": m.priority})
             })
             .collect();
@@ -309,7 +353,12 @@ async fn create_server(State(st): State<ApiState>, body: axum::body::Bytes) -> A
         )
     })?;
     let obj = v.as_object_mut().ok_or_else(|| {
-        ApiError::new(StatusCode::BAD_REQUEST, "ValidationError", "request body must be a JSON object", Value::Null)
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "ValidationError",
+            "request body must be a JSON object",
+            Value::Null,
+        )
     })?;
     let id = obj
         .remove("mcp_server_id")
@@ -331,7 +380,9 @@ async fn create_server(State(st): State<ApiState>, body: axum::body::Bytes) -> A
                 .iter()
                 .map(|p| json!({"path": p.path, "message": p.message}))
                 .collect(),
-            config::ConfigError::Unreadable { reason, .. } => vec![json!({"path": "", "message": reason})],
+            config::ConfigError::Unreadable { reason, .. } => {
+                vec![json!({"path": "", "message": reason})]
+            }
         };
         ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
@@ -378,7 +429,10 @@ async fn start_server(State(st): State<ApiState>, Path(id): Path<String>) -> Api
                 .catalog()
                 .map(|c| c.tools.iter().map(|t| t.key.clone()).collect())
                 .unwrap_or_default();
-            Ok(axum::Json(json!({"mcp_server": id, "state": inst.state().as_str(), "tools": tools})).into_response())
+            Ok(axum::Json(
+                json!({"mcp_server": id, "state": inst.state().as_str(), "tools": tools}),
+            )
+            .into_response())
         }
         Err(e) => Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -394,7 +448,11 @@ struct StopBody {
     reason: Option<String>,
 }
 
-async fn stop_server(State(st): State<ApiState>, Path(id): Path<String>, body: axum::body::Bytes) -> ApiResult {
+async fn stop_server(
+    State(st): State<ApiState>,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> ApiResult {
     if st.runtime().group(&id).is_some() {
         return Err(RuntimeError::IsGroup(id).into());
     }
@@ -436,7 +494,10 @@ async fn server_tools(State(st): State<ApiState>, Path(id): Path<String>) -> Api
             .collect(),
         None => Vec::new(),
     };
-    Ok(axum::Json(json!({"mcp_server": id, "state": inst.state().as_str(), "tools": tools})).into_response())
+    Ok(
+        axum::Json(json!({"mcp_server": id, "state": inst.state().as_str(), "tools": tools}))
+            .into_response(),
+    )
 }
 
 #[derive(Deserialize)]
@@ -444,7 +505,11 @@ struct LogsQuery {
     lines: Option<usize>,
 }
 
-async fn server_logs(State(st): State<ApiState>, Path(id): Path<String>, Query(q): Query<LogsQuery>) -> ApiResult {
+async fn server_logs(
+    State(st): State<ApiState>,
+    Path(id): Path<String>,
+    Query(q): Query<LogsQuery>,
+) -> ApiResult {
     let lines = q.lines.unwrap_or(100);
     if !(1..=1000).contains(&lines) {
         return Err(ApiError::new(
@@ -513,7 +578,11 @@ async fn system(State(st): State<ApiState>) -> ApiResult {
     }
     let calls = counter_sum(&rt.metrics().tool_calls, None);
     let failures = counter_sum(&rt.metrics().tool_calls, Some("error"));
-    let rate = if calls == 0 { 1.0 } else { (calls - failures) as f64 / calls as f64 };
+    let rate = if calls == 0 {
+        1.0
+    } else {
+        (calls - failures) as f64 / calls as f64
+    };
     Ok(axum::Json(json!({"system": {
         "total_mcp_servers": rt.instances().len() + rt.groups().len(),
         "mcp_servers_by_state": by_state,
@@ -561,7 +630,10 @@ async fn startup(State(st): State<ApiState>) -> Response {
 
 async fn metrics(State(st): State<ApiState>) -> Response {
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         st.runtime().metrics().render(),
     )
         .into_response()
@@ -606,7 +678,10 @@ fn group_json(st: &ApiState, id: &str) -> Option<Value> {
         .members(id)
         .into_iter()
         .map(|m| {
-            let state = rt.instance(&m.id).map(|i| i.state().as_str()).unwrap_or("unknown");
+            let state = rt
+                .instance(&m.id)
+                .map(|i| i.state().as_str())
+                .unwrap_or("unknown");
             json!({"id": m.id, "state": state, "in_rotation": m.in_rotation, "weight": m.weight,
                    "priority": m.priority, "consecutive_failures": m.consecutive_failures})
         })
@@ -616,7 +691,11 @@ fn group_json(st: &ApiState, id: &str) -> Option<Value> {
         .filter(|m| m["in_rotation"] == json!(true) && m["state"] == json!("ready"))
         .count();
     let breaker = router.breaker_state(id);
-    let state = if breaker == crate::routing::BreakerState::Open { "degraded" } else { group_state(rt, id) };
+    let state = if breaker == crate::routing::BreakerState::Open {
+        "degraded"
+    } else {
+        group_state(rt, id)
+    };
     Some(json!({
         "group_id": id,
         "description": spec.description,
@@ -652,11 +731,20 @@ async fn group_members(State(st): State<ApiState>, Path(id): Path<String>) -> Ap
 }
 
 fn validation(message: String, details: Value) -> ApiError {
-    ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "ValidationError", message, details)
+    ApiError::new(
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "ValidationError",
+        message,
+        details,
+    )
 }
 
 /// Validate a group definition against the current servers by building a config document.
-fn validated_group(st: &ApiState, id: &str, body: &Value) -> Result<crate::config::GroupSpec, ApiError> {
+fn validated_group(
+    st: &ApiState,
+    id: &str,
+    body: &Value,
+) -> Result<crate::config::GroupSpec, ApiError> {
     let mut servers = serde_json::Map::new();
     for inst in st.runtime().instances() {
         // Members are validated by reference; any valid server definition stands in.
@@ -672,9 +760,14 @@ fn validated_group(st: &ApiState, id: &str, body: &Value) -> Result<crate::confi
                 .iter()
                 .map(|p| json!({"path": p.path, "message": p.message}))
                 .collect(),
-            config::ConfigError::Unreadable { reason, .. } => vec![json!({"path": "", "message": reason})],
+            config::ConfigError::Unreadable { reason, .. } => {
+                vec![json!({"path": "", "message": reason})]
+            }
         };
-        validation(format!("invalid group definition: {e}"), json!({ "problems": problems }))
+        validation(
+            format!("invalid group definition: {e}"),
+            json!({ "problems": problems }),
+        )
     })?;
     match cfg.mcp_servers.get(id) {
         Some(ServerSpec::Group(g)) => Ok(g.clone()),
@@ -683,13 +776,22 @@ fn validated_group(st: &ApiState, id: &str, body: &Value) -> Result<crate::confi
 }
 
 async fn create_group(State(st): State<ApiState>, body: axum::body::Bytes) -> ApiResult {
-    let mut v: Value = serde_json::from_slice(&body)
-        .map_err(|e| validation(format!("request body must be a JSON object: {e}"), Value::Null))?;
+    let mut v: Value = serde_json::from_slice(&body).map_err(|e| {
+        validation(
+            format!("request body must be a JSON object: {e}"),
+            Value::Null,
+        )
+    })?;
     let id = v
         .as_object_mut()
         .and_then(|o| o.remove("group_id"))
         .and_then(|x| x.as_str().map(str::to_owned))
-        .ok_or_else(|| validation("group_id (string) is required".into(), json!({"field": "group_id"})))?;
+        .ok_or_else(|| {
+            validation(
+                "group_id (string) is required".into(),
+                json!({"field": "group_id"}),
+            )
+        })?;
     if v.get("members").is_none() {
         v["members"] = json!([]);
         if v.get("min_healthy").is_none() {
@@ -702,10 +804,17 @@ async fn create_group(State(st): State<ApiState>, body: axum::body::Bytes) -> Ap
         let mut probe = v.clone();
         probe["members"] = json!([]);
         probe["min_healthy"] = json!(1);
-        let mut g = validated_group(&st, &id, &json!({"members": [{"id": "__probe__", "command": ["x"]}],
-            "strategy": probe.get("strategy").cloned().unwrap_or(json!("round_robin"))}))?;
+        let mut g = validated_group(
+            &st,
+            &id,
+            &json!({"members": [{"id": "__probe__", "command": ["x"]}],
+            "strategy": probe.get("strategy").cloned().unwrap_or(json!("round_robin"))}),
+        )?;
         g.members.clear();
-        g.description = v.get("description").and_then(Value::as_str).map(str::to_owned);
+        g.description = v
+            .get("description")
+            .and_then(Value::as_str)
+            .map(str::to_owned);
         g
     } else {
         validated_group(&st, &id, &v)?
@@ -714,7 +823,11 @@ async fn create_group(State(st): State<ApiState>, body: axum::body::Bytes) -> Ap
     st.runtime()
         .events()
         .publish("GroupCreated", json!({"group_id": id}));
-    Ok((StatusCode::CREATED, axum::Json(json!({"group_id": id, "created": true}))).into_response())
+    Ok((
+        StatusCode::CREATED,
+        axum::Json(json!({"group_id": id, "created": true})),
+    )
+        .into_response())
 }
 
 async fn delete_group(State(st): State<ApiState>, Path(id): Path<String>) -> ApiResult {
@@ -723,7 +836,9 @@ async fn delete_group(State(st): State<ApiState>, Path(id): Path<String>) -> Api
     }
     st.runtime().remove_server(&id).await?;
     st.gateway.router().rebalance(&id);
-    st.runtime().events().publish("GroupDeleted", json!({"group_id": id}));
+    st.runtime()
+        .events()
+        .publish("GroupDeleted", json!({"group_id": id}));
     Ok(axum::Json(json!({"deleted": true, "group_id": id})).into_response())
 }
 
@@ -740,8 +855,15 @@ fn one() -> u32 {
     1
 }
 
-async fn add_member(State(st): State<ApiState>, Path(id): Path<String>, body: axum::body::Bytes) -> ApiResult {
-    let g = st.runtime().group(&id).ok_or_else(|| group_not_found(&id))?;
+async fn add_member(
+    State(st): State<ApiState>,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> ApiResult {
+    let g = st
+        .runtime()
+        .group(&id)
+        .ok_or_else(|| group_not_found(&id))?;
     let b: MemberBody = serde_json::from_slice(&body).map_err(|e| {
         validation(
             format!("body must be {{\"member_id\": \"…\", \"weight\": 1, \"priority\": 1}}: {e}"),
@@ -750,12 +872,18 @@ async fn add_member(State(st): State<ApiState>, Path(id): Path<String>, body: ax
     })?;
     if st.runtime().instance(&b.member_id).is_none() {
         return Err(validation(
-            format!("member '{}' is not a configured MCP server (groups cannot contain groups)", b.member_id),
+            format!(
+                "member '{}' is not a configured MCP server (groups cannot contain groups)",
+                b.member_id
+            ),
             json!({"field": "member_id"}),
         ));
     }
     if !(1..=100).contains(&b.weight) || !(1..=100).contains(&b.priority) {
-        return Err(validation("weight and priority must be between 1 and 100".into(), Value::Null));
+        return Err(validation(
+            "weight and priority must be between 1 and 100".into(),
+            Value::Null,
+        ));
     }
     let mut spec = g.spec();
     if spec.members.iter().any(|m| m.id == b.member_id) {
@@ -777,11 +905,21 @@ async fn add_member(State(st): State<ApiState>, Path(id): Path<String>, body: ax
         "GroupMemberAdded",
         json!({"group_id": id, "member_id": b.member_id, "weight": b.weight, "priority": b.priority}),
     );
-    Ok((StatusCode::CREATED, axum::Json(json!({"group_id": id, "member_id": b.member_id, "added": true}))).into_response())
+    Ok((
+        StatusCode::CREATED,
+        axum::Json(json!({"group_id": id, "member_id": b.member_id, "added": true})),
+    )
+        .into_response())
 }
 
-async fn remove_member(State(st): State<ApiState>, Path((id, member)): Path<(String, String)>) -> ApiResult {
-    let g = st.runtime().group(&id).ok_or_else(|| group_not_found(&id))?;
+async fn remove_member(
+    State(st): State<ApiState>,
+    Path((id, member)): Path<(String, String)>,
+) -> ApiResult {
+    let g = st
+        .runtime()
+        .group(&id)
+        .ok_or_else(|| group_not_found(&id))?;
     let mut spec = g.spec();
     let before = spec.members.len();
     spec.members.retain(|m| m.id != member);
@@ -794,9 +932,10 @@ async fn remove_member(State(st): State<ApiState>, Path((id, member)): Path<(Str
         ));
     }
     g.set_spec(spec);
-    st.runtime()
-        .events()
-        .publish("GroupMemberRemoved", json!({"group_id": id, "member_id": member}));
+    st.runtime().events().publish(
+        "GroupMemberRemoved",
+        json!({"group_id": id, "member_id": member}),
+    );
     Ok(axum::Json(json!({"group_id": id, "member_id": member, "removed": true})).into_response())
 }
 
@@ -832,7 +971,10 @@ async fn event_stream(State(st): State<ApiState>) -> Response {
         let ev = ev.ok()?;
         let data = serde_json::to_string(&*ev).ok()?;
         Some(Ok::<_, std::convert::Infallible>(
-            axum::response::sse::Event::default().event(ev.event_type.clone()).id(ev.seq.to_string()).data(data),
+            axum::response::sse::Event::default()
+                .event(ev.event_type.clone())
+                .id(ev.seq.to_string())
+                .data(data),
         ))
     });
     axum::response::sse::Sse::new(stream)
@@ -842,8 +984,12 @@ async fn event_stream(State(st): State<ApiState>) -> Response {
 
 async fn reload_config(State(st): State<ApiState>, body: axum::body::Bytes) -> ApiResult {
     if !body.is_empty() {
-        let v: Value = serde_json::from_slice(&body)
-            .map_err(|e| validation(format!("body must be JSON like {{\"graceful\": true}}: {e}"), Value::Null))?;
+        let v: Value = serde_json::from_slice(&body).map_err(|e| {
+            validation(
+                format!("body must be JSON like {{\"graceful\": true}}: {e}"),
+                Value::Null,
+            )
+        })?;
         if v.get("config_path").is_some() {
             return Err(validation(
                 "config_path cannot be changed through the API; edit the file the node was started with".into(),

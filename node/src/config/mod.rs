@@ -439,7 +439,9 @@ pub fn load_str(yaml: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
         }],
     };
     if yaml.trim().is_empty() {
-        return Err(invalid("the configuration is empty; it needs at least `mcp_servers: {}`".into()));
+        return Err(invalid(
+            "the configuration is empty; it needs at least `mcp_servers: {}`".into(),
+        ));
     }
     let mut doc: Value =
         serde_saphyr::from_str(yaml).map_err(|e| invalid(format!("not valid YAML: {e}")))?;
@@ -479,7 +481,10 @@ fn interpolate(v: &mut Value, path: &str, env: &dyn Fn(&str) -> Option<String>, 
                     None => (inner, None),
                 };
                 let valid = !name.is_empty()
-                    && name.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+                    && name
+                        .chars()
+                        .next()
+                        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
                     && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
                 if !valid {
                     out.push_str(&rest[start..start + 3 + end]);
@@ -568,10 +573,15 @@ fn build(doc: &Value, p: &Problems, allow_missing_servers: bool) -> Config {
         Some(o) => {
             let level = o.str("level");
             if let Some(l) = &level {
-                let ok = ["trace", "debug", "info", "warning", "warn", "error", "critical"]
-                    .contains(&l.to_ascii_lowercase().as_str());
+                let ok = [
+                    "trace", "debug", "info", "warning", "warn", "error", "critical",
+                ]
+                .contains(&l.to_ascii_lowercase().as_str());
                 if !ok {
-                    p.push(&o.at("level"), "must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL");
+                    p.push(
+                        &o.at("level"),
+                        "must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL",
+                    );
                 }
             }
             let c = LoggingConfig {
@@ -589,7 +599,12 @@ fn build(doc: &Value, p: &Problems, allow_missing_servers: bool) -> Config {
             let max = o.int("max_concurrency", 50, 0, 1_000_000);
             let c = ExecutionConfig {
                 max_concurrency: (max > 0).then_some(max as u32),
-                default_mcp_server_concurrency: o.int("default_mcp_server_concurrency", 10, 1, 100_000) as u32,
+                default_mcp_server_concurrency: o.int(
+                    "default_mcp_server_concurrency",
+                    10,
+                    1,
+                    100_000,
+                ) as u32,
             };
             o.finish();
             c
@@ -611,7 +626,10 @@ fn build(doc: &Value, p: &Problems, allow_missing_servers: bool) -> Config {
                     ToolAccessMode::Egress
                 }
                 Some(other) => {
-                    p.push(&o.at("mode"), format!("must be `front_door` or `egress`, got `{other}`"));
+                    p.push(
+                        &o.at("mode"),
+                        format!("must be `front_door` or `egress`, got `{other}`"),
+                    );
                     ToolAccessMode::FrontDoor
                 }
             };
@@ -619,7 +637,10 @@ fn build(doc: &Value, p: &Problems, allow_missing_servers: bool) -> Config {
                 None | Some("prefixed") => Naming::Prefixed,
                 Some("plain") => Naming::Plain,
                 Some(other) => {
-                    p.push(&o.at("naming"), format!("must be `prefixed` or `plain`, got `{other}`"));
+                    p.push(
+                        &o.at("naming"),
+                        format!("must be `prefixed` or `plain`, got `{other}`"),
+                    );
                     Naming::Prefixed
                 }
             };
@@ -652,14 +673,24 @@ fn build(doc: &Value, p: &Problems, allow_missing_servers: bool) -> Config {
         Some(o) => {
             let listen = o.str("listen").unwrap_or_else(|| "127.0.0.1:8000".into());
             if listen.parse::<std::net::SocketAddr>().is_err() {
-                p.push(&o.at("listen"), format!("must be HOST:PORT with an IP address, e.g. 127.0.0.1:8000 (got `{listen}`)"));
+                p.push(
+                    &o.at("listen"),
+                    format!(
+                        "must be HOST:PORT with an IP address, e.g. 127.0.0.1:8000 (got `{listen}`)"
+                    ),
+                );
             }
             let c = ServerConfig {
                 listen,
                 max_body_bytes: o.int("max_body_bytes", 4 * 1024 * 1024, 1024, 1 << 30) as usize,
                 allowed_hosts: o.str_list("allowed_hosts").unwrap_or_else(default_hosts),
                 allowed_origins: o.str_list("allowed_origins").unwrap_or_default(),
-                request_timeout: Duration::from_secs_f64(o.num("request_timeout_s", 60.0, 0.1, 86_400.0)),
+                request_timeout: Duration::from_secs_f64(o.num(
+                    "request_timeout_s",
+                    60.0,
+                    0.1,
+                    86_400.0,
+                )),
             };
             o.finish();
             c
@@ -669,7 +700,10 @@ fn build(doc: &Value, p: &Problems, allow_missing_servers: bool) -> Config {
     let mut servers = IndexMap::new();
     match root.raw("mcp_servers") {
         None if !allow_missing_servers && !root.has("mcp_servers") => {
-            p.push("mcp_servers", "is required (a mapping of server ids to definitions; `{}` for none)");
+            p.push(
+                "mcp_servers",
+                "is required (a mapping of server ids to definitions; `{}` for none)",
+            );
         }
         None => {}
         Some(Value::Object(map)) => {
@@ -679,7 +713,10 @@ fn build(doc: &Value, p: &Problems, allow_missing_servers: bool) -> Config {
             for (id, v) in map {
                 let sp = join(path, id);
                 check_id(id, &sp, p);
-                let mode = v.get("mode").and_then(Value::as_str).unwrap_or("subprocess");
+                let mode = v
+                    .get("mode")
+                    .and_then(Value::as_str)
+                    .unwrap_or("subprocess");
                 if mode == "group" {
                     groups.push((id.clone(), v));
                     continue;
@@ -713,7 +750,10 @@ fn build(doc: &Value, p: &Problems, allow_missing_servers: bool) -> Config {
                 }
             }
         }
-        Some(other) => p.push("mcp_servers", format!("must be a mapping of server ids, got {}", type_name(other))),
+        Some(other) => p.push(
+            "mcp_servers",
+            format!("must be a mapping of server ids, got {}", type_name(other)),
+        ),
     }
     root.finish();
     Config {
@@ -727,7 +767,12 @@ fn build(doc: &Value, p: &Problems, allow_missing_servers: bool) -> Config {
 }
 
 fn default_hosts() -> Vec<String> {
-    vec!["localhost".into(), "127.0.0.1".into(), "::1".into(), "[::1]".into()]
+    vec![
+        "localhost".into(),
+        "127.0.0.1".into(),
+        "::1".into(),
+        "[::1]".into(),
+    ]
 }
 
 fn default_server() -> ServerConfig {
@@ -762,17 +807,47 @@ fn fallback() -> Config {
 }
 
 fn check_id(id: &str, path: &str, p: &Problems) {
-    if id.is_empty() || id.len() > 64 || !id.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
-        p.push(path, "server ids must be 1-64 characters of letters, digits, `_` and `-`");
+    if id.is_empty()
+        || id.len() > 64
+        || !id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    {
+        p.push(
+            path,
+            "server ids must be 1-64 characters of letters, digits, `_` and `-`",
+        );
     } else if id.contains("__") {
-        p.push(path, "server ids must not contain `__` (it separates server and tool in exposed tool names)");
+        p.push(
+            path,
+            "server ids must not contain `__` (it separates server and tool in exposed tool names)",
+        );
     }
 }
 
 const SERVER_KEYS: &[&str] = &[
-    "mode", "command", "args", "env", "cwd", "endpoint", "http", "auth", "tls", "idle_ttl_s",
-    "health_check_interval_s", "max_consecutive_failures", "max_concurrency", "description", "auto_start",
-    "tools", "idempotent_tools", "access", "tool_access", "capabilities", "tool_projection", "transport",
+    "mode",
+    "command",
+    "args",
+    "env",
+    "cwd",
+    "endpoint",
+    "http",
+    "auth",
+    "tls",
+    "idle_ttl_s",
+    "health_check_interval_s",
+    "max_consecutive_failures",
+    "max_concurrency",
+    "description",
+    "auto_start",
+    "tools",
+    "idempotent_tools",
+    "access",
+    "tool_access",
+    "capabilities",
+    "tool_projection",
+    "transport",
 ];
 
 fn common(o: &Obj<'_>) -> CommonSpec {
@@ -789,7 +864,9 @@ fn common(o: &Obj<'_>) -> CommonSpec {
         idle_ttl_s: o.int("idle_ttl_s", 300, 1, 86_400),
         health_check_interval_s: o.int("health_check_interval_s", 60, 1, 86_400),
         max_consecutive_failures: o.int("max_consecutive_failures", 3, 1, 1000) as u32,
-        max_concurrency: o.has("max_concurrency").then(|| o.int("max_concurrency", 10, 1, 100_000) as u32),
+        max_concurrency: o
+            .has("max_concurrency")
+            .then(|| o.int("max_concurrency", 10, 1, 100_000) as u32),
         auto_start: o.bool("auto_start", false),
         tools: tools_spec(o),
         idempotent_tools: o.str_list("idempotent_tools").unwrap_or_default(),
@@ -810,18 +887,32 @@ fn tools_spec(o: &Obj<'_>) -> Option<ToolsSpec> {
             let mut out = Vec::new();
             for (i, it) in items.iter().enumerate() {
                 let ip = format!("{path}[{i}]");
-                let Some(t) = Obj::new(it, &ip, o.p) else { continue };
+                let Some(t) = Obj::new(it, &ip, o.p) else {
+                    continue;
+                };
                 let name = t.req_str("name", "the tool name");
-                let input = t.raw("inputSchema").or_else(|| t.raw("input_schema")).cloned();
-                let output = t.raw("outputSchema").or_else(|| t.raw("output_schema")).cloned();
-                t.allow(&["inputSchema", "input_schema", "outputSchema", "output_schema"]);
+                let input = t
+                    .raw("inputSchema")
+                    .or_else(|| t.raw("input_schema"))
+                    .cloned();
+                let output = t
+                    .raw("outputSchema")
+                    .or_else(|| t.raw("output_schema"))
+                    .cloned();
+                t.allow(&[
+                    "inputSchema",
+                    "input_schema",
+                    "outputSchema",
+                    "output_schema",
+                ]);
                 let desc = t.str("description");
                 t.finish();
                 if let Some(name) = name {
                     out.push(PredefinedTool {
                         name,
                         description: desc,
-                        input_schema: input.unwrap_or_else(|| serde_json::json!({"type": "object"})),
+                        input_schema: input
+                            .unwrap_or_else(|| serde_json::json!({"type": "object"})),
                         output_schema: output,
                     });
                 }
@@ -830,7 +921,13 @@ fn tools_spec(o: &Obj<'_>) -> Option<ToolsSpec> {
         }
         Value::Object(_) => policy(v, &path, o.p).map(ToolsSpec::Policy),
         other => {
-            o.p.push(&path, format!("must be a list of tools or a policy mapping, got {}", type_name(other)));
+            o.p.push(
+                &path,
+                format!(
+                    "must be a list of tools or a policy mapping, got {}",
+                    type_name(other)
+                ),
+            );
             None
         }
     }
@@ -866,7 +963,10 @@ fn server_spec(v: &Value, path: &str, p: &Problems) -> Option<ServerSpec> {
             } else if command.is_empty() {
                 p.push(&o.at("command"), "must not be empty");
             } else if command[0].trim().is_empty() {
-                p.push(&o.at("command"), "the program (first element) must not be empty");
+                p.push(
+                    &o.at("command"),
+                    "the program (first element) must not be empty",
+                );
             }
             command.extend(o.str_list("args").unwrap_or_default());
             let env = o.str_map("env");
@@ -886,15 +986,28 @@ fn server_spec(v: &Value, path: &str, p: &Problems) -> Option<ServerSpec> {
             }))
         }
         "remote" => {
-            let endpoint = o.req_str("endpoint", "the MCP endpoint URL, e.g. http://127.0.0.1:8080/mcp");
+            let endpoint = o.req_str(
+                "endpoint",
+                "the MCP endpoint URL, e.g. http://127.0.0.1:8080/mcp",
+            );
             if let Some(e) = &endpoint {
                 check_url(e, &o.at("endpoint"), p);
             }
             let http = match o.obj("http") {
                 Some(h) => {
                     let c = HttpSpec {
-                        connect_timeout: Duration::from_secs_f64(h.num("connect_timeout", 10.0, 0.01, 3600.0)),
-                        read_timeout: Duration::from_secs_f64(h.num("read_timeout", 30.0, 0.01, 86_400.0)),
+                        connect_timeout: Duration::from_secs_f64(h.num(
+                            "connect_timeout",
+                            10.0,
+                            0.01,
+                            3600.0,
+                        )),
+                        read_timeout: Duration::from_secs_f64(h.num(
+                            "read_timeout",
+                            30.0,
+                            0.01,
+                            86_400.0,
+                        )),
                         max_retries: h.int("max_retries", 3, 0, 100) as u32,
                         retry_backoff_factor: h.num("retry_backoff_factor", 0.5, 0.0, 60.0),
                         headers: h.str_map("headers"),
@@ -916,22 +1029,44 @@ fn server_spec(v: &Value, path: &str, p: &Problems) -> Option<ServerSpec> {
                     let r = match t.as_str() {
                         "none" => RemoteAuth::None,
                         "api_key" => RemoteAuth::ApiKey {
-                            header: a.str("api_key_header").unwrap_or_else(|| "X-API-Key".into()),
-                            key: Secret::new(a.req_str("api_key", "the key for auth.type api_key").unwrap_or_default()),
+                            header: a
+                                .str("api_key_header")
+                                .unwrap_or_else(|| "X-API-Key".into()),
+                            key: Secret::new(
+                                a.req_str("api_key", "the key for auth.type api_key")
+                                    .unwrap_or_default(),
+                            ),
                         },
                         "bearer" => RemoteAuth::Bearer {
-                            token: Secret::new(a.req_str("bearer_token", "the token for auth.type bearer").unwrap_or_default()),
+                            token: Secret::new(
+                                a.req_str("bearer_token", "the token for auth.type bearer")
+                                    .unwrap_or_default(),
+                            ),
                         },
                         "basic" => RemoteAuth::Basic {
-                            username: a.req_str("username", "the user for auth.type basic").unwrap_or_default(),
-                            password: Secret::new(a.req_str("password", "the password for auth.type basic").unwrap_or_default()),
+                            username: a
+                                .req_str("username", "the user for auth.type basic")
+                                .unwrap_or_default(),
+                            password: Secret::new(
+                                a.req_str("password", "the password for auth.type basic")
+                                    .unwrap_or_default(),
+                            ),
                         },
                         other => {
-                            p.push(&a.at("type"), format!("must be none, api_key, bearer or basic (got `{other}`)"));
+                            p.push(
+                                &a.at("type"),
+                                format!("must be none, api_key, bearer or basic (got `{other}`)"),
+                            );
                             RemoteAuth::None
                         }
                     };
-                    a.allow(&["api_key", "api_key_header", "bearer_token", "username", "password"]);
+                    a.allow(&[
+                        "api_key",
+                        "api_key_header",
+                        "bearer_token",
+                        "username",
+                        "password",
+                    ]);
                     a.finish();
                     r
                 }
@@ -971,14 +1106,28 @@ fn server_spec(v: &Value, path: &str, p: &Problems) -> Option<ServerSpec> {
         "docker" | "container" | "podman" => {
             p.push(
                 &o.at("mode"),
-                format!("mode `{mode}` is not yet supported by Hangar; use `subprocess` or `remote`"),
+                format!(
+                    "mode `{mode}` is not yet supported by Hangar; use `subprocess` or `remote`"
+                ),
             );
-            o.allow(&["image", "build", "volumes", "network", "network_mode", "read_only", "resources", "user"]);
+            o.allow(&[
+                "image",
+                "build",
+                "volumes",
+                "network",
+                "network_mode",
+                "read_only",
+                "resources",
+                "user",
+            ]);
             o.allow(SERVER_KEYS);
             None
         }
         other => {
-            p.push(&o.at("mode"), format!("must be subprocess, remote or group (got `{other}`)"));
+            p.push(
+                &o.at("mode"),
+                format!("must be subprocess, remote or group (got `{other}`)"),
+            );
             o.allow(SERVER_KEYS);
             None
         }
@@ -994,7 +1143,10 @@ fn check_url(u: &str, path: &str, p: &Problems) {
             !host.is_empty() && !host.starts_with(':')
         });
     if !ok {
-        p.push(path, format!("must be an http:// or https:// URL with a host (got `{u}`)"));
+        p.push(
+            path,
+            format!("must be an http:// or https:// URL with a host (got `{u}`)"),
+        );
     }
 }
 
@@ -1038,7 +1190,12 @@ fn group_spec(
         Some(b) => {
             let c = GroupBreaker {
                 failure_threshold: b.int("failure_threshold", 10, 1, 100_000) as u32,
-                reset_timeout: Duration::from_secs_f64(b.num("reset_timeout_s", 60.0, 1.0, 86_400.0)),
+                reset_timeout: Duration::from_secs_f64(b.num(
+                    "reset_timeout_s",
+                    60.0,
+                    1.0,
+                    86_400.0,
+                )),
             };
             b.finish();
             c
@@ -1055,7 +1212,9 @@ fn group_spec(
         Some(Value::Array(items)) => {
             for (i, it) in items.iter().enumerate() {
                 let mp = format!("{}[{i}]", o.at("members"));
-                let Some(m) = Obj::new(it, &mp, p) else { continue };
+                let Some(m) = Obj::new(it, &mp, p) else {
+                    continue;
+                };
                 let Some(id) = m.req_str("id", "the member's server id") else {
                     m.allow(SERVER_KEYS);
                     m.allow(&["weight", "priority"]);
@@ -1066,7 +1225,10 @@ fn group_spec(
                 }
                 let weight = m.int("weight", 1, 1, 100) as u32;
                 let priority = m.int("priority", 1, 1, 100) as u32;
-                let mtools = m.raw("tools").filter(|t| t.is_object()).and_then(|t| policy(t, &m.at("tools"), p));
+                let mtools = m
+                    .raw("tools")
+                    .filter(|t| t.is_object())
+                    .and_then(|t| policy(t, &m.at("tools"), p));
                 let inline = SERVER_KEYS.iter().any(|k| *k != "tools" && m.has(k));
                 if inline {
                     if servers.contains_key(&id) {
@@ -1100,14 +1262,23 @@ fn group_spec(
                 });
             }
         }
-        None => p.push(&o.at("members"), "is required for a group (a list of {id: <server>})"),
-        Some(other) => p.push(&o.at("members"), format!("must be a list, got {}", type_name(other))),
+        None => p.push(
+            &o.at("members"),
+            "is required for a group (a list of {id: <server>})",
+        ),
+        Some(other) => p.push(
+            &o.at("members"),
+            format!("must be a list, got {}", type_name(other)),
+        ),
     }
     let min_healthy = o.int("min_healthy", 1, 1, 10_000) as u32;
     if !members.is_empty() && min_healthy as usize > members.len() {
         p.push(
             &o.at("min_healthy"),
-            format!("is {min_healthy} but the group has only {} member(s)", members.len()),
+            format!(
+                "is {min_healthy} but the group has only {} member(s)",
+                members.len()
+            ),
         );
     }
     let g = GroupSpec {

@@ -108,7 +108,10 @@ impl<'a> Obj<'a> {
             Value::String(s) => Some(s.clone()),
             Value::Number(n) => Some(n.to_string()),
             other => {
-                self.p.push(&self.at(key), format!("must be a string, got {}", type_name(other)));
+                self.p.push(
+                    &self.at(key),
+                    format!("must be a string, got {}", type_name(other)),
+                );
                 None
             }
         }
@@ -128,10 +131,24 @@ impl<'a> Obj<'a> {
         match self.raw(key) {
             None => default,
             Some(Value::Bool(b)) => *b,
-            Some(Value::String(s)) if matches!(s.to_ascii_lowercase().as_str(), "true" | "yes" | "on" | "1") => true,
-            Some(Value::String(s)) if matches!(s.to_ascii_lowercase().as_str(), "false" | "no" | "off" | "0") => false,
+            Some(Value::String(s))
+                if matches!(s.to_ascii_lowercase().as_str(), "true" | "yes" | "on" | "1") =>
+            {
+                true
+            }
+            Some(Value::String(s))
+                if matches!(
+                    s.to_ascii_lowercase().as_str(),
+                    "false" | "no" | "off" | "0"
+                ) =>
+            {
+                false
+            }
             Some(other) => {
-                self.p.push(&self.at(key), format!("must be true or false, got {}", type_name(other)));
+                self.p.push(
+                    &self.at(key),
+                    format!("must be true or false, got {}", type_name(other)),
+                );
                 default
             }
         }
@@ -152,11 +169,17 @@ impl<'a> Obj<'a> {
         match v {
             Some(v) if v >= min && v <= max => v,
             Some(v) => {
-                self.p.push(&self.at(key), format!("must be between {min} and {max}, got {v}"));
+                self.p.push(
+                    &self.at(key),
+                    format!("must be between {min} and {max}, got {v}"),
+                );
                 default
             }
             None => {
-                self.p.push(&self.at(key), format!("must be a whole number between {min} and {max}"));
+                self.p.push(
+                    &self.at(key),
+                    format!("must be a whole number between {min} and {max}"),
+                );
                 default
             }
         }
@@ -173,11 +196,17 @@ impl<'a> Obj<'a> {
         match v {
             Some(v) if v.is_finite() && v >= min && v <= max => v,
             Some(v) => {
-                self.p.push(&self.at(key), format!("must be between {min} and {max}, got {v}"));
+                self.p.push(
+                    &self.at(key),
+                    format!("must be between {min} and {max}, got {v}"),
+                );
                 default
             }
             None => {
-                self.p.push(&self.at(key), format!("must be a number between {min} and {max}"));
+                self.p.push(
+                    &self.at(key),
+                    format!("must be a number between {min} and {max}"),
+                );
                 default
             }
         }
@@ -209,7 +238,10 @@ impl<'a> Obj<'a> {
                 None
             }
             other => {
-                self.p.push(&self.at(key), format!("must be a list of strings, got {}", type_name(other)));
+                self.p.push(
+                    &self.at(key),
+                    format!("must be a list of strings, got {}", type_name(other)),
+                );
                 None
             }
         }
@@ -220,7 +252,13 @@ impl<'a> Obj<'a> {
         let mut out = indexmap::IndexMap::new();
         let Some(v) = self.raw(key) else { return out };
         let Value::Object(m) = v else {
-            self.p.push(&self.at(key), format!("must be a mapping of names to strings, got {}", type_name(v)));
+            self.p.push(
+                &self.at(key),
+                format!(
+                    "must be a mapping of names to strings, got {}",
+                    type_name(v)
+                ),
+            );
             return out;
         };
         for (k, v) in m {

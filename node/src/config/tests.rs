@@ -15,15 +15,20 @@ fn load(y: &str) -> Result<Config, ConfigError> {
 
 fn problems(y: &str) -> Vec<String> {
     match load(y) {
-        Err(ConfigError::Invalid { problems }) => problems.iter().map(ToString::to_string).collect(),
+        Err(ConfigError::Invalid { problems }) => {
+            problems.iter().map(ToString::to_string).collect()
+        }
         other => panic!("expected problems, got {other:?}"),
     }
 }
 
 #[test]
 fn defaults_of_a_minimal_subprocess_server() {
-    let c = load("mcp_servers:\n  math:\n    command: [python3, -m, math]\n    args: [--fast]\n").unwrap();
-    let ServerSpec::Subprocess(s) = &c.mcp_servers["math"] else { panic!() };
+    let c = load("mcp_servers:\n  math:\n    command: [python3, -m, math]\n    args: [--fast]\n")
+        .unwrap();
+    let ServerSpec::Subprocess(s) = &c.mcp_servers["math"] else {
+        panic!()
+    };
     assert_eq!(s.command, vec!["python3", "-m", "math", "--fast"]);
     assert_eq!(s.common.idle_ttl_s, 300);
     assert_eq!(s.common.health_check_interval_s, 60);
@@ -41,10 +46,14 @@ fn remote_defaults_and_auth() {
         "mcp_servers:\n  r:\n    mode: remote\n    endpoint: http://127.0.0.1:9/mcp\n    auth: {type: bearer, bearer_token: \"${TOKEN}\"}\n",
     )
     .unwrap();
-    let ServerSpec::Remote(r) = &c.mcp_servers["r"] else { panic!() };
+    let ServerSpec::Remote(r) = &c.mcp_servers["r"] else {
+        panic!()
+    };
     assert_eq!(r.http.connect_timeout, Duration::from_secs(10));
     assert_eq!(r.http.read_timeout, Duration::from_secs(30));
-    let RemoteAuth::Bearer { token } = &r.auth else { panic!() };
+    let RemoteAuth::Bearer { token } = &r.auth else {
+        panic!()
+    };
     assert_eq!(token.expose(), "s3cr3t");
     assert_eq!(format!("{token:?}"), "\"***\"");
     assert!(!serde_json::to_string(&c).unwrap().contains("s3cr3t"));
@@ -56,25 +65,48 @@ fn interpolation_rules() {
         "mcp_servers:\n  a:\n    command: [\"${HOME_DIR}/bin/x\", \"${MISSING:-dflt}\", \"${MISSING:-}\", \"${NESTED}\"]\n",
     )
     .unwrap();
-    let ServerSpec::Subprocess(s) = &c.mcp_servers["a"] else { panic!() };
+    let ServerSpec::Subprocess(s) = &c.mcp_servers["a"] else {
+        panic!()
+    };
     assert_eq!(s.command, vec!["/home/x/bin/x", "dflt", "", "${TOKEN}"]);
     let p = problems("mcp_servers:\n  a:\n    command: [x]\n    env: {K: \"${NOPE}\"}\n");
     assert_eq!(p.len(), 1);
-    assert!(p[0].contains("mcp_servers.a.env.K") && p[0].contains("`NOPE`"), "{p:?}");
+    assert!(
+        p[0].contains("mcp_servers.a.env.K") && p[0].contains("`NOPE`"),
+        "{p:?}"
+    );
 }
 
 #[test]
 fn unknown_keys_are_reported_with_paths_and_hints() {
     let p = problems("mcp_servers:\n  math:\n    commandd: [x]\nloging: {}\n");
-    assert!(p.iter().any(|m| m.starts_with("mcp_servers.math.commandd: unknown key; did you mean `command`?")), "{p:?}");
-    assert!(p.iter().any(|m| m.starts_with("loging: unknown key; did you mean `logging`?")), "{p:?}");
-    assert!(p.iter().any(|m| m.starts_with("mcp_servers.math.command: is required")), "{p:?}");
+    assert!(
+        p.iter()
+            .any(|m| m
+                .starts_with("mcp_servers.math.commandd: unknown key; did you mean `command`?")),
+        "{p:?}"
+    );
+    assert!(
+        p.iter()
+            .any(|m| m.starts_with("loging: unknown key; did you mean `logging`?")),
+        "{p:?}"
+    );
+    assert!(
+        p.iter()
+            .any(|m| m.starts_with("mcp_servers.math.command: is required")),
+        "{p:?}"
+    );
 }
 
 #[test]
 fn docker_mode_is_refused_clearly() {
     let p = problems("mcp_servers:\n  d:\n    mode: docker\n    image: x\n");
-    assert_eq!(p, vec!["mcp_servers.d.mode: mode `docker` is not yet supported by Hangar; use `subprocess` or `remote`"]);
+    assert_eq!(
+        p,
+        vec![
+            "mcp_servers.d.mode: mode `docker` is not yet supported by Hangar; use `subprocess` or `remote`"
+        ]
+    );
 }
 
 #[test]
@@ -82,9 +114,21 @@ fn collects_every_problem() {
     let p = problems(
         "mcp_servers:\n  a:\n    command: [x]\n    idle_ttl_s: 0\n  b:\n    mode: remote\n    endpoint: ftp://x\n  bad__id:\n    command: [y]\n",
     );
-    assert!(p.iter().any(|m| m.starts_with("mcp_servers.a.idle_ttl_s: must be between 1 and 86400")), "{p:?}");
-    assert!(p.iter().any(|m| m.starts_with("mcp_servers.b.endpoint: must be an http")), "{p:?}");
-    assert!(p.iter().any(|m| m.starts_with("mcp_servers.bad__id: server ids must not contain `__`")), "{p:?}");
+    assert!(
+        p.iter()
+            .any(|m| m.starts_with("mcp_servers.a.idle_ttl_s: must be between 1 and 86400")),
+        "{p:?}"
+    );
+    assert!(
+        p.iter()
+            .any(|m| m.starts_with("mcp_servers.b.endpoint: must be an http")),
+        "{p:?}"
+    );
+    assert!(
+        p.iter()
+            .any(|m| m.starts_with("mcp_servers.bad__id: server ids must not contain `__`")),
+        "{p:?}"
+    );
     assert_eq!(p.len(), 3, "{p:?}");
 }
 
@@ -95,7 +139,9 @@ fn groups_with_inline_and_referenced_members() {
     )
     .unwrap();
     assert!(matches!(c.mcp_servers["b"], ServerSpec::Subprocess(_)));
-    let ServerSpec::Group(g) = &c.mcp_servers["g"] else { panic!() };
+    let ServerSpec::Group(g) = &c.mcp_servers["g"] else {
+        panic!()
+    };
     assert_eq!(g.strategy, Strategy::Priority);
     assert_eq!(g.members.len(), 2);
     assert_eq!(g.members[0].priority, 2);
@@ -109,17 +155,31 @@ fn group_validation() {
     let p = problems(
         "mcp_servers:\n  g:\n    mode: group\n    strategy: fastest\n    min_healthy: 3\n    members:\n      - {id: nope}\n      - {id: nope}\n",
     );
-    assert!(p.iter().any(|m| m.contains("strategy: must be round_robin")), "{p:?}");
-    assert!(p.iter().any(|m| m.contains("min_healthy: is 3 but the group has only 2")), "{p:?}");
+    assert!(
+        p.iter()
+            .any(|m| m.contains("strategy: must be round_robin")),
+        "{p:?}"
+    );
+    assert!(
+        p.iter()
+            .any(|m| m.contains("min_healthy: is 3 but the group has only 2")),
+        "{p:?}"
+    );
     assert!(p.iter().any(|m| m.contains("listed twice")), "{p:?}");
-    assert!(p.iter().any(|m| m.contains("member `nope` is not defined")), "{p:?}");
+    assert!(
+        p.iter().any(|m| m.contains("member `nope` is not defined")),
+        "{p:?}"
+    );
 }
 
 #[test]
 fn unsupported_sections_refused_unless_disabled() {
     assert!(load("mcp_servers: {}\nauth: {enabled: false}\n").is_ok());
     let p = problems("mcp_servers: {}\nauth: {enabled: true}\n");
-    assert!(p[0].starts_with("auth: authentication (`auth`) is not supported"), "{p:?}");
+    assert!(
+        p[0].starts_with("auth: authentication (`auth`) is not supported"),
+        "{p:?}"
+    );
 }
 
 #[test]
@@ -136,7 +196,10 @@ fn yaml_errors_and_shapes() {
 #[test]
 fn duplicate_yaml_keys_are_rejected() {
     let r = load("mcp_servers:\n  a: {command: [x]}\n  a: {command: [y]}\n");
-    assert!(r.is_err(), "duplicate keys must not be silently merged: {r:?}");
+    assert!(
+        r.is_err(),
+        "duplicate keys must not be silently merged: {r:?}"
+    );
 }
 
 #[test]
@@ -145,16 +208,25 @@ fn predefined_tools_and_policies() {
         "mcp_servers:\n  a:\n    command: [x]\n    tools:\n      - {name: add, inputSchema: {type: object}}\n  b:\n    command: [y]\n    tools: {deny_list: [\"admin_*\"]}\n",
     )
     .unwrap();
-    let ServerSpec::Subprocess(a) = &c.mcp_servers["a"] else { panic!() };
+    let ServerSpec::Subprocess(a) = &c.mcp_servers["a"] else {
+        panic!()
+    };
     assert!(matches!(&a.common.tools, Some(ToolsSpec::Predefined(t)) if t[0].name == "add"));
-    let ServerSpec::Subprocess(b) = &c.mcp_servers["b"] else { panic!() };
-    assert!(matches!(&b.common.tools, Some(ToolsSpec::Policy(p)) if p.deny_list == vec!["admin_*"]));
+    let ServerSpec::Subprocess(b) = &c.mcp_servers["b"] else {
+        panic!()
+    };
+    assert!(
+        matches!(&b.common.tools, Some(ToolsSpec::Policy(p)) if p.deny_list == vec!["admin_*"])
+    );
 }
 
 #[test]
 fn diff_classifies_servers() {
-    let old = load("mcp_servers:\n  a: {command: [x]}\n  b: {command: [y]}\n  c: {command: [z]}\n").unwrap();
-    let new = load("mcp_servers:\n  a: {command: [x]}\n  b: {command: [y2]}\n  d: {command: [w]}\n").unwrap();
+    let old = load("mcp_servers:\n  a: {command: [x]}\n  b: {command: [y]}\n  c: {command: [z]}\n")
+        .unwrap();
+    let new =
+        load("mcp_servers:\n  a: {command: [x]}\n  b: {command: [y2]}\n  d: {command: [w]}\n")
+            .unwrap();
     let d = diff(&old.mcp_servers, &new.mcp_servers);
     assert_eq!(d.added, vec!["d"]);
     assert_eq!(d.removed, vec!["c"]);

@@ -40,7 +40,10 @@ pub struct FrontDoor {
 /// The MCP routes.
 pub fn routes(state: FrontDoor) -> Router {
     Router::new()
-        .route("/mcp", post(post_aggregate).get(get_aggregate).delete(delete_mcp))
+        .route(
+            "/mcp",
+            post(post_aggregate).get(get_aggregate).delete(delete_mcp),
+        )
         .route(
             "/servers/{id}/mcp",
             post(post_server).get(get_server).delete(delete_mcp),
@@ -64,7 +67,9 @@ async fn post_server(
             None,
             RpcError::new(
                 METHOD_NOT_FOUND,
-                format!("No MCP server or group '{id}' behind this gateway; GET /api/mcp_servers/ lists them"),
+                format!(
+                    "No MCP server or group '{id}' behind this gateway; GET /api/mcp_servers/ lists them"
+                ),
             ),
         );
     }
@@ -83,8 +88,10 @@ async fn delete_mcp() -> Response {
 fn json_response(status: StatusCode, body: String) -> Response {
     let mut resp = Response::new(Body::from(body));
     *resp.status_mut() = status;
-    resp.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     resp
 }
 
@@ -125,15 +132,23 @@ async fn handle_post(st: FrontDoor, scope: Scope, headers: HeaderMap, body: Body
             );
         }
     };
-    let accept = header_str(&headers, "accept").unwrap_or("").to_ascii_lowercase();
+    let accept = header_str(&headers, "accept")
+        .unwrap_or("")
+        .to_ascii_lowercase();
     let accepts_sse = accept.contains("text/event-stream");
     let header_version = header_str(&headers, "mcp-protocol-version").map(str::to_owned);
     if let Some(v) = &header_version {
         if !protocol::is_supported(v) {
-            return json_error(StatusCode::BAD_REQUEST, None, protocol::unsupported_version(v));
+            return json_error(
+                StatusCode::BAD_REQUEST,
+                None,
+                protocol::unsupported_version(v),
+            );
         }
     }
-    let cancel_key = header_str(&headers, "mcp-session-id").unwrap_or("").to_owned();
+    let cancel_key = header_str(&headers, "mcp-session-id")
+        .unwrap_or("")
+        .to_owned();
 
     let first = bytes.iter().find(|b| !b.is_ascii_whitespace()).copied();
     if first == Some(b'[') {
@@ -149,7 +164,10 @@ async fn handle_post(st: FrontDoor, scope: Scope, headers: HeaderMap, body: Body
                     format!("Invalid Request: not a JSON-RPC 2.0 message ({e})"),
                 )
             } else {
-                RpcError::new(PARSE_ERROR, format!("Parse error: the body is not valid JSON ({e})"))
+                RpcError::new(
+                    PARSE_ERROR,
+                    format!("Parse error: the body is not valid JSON ({e})"),
+                )
             };
             return json_error(StatusCode::BAD_REQUEST, None, err);
         }
@@ -157,12 +175,17 @@ async fn handle_post(st: FrontDoor, scope: Scope, headers: HeaderMap, body: Body
     match msg.kind() {
         Kind::Request => {}
         Kind::Invalid => {
-            let resp = st.gateway.handle(&ctx_of(&scope, None, &cancel_key), msg).await;
+            let resp = st
+                .gateway
+                .handle(&ctx_of(&scope, None, &cancel_key), msg)
+                .await;
             let body = resp.map(|m| m.to_json()).unwrap_or_default();
             return json_response(StatusCode::BAD_REQUEST, body);
         }
         Kind::Notification | Kind::Response => {
-            st.gateway.handle(&ctx_of(&scope, None, &cancel_key), msg).await;
+            st.gateway
+                .handle(&ctx_of(&scope, None, &cancel_key), msg)
+                .await;
             return StatusCode::ACCEPTED.into_response();
         }
     }
@@ -209,7 +232,17 @@ async fn handle_post(st: FrontDoor, scope: Scope, headers: HeaderMap, body: Body
         Some(rx) => {
             tokio::select! {
                 biased;
-                r = &mut fut => return finish_json(r, modern),
+                r = &mut fut => {
+                    // Messages queued while the call finished still go out, before the answer.
+                    let mut early = Vec::new();
+                    while let Ok(m) = rx.try_recv() {
+                        early.push(m);
+                    }
+                    if early.is_empty() {
+                        return finish_json(r, modern);
+                    }
+                    return sse_finished(early, r);
+                }
                 ev = rx.recv() => ev,
             }
         }
@@ -228,7 +261,10 @@ fn finish_json(resp: Option<Message>, modern: bool) -> Response {
         return StatusCode::ACCEPTED.into_response();
     };
     let status = match (&resp.error, modern) {
-        (Some(e), true) if e.code == protocol::UNSUPPORTED_VERSION || e.code == protocol::MISSING_CAPABILITY => {
+        (Some(e), true)
+            if e.code == protocol::UNSUPPORTED_VERSION
+                || e.code == protocol::MISSING_CAPABILITY =>
+        {
             StatusCode::BAD_REQUEST
         }
         (Some(e), true) if e.code == METHOD_NOT_FOUND => StatusCode::NOT_FOUND,
@@ -237,9 +273,25 @@ fn finish_json(resp: Option<Message>, modern: bool) -> Response {
     json_response(status, resp.to_json())
 }
 
+fn sse_finished(early: Vec<Message>, resp: Option<Message>) -> Response {
+    let events: Vec<Result<Event, Infallible>> = early
+        .iter()
+        .chain(resp.iter())
+        .map(|m| Ok(event(m)))
+        .collect();
+    Sse::new(futures::stream::iter(events)).into_response()
+}
+
 enum SseState {
-    Start(Message, Pin<Box<dyn Future<Output = Option<Message>> + Send>>, mpsc::Receiver<Message>),
-    Running(Pin<Box<dyn Future<Output = Option<Message>> + Send>>, mpsc::Receiver<Message>),
+    Start(
+        Message,
+        Pin<Box<dyn Future<Output = Option<Message>> + Send>>,
+        mpsc::Receiver<Message>,
+    ),
+    Running(
+        Pin<Box<dyn Future<Output = Option<Message>> + Send>>,
+        mpsc::Receiver<Message>,
+    ),
     Draining(Option<Message>, mpsc::Receiver<Message>),
     Done,
 }
@@ -255,7 +307,10 @@ fn sse_response(
 ) -> Response {
     let stream = futures::stream::unfold(SseState::Start(first, fut, rx), |state| async move {
         match state {
-            SseState::Start(first, fut, rx) => Some((Ok::<_, Infallible>(event(&first)), SseState::Running(fut, rx))),
+            SseState::Start(first, fut, rx) => Some((
+                Ok::<_, Infallible>(event(&first)),
+                SseState::Running(fut, rx),
+            )),
             SseState::Running(mut fut, mut rx) => {
                 tokio::select! {
                     biased;
@@ -302,7 +357,10 @@ async fn handle_batch(st: FrontDoor, scope: Scope, bytes: &[u8], cancel_key: Str
             return json_error(
                 StatusCode::BAD_REQUEST,
                 None,
-                RpcError::new(PARSE_ERROR, format!("Parse error: the body is not valid JSON ({e})")),
+                RpcError::new(
+                    PARSE_ERROR,
+                    format!("Parse error: the body is not valid JSON ({e})"),
+                ),
             );
         }
     };
@@ -343,7 +401,11 @@ async fn get_aggregate(State(st): State<FrontDoor>, headers: HeaderMap) -> Respo
     listen(st, None, headers)
 }
 
-async fn get_server(State(st): State<FrontDoor>, Path(id): Path<String>, headers: HeaderMap) -> Response {
+async fn get_server(
+    State(st): State<FrontDoor>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
     if !st.gateway.runtime().exists(&id) {
         return StatusCode::NOT_FOUND.into_response();
     }
@@ -351,7 +413,9 @@ async fn get_server(State(st): State<FrontDoor>, Path(id): Path<String>, headers
 }
 
 fn listen(st: FrontDoor, server: Option<String>, headers: HeaderMap) -> Response {
-    let accept = header_str(&headers, "accept").unwrap_or("").to_ascii_lowercase();
+    let accept = header_str(&headers, "accept")
+        .unwrap_or("")
+        .to_ascii_lowercase();
     if !accept.contains("text/event-stream") {
         return (
             StatusCode::METHOD_NOT_ALLOWED,
@@ -367,7 +431,9 @@ fn listen(st: FrontDoor, server: Option<String>, headers: HeaderMap) -> Response
             let b = item.ok()?;
             match &server {
                 Some(s) if !b.server.is_empty() && &b.server != s => None,
-                _ => Some(Ok::<_, Infallible>(Event::default().event("message").data(b.json.to_string()))),
+                _ => Some(Ok::<_, Infallible>(
+                    Event::default().event("message").data(b.json.to_string()),
+                )),
             }
         }
     });
@@ -398,7 +464,10 @@ impl HostGuard {
     /// one of `allowed_hosts`; on other listeners only a non-default `allowed_hosts` list is
     /// enforced (`*` disables the check).
     pub fn new(listen: SocketAddr, allowed_hosts: &[String], allowed_origins: &[String]) -> Self {
-        let mut hosts: Vec<String> = allowed_hosts.iter().map(|h| h.to_ascii_lowercase()).collect();
+        let mut hosts: Vec<String> = allowed_hosts
+            .iter()
+            .map(|h| h.to_ascii_lowercase())
+            .collect();
         let custom = hosts.iter().any(|h| !LOOPBACK_NAMES.contains(&h.as_str()));
         let disabled = hosts.iter().any(|h| h == "*");
         let enforce_hosts = !disabled && (listen.ip().is_loopback() || custom);
@@ -407,7 +476,10 @@ impl HostGuard {
         }
         HostGuard {
             hosts,
-            origins: allowed_origins.iter().map(|o| o.to_ascii_lowercase()).collect(),
+            origins: allowed_origins
+                .iter()
+                .map(|o| o.to_ascii_lowercase())
+                .collect(),
             enforce_hosts,
         }
     }
@@ -457,7 +529,9 @@ fn strip_port(host: &str) -> String {
         };
     }
     match host.rsplit_once(':') {
-        Some((h, port)) if port.chars().all(|c| c.is_ascii_digit()) && !h.contains(':') => h.to_owned(),
+        Some((h, port)) if port.chars().all(|c| c.is_ascii_digit()) && !h.contains(':') => {
+            h.to_owned()
+        }
         _ => host.to_owned(),
     }
 }
@@ -505,13 +579,23 @@ mod tests {
         assert!(g.check(&headers("localhost", None)).is_ok());
         assert!(g.check(&headers("[::1]:8000", None)).is_ok());
         assert!(g.check(&headers("evil.com", None)).is_err());
-        assert!(g.check(&headers("localhost:8000", Some("http://localhost:5173"))).is_ok());
-        assert!(g.check(&headers("localhost:8000", Some("https://evil.com"))).is_err());
+        assert!(
+            g.check(&headers("localhost:8000", Some("http://localhost:5173")))
+                .is_ok()
+        );
+        assert!(
+            g.check(&headers("localhost:8000", Some("https://evil.com")))
+                .is_err()
+        );
     }
 
     #[test]
     fn custom_hosts_and_wildcards() {
-        let g = HostGuard::new("0.0.0.0:8000".parse().unwrap(), &["*.example.com".into()], &[]);
+        let g = HostGuard::new(
+            "0.0.0.0:8000".parse().unwrap(),
+            &["*.example.com".into()],
+            &[],
+        );
         assert!(g.check(&headers("api.example.com:443", None)).is_ok());
         assert!(g.check(&headers("evil.com", None)).is_err());
         let open = HostGuard::new("0.0.0.0:8000".parse().unwrap(), &[], &[]);

@@ -6,6 +6,7 @@
 //! accepted and only used to correlate `notifications/cancelled`.
 
 pub mod http;
+pub mod management;
 pub mod naming;
 pub mod protocol;
 pub mod relay;
@@ -23,8 +24,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Naming;
 use crate::jsonrpc::{
-    self, INTERNAL_ERROR, INVALID_PARAMS, INVALID_REQUEST, Id, Kind, METHOD_NOT_FOUND, Message, RESOURCE_NOT_FOUND,
-    RawObject, RpcError, TIMEOUT_ERROR, UPSTREAM_ERROR, raw, raw_from_object, raw_object,
+    self, INTERNAL_ERROR, INVALID_PARAMS, INVALID_REQUEST, Id, Kind, METHOD_NOT_FOUND, Message,
+    RESOURCE_NOT_FOUND, RawObject, RpcError, TIMEOUT_ERROR, UPSTREAM_ERROR, raw, raw_from_object,
+    raw_object,
 };
 use crate::routing::{RouteError, RouteRequest, Router, ServingSlot};
 use crate::runtime::{Instance, Runtime, RuntimeEvent, ServerState};
@@ -83,6 +85,7 @@ pub struct Gateway {
     listeners: broadcast::Sender<Broadcast>,
     inflight: Mutex<HashMap<(String, Id), CancellationToken>>,
     call_seq: AtomicU64,
+    reloader: RwLock<Option<Arc<dyn management::ConfigReloader>>>,
 }
 
 impl Gateway {
@@ -99,6 +102,7 @@ impl Gateway {
             listeners,
             inflight: Mutex::new(HashMap::new()),
             call_seq: AtomicU64::new(1),
+            reloader: RwLock::new(None),
         });
         let weak = Arc::downgrade(&gw);
         let mut events = gw.runtime.subscribe();
@@ -119,6 +123,11 @@ impl Gateway {
             }
         });
         gw
+    }
+
+    /// Install the configuration reloader used by `hangar_reload_config`.
+    pub fn set_reloader(&self, r: Arc<dyn management::ConfigReloader>) {
+        *self.reloader.write() = Some(r);
     }
 
     /// Replace the settings (hot reload).
@@ -149,7 +158,11 @@ impl Gateway {
 
     fn on_runtime_event(&self, ev: RuntimeEvent) {
         match ev {
-            RuntimeEvent::CatalogChanged { server, lists, notify } => {
+            RuntimeEvent::CatalogChanged {
+                server,
+                lists,
+                notify,
+            } => {
                 *self.index.write() = None;
                 if !notify {
                     return;
@@ -165,7 +178,8 @@ impl Gateway {
             }
             RuntimeEvent::ServersChanged => {
                 *self.index.write() = None;
-                let json = Message::notification("notifications/tools/list_changed", None).to_json();
+                let json =
+                    Message::notification("notifications/tools/list_changed", None).to_json();
                 let _ = self.listeners.send(Broadcast {
                     server: String::new(),
                     json: Arc::from(json),
@@ -213,7 +227,10 @@ impl Gateway {
                 return self.finish(
                     &method,
                     id,
-                    Err(RpcError::new(INVALID_PARAMS, "Invalid params: 'params' must be a JSON object")),
+                    Err(RpcError::new(
+                        INVALID_PARAMS,
+                        "Invalid params: 'params' must be a JSON object",
+                    )),
                 );
             }
         };
@@ -231,19 +248,29 @@ impl Gateway {
             }
             (Scope::Server(target), _) => {
                 let target = target.clone();
-                self.forward_transparent(ctx, &target, &method, params, &id).await
+                self.forward_transparent(ctx, &target, &method, params, &id)
+                    .await
             }
-            (Scope::Aggregate, "tools/list") => self.full_index().await.map(|i| raw_str(&i.tools_result)),
+            (Scope::Aggregate, "tools/list") => {
+                self.full_index().await.map(|i| raw_str(&i.tools_result))
+            }
             (Scope::Aggregate, "tools/call") => self.tools_call(ctx, params, &id).await,
-            (Scope::Aggregate, "prompts/list") => self.full_index().await.map(|i| raw_str(&i.prompts_result)),
+            (Scope::Aggregate, "prompts/list") => {
+                self.full_index().await.map(|i| raw_str(&i.prompts_result))
+            }
             (Scope::Aggregate, "prompts/get") => self.prompts_get(ctx, params, &id).await,
-            (Scope::Aggregate, "resources/list") => self.full_index().await.map(|i| raw_str(&i.resources_result)),
-            (Scope::Aggregate, "resources/templates/list") => {
-                self.full_index().await.map(|i| raw_str(&i.templates_result))
-            }
-            (Scope::Aggregate, "resources/read" | "resources/subscribe" | "resources/unsubscribe") => {
-                self.resource_call(ctx, &method, params, &id).await
-            }
+            (Scope::Aggregate, "resources/list") => self
+                .full_index()
+                .await
+                .map(|i| raw_str(&i.resources_result)),
+            (Scope::Aggregate, "resources/templates/list") => self
+                .full_index()
+                .await
+                .map(|i| raw_str(&i.templates_result)),
+            (
+                Scope::Aggregate,
+                "resources/read" | "resources/subscribe" | "resources/unsubscribe",
+            ) => self.resource_call(ctx, &method, params, &id).await,
             (Scope::Aggregate, "completion/complete") => self.complete(ctx, params, &id).await,
             (Scope::Aggregate, "logging/setLevel") => self.set_level(params).await,
             (Scope::Aggregate, other) => Err(method_not_found(other)),
@@ -273,11 +300,17 @@ impl Gateway {
         let metrics = self.runtime.metrics();
         match result {
             Ok(r) => {
-                metrics.front_requests.with_label_values(&[label, "ok"]).inc();
+                metrics
+                    .front_requests
+                    .with_label_values(&[label, "ok"])
+                    .inc();
                 Message::response(id, r)
             }
             Err(e) => {
-                metrics.front_requests.with_label_values(&[label, "error"]).inc();
+                metrics
+                    .front_requests
+                    .with_label_values(&[label, "error"])
+                    .inc();
                 Message::error(Some(id), e)
             }
         }
@@ -301,16 +334,28 @@ impl Gateway {
         })
     }
 
-    const INSTRUCTIONS: &'static str = "Hangar fronts several MCP servers. Tools and prompts are named <server>__<name>.";
+    const INSTRUCTIONS: &'static str =
+        "Hangar fronts several MCP servers. Tools and prompts are named <server>__<name>.";
 
-    async fn upstream_init(&self, target: &str) -> Result<serde_json::Map<String, serde_json::Value>, RpcError> {
-        let candidates = self.router.candidates(target).map_err(|e| route_error(&e))?;
+    async fn upstream_init(
+        &self,
+        target: &str,
+    ) -> Result<serde_json::Map<String, serde_json::Value>, RpcError> {
+        let candidates = self
+            .router
+            .candidates(target)
+            .map_err(|e| route_error(&e))?;
         let mut last = None;
         for inst in candidates {
             match inst.ensure_ready().await {
                 Ok(conn) => {
                     let v: serde_json::Value = serde_json::from_str(conn.init().result.get())
-                        .map_err(|e| RpcError::new(INTERNAL_ERROR, format!("upstream initialize result unreadable: {e}")))?;
+                        .map_err(|e| {
+                            RpcError::new(
+                                INTERNAL_ERROR,
+                                format!("upstream initialize result unreadable: {e}"),
+                            )
+                        })?;
                     return Ok(v.as_object().cloned().unwrap_or_default());
                 }
                 Err(e) => last = Some(e),
@@ -339,7 +384,10 @@ impl Gateway {
             }))),
             Scope::Server(target) => {
                 let mut init = self.upstream_init(target).await?;
-                init.insert("protocolVersion".into(), serde_json::Value::String(version.to_owned()));
+                init.insert(
+                    "protocolVersion".into(),
+                    serde_json::Value::String(version.to_owned()),
+                );
                 Ok(raw(&serde_json::Value::Object(init)))
             }
         }
@@ -355,9 +403,15 @@ impl Gateway {
             Scope::Server(target) => {
                 let init = self.upstream_init(target).await?;
                 (
-                    init.get("capabilities").cloned().unwrap_or_else(|| serde_json::json!({})),
-                    init.get("serverInfo").cloned().unwrap_or_else(Self::server_info),
-                    init.get("instructions").cloned().unwrap_or(serde_json::Value::Null),
+                    init.get("capabilities")
+                        .cloned()
+                        .unwrap_or_else(|| serde_json::json!({})),
+                    init.get("serverInfo")
+                        .cloned()
+                        .unwrap_or_else(Self::server_info),
+                    init.get("instructions")
+                        .cloned()
+                        .unwrap_or(serde_json::Value::Null),
                 )
             }
         };
@@ -390,14 +444,17 @@ impl Gateway {
             let candidates = self.router.candidates(t).ok()?;
             // Only try servers that are COLD: a server whose start just failed is DEAD and
             // is retried by calls, not by every listing.
-            let first = candidates.into_iter().find(|i| i.state() == ServerState::Cold)?;
+            let first = candidates
+                .into_iter()
+                .find(|i| i.state() == ServerState::Cold)?;
             Some(async move {
                 if let Err(e) = first.ensure_ready().await {
                     tracing::warn!(mcp_server = first.id(), error = %e, "catalog_start_failed");
                 }
             })
         });
-        let _ = tokio::time::timeout(Duration::from_secs(60), futures::future::join_all(starts)).await;
+        let _ =
+            tokio::time::timeout(Duration::from_secs(60), futures::future::join_all(starts)).await;
         *self.index.write() = None;
         Ok(self.quick_index())
     }
@@ -408,7 +465,11 @@ impl Gateway {
             return idx;
         }
         let naming = self.config.read().naming;
-        let idx = Arc::new(naming::build(&naming::visible_targets(&self.runtime), naming));
+        let idx = Arc::new(naming::build(
+            &naming::visible_targets(&self.runtime),
+            naming,
+            &management::definitions(),
+        ));
         *self.index.write() = Some(idx.clone());
         idx
     }
@@ -430,7 +491,9 @@ impl Gateway {
         }
         Err(RpcError::with_data(
             INVALID_PARAMS,
-            format!("Unknown tool: '{name}'. Call tools/list to see the available tools (named <server>__<tool>)."),
+            format!(
+                "Unknown tool: '{name}'. Call tools/list to see the available tools (named <server>__<tool>)."
+            ),
             &serde_json::json!({ "error_type": "ToolNotFoundError", "tool": name }),
         ))
     }
@@ -439,32 +502,70 @@ impl Gateway {
         let name: String = params
             .get("name")
             .and_then(|v| serde_json::from_str(v.get()).ok())
-            .ok_or_else(|| RpcError::new(INVALID_PARAMS, "Invalid params: tools/call needs a string 'name'"))?;
+            .ok_or_else(|| {
+                RpcError::new(
+                    INVALID_PARAMS,
+                    "Invalid params: tools/call needs a string 'name'",
+                )
+            })?;
+        if management::TOOLS.contains(&name.as_str()) {
+            let args: serde_json::Value = params
+                .get("arguments")
+                .and_then(|a| serde_json::from_str(a.get()).ok())
+                .unwrap_or(serde_json::Value::Null);
+            let result = Box::pin(self.management(ctx, &name, &args)).await;
+            return Ok(raw(&result));
+        }
         let route = self.resolve_tool(&name).await?;
-        params.insert("name".to_owned(), raw(&serde_json::Value::String(route.upstream_name.clone())));
+        params.insert(
+            "name".to_owned(),
+            raw(&serde_json::Value::String(route.upstream_name.clone())),
+        );
         protocol::strip_modern_meta(&mut params);
-        self.call_tool(ctx, &route.target, &route.upstream_name, params, id).await
+        self.call_tool(ctx, &route.target, &route.upstream_name, params, id)
+            .await
     }
 
-    async fn call_tool(&self, ctx: &Ctx, target: &str, tool: &str, params: RawObject, id: &Id) -> CallResult {
+    async fn call_tool(
+        &self,
+        ctx: &Ctx,
+        target: &str,
+        tool: &str,
+        params: RawObject,
+        id: &Id,
+    ) -> CallResult {
         let idempotent = self.router.is_idempotent(target, tool);
         let t0 = Instant::now();
         let res = self
-            .forward(ctx, target, "tools/call", Some(raw_from_object(&params)), idempotent, id)
+            .forward(
+                ctx,
+                target,
+                "tools/call",
+                Some(raw_from_object(&params)),
+                idempotent,
+                id,
+            )
             .await;
         let metrics = self.runtime.metrics();
         match res {
             Ok((inst, Outcome::Result(r))) => {
-                let is_error = r.get().contains("\"isError\":true") || r.get().contains("\"isError\": true");
+                let is_error =
+                    r.get().contains("\"isError\":true") || r.get().contains("\"isError\": true");
                 let server = inst.id();
                 if is_error {
-                    metrics.tool_calls.with_label_values(&[server, tool, "error"]).inc();
+                    metrics
+                        .tool_calls
+                        .with_label_values(&[server, tool, "error"])
+                        .inc();
                     metrics
                         .tool_call_errors
                         .with_label_values(&[server, tool, "ToolError"])
                         .inc();
                 } else {
-                    metrics.tool_calls.with_label_values(&[server, tool, "success"]).inc();
+                    metrics
+                        .tool_calls
+                        .with_label_values(&[server, tool, "success"])
+                        .inc();
                     metrics
                         .tool_call_duration
                         .with_label_values(&[server, tool])
@@ -474,7 +575,10 @@ impl Gateway {
             }
             Ok((inst, Outcome::Error(e))) => {
                 let server = inst.id();
-                metrics.tool_calls.with_label_values(&[server, tool, "error"]).inc();
+                metrics
+                    .tool_calls
+                    .with_label_values(&[server, tool, "error"])
+                    .inc();
                 metrics
                     .tool_call_errors
                     .with_label_values(&[server, tool, "JsonRpcError"])
@@ -482,7 +586,10 @@ impl Gateway {
                 Err(e)
             }
             Err((error_type, e)) => {
-                metrics.tool_calls.with_label_values(&[target, tool, "error"]).inc();
+                metrics
+                    .tool_calls
+                    .with_label_values(&[target, tool, "error"])
+                    .inc();
                 metrics
                     .tool_call_errors
                     .with_label_values(&[target, tool, error_type])
@@ -569,16 +676,32 @@ impl Gateway {
         let _ = out.send(msg).await;
     }
 
-    async fn forward_transparent(&self, ctx: &Ctx, target: &str, method: &str, mut params: RawObject, id: &Id) -> CallResult {
+    async fn forward_transparent(
+        &self,
+        ctx: &Ctx,
+        target: &str,
+        method: &str,
+        mut params: RawObject,
+        id: &Id,
+    ) -> CallResult {
         protocol::strip_modern_meta(&mut params);
         if method == "tools/call" {
             let tool: String = params
                 .get("name")
                 .and_then(|v| serde_json::from_str(v.get()).ok())
-                .ok_or_else(|| RpcError::new(INVALID_PARAMS, "Invalid params: tools/call needs a string 'name'"))?;
+                .ok_or_else(|| {
+                    RpcError::new(
+                        INVALID_PARAMS,
+                        "Invalid params: tools/call needs a string 'name'",
+                    )
+                })?;
             return self.call_tool(ctx, target, &tool, params, id).await;
         }
-        let params = if params.is_empty() { None } else { Some(raw_from_object(&params)) };
+        let params = if params.is_empty() {
+            None
+        } else {
+            Some(raw_from_object(&params))
+        };
         match self.forward(ctx, target, method, params, false, id).await {
             Ok((_, Outcome::Result(r))) => Ok(r),
             Ok((_, Outcome::Error(e))) => Err(e),
@@ -586,11 +709,25 @@ impl Gateway {
         }
     }
 
-    async fn routed_simple(&self, ctx: &Ctx, target: &str, method: &str, params: RawObject, id: &Id) -> CallResult {
+    async fn routed_simple(
+        &self,
+        ctx: &Ctx,
+        target: &str,
+        method: &str,
+        params: RawObject,
+        id: &Id,
+    ) -> CallResult {
         let mut params = params;
         protocol::strip_modern_meta(&mut params);
         match self
-            .forward(ctx, target, method, Some(raw_from_object(&params)), false, id)
+            .forward(
+                ctx,
+                target,
+                method,
+                Some(raw_from_object(&params)),
+                false,
+                id,
+            )
             .await
         {
             Ok((_, Outcome::Result(r))) => Ok(r),
@@ -603,15 +740,32 @@ impl Gateway {
         let name: String = params
             .get("name")
             .and_then(|v| serde_json::from_str(v.get()).ok())
-            .ok_or_else(|| RpcError::new(INVALID_PARAMS, "Invalid params: prompts/get needs a string 'name'"))?;
+            .ok_or_else(|| {
+                RpcError::new(
+                    INVALID_PARAMS,
+                    "Invalid params: prompts/get needs a string 'name'",
+                )
+            })?;
         let route = match self.quick_index().prompt(&name).cloned() {
             Some(r) => r,
-            None => self.full_index().await?.prompt(&name).cloned().ok_or_else(|| {
-                RpcError::new(INVALID_PARAMS, format!("Unknown prompt: '{name}'. Call prompts/list to see the prompts."))
-            })?,
+            None => self
+                .full_index()
+                .await?
+                .prompt(&name)
+                .cloned()
+                .ok_or_else(|| {
+                    RpcError::new(
+                        INVALID_PARAMS,
+                        format!("Unknown prompt: '{name}'. Call prompts/list to see the prompts."),
+                    )
+                })?,
         };
-        params.insert("name".to_owned(), raw(&serde_json::Value::String(route.upstream_name.clone())));
-        self.routed_simple(ctx, &route.target, "prompts/get", params, id).await
+        params.insert(
+            "name".to_owned(),
+            raw(&serde_json::Value::String(route.upstream_name.clone())),
+        );
+        self.routed_simple(ctx, &route.target, "prompts/get", params, id)
+            .await
     }
 
     async fn resource_target(&self, uri: &str) -> Result<String, RpcError> {
@@ -635,11 +789,22 @@ impl Gateway {
         ))
     }
 
-    async fn resource_call(&self, ctx: &Ctx, method: &str, params: RawObject, id: &Id) -> CallResult {
+    async fn resource_call(
+        &self,
+        ctx: &Ctx,
+        method: &str,
+        params: RawObject,
+        id: &Id,
+    ) -> CallResult {
         let uri: String = params
             .get("uri")
             .and_then(|v| serde_json::from_str(v.get()).ok())
-            .ok_or_else(|| RpcError::new(INVALID_PARAMS, format!("Invalid params: {method} needs a string 'uri'")))?;
+            .ok_or_else(|| {
+                RpcError::new(
+                    INVALID_PARAMS,
+                    format!("Invalid params: {method} needs a string 'uri'"),
+                )
+            })?;
         let target = self.resource_target(&uri).await?;
         self.routed_simple(ctx, &target, method, params, id).await
     }
@@ -648,10 +813,18 @@ impl Gateway {
         let reference: serde_json::Value = params
             .get("ref")
             .and_then(|v| serde_json::from_str(v.get()).ok())
-            .ok_or_else(|| RpcError::new(INVALID_PARAMS, "Invalid params: completion/complete needs 'ref'"))?;
+            .ok_or_else(|| {
+                RpcError::new(
+                    INVALID_PARAMS,
+                    "Invalid params: completion/complete needs 'ref'",
+                )
+            })?;
         match reference.get("type").and_then(|t| t.as_str()) {
             Some("ref/prompt") => {
-                let name = reference.get("name").and_then(|n| n.as_str()).unwrap_or_default();
+                let name = reference
+                    .get("name")
+                    .and_then(|n| n.as_str())
+                    .unwrap_or_default();
                 let route = match self.quick_index().prompt(name).cloned() {
                     Some(r) => r,
                     None => self
@@ -659,17 +832,24 @@ impl Gateway {
                         .await?
                         .prompt(name)
                         .cloned()
-                        .ok_or_else(|| RpcError::new(INVALID_PARAMS, format!("Unknown prompt: '{name}'")))?,
+                        .ok_or_else(|| {
+                            RpcError::new(INVALID_PARAMS, format!("Unknown prompt: '{name}'"))
+                        })?,
                 };
                 let mut r = reference.clone();
                 r["name"] = serde_json::Value::String(route.upstream_name.clone());
                 params.insert("ref".to_owned(), raw(&r));
-                self.routed_simple(ctx, &route.target, "completion/complete", params, id).await
+                self.routed_simple(ctx, &route.target, "completion/complete", params, id)
+                    .await
             }
             Some("ref/resource") => {
-                let uri = reference.get("uri").and_then(|n| n.as_str()).unwrap_or_default();
+                let uri = reference
+                    .get("uri")
+                    .and_then(|n| n.as_str())
+                    .unwrap_or_default();
                 let target = self.resource_target(uri).await?;
-                self.routed_simple(ctx, &target, "completion/complete", params, id).await
+                self.routed_simple(ctx, &target, "completion/complete", params, id)
+                    .await
             }
             _ => Err(RpcError::new(
                 INVALID_PARAMS,
@@ -700,11 +880,16 @@ impl Gateway {
         let method = msg.method.as_deref().unwrap_or_default();
         match method {
             "notifications/cancelled" => {
-                let request_id: Option<Id> = raw_object(msg.params.as_deref())
-                    .ok()
-                    .and_then(|p| p.get("requestId").and_then(|v| serde_json::from_str(v.get()).ok()));
+                let request_id: Option<Id> = raw_object(msg.params.as_deref()).ok().and_then(|p| {
+                    p.get("requestId")
+                        .and_then(|v| serde_json::from_str(v.get()).ok())
+                });
                 if let Some(rid) = request_id {
-                    let token = self.inflight.lock().get(&(ctx.cancel_key.clone(), rid)).cloned();
+                    let token = self
+                        .inflight
+                        .lock()
+                        .get(&(ctx.cancel_key.clone(), rid))
+                        .cloned();
                     if let Some(t) = token {
                         t.cancel();
                     }
@@ -713,7 +898,9 @@ impl Gateway {
             "notifications/initialized" => {}
             other => {
                 let targets: Vec<Arc<Instance>> = match &ctx.scope {
-                    Scope::Aggregate if other == "notifications/roots/list_changed" => self.runtime.instances(),
+                    Scope::Aggregate if other == "notifications/roots/list_changed" => {
+                        self.runtime.instances()
+                    }
                     Scope::Aggregate => Vec::new(),
                     Scope::Server(t) => self.router.candidates(t).unwrap_or_default(),
                 };
@@ -737,7 +924,9 @@ impl Gateway {
                 let outcome = match (msg.result, msg.error) {
                     (Some(r), _) => Outcome::Result(r),
                     (None, Some(e)) => Outcome::Error(e),
-                    (None, None) => Outcome::Error(RpcError::new(INTERNAL_ERROR, "empty answer from client")),
+                    (None, None) => {
+                        Outcome::Error(RpcError::new(INTERNAL_ERROR, "empty answer from client"))
+                    }
                 };
                 if let Err(e) = p.conn.respond(p.upstream_id, outcome).await {
                     tracing::warn!(error = %e, "relay_answer_delivery_failed");
@@ -778,7 +967,9 @@ pub fn route_error(e: &RouteError) -> RpcError {
     match e {
         RouteError::Unknown(t) => RpcError::with_data(
             INVALID_PARAMS,
-            format!("Unknown MCP server or group '{t}'. GET /api/mcp_servers/ lists the configured servers."),
+            format!(
+                "Unknown MCP server or group '{t}'. GET /api/mcp_servers/ lists the configured servers."
+            ),
             &data(serde_json::json!({ "mcp_server": t })),
         ),
         RouteError::NoAvailableMember { group, .. } => RpcError::with_data(
@@ -786,7 +977,9 @@ pub fn route_error(e: &RouteError) -> RpcError {
             e.to_string(),
             &data(serde_json::json!({ "group": group })),
         ),
-        RouteError::Start(_) => RpcError::with_data(UPSTREAM_ERROR, e.to_string(), &data(serde_json::json!({}))),
+        RouteError::Start(_) => {
+            RpcError::with_data(UPSTREAM_ERROR, e.to_string(), &data(serde_json::json!({})))
+        }
         RouteError::GroupCircuitOpen { group, retry_in_s } => RpcError::with_data(
             UPSTREAM_ERROR,
             e.to_string(),
@@ -798,7 +991,11 @@ pub fn route_error(e: &RouteError) -> RpcError {
             } else {
                 UPSTREAM_ERROR
             };
-            RpcError::with_data(code, e.to_string(), &data(serde_json::json!({ "mcp_server": server })))
+            RpcError::with_data(
+                code,
+                e.to_string(),
+                &data(serde_json::json!({ "mcp_server": server })),
+            )
         }
     }
 }

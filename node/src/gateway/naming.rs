@@ -165,7 +165,10 @@ fn predefined(spec: &ServerSpec) -> Vec<CatalogEntry> {
                 }
                 serde_json::value::to_raw_value(&obj)
                     .ok()
-                    .map(|raw| CatalogEntry { key: t.name.clone(), raw })
+                    .map(|raw| CatalogEntry {
+                        key: t.name.clone(),
+                        raw,
+                    })
             })
             .collect(),
         _ => Vec::new(),
@@ -188,7 +191,11 @@ fn render(key: &str, items: &[Box<RawValue>]) -> Arc<str> {
 }
 
 /// Build the aggregated index from the visible targets.
-pub fn build(targets: &[TargetCatalog], naming: Naming) -> Index {
+pub fn build(
+    targets: &[TargetCatalog],
+    naming: Naming,
+    extra_tools: &[serde_json::Value],
+) -> Index {
     let mut idx = Index::default();
     // Count upstream names across targets for plain naming.
     let mut tool_counts: HashMap<&str, usize> = HashMap::new();
@@ -259,6 +266,11 @@ pub fn build(targets: &[TargetCatalog], naming: Naming) -> Index {
         }
     }
     idx.tool_count = tools.len();
+    tools.extend(
+        extra_tools
+            .iter()
+            .filter_map(|t| serde_json::value::to_raw_value(t).ok()),
+    );
     idx.tools_result = render("tools", &tools);
     idx.prompts_result = render("prompts", &prompts);
     idx.resources_result = render("resources", &resources);
@@ -280,7 +292,8 @@ mod tests {
     fn entry(name: &str) -> CatalogEntry {
         CatalogEntry {
             key: name.to_owned(),
-            raw: serde_json::value::to_raw_value(&serde_json::json!({"name": name, "x-vendor": 1})).unwrap(),
+            raw: serde_json::value::to_raw_value(&serde_json::json!({"name": name, "x-vendor": 1}))
+                .unwrap(),
         }
     }
 
@@ -297,12 +310,22 @@ mod tests {
 
     #[test]
     fn prefixed_names_keep_unknown_fields() {
-        let idx = build(&[target("math", &["add"]), target("time", &["now"])], Naming::Prefixed);
+        let idx = build(
+            &[target("math", &["add"]), target("time", &["now"])],
+            Naming::Prefixed,
+            &[],
+        );
         assert_eq!(
             idx.tool("math__add"),
-            Some(&Route { target: "math".into(), upstream_name: "add".into() })
+            Some(&Route {
+                target: "math".into(),
+                upstream_name: "add".into()
+            })
         );
-        assert!(idx.tools_result.contains(r#"{"name":"math__add","x-vendor":1}"#));
+        assert!(
+            idx.tools_result
+                .contains(r#"{"name":"math__add","x-vendor":1}"#)
+        );
         assert_eq!(idx.tool_count, 2);
     }
 
@@ -315,8 +338,14 @@ mod tests {
         assert_eq!(a, b);
         assert!(a.len() <= MAX_NAME, "{a}");
         assert!(a.starts_with("a-very-long-server-identifier"));
-        assert_ne!(exposed_name(server, "and_an_equally_long_tool_name_that_overflows_the_limiT"), a);
-        let idx = build(&[target(server, &[tool])], Naming::Prefixed);
+        assert_ne!(
+            exposed_name(
+                server,
+                "and_an_equally_long_tool_name_that_overflows_the_limiT"
+            ),
+            a
+        );
+        let idx = build(&[target(server, &[tool])], Naming::Prefixed, &[]);
         assert_eq!(idx.tool(&a).unwrap().upstream_name, tool);
     }
 
@@ -325,6 +354,7 @@ mod tests {
         let idx = build(
             &[target("a", &["echo", "only_a"]), target("b", &["echo"])],
             Naming::Plain,
+            &[],
         );
         assert!(idx.tool("only_a").is_some());
         assert!(idx.tool("echo").is_none());
@@ -336,7 +366,8 @@ mod tests {
     fn resource_templates_route_by_longest_prefix() {
         let mut idx = Index::default();
         idx.templates.push(("file:///".into(), "fs".into()));
-        idx.templates.push(("file:///special/".into(), "special".into()));
+        idx.templates
+            .push(("file:///special/".into(), "special".into()));
         assert_eq!(idx.resource_target("file:///special/x"), Some("special"));
         assert_eq!(idx.resource_target("file:///etc/x"), Some("fs"));
         assert_eq!(idx.resource_target("db://x"), None);

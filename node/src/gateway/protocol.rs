@@ -11,7 +11,13 @@ pub const MODERN: &str = "2026-07-28";
 /// Newest handshake-era revision (answered when a client asks for an unknown one).
 pub const LATEST_HANDSHAKE: &str = "2025-11-25";
 /// Every revision the front door speaks, newest first.
-pub const SUPPORTED: &[&str] = &[MODERN, "2025-11-25", "2025-06-18", "2025-03-26", "2024-11-05"];
+pub const SUPPORTED: &[&str] = &[
+    MODERN,
+    "2025-11-25",
+    "2025-06-18",
+    "2025-03-26",
+    "2024-11-05",
+];
 /// `_meta` key carrying the protocol version of a stateless request.
 pub const META_VERSION: &str = "io.modelcontextprotocol/protocolVersion";
 /// `_meta` key carrying the client's capabilities on a stateless request.
@@ -33,7 +39,11 @@ pub fn is_supported(v: &str) -> bool {
 /// The version to answer an `initialize` that asked for `requested`.
 pub fn negotiate(requested: Option<&str>) -> &'static str {
     match requested {
-        Some(v) if v != MODERN => SUPPORTED.iter().find(|s| **s == v).copied().unwrap_or(LATEST_HANDSHAKE),
+        Some(v) if v != MODERN => SUPPORTED
+            .iter()
+            .find(|s| **s == v)
+            .copied()
+            .unwrap_or(LATEST_HANDSHAKE),
         _ => LATEST_HANDSHAKE,
     }
 }
@@ -78,9 +88,12 @@ pub fn modern_meta(params: &RawObject) -> Result<Option<ModernMeta>, RpcError> {
         }
         return Ok(None);
     };
-    let version = version
-        .as_str()
-        .ok_or_else(|| RpcError::new(INVALID_PARAMS, format!("params._meta['{META_VERSION}'] must be a string")))?;
+    let version = version.as_str().ok_or_else(|| {
+        RpcError::new(
+            INVALID_PARAMS,
+            format!("params._meta['{META_VERSION}'] must be a string"),
+        )
+    })?;
     if !is_supported(version) {
         return Err(unsupported_version(version));
     }
@@ -104,7 +117,9 @@ pub fn modern_meta(params: &RawObject) -> Result<Option<ModernMeta>, RpcError> {
 
 /// Remove the stateless-era `_meta` keys before forwarding params to a handshake-era upstream.
 pub fn strip_modern_meta(params: &mut RawObject) {
-    let Some(meta) = params.get("_meta") else { return };
+    let Some(meta) = params.get("_meta") else {
+        return;
+    };
     if !meta.get().contains("io.modelcontextprotocol/") {
         return;
     }
@@ -141,9 +156,13 @@ mod tests {
     #[test]
     fn modern_meta_rules() {
         assert!(modern_meta(&obj(r#"{"name":"x"}"#)).unwrap().is_none());
-        let ok = obj(r#"{"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientCapabilities":{}}}"#);
+        let ok = obj(
+            r#"{"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientCapabilities":{}}}"#,
+        );
         assert_eq!(modern_meta(&ok).unwrap().unwrap().version, MODERN);
-        let bad = obj(r#"{"_meta":{"io.modelcontextprotocol/protocolVersion":"2030-01-01","io.modelcontextprotocol/clientCapabilities":{}}}"#);
+        let bad = obj(
+            r#"{"_meta":{"io.modelcontextprotocol/protocolVersion":"2030-01-01","io.modelcontextprotocol/clientCapabilities":{}}}"#,
+        );
         assert_eq!(modern_meta(&bad).unwrap_err().code, UNSUPPORTED_VERSION);
         let no_caps = obj(r#"{"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28"}}"#);
         assert_eq!(modern_meta(&no_caps).unwrap_err().code, INVALID_PARAMS);
@@ -151,8 +170,13 @@ mod tests {
 
     #[test]
     fn strips_only_protocol_keys() {
-        let mut p = obj(r#"{"name":"x","_meta":{"progressToken":1,"io.modelcontextprotocol/protocolVersion":"2026-07-28"}}"#);
+        let mut p = obj(
+            r#"{"name":"x","_meta":{"progressToken":1,"io.modelcontextprotocol/protocolVersion":"2026-07-28"}}"#,
+        );
         strip_modern_meta(&mut p);
-        assert_eq!(crate::jsonrpc::raw_from_object(&p).get(), r#"{"name":"x","_meta":{"progressToken":1}}"#);
+        assert_eq!(
+            crate::jsonrpc::raw_from_object(&p).get(),
+            r#"{"name":"x","_meta":{"progressToken":1}}"#
+        );
     }
 }

@@ -57,7 +57,14 @@ impl Relays {
     pub fn register(&self, conn: Arc<Upstream>, upstream_id: Id, call: u64) -> Id {
         let seq = self.seq.fetch_add(1, Ordering::Relaxed);
         let id = format!("{PREFIX}{}/{seq}", self.node_id);
-        self.pending.lock().insert(id.clone(), Pending { conn, upstream_id, call });
+        self.pending.lock().insert(
+            id.clone(),
+            Pending {
+                conn,
+                upstream_id,
+                call,
+            },
+        );
         Id::Str(id)
     }
 
@@ -72,7 +79,9 @@ impl Relays {
     /// Which node holds this id.
     pub fn home<'a>(&self, id: &'a Id) -> Home<'a> {
         let Id::Str(s) = id else { return Home::Foreign };
-        let Some(rest) = s.strip_prefix(PREFIX) else { return Home::Foreign };
+        let Some(rest) = s.strip_prefix(PREFIX) else {
+            return Home::Foreign;
+        };
         let node = rest.rsplit_once('/').map(|(n, _)| n).unwrap_or_default();
         if node == self.node_id {
             Home::Local
@@ -105,7 +114,10 @@ mod tests {
     fn ids_name_their_home_node() {
         let r = Relays::new("node-a");
         assert_eq!(r.home(&Id::Str("hgr/node-a/7".into())), Home::Local);
-        assert_eq!(r.home(&Id::Str("hgr/node-b/7".into())), Home::Node("node-b"));
+        assert_eq!(
+            r.home(&Id::Str("hgr/node-b/7".into())),
+            Home::Node("node-b")
+        );
         assert_eq!(r.home(&Id::Num(3)), Home::Foreign);
         assert_eq!(r.home(&Id::Str("other".into())), Home::Foreign);
     }

@@ -66,7 +66,10 @@ where
             let _ = out_tx
                 .send(Message::error(
                     None,
-                    RpcError::new(INVALID_REQUEST, format!("message longer than {MAX_LINE} bytes")),
+                    RpcError::new(
+                        INVALID_REQUEST,
+                        format!("message longer than {MAX_LINE} bytes"),
+                    ),
                 ))
                 .await;
             continue;
@@ -133,7 +136,13 @@ async fn read_line_bounded<R: tokio::io::AsyncBufRead + Unpin>(
 }
 
 fn trim(b: &[u8]) -> &[u8] {
-    let start = b.iter().position(|c| !c.is_ascii_whitespace()).unwrap_or(b.len());
-    let end = b.iter().rposition(|c| !c.is_ascii_whitespace()).map_or(start, |i| i + 1);
+    let start = b
+        .iter()
+        .position(|c| !c.is_ascii_whitespace())
+        .unwrap_or(b.len());
+    let end = b
+        .iter()
+        .rposition(|c| !c.is_ascii_whitespace())
+        .map_or(start, |i| i + 1);
     &b[start..end]
 }

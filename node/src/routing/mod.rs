@@ -37,7 +37,9 @@ pub enum RouteError {
     #[error(transparent)]
     Start(#[from] StartError),
     /// The group's circuit breaker is open.
-    #[error("Circuit breaker open for group '{group}': too many failed requests; next probe in {retry_in_s:.1}s")]
+    #[error(
+        "Circuit breaker open for group '{group}': too many failed requests; next probe in {retry_in_s:.1}s"
+    )]
     GroupCircuitOpen {
         /// Group id.
         group: String,
@@ -324,7 +326,11 @@ impl Router {
 
     fn breaker_changed(&self, group: &str, old: BreakerState, new: BreakerState) {
         let m = self.runtime.metrics();
-        for s in [BreakerState::Closed, BreakerState::Open, BreakerState::HalfOpen] {
+        for s in [
+            BreakerState::Closed,
+            BreakerState::Open,
+            BreakerState::HalfOpen,
+        ] {
             m.circuit_breaker_state
                 .with_label_values(&[group, s.as_str()])
                 .set(i64::from(s == new));
@@ -359,7 +365,9 @@ impl Router {
             b.opened_at = None;
         } else {
             b.failures += 1;
-            if b.state == BreakerState::HalfOpen || b.failures >= spec.circuit_breaker.failure_threshold {
+            if b.state == BreakerState::HalfOpen
+                || b.failures >= spec.circuit_breaker.failure_threshold
+            {
                 b.state = BreakerState::Open;
                 b.opened_at = Some(Instant::now());
             }
@@ -395,7 +403,11 @@ impl Router {
         let now = ms.in_rotation;
         drop(groups);
         if was != now {
-            let reason = if now { "healthy_threshold_reached" } else { "unhealthy_threshold_reached" };
+            let reason = if now {
+                "healthy_threshold_reached"
+            } else {
+                "unhealthy_threshold_reached"
+            };
             self.runtime.events().publish(
                 "GroupMemberHealthChanged",
                 serde_json::json!({"group_id": group.id(), "member_id": member, "in_rotation": now, "reason": reason}),
@@ -405,14 +417,19 @@ impl Router {
 
     /// Members of a group with their routing state.
     pub fn members(&self, group: &str) -> Vec<MemberView> {
-        let Some(g) = self.runtime.group(group) else { return Vec::new() };
+        let Some(g) = self.runtime.group(group) else {
+            return Vec::new();
+        };
         let groups = self.groups.lock();
         let st = groups.get(group);
         g.spec()
             .members
             .iter()
             .map(|m| {
-                let ms = st.and_then(|s| s.members.get(&m.id)).cloned().unwrap_or_default();
+                let ms = st
+                    .and_then(|s| s.members.get(&m.id))
+                    .cloned()
+                    .unwrap_or_default();
                 MemberView {
                     id: m.id.clone(),
                     in_rotation: ms.in_rotation,
@@ -465,7 +482,12 @@ impl Router {
         result
     }
 
-    async fn request_inner(&self, target: &str, group: Option<&Group>, req: RouteRequest<'_>) -> Result<Routed, RouteError> {
+    async fn request_inner(
+        &self,
+        target: &str,
+        group: Option<&Group>,
+        req: RouteRequest<'_>,
+    ) -> Result<Routed, RouteError> {
         let candidates = self.candidates(target)?;
         if candidates.is_empty() {
             return Err(RouteError::NoAvailableMember {
@@ -497,7 +519,12 @@ impl Router {
                 *slot.lock() = Some(conn.clone());
             }
             let res = conn
-                .request(req.method, req.params.clone(), req.sink.clone(), Some(req.timeout))
+                .request(
+                    req.method,
+                    req.params.clone(),
+                    req.sink.clone(),
+                    Some(req.timeout),
+                )
                 .await;
             match res {
                 Ok(outcome) => {
@@ -506,7 +533,10 @@ impl Router {
                     if let Some(g) = group {
                         self.member_record(g, inst.id(), true);
                     }
-                    return Ok(Routed { instance: inst, outcome });
+                    return Ok(Routed {
+                        instance: inst,
+                        outcome,
+                    });
                 }
                 Err(e) => {
                     inst.report_transport_failure(&conn, &e.to_string());
@@ -531,12 +561,20 @@ impl Router {
                                 *slot.lock() = Some(conn2.clone());
                             }
                             return match conn2
-                                .request(req.method, req.params.clone(), req.sink.clone(), Some(req.timeout))
+                                .request(
+                                    req.method,
+                                    req.params.clone(),
+                                    req.sink.clone(),
+                                    Some(req.timeout),
+                                )
                                 .await
                             {
                                 Ok(outcome) => {
                                     inst.report_success();
-                                    Ok(Routed { instance: inst, outcome })
+                                    Ok(Routed {
+                                        instance: inst,
+                                        outcome,
+                                    })
                                 }
                                 Err(e2) => {
                                     inst.report_transport_failure(&conn2, &e2.to_string());
@@ -642,7 +680,12 @@ mod tests {
             "mcp_servers:\n  a: {{command: [x]}}\n  b: {{command: [x]}}\n  c: {{command: [x]}}\n  g:\n    mode: group\n    strategy: {strategy}\n    circuit_breaker: {{failure_threshold: 2, reset_timeout_s: 1}}\n    members: {members}\n"
         );
         let cfg = crate::config::load_str(&yaml, &|_| None).unwrap();
-        let rt = Runtime::new(&cfg, Arc::new(Metrics::new()), Arc::new(EventLog::new("n", 100)), "n".into());
+        let rt = Runtime::new(
+            &cfg,
+            Arc::new(Metrics::new()),
+            Arc::new(EventLog::new("n", 100)),
+            "n".into(),
+        );
         let g = rt.group("g").unwrap();
         (Router::new(rt), g)
     }
@@ -660,20 +703,30 @@ mod tests {
         r.member_record(&g, "c", false);
         let order: Vec<String> = (0..6).map(|_| first(&r, &g)).collect();
         assert!(order.iter().all(|m| m != "c"), "{order:?}");
-        assert_eq!(r.group_order(&g).last().unwrap().id(), "c", "out-of-rotation members are the last resort");
+        assert_eq!(
+            r.group_order(&g).last().unwrap().id(),
+            "c",
+            "out-of-rotation members are the last resort"
+        );
         r.member_record(&g, "c", true);
         assert!(r.members("g").iter().all(|m| m.in_rotation));
     }
 
     #[test]
     fn smooth_weighted_round_robin_interleaves_80_20() {
-        let (r, g) = router("weighted_round_robin", "[{id: a, weight: 80}, {id: b, weight: 20}]");
+        let (r, g) = router(
+            "weighted_round_robin",
+            "[{id: a, weight: 80}, {id: b, weight: 20}]",
+        );
         let picks: Vec<String> = (0..100).map(|_| first(&r, &g)).collect();
         assert_eq!(picks.iter().filter(|m| *m == "a").count(), 80);
         let mut run = 0;
         for p in &picks {
             run = if p == "a" { run + 1 } else { 0 };
-            assert!(run < 5, "at most 4 consecutive picks of the heavy member: {picks:?}");
+            assert!(
+                run < 5,
+                "at most 4 consecutive picks of the heavy member: {picks:?}"
+            );
         }
     }
 
@@ -686,8 +739,15 @@ mod tests {
 
     #[test]
     fn priority_prefers_the_lowest_number_and_fails_over_in_order() {
-        let (r, g) = router("priority", "[{id: a, priority: 2}, {id: b, priority: 1}, {id: c, priority: 3}]");
-        let order: Vec<String> = r.group_order(&g).iter().map(|i| i.id().to_owned()).collect();
+        let (r, g) = router(
+            "priority",
+            "[{id: a, priority: 2}, {id: b, priority: 1}, {id: c, priority: 3}]",
+        );
+        let order: Vec<String> = r
+            .group_order(&g)
+            .iter()
+            .map(|i| i.id().to_owned())
+            .collect();
         assert_eq!(order, ["b", "a", "c"]);
     }
 
@@ -700,13 +760,22 @@ mod tests {
         assert_eq!(r.breaker_state("g"), BreakerState::Open);
         assert!(r.breaker_admits(&g).is_err());
         // Reset timeout is 1 s: force it elapsed.
-        r.groups.lock().get_mut("g").unwrap().breaker.opened_at = Some(Instant::now() - Duration::from_secs(2));
-        assert!(r.breaker_admits(&g).is_ok(), "one probe after the reset timeout");
+        r.groups.lock().get_mut("g").unwrap().breaker.opened_at =
+            Some(Instant::now() - Duration::from_secs(2));
+        assert!(
+            r.breaker_admits(&g).is_ok(),
+            "one probe after the reset timeout"
+        );
         assert_eq!(r.breaker_state("g"), BreakerState::HalfOpen);
         assert!(r.breaker_admits(&g).is_err(), "only one probe at a time");
         r.breaker_record(&g, false);
-        assert_eq!(r.breaker_state("g"), BreakerState::Open, "a failed probe re-opens");
-        r.groups.lock().get_mut("g").unwrap().breaker.opened_at = Some(Instant::now() - Duration::from_secs(2));
+        assert_eq!(
+            r.breaker_state("g"),
+            BreakerState::Open,
+            "a failed probe re-opens"
+        );
+        r.groups.lock().get_mut("g").unwrap().breaker.opened_at =
+            Some(Instant::now() - Duration::from_secs(2));
         assert!(r.breaker_admits(&g).is_ok());
         r.breaker_record(&g, true);
         assert_eq!(r.breaker_state("g"), BreakerState::Closed);

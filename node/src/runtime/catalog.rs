@@ -26,7 +26,10 @@ impl CatalogEntry {
     pub fn renamed(&self, field: &str, new_key: &str) -> Box<RawValue> {
         match serde_json::from_str::<RawObject>(self.raw.get()) {
             Ok(mut obj) => {
-                obj.insert(field.to_owned(), raw(&serde_json::Value::String(new_key.to_owned())));
+                obj.insert(
+                    field.to_owned(),
+                    raw(&serde_json::Value::String(new_key.to_owned())),
+                );
                 crate::jsonrpc::raw_from_object(&obj)
             }
             Err(_) => self.raw.clone(),
@@ -36,7 +39,8 @@ impl CatalogEntry {
     /// A field of the item parsed as JSON (e.g. `description`, `inputSchema`).
     pub fn field(&self, name: &str) -> Option<serde_json::Value> {
         let obj: RawObject = serde_json::from_str(self.raw.get()).ok()?;
-        obj.get(name).and_then(|v| serde_json::from_str(v.get()).ok())
+        obj.get(name)
+            .and_then(|v| serde_json::from_str(v.get()).ok())
     }
 }
 
@@ -78,10 +82,11 @@ impl Catalog {
     /// List everything the upstream declares it offers. Failures of a single list are
     /// logged and leave that list empty; they never fail the start.
     pub async fn learn(conn: &Arc<Upstream>) -> Catalog {
-        let caps: serde_json::Value = serde_json::from_str::<serde_json::Value>(conn.init().result.get())
-            .ok()
-            .and_then(|v| v.get("capabilities").cloned())
-            .unwrap_or(serde_json::Value::Null);
+        let caps: serde_json::Value =
+            serde_json::from_str::<serde_json::Value>(conn.init().result.get())
+                .ok()
+                .and_then(|v| v.get("capabilities").cloned())
+                .unwrap_or(serde_json::Value::Null);
         let has = |k: &str| caps.get(k).is_some();
         let capabilities: Vec<String> = caps
             .as_object()
@@ -101,7 +106,10 @@ impl Catalog {
         if has("resources") {
             cat.resources = list_all(conn, "resources/list", "uri", |p| p.resources).await;
             cat.resource_templates =
-                list_all(conn, "resources/templates/list", "uriTemplate", |p| p.resource_templates).await;
+                list_all(conn, "resources/templates/list", "uriTemplate", |p| {
+                    p.resource_templates
+                })
+                .await;
         }
         cat
     }
@@ -135,7 +143,9 @@ async fn list_all(
     let mut out = Vec::new();
     let mut cursor: Option<String> = None;
     for _ in 0..MAX_PAGES {
-        let params = cursor.as_ref().map(|c| raw(&serde_json::json!({ "cursor": c })));
+        let params = cursor
+            .as_ref()
+            .map(|c| raw(&serde_json::json!({ "cursor": c })));
         let res = conn.request(method, params, None, Some(LIST_TIMEOUT)).await;
         let page: Page = match res {
             Ok(Outcome::Result(r)) => match serde_json::from_str(r.get()) {
@@ -158,10 +168,17 @@ async fn list_all(
         for item in pick(page).unwrap_or_default() {
             let key = serde_json::from_str::<RawObject>(item.get())
                 .ok()
-                .and_then(|o| o.get(key_field).and_then(|v| serde_json::from_str::<String>(v.get()).ok()));
+                .and_then(|o| {
+                    o.get(key_field)
+                        .and_then(|v| serde_json::from_str::<String>(v.get()).ok())
+                });
             match key {
                 Some(key) => out.push(CatalogEntry { key, raw: item }),
-                None => tracing::warn!(mcp_server = conn.server_id(), method, "catalog_item_without_key_skipped"),
+                None => tracing::warn!(
+                    mcp_server = conn.server_id(),
+                    method,
+                    "catalog_item_without_key_skipped"
+                ),
             }
         }
         match next {

@@ -127,7 +127,9 @@ pub enum StartError {
         server: String,
     },
     /// The server is DEGRADED and its circuit is open until the next recovery attempt.
-    #[error("Circuit breaker open (too many consecutive failures): MCP server '{server}' failed {failures} times in a row; next recovery attempt in {retry_in_s:.1}s")]
+    #[error(
+        "Circuit breaker open (too many consecutive failures): MCP server '{server}' failed {failures} times in a row; next recovery attempt in {retry_in_s:.1}s"
+    )]
     CircuitOpen {
         /// Server id.
         server: String,
@@ -243,7 +245,10 @@ impl Instance {
             idling: std::sync::atomic::AtomicBool::new(false),
         };
         let mode = inst.spec.read().mode_name();
-        inst.metrics.server_info.with_label_values(&[&inst.id, mode]).set(1);
+        inst.metrics
+            .server_info
+            .with_label_values(&[&inst.id, mode])
+            .set(1);
         inst.publish_state(ServerState::Cold, now);
         inst
     }
@@ -335,7 +340,10 @@ impl Instance {
 
     fn publish_state(&self, state: ServerState, at: f64) {
         let id = [self.id.as_str()];
-        self.metrics.server_state.with_label_values(&id).set(state.metric_value());
+        self.metrics
+            .server_state
+            .with_label_values(&id)
+            .set(state.metric_value());
         self.metrics
             .server_up
             .with_label_values(&id)
@@ -348,7 +356,10 @@ impl Instance {
             .connections_active
             .with_label_values(&id)
             .set(i64::from(state == ServerState::Ready));
-        self.metrics.server_last_state_change.with_label_values(&id).set(at);
+        self.metrics
+            .server_last_state_change
+            .with_label_values(&id)
+            .set(at);
     }
 
     fn set_state(&self, inner: &mut Inner, state: ServerState) {
@@ -380,7 +391,9 @@ impl Instance {
     fn fast_path(&self) -> Result<Option<Arc<Upstream>>, StartError> {
         let mut inner = self.inner.lock();
         if inner.removed {
-            return Err(StartError::Removed { server: self.id.clone() });
+            return Err(StartError::Removed {
+                server: self.id.clone(),
+            });
         }
         if inner.state == ServerState::Degraded {
             if let Some(at) = inner.next_recovery_at {
@@ -418,7 +431,10 @@ impl Instance {
         });
         inner.conn = None;
         inner.last_error = Some(why.to_owned());
-        self.metrics.stops.with_label_values(&[&self.id, "error"]).inc();
+        self.metrics
+            .stops
+            .with_label_values(&[&self.id, "error"])
+            .inc();
         self.set_state(inner, ServerState::Dead);
     }
 
@@ -430,14 +446,23 @@ impl Instance {
             self.set_state(&mut inner, ServerState::Initializing);
         }
         let id = [self.id.as_str()];
-        self.metrics.cold_start_in_progress.with_label_values(&id).set(1);
+        self.metrics
+            .cold_start_in_progress
+            .with_label_values(&id)
+            .set(1);
         let t0 = Instant::now();
         let result = connect(&self.id, &spec).await;
-        self.metrics.cold_start_in_progress.with_label_values(&id).set(0);
+        self.metrics
+            .cold_start_in_progress
+            .with_label_values(&id)
+            .set(0);
         let conn = match result {
             Ok(c) => c,
             Err(e) => {
-                self.metrics.starts.with_label_values(&[&self.id, "failure"]).inc();
+                self.metrics
+                    .starts
+                    .with_label_values(&[&self.id, "failure"])
+                    .inc();
                 tracing::warn!(mcp_server = %self.id, error = %e, "mcp_server_start_failed");
                 let mut inner = self.inner.lock();
                 inner.last_error = Some(e.to_string());
@@ -445,18 +470,25 @@ impl Instance {
                     self.set_state(&mut inner, ServerState::Dead);
                 }
                 self.record_failure_locked(&mut inner, "start_failure", &e.to_string());
-                return Err(StartError::Upstream { server: self.id.clone(), source: e });
+                return Err(StartError::Upstream {
+                    server: self.id.clone(),
+                    source: e,
+                });
             }
         };
         // Learn the catalogue before declaring READY so every caller sees the tools.
         let catalog = Catalog::learn(&conn).await;
         let elapsed = t0.elapsed();
-        self.metrics.starts.with_label_values(&[&self.id, "success"]).inc();
+        self.metrics
+            .starts
+            .with_label_values(&[&self.id, "success"])
+            .inc();
         self.metrics
             .cold_start
             .with_label_values(&[&self.id, mode])
             .observe(elapsed.as_secs_f64());
-        self.starts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.starts
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let catalog = Arc::new(catalog);
         let (removed, previous) = {
             let inner = self.inner.lock();
@@ -465,7 +497,9 @@ impl Instance {
         let changed = previous.is_some_and(|old| !old.same_lists(&catalog));
         if removed {
             conn.shutdown().await;
-            return Err(StartError::Removed { server: self.id.clone() });
+            return Err(StartError::Removed {
+                server: self.id.clone(),
+            });
         }
         {
             let mut inner = self.inner.lock();
@@ -530,7 +564,11 @@ impl Instance {
         });
     }
 
-    async fn on_notification(self: &Arc<Self>, conn: &Arc<Upstream>, msg: Arc<crate::jsonrpc::Message>) {
+    async fn on_notification(
+        self: &Arc<Self>,
+        conn: &Arc<Upstream>,
+        msg: Arc<crate::jsonrpc::Message>,
+    ) {
         let method = msg.method.as_deref().unwrap_or_default();
         let list = match method {
             "notifications/tools/list_changed" => Some("tools"),
@@ -575,7 +613,10 @@ impl Instance {
         };
         if let Some(c) = conn {
             c.shutdown().await;
-            self.metrics.stops.with_label_values(&[&self.id, reason]).inc();
+            self.metrics
+                .stops
+                .with_label_values(&[&self.id, reason])
+                .inc();
             self.log.publish(
                 "McpServerStopped",
                 serde_json::json!({"mcp_server_id": self.id, "reason": reason}),
@@ -595,7 +636,11 @@ impl Instance {
     pub fn report_transport_failure(&self, conn: &Arc<Upstream>, error: &str) {
         let mut inner = self.inner.lock();
         if !conn.is_alive() && inner.conn.as_ref().is_some_and(|c| Arc::ptr_eq(c, conn)) {
-            self.mark_dead(&mut inner, conn, "the upstream connection failed during a call");
+            self.mark_dead(
+                &mut inner,
+                conn,
+                "the upstream connection failed during a call",
+            );
         }
         self.record_failure_locked(&mut inner, "transport_failure", error);
     }
@@ -686,20 +731,32 @@ impl Instance {
     /// Whether a recovery attempt is due (DEGRADED and its backoff elapsed).
     pub fn recovery_due(&self) -> bool {
         let inner = self.inner.lock();
-        inner.state == ServerState::Degraded && inner.next_recovery_at.is_some_and(|t| unix_now() >= t)
+        inner.state == ServerState::Degraded
+            && inner.next_recovery_at.is_some_and(|t| unix_now() >= t)
     }
 
     /// Run one MCP-aware health check (`ping`, falling back to `tools/list`) with a timeout.
     /// Failures count toward `max_consecutive_failures`.
     pub async fn health_check(self: &Arc<Self>) -> Result<Duration, String> {
         self.inner.lock().next_health_at = unix_now() + self.health_interval();
-        if self.checking.swap(true, std::sync::atomic::Ordering::AcqRel) {
+        if self
+            .checking
+            .swap(true, std::sync::atomic::Ordering::AcqRel)
+        {
             return Err("a health check is already running".into());
         }
         let result = self.health_check_inner().await;
-        self.checking.store(false, std::sync::atomic::Ordering::Release);
-        let label = if result.is_ok() { "healthy" } else { "unhealthy" };
-        self.metrics.health_checks.with_label_values(&[&self.id, label]).inc();
+        self.checking
+            .store(false, std::sync::atomic::Ordering::Release);
+        let label = if result.is_ok() {
+            "healthy"
+        } else {
+            "unhealthy"
+        };
+        self.metrics
+            .health_checks
+            .with_label_values(&[&self.id, label])
+            .inc();
         let mut inner = self.inner.lock();
         inner.next_health_at = unix_now() + self.health_interval();
         match &result {
@@ -731,7 +788,9 @@ impl Instance {
     }
 
     async fn health_check_inner(&self) -> Result<Duration, String> {
-        let conn = self.connection().ok_or_else(|| "the server is not READY".to_owned())?;
+        let conn = self
+            .connection()
+            .ok_or_else(|| "the server is not READY".to_owned())?;
         let t0 = Instant::now();
         let timeout = Some(Duration::from_secs(5));
         match conn.request("ping", None, None, timeout).await {
@@ -739,7 +798,10 @@ impl Instance {
             Ok(Outcome::Error(e)) if e.code == crate::jsonrpc::METHOD_NOT_FOUND => {
                 match conn.request("tools/list", None, None, timeout).await {
                     Ok(Outcome::Result(_)) => Ok(t0.elapsed()),
-                    Ok(Outcome::Error(e)) => Err(format!("tools/list answered error {}: {}", e.code, e.message)),
+                    Ok(Outcome::Error(e)) => Err(format!(
+                        "tools/list answered error {}: {}",
+                        e.code, e.message
+                    )),
                     Err(e) => Err(e.to_string()),
                 }
             }
@@ -770,14 +832,20 @@ impl Instance {
             return false;
         }
         let stopped = self.stop_if_idle_inner().await;
-        self.idling.store(false, std::sync::atomic::Ordering::Release);
+        self.idling
+            .store(false, std::sync::atomic::Ordering::Release);
         stopped
     }
 
     async fn stop_if_idle_inner(&self) -> bool {
         let (idle, ttl, last_used) = {
             let inner = self.inner.lock();
-            let ttl = self.spec.read().common().map(|c| c.idle_ttl_s as f64).unwrap_or(300.0);
+            let ttl = self
+                .spec
+                .read()
+                .common()
+                .map(|c| c.idle_ttl_s as f64)
+                .unwrap_or(300.0);
             (unix_now() - inner.last_used, ttl, inner.last_used)
         };
         if idle < ttl || self.in_flight() > 0 || self.state() != ServerState::Ready {
@@ -819,17 +887,27 @@ pub fn transport_spec(spec: &ServerSpec) -> TransportSpec {
             cwd: s.cwd.clone(),
         }),
         ServerSpec::Remote(r) => {
-            let mut headers: Vec<(String, String)> =
-                r.http.headers.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+            let mut headers: Vec<(String, String)> = r
+                .http
+                .headers
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
             match &r.auth {
                 RemoteAuth::None => {}
-                RemoteAuth::ApiKey { header, key } => headers.push((header.clone(), key.expose().to_owned())),
-                RemoteAuth::Bearer { token } => {
-                    headers.push(("Authorization".to_owned(), format!("Bearer {}", token.expose())))
+                RemoteAuth::ApiKey { header, key } => {
+                    headers.push((header.clone(), key.expose().to_owned()))
                 }
+                RemoteAuth::Bearer { token } => headers.push((
+                    "Authorization".to_owned(),
+                    format!("Bearer {}", token.expose()),
+                )),
                 RemoteAuth::Basic { username, password } => {
                     let raw = format!("{username}:{}", password.expose());
-                    headers.push(("Authorization".to_owned(), format!("Basic {}", base64(raw.as_bytes()))));
+                    headers.push((
+                        "Authorization".to_owned(),
+                        format!("Basic {}", base64(raw.as_bytes())),
+                    ));
                 }
             }
             TransportSpec::Http(upstream::HttpSpec {
@@ -855,7 +933,11 @@ fn base64(input: &[u8]) -> String {
     const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::with_capacity(input.len().div_ceil(3) * 4);
     for chunk in input.chunks(3) {
-        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
         let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
         for i in 0..4 {
             if i <= chunk.len() {
@@ -888,7 +970,8 @@ impl Group {
 
     /// Next round-robin position (used by the routing room).
     pub fn next_cursor(&self) -> usize {
-        self.cursor.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        self.cursor
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Replace the spec (membership changes through the API).
@@ -924,7 +1007,12 @@ pub enum RuntimeError {
 
 impl Runtime {
     /// Build the runtime from a validated configuration. Nothing is started here.
-    pub fn new(config: &Config, metrics: Arc<Metrics>, log: Arc<EventLog>, node_id: String) -> Arc<Self> {
+    pub fn new(
+        config: &Config,
+        metrics: Arc<Metrics>,
+        log: Arc<EventLog>,
+        node_id: String,
+    ) -> Arc<Self> {
         let (events, _) = broadcast::channel(1024);
         let rt = Arc::new(Runtime {
             instances: RwLock::new(IndexMap::new()),
@@ -944,7 +1032,10 @@ impl Runtime {
     fn insert(&self, id: String, spec: ServerSpec) {
         match spec {
             ServerSpec::Group(g) => {
-                self.metrics.server_info.with_label_values(&[&id, "group"]).set(1);
+                self.metrics
+                    .server_info
+                    .with_label_values(&[&id, "group"])
+                    .set(1);
                 self.groups.write().insert(
                     id.clone(),
                     Arc::new(Group {
@@ -1108,7 +1199,10 @@ mod tests {
         for attempt in 0..20 {
             let d = recovery_delay(attempt);
             let base = 2f64.powi(attempt.min(10) as i32).min(60.0);
-            assert!(d >= base * 0.8 - 1e-9 && d <= base * 1.2 + 1e-9, "attempt {attempt}: {d}");
+            assert!(
+                d >= base * 0.8 - 1e-9 && d <= base * 1.2 + 1e-9,
+                "attempt {attempt}: {d}"
+            );
         }
         assert!(recovery_delay(30) <= 72.0);
     }

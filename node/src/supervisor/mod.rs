@@ -37,7 +37,11 @@ pub fn spawn(runtime: Arc<Runtime>, shutdown: CancellationToken) -> tokio::task:
                                 }
                             });
                         }
-                        let idle = inst.spec().common().map(|c| c.idle_ttl_s as f64).unwrap_or(300.0);
+                        let idle = inst
+                            .spec()
+                            .common()
+                            .map(|c| c.idle_ttl_s as f64)
+                            .unwrap_or(300.0);
                         if inst.idle_for() >= idle && inst.in_flight() == 0 {
                             let i = inst.clone();
                             tokio::spawn(async move {
@@ -49,8 +53,12 @@ pub fn spawn(runtime: Arc<Runtime>, shutdown: CancellationToken) -> tokio::task:
                         let i = inst.clone();
                         tokio::spawn(async move {
                             match i.recover().await {
-                                Ok(()) => tracing::info!(mcp_server = i.id(), "mcp_server_recovered"),
-                                Err(e) => tracing::warn!(mcp_server = i.id(), error = %e, "mcp_server_recovery_failed"),
+                                Ok(()) => {
+                                    tracing::info!(mcp_server = i.id(), "mcp_server_recovered")
+                                }
+                                Err(e) => {
+                                    tracing::warn!(mcp_server = i.id(), error = %e, "mcp_server_recovery_failed")
+                                }
                             }
                         });
                     }

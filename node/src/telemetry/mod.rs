@@ -75,15 +75,24 @@ fn counter(reg: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounte
 }
 
 fn gauge(reg: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
-    let g = IntGaugeVec::new(Opts::new(name, help), labels)
-        .unwrap_or_else(|e| panic_metric(name, &e));
+    let g =
+        IntGaugeVec::new(Opts::new(name, help), labels).unwrap_or_else(|e| panic_metric(name, &e));
     register(reg, Box::new(g.clone()), name);
     g
 }
 
-fn histogram(reg: &Registry, name: &str, help: &str, labels: &[&str], buckets: &[f64]) -> HistogramVec {
-    let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets.to_vec()), labels)
-        .unwrap_or_else(|e| panic_metric(name, &e));
+fn histogram(
+    reg: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+    buckets: &[f64],
+) -> HistogramVec {
+    let h = HistogramVec::new(
+        HistogramOpts::new(name, help).buckets(buckets.to_vec()),
+        labels,
+    )
+    .unwrap_or_else(|e| panic_metric(name, &e));
     register(reg, Box::new(h.clone()), name);
     h
 }
@@ -107,7 +116,12 @@ impl Metrics {
         let r = Registry::new();
         let l_srv = &["mcp_server"];
         let m = Metrics {
-            tool_calls: counter(&r, "mcp_hangar_tool_calls_total", "Tool calls", &["mcp_server", "tool", "status"]),
+            tool_calls: counter(
+                &r,
+                "mcp_hangar_tool_calls_total",
+                "Tool calls",
+                &["mcp_server", "tool", "status"],
+            ),
             tool_call_duration: histogram(
                 &r,
                 "mcp_hangar_tool_call_duration_seconds",
@@ -121,14 +135,24 @@ impl Metrics {
                 "Tool call errors",
                 &["mcp_server", "tool", "error_type"],
             ),
-            server_info: gauge(&r, "mcp_hangar_mcp_server_info", "Configured MCP servers", &["mcp_server", "mode"]),
+            server_info: gauge(
+                &r,
+                "mcp_hangar_mcp_server_info",
+                "Configured MCP servers",
+                &["mcp_server", "mode"],
+            ),
             server_state: gauge(
                 &r,
                 "mcp_hangar_mcp_server_state",
                 "MCP server state (0 cold, 1 initializing, 2 ready, 3 degraded, 4 dead)",
                 l_srv,
             ),
-            server_up: gauge(&r, "mcp_hangar_mcp_server_up", "MCP server ready (1) or not (0)", l_srv),
+            server_up: gauge(
+                &r,
+                "mcp_hangar_mcp_server_up",
+                "MCP server ready (1) or not (0)",
+                l_srv,
+            ),
             server_initialized: gauge(
                 &r,
                 "mcp_hangar_mcp_server_initialized",
@@ -153,8 +177,18 @@ impl Metrics {
                 "A cold start is in progress",
                 l_srv,
             ),
-            starts: counter(&r, "mcp_hangar_mcp_server_starts_total", "Server starts", &["mcp_server", "result"]),
-            stops: counter(&r, "mcp_hangar_mcp_server_stops_total", "Server stops", &["mcp_server", "reason"]),
+            starts: counter(
+                &r,
+                "mcp_hangar_mcp_server_starts_total",
+                "Server starts",
+                &["mcp_server", "result"],
+            ),
+            stops: counter(
+                &r,
+                "mcp_hangar_mcp_server_stops_total",
+                "Server stops",
+                &["mcp_server", "reason"],
+            ),
             cold_start: histogram(
                 &r,
                 "mcp_hangar_mcp_server_cold_start_seconds",
@@ -174,17 +208,30 @@ impl Metrics {
                 "JSON-RPC requests sent upstream",
                 &["mcp_server", "method"],
             ),
-            errors: counter(&r, "mcp_hangar_errors_total", "Errors by component", &["component", "error_type"]),
+            errors: counter(
+                &r,
+                "mcp_hangar_errors_total",
+                "Errors by component",
+                &["component", "error_type"],
+            ),
             circuit_breaker_state: gauge(
                 &r,
                 "mcp_hangar_circuit_breaker_state",
                 "Circuit breaker state (1 = in that state)",
                 &["mcp_server", "state"],
             ),
-            build_info: gauge(&r, "mcp_hangar_build_info", "Build information", &["version"]),
+            build_info: gauge(
+                &r,
+                "mcp_hangar_build_info",
+                "Build information",
+                &["version"],
+            ),
             process_start_time: {
-                let g = IntGauge::new("mcp_hangar_process_start_time_seconds", "Process start time")
-                    .unwrap_or_else(|e| panic_metric("process_start_time", &e));
+                let g = IntGauge::new(
+                    "mcp_hangar_process_start_time_seconds",
+                    "Process start time",
+                )
+                .unwrap_or_else(|e| panic_metric("process_start_time", &e));
                 register(&r, Box::new(g.clone()), "process_start_time");
                 g
             },
@@ -215,7 +262,9 @@ impl Metrics {
             ),
             registry: r,
         };
-        m.build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        m.build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
         m.process_start_time.set(unix_now() as i64);
         m
     }
@@ -276,8 +325,9 @@ pub fn init_logging(level: Option<&str>, json: bool) {
         "critical" => "error".to_owned(),
         other => other.to_owned(),
     };
-    let filter = tracing_subscriber::EnvFilter::try_new(format!("{level},hyper=warn,reqwest=warn,h2=warn"))
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let filter =
+        tracing_subscriber::EnvFilter::try_new(format!("{level},hyper=warn,reqwest=warn,h2=warn"))
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let json = json
         || std::env::var("MCP_JSON_LOGS")
             .map(|v| matches!(v.to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on"))
@@ -301,10 +351,14 @@ mod tests {
     #[test]
     fn renders_mcp_hangar_names() {
         let m = Metrics::new();
-        m.tool_calls.with_label_values(&["math", "add", "success"]).inc();
+        m.tool_calls
+            .with_label_values(&["math", "add", "success"])
+            .inc();
         m.server_state.with_label_values(&["math"]).set(2);
         let text = m.render();
-        assert!(text.contains(r#"mcp_hangar_tool_calls_total{mcp_server="math",status="success",tool="add"} 1"#));
+        assert!(text.contains(
+            r#"mcp_hangar_tool_calls_total{mcp_server="math",status="success",tool="add"} 1"#
+        ));
         assert!(text.contains(r#"mcp_hangar_mcp_server_state{mcp_server="math"} 2"#));
         assert!(text.contains("mcp_hangar_build_info"));
     }

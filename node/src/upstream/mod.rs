@@ -3,25 +3,36 @@
 //! endpoint — shared by every caller: requests are multiplexed by our own ids, progress
 //! tokens are made connection-unique and restored, a caller that goes away cancels its
 //! request upstream, and params/results pass through as raw JSON.
+//!
+//! Routing of what the server sends besides answers:
+//! * `notifications/progress` → the call whose (rewritten) token it carries, original token
+//!   restored; dropped when no live call listens.
+//! * stdio: server→client requests and `notifications/message` → the call with a sink if it is
+//!   the only one in flight; otherwise requests are refused (-32603) and logs broadcast.
+//!   HTTP: whatever arrives on a call's own SSE stream belongs to that call.
+//! * `ping` from the server is answered here with `{}`.
+//! * everything else → [`Upstream::subscribe`].
 
 mod http;
 mod sse;
 mod stdio;
 
-pub use sse::SseParser;
+pub use sse::{SseEvent, SseParser};
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use parking_lot::Mutex;
 use serde::Serialize;
 use serde_json::value::RawValue;
-use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::sync::{broadcast, mpsc};
 
-use crate::jsonrpc::{Id, Message, RawObject, RpcError, raw, raw_from_object, raw_object};
+use crate::jsonrpc::{Id, Message, RawObject, RpcError, raw, raw_from_object};
+
+/// Protocol revisions Hangar accepts in an upstream's `initialize` answer.
+pub const SUPPORTED_PROTOCOL_VERSIONS: &[&str] =
+    &["2024-11-05", "2025-03-26", "2025-06-18", "2025-11-25"];
 
 /// How to reach an upstream.
 #[derive(Debug, Clone)]
@@ -33,18 +44,35 @@ pub enum TransportSpec {
 }
 
 /// A child process.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct StdioSpec {
     /// Program and arguments.
     pub argv: Vec<String>,
-    /// Extra environment.
+    /// Extra environment (values may be secrets; `Debug` hides them).
     pub env: Vec<(String, String)>,
     /// Working directory.
     pub cwd: Option<PathBuf>,
 }
 
+impl std::fmt::Debug for StdioSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StdioSpec")
+            .field("argv", &self.argv)
+            .field(
+                "env",
+                &self
+                    .env
+                    .iter()
+                    .map(|(k, _)| (k.as_str(), "<redacted>"))
+                    .collect::<Vec<_>>(),
+            )
+            .field("cwd", &self.cwd)
+            .finish()
+    }
+}
+
 /// A remote endpoint.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct HttpSpec {
     /// URL of the MCP endpoint.
     pub endpoint: String,
@@ -52,12 +80,32 @@ pub struct HttpSpec {
     pub headers: Vec<(String, String)>,
     /// TCP/TLS connect timeout.
     pub connect_timeout: Duration,
-    /// Default per-request read timeout.
+    /// Default per-request deadline (requests without their own timeout).
     pub read_timeout: Duration,
     /// Verify TLS certificates.
     pub verify_tls: bool,
     /// Extra CA certificate (PEM).
     pub ca_cert_path: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for HttpSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpSpec")
+            .field("endpoint", &self.endpoint)
+            .field(
+                "headers",
+                &self
+                    .headers
+                    .iter()
+                    .map(|(k, _)| (k.as_str(), "<redacted>"))
+                    .collect::<Vec<_>>(),
+            )
+            .field("connect_timeout", &self.connect_timeout)
+            .field("read_timeout", &self.read_timeout)
+            .field("verify_tls", &self.verify_tls)
+            .field("ca_cert_path", &self.ca_cert_path)
+            .finish()
+    }
 }
 
 /// Handshake parameters.
@@ -69,7 +117,7 @@ pub struct ConnectOptions {
     pub client_name: String,
     /// clientInfo.version.
     pub client_version: String,
-    /// Protocol version to ask for.
+    /// Protocol version to ask for (the server may answer any of [`SUPPORTED_PROTOCOL_VERSIONS`]).
     pub protocol_version: String,
     /// Handshake deadline.
     pub init_timeout: Duration,
@@ -89,10 +137,11 @@ pub struct InitInfo {
 /// A message that belongs to one in-flight call.
 #[derive(Debug)]
 pub enum CallEvent {
-    /// Progress (original token restored), logging during the call, …
+    /// A notification that belongs to this call (progress with the caller's original token
+    /// restored, `notifications/message` emitted while serving it, …).
     Notification(Message),
-    /// A request from the upstream to the client (sampling, elicitation, roots); answer with
-    /// [`Upstream::respond`] using its id.
+    /// A request from the upstream to the client (sampling, elicitation, roots); `id` is the
+    /// upstream's id — answer with [`Upstream::respond`].
     Request(Message),
 }
 
@@ -111,9 +160,9 @@ pub enum Outcome {
 /// A stderr (or stdout-garbage) line.
 #[derive(Debug, Clone, Serialize)]
 pub struct LogLine {
-    /// Unix time.
+    /// Unix time in seconds.
     pub timestamp: f64,
-    /// The line.
+    /// The line (at most 8192 bytes).
     pub line: String,
     /// `stderr` or `stdout-garbage`.
     pub stream: String,
@@ -122,7 +171,7 @@ pub struct LogLine {
 /// Transport failures.
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
-    /// The process could not be started.
+    /// The process could not be started (the request never left).
     #[error("cannot start MCP server '{server}': {message}")]
     Spawn {
         /// Server id.
@@ -130,7 +179,7 @@ pub enum UpstreamError {
         /// What failed.
         message: String,
     },
-    /// The endpoint could not be reached.
+    /// The endpoint could not be reached (the request never left).
     #[error("cannot connect to MCP server '{server}': {message}")]
     Connect {
         /// Server id.
@@ -172,13 +221,23 @@ pub enum UpstreamError {
         /// What was wrong.
         message: String,
     },
+    /// Too many messages queued for this server (the request never left).
+    #[error("MCP server '{server}' is overloaded: {message}")]
+    Overloaded {
+        /// Server id.
+        server: String,
+        /// What was full.
+        message: String,
+    },
 }
 
 impl UpstreamError {
     /// True when the request certainly did not reach the upstream (safe to retry elsewhere).
     pub fn before_send(&self) -> bool {
         match self {
-            UpstreamError::Spawn { .. } | UpstreamError::Connect { .. } => true,
+            UpstreamError::Spawn { .. }
+            | UpstreamError::Connect { .. }
+            | UpstreamError::Overloaded { .. } => true,
             UpstreamError::Closed { before_send, .. } => *before_send,
             _ => false,
         }
@@ -190,185 +249,115 @@ enum Transport {
     Http(Arc<http::HttpConn>),
 }
 
-/// One live, initialized upstream connection.
+/// One live, initialized upstream connection; share it as `Arc<Upstream>`.
 pub struct Upstream {
     server_id: String,
     transport: Transport,
     init: InitInfo,
     notes: broadcast::Sender<Arc<Message>>,
-    in_flight: Arc<AtomicU64>,
+    in_flight: AtomicUsize,
     default_timeout: Duration,
 }
 
-/// Shared progress-routing state used by both transports.
-type PendingMap = Mutex<HashMap<u64, stdio::PendingCall>>;
+/// Default deadline for stdio requests without their own timeout.
+const STDIO_DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
 
 static PROGRESS_SEQ: AtomicU64 = AtomicU64::new(1);
 
-/// Deliver a progress notification to the call whose (rewritten) token it carries.
-async fn route_progress(
-    pending: &PendingMap,
-    tokens: &Mutex<HashMap<String, u64>>,
-    mut msg: Message,
-) -> bool {
-    let Ok(mut params) = raw_object(msg.params.as_deref()) else {
-        return false;
-    };
-    let Some(tok) = params
-        .get("progressToken")
-        .and_then(|t| serde_json::from_str::<serde_json::Value>(t.get()).ok())
-    else {
-        return false;
-    };
-    let key = token_key(&tok);
-    let Some(call) = tokens.lock().get(&key).copied() else {
-        return false;
-    };
-    let (sink, original) = {
-        let pending = pending.lock();
-        let Some(p) = pending.get(&call) else { return false };
-        let Some((_, orig)) = &p.progress else { return false };
-        (p.sink.clone(), orig.clone())
-    };
-    let Some(sink) = sink else { return false };
-    params.insert("progressToken".to_owned(), original);
-    msg.params = Some(raw_from_object(&params));
-    sink.send(CallEvent::Notification(msg)).await.is_ok()
-}
-
-fn token_key(v: &serde_json::Value) -> String {
-    match v {
-        serde_json::Value::String(s) => s.clone(),
-        other => other.to_string(),
-    }
-}
-
-/// Cancels the request upstream if the caller's future is dropped before the answer.
-struct CancelGuard<'a> {
-    up: &'a Upstream,
-    id: u64,
-    armed: bool,
-}
-
-impl Drop for CancelGuard<'_> {
-    fn drop(&mut self) {
-        self.up.in_flight.fetch_sub(1, Ordering::Relaxed);
-        if !self.armed {
-            return;
-        }
-        let id = self.id;
-        match &self.up.transport {
-            Transport::Stdio(c) => {
-                let removed = c.shared.pending.lock().remove(&id);
-                if let Some(p) = removed {
-                    if let Some((tok, _)) = p.progress {
-                        c.shared.progress.lock().remove(&tok);
-                    }
-                }
-                let note = cancelled(id);
-                let c = c.clone();
-                tokio::spawn(async move {
-                    let _ = c.write(note).await;
-                });
-            }
-            Transport::Http(c) => {
-                let c = c.clone();
-                let note = cancelled(id);
-                tokio::spawn(async move {
-                    c.post_notification(note).await;
-                });
-            }
-        }
-    }
-}
-
-fn cancelled(id: u64) -> String {
-    Message::notification(
-        "notifications/cancelled",
-        Some(raw(&serde_json::json!({"requestId": id, "reason": "the client went away"}))),
-    )
-    .to_json()
-}
+/// (progress token sent upstream, the caller's original token).
+type ProgressPair = (String, Box<RawValue>);
 
 impl Upstream {
-    /// Start or reach the server and perform the MCP handshake.
-    pub async fn connect(spec: &TransportSpec, opts: ConnectOptions) -> Result<Arc<Upstream>, UpstreamError> {
-        let (notes, _) = broadcast::channel(256);
-        let (transport, default_timeout) = match spec {
-            TransportSpec::Stdio(s) => (
-                Transport::Stdio(stdio::StdioConn::spawn(&opts.server_id, s, notes.clone())?),
-                Duration::from_secs(60),
-            ),
-            TransportSpec::Http(h) => (
-                Transport::Http(http::HttpConn::new(&opts.server_id, h, notes.clone())?),
-                h.read_timeout,
-            ),
-        };
-        let mut up = Upstream {
-            server_id: opts.server_id.clone(),
-            transport,
-            init: InitInfo {
-                protocol_version: opts.protocol_version.clone(),
-                result: crate::jsonrpc::empty_object(),
-            },
-            notes,
-            in_flight: Arc::new(AtomicU64::new(0)),
-            default_timeout,
-        };
-        let init = match tokio::time::timeout(opts.init_timeout, up.handshake(&opts)).await {
-            Ok(Ok(i)) => i,
-            Ok(Err(e)) => {
-                up.shutdown().await;
-                return Err(e);
-            }
-            Err(_) => {
-                up.shutdown().await;
-                return Err(UpstreamError::Handshake {
-                    server: opts.server_id.clone(),
-                    message: format!("no answer to initialize within {:?}", opts.init_timeout),
-                });
-            }
-        };
-        up.init = init;
-        let up = Arc::new(up);
-        if let Transport::Http(h) = &up.transport {
-            h.set_protocol_version(&up.init.protocol_version);
-            h.clone().start_listening();
-        }
-        Ok(up)
-    }
-
-    async fn handshake(&self, opts: &ConnectOptions) -> Result<InitInfo, UpstreamError> {
+    /// Start or reach the server and perform the MCP handshake (`initialize` → check the
+    /// answered protocol version → `notifications/initialized`) within `opts.init_timeout`.
+    pub async fn connect(
+        spec: &TransportSpec,
+        opts: ConnectOptions,
+    ) -> Result<Arc<Upstream>, UpstreamError> {
+        let (notes, _) = broadcast::channel(1024);
         let params = raw(&serde_json::json!({
             "protocolVersion": opts.protocol_version,
             "capabilities": opts.client_capabilities,
             "clientInfo": {"name": opts.client_name, "version": opts.client_version},
         }));
-        let outcome = match &self.transport {
-            Transport::Http(h) => h.initialize(params).await?,
-            Transport::Stdio(_) => self.request("initialize", Some(params), None, Some(opts.init_timeout)).await?,
+        let server = opts.server_id.clone();
+        let timed_out = || UpstreamError::Handshake {
+            server: server.clone(),
+            message: format!(
+                "no answer to initialize within {:.1}s; check that the server speaks MCP on this transport",
+                opts.init_timeout.as_secs_f64()
+            ),
         };
-        let result = match outcome {
-            Outcome::Result(r) => r,
-            Outcome::Error(e) => {
-                return Err(UpstreamError::Handshake {
-                    server: self.server_id.clone(),
-                    message: format!("initialize refused: {} ({})", e.message, e.code),
-                });
+        let (transport, init, default_timeout) = match spec {
+            TransportSpec::Stdio(s) => {
+                let conn = stdio::StdioConn::spawn(&server, s, notes.clone())?;
+                let handshake = async {
+                    let outcome = conn
+                        .call("initialize", Some(params), None, None, opts.init_timeout)
+                        .await
+                        .map_err(|e| match e {
+                            UpstreamError::Timeout { .. } => timed_out(),
+                            other => UpstreamError::Handshake {
+                                server: server.clone(),
+                                message: format!("initialize failed: {other}"),
+                            },
+                        })?;
+                    let info = check_init(&server, outcome)?;
+                    conn.send(&Message::notification("notifications/initialized", None))
+                        .await
+                        .map_err(|e| UpstreamError::Handshake {
+                            server: server.clone(),
+                            message: format!("cannot send notifications/initialized: {e}"),
+                        })?;
+                    Ok::<_, UpstreamError>(info)
+                };
+                let res = tokio::time::timeout(opts.init_timeout, handshake).await;
+                match res {
+                    Ok(Ok(info)) => (Transport::Stdio(conn), info, STDIO_DEFAULT_TIMEOUT),
+                    Ok(Err(e)) => {
+                        conn.shutdown().await;
+                        return Err(e);
+                    }
+                    Err(_) => {
+                        conn.shutdown().await;
+                        return Err(timed_out());
+                    }
+                }
+            }
+            TransportSpec::Http(h) => {
+                let conn = http::HttpConn::new(&server, h, notes.clone())?;
+                match tokio::time::timeout(opts.init_timeout, conn.initialize(params)).await {
+                    Ok(Ok(info)) => (Transport::Http(conn), info, h.read_timeout),
+                    Ok(Err(e)) => {
+                        conn.shutdown().await;
+                        return Err(match e {
+                            e @ (UpstreamError::Connect { .. }
+                            | UpstreamError::Handshake { .. }) => e,
+                            other => UpstreamError::Handshake {
+                                server: server.clone(),
+                                message: format!("initialize failed: {other}"),
+                            },
+                        });
+                    }
+                    Err(_) => {
+                        conn.shutdown().await;
+                        return Err(timed_out());
+                    }
+                }
             }
         };
-        let version = serde_json::from_str::<serde_json::Value>(result.get())
-            .ok()
-            .and_then(|v| v.get("protocolVersion").and_then(|p| p.as_str()).map(str::to_owned))
-            .ok_or_else(|| UpstreamError::Handshake {
-                server: self.server_id.clone(),
-                message: "initialize result has no protocolVersion".into(),
-            })?;
-        self.notify("notifications/initialized", None).await?;
-        Ok(InitInfo {
-            protocol_version: version,
-            result,
-        })
+        if let Transport::Http(h) = &transport {
+            h.start_listening();
+        }
+        tracing::info!(mcp_server = %server, protocol = %init.protocol_version, "upstream_connected");
+        Ok(Arc::new(Upstream {
+            server_id: server,
+            transport,
+            init,
+            notes,
+            in_flight: AtomicUsize::new(0),
+            default_timeout,
+        }))
     }
 
     /// The handshake result.
@@ -381,8 +370,11 @@ impl Upstream {
         &self.server_id
     }
 
-    /// Send a request and wait for the answer (see the room docs for progress and
-    /// cancellation). `timeout` defaults to the connection's read timeout.
+    /// Send a request and wait for its answer. `params` pass through untouched except
+    /// `_meta.progressToken`, which is rewritten to a connection-unique token upstream and
+    /// restored on progress notifications sent to `sink`. Dropping the returned future before
+    /// it completes sends `notifications/cancelled` upstream. `timeout`: overall deadline
+    /// (None = the connection's default: HTTP read timeout, 60 s for stdio).
     pub async fn request(
         &self,
         method: &str,
@@ -391,119 +383,40 @@ impl Upstream {
         timeout: Option<Duration>,
     ) -> Result<Outcome, UpstreamError> {
         let timeout = timeout.unwrap_or(self.default_timeout);
-        self.in_flight.fetch_add(1, Ordering::Relaxed);
-        let id = match &self.transport {
-            Transport::Stdio(c) => c.next_id.fetch_add(1, Ordering::Relaxed),
-            Transport::Http(c) => c.next_id(),
-        };
-        let mut guard = CancelGuard {
-            up: self,
-            id,
-            armed: false,
-        };
-        // Progress token rewrite.
-        let (params, progress) = rewrite_progress(params, sink.is_some());
+        let _counted = InFlight::new(&self.in_flight);
+        let (params, progress) = rewrite_progress(params);
         match &self.transport {
-            Transport::Stdio(c) => {
-                if !c.shared.alive.load(Ordering::SeqCst) {
-                    return Err(UpstreamError::Closed {
-                        server: self.server_id.clone(),
-                        message: "the MCP server process is not running".into(),
-                        before_send: true,
-                    });
-                }
-                let (tx, rx) = oneshot::channel();
-                if let Some((tok, _)) = &progress {
-                    c.shared.progress.lock().insert(tok.clone(), id);
-                }
-                c.shared
-                    .pending
-                    .lock()
-                    .insert(id, stdio::PendingCall { tx, sink, progress });
-                let line = Message::request(Id::Num(id as i64), method, params).to_json();
-                if c.write(line).await.is_err() {
-                    c.shared.pending.lock().remove(&id);
-                    return Err(UpstreamError::Closed {
-                        server: self.server_id.clone(),
-                        message: "the MCP server process is not running".into(),
-                        before_send: true,
-                    });
-                }
-                guard.armed = true;
-                let res = tokio::time::timeout(timeout, rx).await;
-                match res {
-                    Ok(Ok(r)) => {
-                        guard.armed = false;
-                        r
-                    }
-                    Ok(Err(_)) => {
-                        guard.armed = false;
-                        Err(UpstreamError::Closed {
-                            server: self.server_id.clone(),
-                            message: "the connection was dropped".into(),
-                            before_send: false,
-                        })
-                    }
-                    Err(_) => Err(UpstreamError::Timeout {
-                        server: self.server_id.clone(),
-                        secs: timeout.as_secs_f64(),
-                    }),
-                }
-            }
-            Transport::Http(c) => {
-                guard.armed = true;
-                let msg = Message::request(Id::Num(id as i64), method, params);
-                let res = tokio::time::timeout(timeout, c.call(id, msg, sink, progress)).await;
-                match res {
-                    Ok(r) => {
-                        guard.armed = false;
-                        r
-                    }
-                    Err(_) => Err(UpstreamError::Timeout {
-                        server: self.server_id.clone(),
-                        secs: timeout.as_secs_f64(),
-                    }),
-                }
-            }
+            Transport::Stdio(c) => c.call(method, params, sink, progress, timeout).await,
+            Transport::Http(c) => c.call(method, params, sink, progress, timeout).await,
         }
     }
 
     /// Send a notification.
-    pub async fn notify(&self, method: &str, params: Option<Box<RawValue>>) -> Result<(), UpstreamError> {
-        let line = Message::notification(method, params).to_json();
+    pub async fn notify(
+        &self,
+        method: &str,
+        params: Option<Box<RawValue>>,
+    ) -> Result<(), UpstreamError> {
+        let msg = Message::notification(method, params);
         match &self.transport {
-            Transport::Stdio(c) => c.write(line).await.map_err(|_| UpstreamError::Closed {
-                server: self.server_id.clone(),
-                message: "the MCP server process is not running".into(),
-                before_send: true,
-            }),
-            Transport::Http(c) => {
-                c.post_notification(line).await;
-                Ok(())
-            }
+            Transport::Stdio(c) => c.send(&msg).await,
+            Transport::Http(c) => c.send_oneway(msg.to_json()).await,
         }
     }
 
-    /// Answer a request the upstream sent during a call.
+    /// Answer a server→client request previously delivered as [`CallEvent::Request`].
     pub async fn respond(&self, upstream_id: Id, outcome: Outcome) -> Result<(), UpstreamError> {
         let msg = match outcome {
             Outcome::Result(r) => Message::response(upstream_id, r),
             Outcome::Error(e) => Message::error(Some(upstream_id), e),
         };
         match &self.transport {
-            Transport::Stdio(c) => c.write(msg.to_json()).await.map_err(|_| UpstreamError::Closed {
-                server: self.server_id.clone(),
-                message: "the MCP server process is not running".into(),
-                before_send: true,
-            }),
-            Transport::Http(c) => {
-                c.post_notification(msg.to_json()).await;
-                Ok(())
-            }
+            Transport::Stdio(c) => c.respond(&msg).await,
+            Transport::Http(c) => c.send_oneway(msg.to_json()).await,
         }
     }
 
-    /// Notifications not tied to a call.
+    /// Notifications not attributable to a call (list changes, resource updates, logs outside calls).
     pub fn subscribe(&self) -> broadcast::Receiver<Arc<Message>> {
         self.notes.subscribe()
     }
@@ -511,26 +424,21 @@ impl Upstream {
     /// Whether the connection is usable.
     pub fn is_alive(&self) -> bool {
         match &self.transport {
-            Transport::Stdio(c) => c.shared.alive.load(Ordering::SeqCst),
+            Transport::Stdio(c) => c.is_alive(),
             Transport::Http(c) => c.is_alive(),
         }
     }
 
-    /// Resolves when the connection is gone.
+    /// Resolves when the connection is gone (process exited, stdout closed, shut down, or the
+    /// HTTP session cannot be re-established).
     pub async fn closed(&self) {
         match &self.transport {
-            Transport::Stdio(c) => loop {
-                let notified = c.shared.closed.notified();
-                if !c.shared.alive.load(Ordering::SeqCst) {
-                    return;
-                }
-                notified.await;
-            },
+            Transport::Stdio(c) => c.closed().await,
             Transport::Http(c) => c.closed().await,
         }
     }
 
-    /// Last `n` stderr lines (stdio).
+    /// stdio: the last `n` stderr (and stdout-garbage) lines; HTTP: empty.
     pub fn logs(&self, n: usize) -> Vec<LogLine> {
         match &self.transport {
             Transport::Stdio(c) => c.logs(n),
@@ -538,7 +446,7 @@ impl Upstream {
         }
     }
 
-    /// Child pid (stdio).
+    /// stdio: the child's pid.
     pub fn pid(&self) -> Option<u32> {
         match &self.transport {
             Transport::Stdio(c) => c.pid(),
@@ -546,36 +454,117 @@ impl Upstream {
         }
     }
 
-    /// Orderly stop. Idempotent.
+    /// Orderly stop. stdio: close stdin, wait up to 3 s, SIGTERM the process group, wait 2 s,
+    /// SIGKILL. HTTP: DELETE the session. Idempotent.
     pub async fn shutdown(&self) {
         match &self.transport {
-            Transport::Stdio(c) => {
-                c.shutdown().await;
-            }
+            Transport::Stdio(c) => c.shutdown().await,
             Transport::Http(c) => c.shutdown().await,
         }
     }
 
     /// Requests in flight.
     pub fn in_flight(&self) -> usize {
-        self.in_flight.load(Ordering::Relaxed) as usize
+        self.in_flight.load(Ordering::Relaxed)
     }
 }
 
-/// If params carry `_meta.progressToken` and the caller listens, replace it with a
-/// connection-unique token; returns the new params and (new token, original token).
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        // stdio: dropping the connection kills the process group (see `stdio`). HTTP: the GET
+        // listener would otherwise keep the connection and its stream open.
+        if let Transport::Http(h) = &self.transport {
+            h.stop_listening();
+        }
+    }
+}
+
+/// Counts a request in flight for as long as it lives.
+struct InFlight<'a>(&'a AtomicUsize);
+
+impl<'a> InFlight<'a> {
+    fn new(c: &'a AtomicUsize) -> Self {
+        c.fetch_add(1, Ordering::Relaxed);
+        InFlight(c)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Check an `initialize` answer: a result with a protocol version Hangar speaks.
+fn check_init(server: &str, outcome: Outcome) -> Result<InitInfo, UpstreamError> {
+    #[derive(serde::Deserialize)]
+    struct Head {
+        #[serde(rename = "protocolVersion")]
+        protocol_version: Option<serde_json::Value>,
+    }
+    let bad = |message: String| UpstreamError::Handshake {
+        server: server.to_owned(),
+        message,
+    };
+    let result = match outcome {
+        Outcome::Result(r) => r,
+        Outcome::Error(e) => {
+            return Err(bad(format!(
+                "the server refused initialize: {} ({})",
+                e.message, e.code
+            )));
+        }
+    };
+    let head: Head = serde_json::from_str(result.get())
+        .map_err(|e| bad(format!("the initialize result is not an object: {e}")))?;
+    let version = match head.protocol_version {
+        Some(serde_json::Value::String(v)) => v,
+        Some(other) => {
+            return Err(bad(format!(
+                "the initialize result has a non-string protocolVersion {other}"
+            )));
+        }
+        None => return Err(bad("the initialize result has no protocolVersion".into())),
+    };
+    if !SUPPORTED_PROTOCOL_VERSIONS.contains(&version.as_str()) {
+        return Err(bad(format!(
+            "the server answered protocol version '{version}', which Hangar does not speak (supported: {})",
+            SUPPORTED_PROTOCOL_VERSIONS.join(", ")
+        )));
+    }
+    Ok(InitInfo {
+        protocol_version: version,
+        result,
+    })
+}
+
+/// `notifications/cancelled` for one of our request ids.
+fn cancelled_notification(id: u64) -> String {
+    Message::notification(
+        "notifications/cancelled",
+        Some(raw(
+            &serde_json::json!({"requestId": id, "reason": "the client went away"}),
+        )),
+    )
+    .to_json()
+}
+
+/// If params carry `_meta.progressToken`, replace it with a connection-unique token; returns
+/// the new params and (new token, original token). Always rewritten when present, so a token a
+/// caller chose can never collide with another call's.
 fn rewrite_progress(
     params: Option<Box<RawValue>>,
-    listening: bool,
-) -> (Option<Box<RawValue>>, Option<(String, Box<RawValue>)>) {
+) -> (Option<Box<RawValue>>, Option<ProgressPair>) {
     let Some(p) = params else { return (None, None) };
-    if !listening || !p.get().contains("progressToken") {
+    if !p.get().contains("progressToken") {
         return (Some(p), None);
     }
     let Ok(mut obj) = serde_json::from_str::<RawObject>(p.get()) else {
         return (Some(p), None);
     };
-    let Some(meta) = obj.get("_meta") else { return (Some(p), None) };
+    let Some(meta) = obj.get("_meta") else {
+        return (Some(p), None);
+    };
     let Ok(mut meta) = serde_json::from_str::<RawObject>(meta.get()) else {
         return (Some(p), None);
     };
@@ -583,7 +572,10 @@ fn rewrite_progress(
         return (Some(p), None);
     };
     let token = format!("hgr-p{}", PROGRESS_SEQ.fetch_add(1, Ordering::Relaxed));
-    meta.insert("progressToken".to_owned(), raw(&serde_json::Value::String(token.clone())));
+    meta.insert(
+        "progressToken".to_owned(),
+        raw(&serde_json::Value::String(token.clone())),
+    );
     obj.insert("_meta".to_owned(), raw_from_object(&meta));
     (Some(raw_from_object(&obj)), Some((token, original)))
 }
@@ -593,14 +585,142 @@ mod tests {
     use super::*;
 
     #[test]
-    fn progress_tokens_are_rewritten_only_when_listening() {
-        let p = RawValue::from_string(r#"{"name":"x","_meta":{"progressToken":7,"k":1}}"#.into()).unwrap();
-        let (out, tok) = rewrite_progress(Some(p.clone()), false);
-        assert_eq!(out.unwrap().get(), p.get());
-        assert!(tok.is_none());
-        let (out, tok) = rewrite_progress(Some(p), true);
+    fn progress_tokens_are_rewritten_and_everything_else_is_kept() {
+        let p = RawValue::from_string(
+            r#"{"name":"x","_meta":{"progressToken":7,"k":1},"z":1e400}"#.into(),
+        )
+        .unwrap();
+        let (out, tok) = rewrite_progress(Some(p));
         let (new, orig) = tok.unwrap();
         assert_eq!(orig.get(), "7");
-        assert!(out.unwrap().get().contains(&format!("\"progressToken\":\"{new}\"")));
+        assert!(new.starts_with("hgr-p"));
+        assert_eq!(
+            out.unwrap().get(),
+            format!(r#"{{"name":"x","_meta":{{"progressToken":"{new}","k":1}},"z":1e400}}"#)
+        );
+        let (_, tok2) = rewrite_progress(Some(
+            RawValue::from_string(r#"{"_meta":{"progressToken":7}}"#.into()).unwrap(),
+        ));
+        assert_ne!(tok2.unwrap().0, new, "tokens are unique");
+        let plain = RawValue::from_string(r#"{"name":"progressToken"}"#.into()).unwrap();
+        let (out, tok) = rewrite_progress(Some(plain));
+        assert!(tok.is_none());
+        assert_eq!(out.unwrap().get(), r#"{"name":"progressToken"}"#);
+    }
+
+    #[test]
+    fn init_answers_are_checked() {
+        let ok = Outcome::Result(
+            RawValue::from_string(r#"{"protocolVersion":"2025-06-18","x":1}"#.into()).unwrap(),
+        );
+        let info = check_init("s", ok).unwrap();
+        assert_eq!(info.protocol_version, "2025-06-18");
+        assert_eq!(
+            info.result.get(),
+            r#"{"protocolVersion":"2025-06-18","x":1}"#
+        );
+        let unknown = Outcome::Result(
+            RawValue::from_string(r#"{"protocolVersion":"1999-01-01"}"#.into()).unwrap(),
+        );
+        let e = check_init("s", unknown).unwrap_err();
+        assert!(matches!(e, UpstreamError::Handshake { .. }));
+        assert!(e.to_string().contains("1999-01-01"), "{e}");
+        let missing = Outcome::Result(RawValue::from_string("{}".into()).unwrap());
+        assert!(
+            check_init("s", missing)
+                .unwrap_err()
+                .to_string()
+                .contains("no protocolVersion")
+        );
+        let refused = Outcome::Error(RpcError::new(-32602, "nope"));
+        assert!(
+            check_init("s", refused)
+                .unwrap_err()
+                .to_string()
+                .contains("nope")
+        );
+    }
+
+    #[test]
+    fn secrets_stay_out_of_debug_output() {
+        let h = HttpSpec {
+            endpoint: "https://example.invalid/mcp".into(),
+            headers: vec![("Authorization".into(), "Bearer sekrit".into())],
+            connect_timeout: Duration::from_secs(1),
+            read_timeout: Duration::from_secs(1),
+            verify_tls: true,
+            ca_cert_path: None,
+        };
+        let s = StdioSpec {
+            argv: vec!["x".into()],
+            env: vec![("API_KEY".into(), "sekrit".into())],
+            cwd: None,
+        };
+        let text = format!("{:?} {:?}", TransportSpec::Http(h), TransportSpec::Stdio(s));
+        assert!(!text.contains("sekrit"), "{text}");
+        assert!(text.contains("Authorization") && text.contains("API_KEY"));
+    }
+
+    #[test]
+    fn before_send_classification() {
+        let s = || "s".to_owned();
+        assert!(
+            UpstreamError::Spawn {
+                server: s(),
+                message: s()
+            }
+            .before_send()
+        );
+        assert!(
+            UpstreamError::Connect {
+                server: s(),
+                message: s()
+            }
+            .before_send()
+        );
+        assert!(
+            UpstreamError::Overloaded {
+                server: s(),
+                message: s()
+            }
+            .before_send()
+        );
+        assert!(
+            UpstreamError::Closed {
+                server: s(),
+                message: s(),
+                before_send: true
+            }
+            .before_send()
+        );
+        assert!(
+            !UpstreamError::Closed {
+                server: s(),
+                message: s(),
+                before_send: false
+            }
+            .before_send()
+        );
+        assert!(
+            !UpstreamError::Timeout {
+                server: s(),
+                secs: 1.0
+            }
+            .before_send()
+        );
+        assert!(
+            !UpstreamError::Protocol {
+                server: s(),
+                message: s()
+            }
+            .before_send()
+        );
+        assert!(
+            !UpstreamError::Handshake {
+                server: s(),
+                message: s()
+            }
+            .before_send()
+        );
     }
 }

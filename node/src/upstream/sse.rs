@@ -138,11 +138,7 @@ impl SseParser {
                 self.has_data = true;
             }
             b"event" => self.event = value.into_owned(),
-            b"id" => {
-                if !value.contains('\0') {
-                    self.last_event_id = Some(value.into_owned());
-                }
-            }
+            b"id" if !value.contains('\0') => self.last_event_id = Some(value.into_owned()),
             b"retry" => {
                 if let Ok(ms) = value.parse::<u64>() {
                     self.retry_ms = Some(ms);
@@ -205,7 +201,10 @@ mod tests {
         let mut p = SseParser::new();
         let ev = p.feed(b"event: lonely\n\ndata: d\n\n");
         assert_eq!(ev.len(), 1);
-        assert_eq!(ev[0].event, "message", "the event type does not leak into the next event");
+        assert_eq!(
+            ev[0].event, "message",
+            "the event type does not leak into the next event"
+        );
         assert_eq!(ev[0].data, "d");
     }
 

@@ -24,8 +24,8 @@ use parking_lot::Mutex;
 use serde_json::value::RawValue;
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::Command;
-use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio::sync::mpsc::error::TrySendError;
+use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use super::{CallEvent, CallSink, LogLine, Outcome, StdioSpec, UpstreamError};
@@ -139,6 +139,8 @@ struct Shared {
     ring: Ring,
     /// Cancelled once the connection is gone (calls failed, `closed()` resolves).
     closed: CancellationToken,
+    /// Set by `shutdown`: the end is expected, not worth a warning.
+    stopping: std::sync::atomic::AtomicBool,
     /// Cancelled once the process has been reaped; `exit` then holds its status.
     exited: CancellationToken,
     exit: Mutex<Option<String>>,
@@ -168,7 +170,11 @@ impl Shared {
             }));
         }
         self.closed.cancel();
-        tracing::warn!(mcp_server = %self.server, reason = %why, "upstream_process_ended");
+        if self.stopping.load(Ordering::Relaxed) {
+            tracing::debug!(mcp_server = %self.server, reason = %why, "upstream_process_stopped");
+        } else {
+            tracing::warn!(mcp_server = %self.server, reason = %why, "upstream_process_ended");
+        }
     }
 
     fn closed_error(&self, before_send: bool) -> UpstreamError {
@@ -247,7 +253,8 @@ impl StdioConn {
             .spawn()
             .map_err(|e| spawn_err(format!("cannot run '{program}': {e}")))?;
         let pid = child.id();
-        let (Some(stdin), Some(stdout), Some(stderr)) = (child.stdin.take(), child.stdout.take(), child.stderr.take())
+        let (Some(stdin), Some(stdout), Some(stderr)) =
+            (child.stdin.take(), child.stdout.take(), child.stderr.take())
         else {
             return Err(spawn_err("the child's stdio pipes are missing".into()));
         };
@@ -258,6 +265,7 @@ impl StdioConn {
             calls: Mutex::new(Calls::default()),
             ring: Ring::default(),
             closed: CancellationToken::new(),
+            stopping: std::sync::atomic::AtomicBool::new(false),
             exited: CancellationToken::new(),
             exit: Mutex::new(None),
             stdout_done: CancellationToken::new(),
@@ -332,7 +340,9 @@ impl StdioConn {
             Err(TrySendError::Full(_)) => {
                 return Err(UpstreamError::Overloaded {
                     server: self.shared.server.clone(),
-                    message: format!("{WRITE_QUEUE} messages are already queued for this server; retry later"),
+                    message: format!(
+                        "{WRITE_QUEUE} messages are already queued for this server; retry later"
+                    ),
                 });
             }
             Err(TrySendError::Closed(_)) => return Err(self.shared.closed_error(true)),
@@ -402,12 +412,19 @@ impl StdioConn {
         let _one_at_a_time = self.shutdown_lock.lock().await;
         let exited = &self.shared.exited;
         if !exited.is_cancelled() {
+            self.shared.stopping.store(true, Ordering::Relaxed);
             self.stdin_close.cancel();
-            if tokio::time::timeout(Duration::from_secs(3), exited.cancelled()).await.is_err() {
+            if tokio::time::timeout(Duration::from_secs(3), exited.cancelled())
+                .await
+                .is_err()
+            {
                 if let Some(pid) = self.pid {
                     signal_group(pid, rustix::process::Signal::TERM);
                 }
-                if tokio::time::timeout(Duration::from_secs(2), exited.cancelled()).await.is_err() {
+                if tokio::time::timeout(Duration::from_secs(2), exited.cancelled())
+                    .await
+                    .is_err()
+                {
                     self.kill.cancel();
                     let _ = tokio::time::timeout(Duration::from_secs(2), exited.cancelled()).await;
                 }
@@ -415,7 +432,10 @@ impl StdioConn {
         }
         // The waiter closes the connection right after the exit (allowing the reader a short
         // drain); make sure it is closed when we return.
-        if tokio::time::timeout(EXIT_GRACE * 2, self.shared.closed.cancelled()).await.is_err() {
+        if tokio::time::timeout(EXIT_GRACE * 2, self.shared.closed.cancelled())
+            .await
+            .is_err()
+        {
             self.shared.close("stopped by Hangar");
         }
     }
@@ -519,7 +539,12 @@ async fn stderr_loop(shared: Arc<Shared>, stderr: tokio::process::ChildStderr) {
     }
 }
 
-async fn wait_loop(shared: Arc<Shared>, mut child: tokio::process::Child, pid: Option<u32>, kill: CancellationToken) {
+async fn wait_loop(
+    shared: Arc<Shared>,
+    mut child: tokio::process::Child,
+    pid: Option<u32>,
+    kill: CancellationToken,
+) {
     let status = tokio::select! {
         s = child.wait() => s,
         _ = kill.cancelled() => {
@@ -628,7 +653,9 @@ impl Reader {
             if let Some(call) = call {
                 let _ = call.tx.send(Err(UpstreamError::Protocol {
                     server: self.shared.server.clone(),
-                    message: format!("the answer is {total} bytes, over the 16 MiB limit for one message"),
+                    message: format!(
+                        "the answer is {total} bytes, over the 16 MiB limit for one message"
+                    ),
                 }));
             }
         }
@@ -639,7 +666,10 @@ impl Reader {
         let g = &mut self.garbage;
         if now.duration_since(g.window) >= Duration::from_secs(1) {
             if g.suppressed > 0 {
-                let note = format!("({} more non-JSON stdout lines were not kept)", g.suppressed);
+                let note = format!(
+                    "({} more non-JSON stdout lines were not kept)",
+                    g.suppressed
+                );
                 self.shared.ring.push("stdout-garbage", note.as_bytes());
             }
             g.window = now;
@@ -652,7 +682,9 @@ impl Reader {
         } else {
             g.suppressed += 1;
         }
-        if g.last_warn.is_none_or(|t| now.duration_since(t) >= Duration::from_secs(60)) {
+        if g.last_warn
+            .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(60))
+        {
             g.last_warn = Some(now);
             tracing::warn!(mcp_server = %self.shared.server, "upstream_wrote_non_json_to_stdout (ignored; kept in its logs as stdout-garbage)");
         }
@@ -680,7 +712,9 @@ impl Reader {
     }
 
     fn on_response(&mut self, msg: Message) {
-        let Some(id) = msg.id.as_ref().and_then(our_id) else { return };
+        let Some(id) = msg.id.as_ref().and_then(our_id) else {
+            return;
+        };
         let Some(call) = self.shared.calls.lock().remove(id) else {
             return; // cancelled or timed out already
         };
@@ -728,7 +762,11 @@ impl Reader {
                 });
             }
             Err(TrySendError::Closed(_)) => {
-                self.shared.calls.lock().server_requests.remove(&id_key(&id));
+                self.shared
+                    .calls
+                    .lock()
+                    .server_requests
+                    .remove(&id_key(&id));
                 let _ = self.writer.try_send(caller_gone(id));
             }
         }
@@ -739,7 +777,9 @@ impl Reader {
         let target = match method {
             "notifications/progress" => match self.progress_target(&msg) {
                 Some((sink, original)) => {
-                    let Some(msg) = restore_token(msg, original) else { return };
+                    let Some(msg) = restore_token(msg, original) else {
+                        return;
+                    };
                     deliver(sink, msg);
                     return;
                 }
@@ -805,7 +845,10 @@ fn deliver(sink: CallSink, msg: Message) {
 }
 
 fn caller_gone(id: Id) -> Vec<u8> {
-    let err = RpcError::new(INTERNAL_ERROR, "the caller this request was meant for has gone away");
+    let err = RpcError::new(
+        INTERNAL_ERROR,
+        "the caller this request was meant for has gone away",
+    );
     let mut line = Message::error(Some(id), err).to_json().into_bytes();
     line.push(b'\n');
     line
@@ -893,10 +936,16 @@ fn resolve_program(program: &str, spec: &StdioSpec) -> std::io::Result<PathBuf> 
     let check = |p: &Path| -> std::io::Result<()> {
         let meta = std::fs::metadata(p)?;
         if meta.is_dir() {
-            return Err(std::io::Error::new(ErrorKind::InvalidInput, "it is a directory"));
+            return Err(std::io::Error::new(
+                ErrorKind::InvalidInput,
+                "it is a directory",
+            ));
         }
         if meta.permissions().mode() & 0o111 == 0 {
-            return Err(std::io::Error::new(ErrorKind::PermissionDenied, "it is not executable"));
+            return Err(std::io::Error::new(
+                ErrorKind::PermissionDenied,
+                "it is not executable",
+            ));
         }
         Ok(())
     };
@@ -935,7 +984,11 @@ fn resolve_program(program: &str, spec: &StdioSpec) -> std::io::Result<PathBuf> 
 
 /// Read one line (through `\n` or EOF), keeping at most `cap` bytes of it in `buf`; returns
 /// the full length consumed (0 at EOF).
-async fn read_line_capped<R: AsyncBufRead + Unpin>(r: &mut R, buf: &mut Vec<u8>, cap: usize) -> std::io::Result<usize> {
+async fn read_line_capped<R: AsyncBufRead + Unpin>(
+    r: &mut R,
+    buf: &mut Vec<u8>,
+    cap: usize,
+) -> std::io::Result<usize> {
     let mut total = 0;
     loop {
         let chunk = r.fill_buf().await?;
