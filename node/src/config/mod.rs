@@ -852,10 +852,10 @@ const SERVER_KEYS: &[&str] = &[
 
 fn common(o: &Obj<'_>) -> CommonSpec {
     for k in ["access", "tool_access", "capabilities", "tool_projection"] {
-        if let Some(v) = o.map_raw(k) {
-            if !v.is_object() {
-                o.p.push(&o.at(k), format!("must be a mapping, got {}", type_name(v)));
-            }
+        if let Some(v) = o.map_raw(k)
+            && !v.is_object()
+        {
+            o.p.push(&o.at(k), format!("must be a mapping, got {}", type_name(v)));
         }
     }
     o.allow(&["transport"]);

@@ -104,17 +104,17 @@ fn header_str<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
 }
 
 async fn handle_post(st: FrontDoor, scope: Scope, headers: HeaderMap, body: Body) -> Response {
-    if let Some(ct) = header_str(&headers, "content-type") {
-        if !ct.to_ascii_lowercase().starts_with("application/json") {
-            return json_error(
-                StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                None,
-                RpcError::new(
-                    INVALID_REQUEST,
-                    format!("Content-Type must be application/json (got '{ct}')"),
-                ),
-            );
-        }
+    if let Some(ct) = header_str(&headers, "content-type")
+        && !ct.to_ascii_lowercase().starts_with("application/json")
+    {
+        return json_error(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            None,
+            RpcError::new(
+                INVALID_REQUEST,
+                format!("Content-Type must be application/json (got '{ct}')"),
+            ),
+        );
     }
     let bytes = match axum::body::to_bytes(body, st.max_body).await {
         Ok(b) => b,
@@ -137,14 +137,14 @@ async fn handle_post(st: FrontDoor, scope: Scope, headers: HeaderMap, body: Body
         .to_ascii_lowercase();
     let accepts_sse = accept.contains("text/event-stream");
     let header_version = header_str(&headers, "mcp-protocol-version").map(str::to_owned);
-    if let Some(v) = &header_version {
-        if !protocol::is_supported(v) {
-            return json_error(
-                StatusCode::BAD_REQUEST,
-                None,
-                protocol::unsupported_version(v),
-            );
-        }
+    if let Some(v) = &header_version
+        && !protocol::is_supported(v)
+    {
+        return json_error(
+            StatusCode::BAD_REQUEST,
+            None,
+            protocol::unsupported_version(v),
+        );
     }
     let cancel_key = header_str(&headers, "mcp-session-id")
         .unwrap_or("")
@@ -194,22 +194,22 @@ async fn handle_post(st: FrontDoor, scope: Scope, headers: HeaderMap, body: Body
         .ok()
         .and_then(|p| protocol::modern_meta(&p).ok().flatten());
     let modern = modern_meta.is_some() || header_version.as_deref() == Some(protocol::MODERN);
-    if let Some(meta) = &modern_meta {
-        if header_version.as_deref() != Some(meta.version.as_str()) {
-            return json_error(
-                StatusCode::BAD_REQUEST,
-                msg.id.clone(),
-                RpcError::new(
-                    INVALID_REQUEST,
-                    format!(
-                        "The MCP-Protocol-Version header ({}) must match params._meta['{}'] ({})",
-                        header_version.as_deref().unwrap_or("absent"),
-                        protocol::META_VERSION,
-                        meta.version
-                    ),
+    if let Some(meta) = &modern_meta
+        && header_version.as_deref() != Some(meta.version.as_str())
+    {
+        return json_error(
+            StatusCode::BAD_REQUEST,
+            msg.id.clone(),
+            RpcError::new(
+                INVALID_REQUEST,
+                format!(
+                    "The MCP-Protocol-Version header ({}) must match params._meta['{}'] ({})",
+                    header_version.as_deref().unwrap_or("absent"),
+                    protocol::META_VERSION,
+                    meta.version
                 ),
-            );
-        }
+            ),
+        );
     }
 
     let (tx, mut rx) = if accepts_sse {
@@ -432,7 +432,7 @@ fn listen(st: FrontDoor, server: Option<String>, headers: HeaderMap) -> Response
             match &server {
                 Some(s) if !b.server.is_empty() && &b.server != s => None,
                 _ => Some(Ok::<_, Infallible>(
-                    Event::default().event("message").data(b.json.to_string()),
+                    Event::default().event("message").data(&b.json),
                 )),
             }
         }
@@ -509,7 +509,7 @@ impl HostGuard {
                 return Err("Origin 'null' is not allowed".to_owned());
             }
             let origin_host = o.split("://").nth(1).unwrap_or(&o);
-            let ok = self.origins.iter().any(|a| *a == o) || self.host_allowed(origin_host);
+            let ok = self.origins.contains(&o) || self.host_allowed(origin_host);
             if !ok {
                 return Err(format!(
                     "Origin '{origin}' is not allowed; add it to server.allowed_origins"

@@ -145,12 +145,12 @@ impl Gateway {
         match name {
             "hangar_list" => {
                 let filter = args.get("state_filter").and_then(Value::as_str);
-                if let Some(f) = filter {
-                    if ServerState::parse(f).is_none() {
-                        return tool_error(format!(
-                            "state_filter must be cold, ready, degraded or dead (got '{f}')"
-                        ));
-                    }
+                if let Some(f) = filter
+                    && ServerState::parse(f).is_none()
+                {
+                    return tool_error(format!(
+                        "state_filter must be cold, ready, degraded or dead (got '{f}')"
+                    ));
                 }
                 let servers: Vec<Value> = self
                     .runtime

@@ -430,10 +430,10 @@ impl Gateway {
     /// The aggregated index, starting servers whose catalogue is unknown (cold, no
     /// predefined tools) so that every node lists every tool.
     async fn full_index(&self) -> Result<Arc<Index>, RpcError> {
-        if let Some(idx) = self.index.read().clone() {
-            if idx.unknown_targets.is_empty() {
-                return Ok(idx);
-            }
+        if let Some(idx) = self.index.read().clone()
+            && idx.unknown_targets.is_empty()
+        {
+            return Ok(idx);
         }
         let _guard = self.index_build.lock().await;
         let idx = self.quick_index();
@@ -478,13 +478,14 @@ impl Gateway {
         if let Some(r) = self.quick_index().tool(name) {
             return Ok(r.clone());
         }
-        if let Some((server, tool)) = name.split_once(naming::SEPARATOR) {
-            if self.runtime.exists(server) && !tool.is_empty() {
-                return Ok(Route {
-                    target: server.to_owned(),
-                    upstream_name: tool.to_owned(),
-                });
-            }
+        if let Some((server, tool)) = name.split_once(naming::SEPARATOR)
+            && self.runtime.exists(server)
+            && !tool.is_empty()
+        {
+            return Ok(Route {
+                target: server.to_owned(),
+                upstream_name: tool.to_owned(),
+            });
         }
         if let Some(r) = self.full_index().await?.tool(name) {
             return Ok(r.clone());
@@ -777,10 +778,10 @@ impl Gateway {
             return Ok(t.to_owned());
         }
         let targets = idx.resource_targets();
-        if targets.len() == 1 {
-            if let Some(t) = targets.into_iter().next() {
-                return Ok(t.to_owned());
-            }
+        if targets.len() == 1
+            && let Some(t) = targets.into_iter().next()
+        {
+            return Ok(t.to_owned());
         }
         Err(RpcError::with_data(
             RESOURCE_NOT_FOUND,

@@ -46,10 +46,10 @@ where
     let note_tx = out_tx.clone();
     let notes = tokio::spawn(async move {
         while let Ok(b) = listen.recv().await {
-            if let Ok(m) = serde_json::from_str::<Message>(&b.json) {
-                if note_tx.send(m).await.is_err() {
-                    break;
-                }
+            if let Ok(m) = serde_json::from_str::<Message>(&b.json)
+                && note_tx.send(m).await.is_err()
+            {
+                break;
             }
         }
     });

@@ -462,18 +462,18 @@ impl Router {
     /// to retry (the request never reached the upstream, or the call is idempotent).
     pub async fn request(&self, target: &str, req: RouteRequest<'_>) -> Result<Routed, RouteError> {
         let group = self.runtime.group(target);
-        if let Some(g) = &group {
-            if let Err(retry_in) = self.breaker_admits(g) {
-                self.runtime
-                    .metrics()
-                    .errors
-                    .with_label_values(&["routing", "CircuitBreakerOpen"])
-                    .inc();
-                return Err(RouteError::GroupCircuitOpen {
-                    group: target.to_owned(),
-                    retry_in_s: retry_in,
-                });
-            }
+        if let Some(g) = &group
+            && let Err(retry_in) = self.breaker_admits(g)
+        {
+            self.runtime
+                .metrics()
+                .errors
+                .with_label_values(&["routing", "CircuitBreakerOpen"])
+                .inc();
+            return Err(RouteError::GroupCircuitOpen {
+                group: target.to_owned(),
+                retry_in_s: retry_in,
+            });
         }
         let result = self.request_inner(target, group.as_deref(), req).await;
         if let Some(g) = &group {
@@ -555,36 +555,36 @@ impl Router {
                     }
                     // A single server whose connection died before the request left: one
                     // transparent restart attempt.
-                    if e.before_send() {
-                        if let Ok(conn2) = inst.ensure_ready().await {
-                            if let Some(slot) = &req.slot {
-                                *slot.lock() = Some(conn2.clone());
-                            }
-                            return match conn2
-                                .request(
-                                    req.method,
-                                    req.params.clone(),
-                                    req.sink.clone(),
-                                    Some(req.timeout),
-                                )
-                                .await
-                            {
-                                Ok(outcome) => {
-                                    inst.report_success();
-                                    Ok(Routed {
-                                        instance: inst,
-                                        outcome,
-                                    })
-                                }
-                                Err(e2) => {
-                                    inst.report_transport_failure(&conn2, &e2.to_string());
-                                    Err(RouteError::Upstream {
-                                        server: inst.id().to_owned(),
-                                        source: e2,
-                                    })
-                                }
-                            };
+                    if e.before_send()
+                        && let Ok(conn2) = inst.ensure_ready().await
+                    {
+                        if let Some(slot) = &req.slot {
+                            *slot.lock() = Some(conn2.clone());
                         }
+                        return match conn2
+                            .request(
+                                req.method,
+                                req.params.clone(),
+                                req.sink.clone(),
+                                Some(req.timeout),
+                            )
+                            .await
+                        {
+                            Ok(outcome) => {
+                                inst.report_success();
+                                Ok(Routed {
+                                    instance: inst,
+                                    outcome,
+                                })
+                            }
+                            Err(e2) => {
+                                inst.report_transport_failure(&conn2, &e2.to_string());
+                                Err(RouteError::Upstream {
+                                    server: inst.id().to_owned(),
+                                    source: e2,
+                                })
+                            }
+                        };
                     }
                     return Err(RouteError::Upstream {
                         server: inst.id().to_owned(),

@@ -395,20 +395,19 @@ impl Instance {
                 server: self.id.clone(),
             });
         }
-        if inner.state == ServerState::Degraded {
-            if let Some(at) = inner.next_recovery_at {
-                if unix_now() < at {
-                    self.metrics
-                        .circuit_breaker_state
-                        .with_label_values(&[&self.id, "open"])
-                        .set(1);
-                    return Err(StartError::CircuitOpen {
-                        server: self.id.clone(),
-                        retry_in_s: (at - unix_now()).max(0.0),
-                        failures: inner.consecutive_failures,
-                    });
-                }
-            }
+        if inner.state == ServerState::Degraded
+            && let Some(at) = inner.next_recovery_at
+            && unix_now() < at
+        {
+            self.metrics
+                .circuit_breaker_state
+                .with_label_values(&[&self.id, "open"])
+                .set(1);
+            return Err(StartError::CircuitOpen {
+                server: self.id.clone(),
+                retry_in_s: (at - unix_now()).max(0.0),
+                failures: inner.consecutive_failures,
+            });
         }
         if let Some(c) = inner.conn.clone() {
             if c.is_alive() && inner.state == ServerState::Ready {

@@ -790,6 +790,18 @@ fn no_orphans_when_the_node_is_sigkilled() {
         !process_gone(server),
         "the server runs while its parent lives"
     );
+    // setpriv arms the parent-death signal and then execs the server; wait for the exec so
+    // the kill below does not land in the (microseconds-wide) window before the signal is armed.
+    let exec_deadline = Instant::now() + Duration::from_secs(10);
+    while std::fs::read_to_string(format!("/proc/{server}/comm"))
+        .is_ok_and(|comm| comm.trim() != "sleep")
+    {
+        assert!(
+            Instant::now() < exec_deadline,
+            "setpriv did not exec the server"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
     helper.kill().unwrap(); // SIGKILL: no chance to clean up
     helper.wait().unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
