@@ -1,6 +1,8 @@
 //! `hangarctl`: the operator CLI for a Hangar gateway. It talks to a node's `/api` over HTTP;
 //! any node of a cluster can be addressed.
 
+mod ops;
+
 use std::process::ExitCode;
 
 use anyhow::{Context, bail};
@@ -58,6 +60,21 @@ enum Cmd {
     },
     /// Node status.
     System,
+    /// The Raft cluster: status and membership.
+    Cluster {
+        #[command(subcommand)]
+        cmd: ops::ClusterCmd,
+    },
+    /// The cluster's desired configuration.
+    Config {
+        #[command(subcommand)]
+        cmd: ops::ConfigCmd,
+    },
+    /// The replicated domain event log.
+    Events {
+        #[command(subcommand)]
+        cmd: ops::EventsCmd,
+    },
 }
 
 #[derive(Subcommand)]
@@ -184,6 +201,49 @@ impl Client {
                 .map(str::to_owned)
                 .unwrap_or(text);
             bail!("{status}: {msg}");
+        }
+        Ok(v)
+    }
+
+    /// POST a text body (a config file).
+    async fn send_text(&self, path: &str, body: String) -> anyhow::Result<Value> {
+        let url = format!("{}{}", self.base, path);
+        let mut req = self
+            .http
+            .post(&url)
+            .header("Content-Type", "application/yaml");
+        if let Some(k) = &self.api_key {
+            req = req.header("X-API-Key", k);
+        }
+        let resp = req.body(body).send().await.with_context(|| {
+            format!(
+                "cannot reach Hangar at {} (is the node running? set --endpoint)",
+                self.base
+            )
+        })?;
+        let status = resp.status();
+        let text = resp.text().await.context("reading the response")?;
+        let v: Value = serde_json::from_str(&text).unwrap_or(Value::String(text.clone()));
+        if !status.is_success() {
+            let msg = v
+                .pointer("/error/message")
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+                .unwrap_or(text);
+            let mut details = String::new();
+            for p in v
+                .pointer("/error/details/problems")
+                .and_then(Value::as_array)
+                .cloned()
+                .unwrap_or_default()
+            {
+                details.push_str(&format!(
+                    "\n  {}: {}",
+                    cell(&p["path"]),
+                    cell(&p["message"])
+                ));
+            }
+            bail!("{status}: {msg}{details}");
         }
         Ok(v)
     }
@@ -438,6 +498,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let v = c.get("/api/system/").await?;
             print(out, &v["system"], kv);
         }
+        Cmd::Cluster { cmd } => ops::cluster(&c, out, cmd).await?,
+        Cmd::Config { cmd } => ops::config(&c, out, cmd).await?,
+        Cmd::Events { cmd } => ops::events(&c, out, cmd).await?,
     }
     Ok(())
 }

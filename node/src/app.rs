@@ -13,6 +13,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::{self, ApiState};
+use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::gateway::http::{self as front, FrontDoor, HostGuard};
 use crate::gateway::{Gateway, GatewayConfig};
@@ -31,8 +32,8 @@ pub struct ServeOptions {
     pub stdio: bool,
     /// Ready file to write once listening.
     pub ready_file: Option<PathBuf>,
-    /// Node id.
-    pub node_id: String,
+    /// Cluster settings from flags and environment (override `cluster:` in the file).
+    pub cluster: crate::config::ClusterOverrides,
 }
 
 /// A running node.
@@ -46,6 +47,8 @@ pub struct Node {
     shutdown: CancellationToken,
     /// Configuration reloads.
     pub reloader: Arc<Reloader>,
+    /// This node in the Raft cluster.
+    pub cluster: Arc<Cluster>,
 }
 
 /// Reloads the configuration file: validates it first (an invalid file changes nothing and
@@ -54,6 +57,7 @@ pub struct Reloader {
     path: Option<PathBuf>,
     runtime: Arc<Runtime>,
     gateway: Arc<Gateway>,
+    cluster: Arc<Cluster>,
     lock: tokio::sync::Mutex<()>,
     fingerprint: parking_lot::Mutex<Option<Vec<u8>>>,
 }
@@ -99,7 +103,23 @@ impl Reloader {
                 return Err(msg);
             }
         };
-        let diff = self.runtime.apply(&cfg.mcp_servers).await;
+        let before = self.runtime.specs();
+        let hash = crate::config::sha256_hex(bytes.as_deref().unwrap_or_default());
+        if let Err(e) = self
+            .cluster
+            .apply_file_config(&cfg.raw_servers, &hash)
+            .await
+        {
+            let msg = e.to_string();
+            tracing::error!(error = %msg, requested_by, "configuration_reload_failed (the previous configuration keeps serving)");
+            log.publish(
+                "ConfigurationReloadFailed",
+                serde_json::json!({"config_path": path.display().to_string(), "requested_by": requested_by, "error": msg}),
+            );
+            *self.fingerprint.lock() = bytes;
+            return Err(msg);
+        }
+        let diff = crate::config::diff(&before, &self.runtime.specs());
         self.gateway.set_config(GatewayConfig {
             naming: cfg.tool_access.naming,
             request_timeout: cfg.server.request_timeout,
@@ -168,16 +188,46 @@ impl crate::gateway::management::ConfigReloader for Reloader {
 const GRACE: Duration = Duration::from_secs(10);
 
 impl Node {
-    /// Build every room and bind the listener (if any).
+    /// Build every room, join or form the cluster, bind the listener (if any).
     pub async fn start(opts: ServeOptions) -> anyhow::Result<Node> {
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let cfg = opts.config;
+        let mut cfg = opts.config;
+        cfg.cluster
+            .override_with(&opts.cluster)
+            .map_err(|m| anyhow::anyhow!("{m}"))?;
+        let node_name = cfg.cluster.node_id.to_string();
+        let shutdown = CancellationToken::new();
+        // Bind first: the API address is part of this node's identity in the cluster.
+        let listen = match (&opts.listen, opts.stdio) {
+            (Some(l), _) => Some(l.clone()),
+            (None, false) => Some(cfg.server.listen.clone()),
+            (None, true) => None,
+        };
+        let listener = match listen {
+            Some(listen) => {
+                let addr: SocketAddr = listen.parse().with_context(|| {
+                    format!("listen address '{listen}' is not HOST:PORT (e.g. 127.0.0.1:8000)")
+                })?;
+                Some(
+                    TcpListener::bind(addr)
+                        .await
+                        .with_context(|| format!("cannot listen on {addr}"))?,
+                )
+            }
+            None => None,
+        };
+        let api_addr = match &listener {
+            Some(l) => l.local_addr()?,
+            None => SocketAddr::from(([127, 0, 0, 1], 0)),
+        };
+        let cluster = Cluster::start(cfg.cluster.clone(), api_addr, shutdown.clone()).await?;
+        cluster.boot().await?;
         let metrics = Arc::new(Metrics::new());
-        let events = Arc::new(crate::telemetry::events::EventLog::new(
-            &opts.node_id,
-            10_000,
-        ));
-        let runtime = Runtime::new(&cfg, metrics, events, opts.node_id.clone());
+        let events = Arc::new(crate::telemetry::events::EventLog::new(&node_name, 10_000));
+        // Servers come from the replicated state (the applier), never straight from the file.
+        let mut boot_cfg = cfg.clone();
+        boot_cfg.mcp_servers.clear();
+        let runtime = Runtime::new(&boot_cfg, metrics, events, node_name.clone());
         let gateway = Gateway::new(
             runtime.clone(),
             GatewayConfig {
@@ -185,37 +235,17 @@ impl Node {
                 request_timeout: cfg.server.request_timeout,
             },
         );
-        let shutdown = CancellationToken::new();
         let reloader = Arc::new(Reloader {
             path: opts.config_path.clone(),
             runtime: runtime.clone(),
             gateway: gateway.clone(),
+            cluster: cluster.clone(),
             lock: tokio::sync::Mutex::new(()),
             fingerprint: parking_lot::Mutex::new(None),
         });
         gateway.set_reloader(reloader.clone());
-        if cfg.config_reload.enabled {
-            let period = if cfg.config_reload.use_watchdog {
-                Duration::from_secs(1)
-            } else {
-                Duration::from_secs(cfg.config_reload.interval_s)
-            };
-            reloader.clone().watch(period, shutdown.clone());
-        }
-        crate::supervisor::spawn(runtime.clone(), shutdown.clone());
-        let listen = match (&opts.listen, opts.stdio) {
-            (Some(l), _) => Some(l.clone()),
-            (None, false) => Some(cfg.server.listen.clone()),
-            (None, true) => None,
-        };
         let mut http = None;
-        if let Some(listen) = listen {
-            let addr: SocketAddr = listen.parse().with_context(|| {
-                format!("listen address '{listen}' is not HOST:PORT (e.g. 127.0.0.1:8000)")
-            })?;
-            let listener = TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("cannot listen on {addr}"))?;
+        if let Some(listener) = listener {
             let bound = listener.local_addr()?;
             if !bound.ip().is_loopback() {
                 tracing::warn!(addr = %bound, "listening on a non-loopback address without authentication");
@@ -230,9 +260,11 @@ impl Node {
                     gateway: gateway.clone(),
                     max_body: cfg.server.max_body_bytes,
                 }))
+                .merge(crate::cluster::routes(cluster.clone()))
                 .merge(api::routes(ApiState {
                     gateway: gateway.clone(),
                     reloader: Some(reloader.clone()),
+                    cluster: cluster.clone(),
                 }))
                 .layer(axum::middleware::from_fn_with_state(guard, front::guard));
             let token = shutdown.clone();
@@ -241,11 +273,25 @@ impl Node {
                     .with_graceful_shutdown(async move { token.cancelled().await })
                     .await
             });
-            tracing::info!(addr = %bound, node_id = %opts.node_id, "http_server_started");
-            if let Some(path) = &opts.ready_file {
-                write_ready_file(path, bound)?;
-            }
+            tracing::info!(addr = %bound, node_id = %node_name, "http_server_started");
             http = Some((bound, task));
+        }
+        let file = opts
+            .config_path
+            .as_ref()
+            .and(cfg.file_hash.clone().map(|h| (cfg.raw_servers.clone(), h)));
+        cluster.run(runtime.clone(), file).await?;
+        if cfg.config_reload.enabled {
+            let period = if cfg.config_reload.use_watchdog {
+                Duration::from_secs(1)
+            } else {
+                Duration::from_secs(cfg.config_reload.interval_s)
+            };
+            reloader.clone().watch(period, shutdown.clone());
+        }
+        crate::supervisor::spawn(runtime.clone(), shutdown.clone());
+        if let (Some(path), Some((bound, _))) = (&opts.ready_file, &http) {
+            write_ready_file(path, *bound, cluster.raft().local_addr())?;
         }
         for inst in runtime.instances() {
             if inst.spec().common().is_some_and(|c| c.auto_start) {
@@ -263,6 +309,7 @@ impl Node {
             stdio: opts.stdio,
             shutdown,
             reloader,
+            cluster,
         })
     }
 
@@ -301,13 +348,19 @@ impl Node {
             }
         }
         self.runtime.shutdown_all().await;
+        self.cluster.shutdown().await;
         tracing::info!("server_lifecycle_shutdown_complete");
         Ok(())
     }
 }
 
-fn write_ready_file(path: &std::path::Path, addr: SocketAddr) -> anyhow::Result<()> {
-    let body = serde_json::json!({ "http_addr": addr.to_string(), "pid": std::process::id() });
+fn write_ready_file(
+    path: &std::path::Path,
+    addr: SocketAddr,
+    raft_addr: SocketAddr,
+) -> anyhow::Result<()> {
+    let body = serde_json::json!({ "http_addr": addr.to_string(), "raft_addr": raft_addr.to_string(),
+        "pid": std::process::id() });
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, body.to_string()).with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;

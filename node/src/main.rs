@@ -36,9 +36,25 @@ enum Command {
         /// Write {"http_addr":…,"pid":…} to this file once the listener is up.
         #[arg(long)]
         ready_file: Option<PathBuf>,
-        /// This node's id (stamped into events and relayed request ids).
-        #[arg(long, env = "HANGAR_NODE_ID", default_value = "node-1")]
-        node_id: String,
+        /// This node's id in the cluster (≥ 1; overrides `cluster.node_id`, default 1).
+        #[arg(long, env = "HANGAR_NODE_ID")]
+        node_id: Option<u64>,
+        /// Raft (gRPC) bind address, e.g. 127.0.0.1:7400 (overrides `cluster.raft_addr`).
+        #[arg(long, env = "HANGAR_RAFT_ADDR")]
+        raft_addr: Option<String>,
+        /// Raft address the other nodes use for this one (overrides `cluster.advertise_addr`).
+        #[arg(long, env = "HANGAR_ADVERTISE_ADDR")]
+        advertise_addr: Option<String>,
+        /// Data directory of the Raft log and state (overrides `cluster.data_dir`, default ./data).
+        #[arg(long, env = "HANGAR_DATA_DIR")]
+        data_dir: Option<PathBuf>,
+        /// Join the cluster through this member's API URL (repeatable; overrides `cluster.join`).
+        #[arg(long, env = "HANGAR_JOIN", value_delimiter = ',')]
+        join: Vec<String>,
+        /// Do not initialize a single-node cluster on first start; wait for
+        /// `hangarctl cluster init` or `cluster join`.
+        #[arg(long)]
+        no_bootstrap: bool,
     },
     /// Validate a configuration file: exit 0 valid, 1 invalid, 2 unreadable.
     Validate {
@@ -63,7 +79,25 @@ fn main() -> ExitCode {
             stdio,
             ready_file,
             node_id,
-        }) => serve(config, listen, stdio, ready_file, node_id),
+            raft_addr,
+            advertise_addr,
+            data_dir,
+            join,
+            no_bootstrap,
+        }) => serve(
+            config,
+            listen,
+            stdio,
+            ready_file,
+            config::ClusterOverrides {
+                node_id,
+                raft_addr,
+                advertise_addr,
+                data_dir,
+                join,
+                no_bootstrap,
+            },
+        ),
         None => {
             eprintln!(
                 "usage: hangar serve --config FILE | hangar validate FILE | hangar version (see --help)"
@@ -112,7 +146,7 @@ fn serve(
     listen: Option<String>,
     stdio: bool,
     ready_file: Option<PathBuf>,
-    node_id: String,
+    cluster: config::ClusterOverrides,
 ) -> ExitCode {
     let config_path = config_path.or_else(|| {
         let default = PathBuf::from("config.yaml");
@@ -141,7 +175,7 @@ fn serve(
         listen,
         stdio,
         ready_file,
-        node_id,
+        cluster,
     };
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

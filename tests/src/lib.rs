@@ -178,6 +178,8 @@ impl Node {
             .arg(&config_path)
             .args(["--listen", "127.0.0.1:0", "--ready-file"])
             .arg(&ready)
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&stderr_path).unwrap());
@@ -400,4 +402,27 @@ pub async fn get_json(c: &reqwest::Client, url: &str) -> (u16, Value) {
         status,
         serde_json::from_str(&text).unwrap_or(Value::String(text)),
     )
+}
+
+impl Proc {
+    /// Spawn `cmd` with stdin/stdout closed and stderr to `stderr_path`; killed on drop.
+    pub fn spawn(mut cmd: Command, stderr_path: PathBuf) -> Proc {
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&stderr_path).unwrap());
+        let child = cmd.spawn().expect("spawn");
+        Proc {
+            child: Some(child),
+            stderr_path,
+        }
+    }
+}
+
+/// A free TCP port on 127.0.0.1 (bound and released; for processes that must keep a fixed
+/// address across restarts).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap()
 }

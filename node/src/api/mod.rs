@@ -3,6 +3,8 @@
 //!
 //! Error envelope: `{"error":{"code":"<ErrorClass>","message":"…","details":{…}|null}}`.
 
+mod config_api;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,6 +28,8 @@ pub struct ApiState {
     pub gateway: Arc<Gateway>,
     /// Configuration reloads (None in tests without a file).
     pub reloader: Option<Arc<crate::app::Reloader>>,
+    /// The cluster: desired config changes go through Raft.
+    pub cluster: Arc<crate::cluster::Cluster>,
 }
 
 impl ApiState {
@@ -57,6 +61,11 @@ impl ApiError {
             message: message.into(),
             details,
         }
+    }
+
+    /// The details object.
+    pub fn details(&self) -> &Value {
+        &self.details
     }
 
     fn not_found(id: &str) -> Self {
@@ -143,6 +152,10 @@ pub fn routes(state: ApiState) -> Router {
         )
         .route("/api/groups/{id}/rebalance", post(rebalance_group))
         .route("/api/config/reload", post(reload_config))
+        .route("/api/config/validate", post(config_api::validate))
+        .route("/api/config/diff", post(config_api::diff))
+        .route("/api/config/apply", post(config_api::apply))
+        .route("/api/config/export", get(config_api::export))
         .route("/api/events", get(events))
         .route("/api/events/stream", get(event_stream))
         .route("/api/{*rest}", axum::routing::any(api_not_found))
@@ -325,7 +338,7 @@ async fn get_server(State(st): State<ApiState>, Path(id): Path<String>) -> ApiRe
     }
     let inst = instance(&st, &id)?;
     let s = inst.status();
-    let tools: Vec<String> = match inst.catalog() {
+    let tools: Vec<String> = match st.runtime().catalog_of(&inst) {
         Some(c) => c.tools.iter().map(|t| t.key.clone()).collect(),
         None => Vec::new(),
     };
@@ -391,20 +404,25 @@ async fn create_server(State(st): State<ApiState>, body: axum::body::Bytes) -> A
             json!({ "problems": problems }),
         )
     })?;
-    if st.runtime().exists(&id) {
+    if st.runtime().exists(&id) || st.cluster.server_record(&id).is_some() {
         return Err(RuntimeError::Exists(id).into());
     }
-    for (sid, spec) in cfg.mcp_servers {
-        if let ServerSpec::Group(_) = spec {
-            return Err(ApiError::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "ValidationError",
-                "groups are created under /api/groups/ (or in the config file)",
-                json!({"field": "mode"}),
-            ));
-        }
-        st.runtime().add_server(&sid, spec)?;
+    if cfg.mcp_servers.len() != 1
+        || cfg
+            .mcp_servers
+            .values()
+            .any(|s| matches!(s, ServerSpec::Group(_)))
+    {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "ValidationError",
+            "groups are created under /api/groups/ (or in the config file)",
+            json!({"field": "mode"}),
+        ));
     }
+    st.cluster
+        .put_server(&id, Value::Object(obj.clone()), true, None)
+        .await?;
     tracing::info!(mcp_server = %id, "mcp_server_registered_via_api");
     Ok((
         StatusCode::CREATED,
@@ -414,7 +432,13 @@ async fn create_server(State(st): State<ApiState>, body: axum::body::Bytes) -> A
 }
 
 async fn delete_server(State(st): State<ApiState>, Path(id): Path<String>) -> ApiResult {
-    st.runtime().remove_server(&id).await?;
+    if st.runtime().group(&id).is_some() {
+        return Err(RuntimeError::IsGroup(id).into());
+    }
+    if st.cluster.server_record(&id).is_none() {
+        return Err(ApiError::not_found(&id));
+    }
+    st.cluster.delete_server(&id).await?;
     Ok(axum::Json(json!({"deleted": true, "mcp_server_id": id})).into_response())
 }
 
@@ -480,7 +504,7 @@ async fn stop_server(
 
 async fn server_tools(State(st): State<ApiState>, Path(id): Path<String>) -> ApiResult {
     let inst = instance(&st, &id)?;
-    let tools: Vec<Value> = match inst.catalog() {
+    let tools: Vec<Value> = match st.runtime().catalog_of(&inst) {
         Some(c) => c
             .tools
             .iter()
@@ -531,7 +555,9 @@ async fn server_logs(
 async fn list_tools(State(st): State<ApiState>) -> ApiResult {
     let mut tools = Vec::new();
     for inst in st.runtime().instances() {
-        let Some(c) = inst.catalog() else { continue };
+        let Some(c) = st.runtime().catalog_of(&inst) else {
+            continue;
+        };
         for t in &c.tools {
             tools.push(json!({
                 "mcp_server_id": inst.id(),
@@ -595,17 +621,46 @@ async fn system(State(st): State<ApiState>) -> ApiResult {
         "instance": {
             "instance_id": rt.node_id(),
             "node_id": rt.node_id(),
-            "coordinates_with_peers": false,
+            "coordinates_with_peers": true,
             "manages_fleet": true,
             "storage_is_shareable": false,
             "rate_limits_are_per_instance": true,
-        }
+        },
+        "cluster": cluster_summary(&st.cluster),
     }}))
     .into_response())
 }
 
+fn cluster_summary(c: &crate::cluster::Cluster) -> Value {
+    let s = c.status();
+    let (version, file_hash) = c.config_version();
+    json!({
+        "node_id": s.node_id,
+        "role": s.role,
+        "leader_id": s.leader_id,
+        "leader_api_addr": s.leader.as_ref().map(|l| l.api_addr.clone()),
+        "term": s.term,
+        "committed_index": s.committed_index,
+        "applied_index": s.applied_index,
+        "lag": s.committed_index.unwrap_or(0).saturating_sub(s.applied_index.unwrap_or(0)),
+        "voters": s.voters.keys().collect::<Vec<_>>(),
+        "learners": s.learners.keys().collect::<Vec<_>>(),
+        "config_version": version,
+        "config_file_hash": file_hash,
+        "config_apply_error": c.apply_error(),
+        "ready": c.readiness().is_ok(),
+    })
+}
+
 async fn ready(State(st): State<ApiState>) -> Response {
     let rt = st.runtime();
+    if let Err(reason) = st.cluster.readiness() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(json!({"status": "not_ready", "reason": reason})),
+        )
+            .into_response();
+    }
     let ready = rt
         .instances()
         .iter()
@@ -798,8 +853,11 @@ async fn create_group(State(st): State<ApiState>, body: axum::body::Bytes) -> Ap
             v["min_healthy"] = json!(1);
         }
     }
+    if st.runtime().exists(&id) || st.cluster.server_record(&id).is_some() {
+        return Err(RuntimeError::Exists(id).into());
+    }
     let empty = v["members"].as_array().is_some_and(Vec::is_empty);
-    let spec = if empty {
+    let _spec = if empty {
         // An empty group is allowed through the API; members are added later.
         let mut probe = v.clone();
         probe["members"] = json!([]);
@@ -819,7 +877,8 @@ async fn create_group(State(st): State<ApiState>, body: axum::body::Bytes) -> Ap
     } else {
         validated_group(&st, &id, &v)?
     };
-    st.runtime().add_server(&id, ServerSpec::Group(spec))?;
+    v["mode"] = json!("group");
+    st.cluster.put_server(&id, v, true, None).await?;
     st.runtime()
         .events()
         .publish("GroupCreated", json!({"group_id": id}));
@@ -834,7 +893,7 @@ async fn delete_group(State(st): State<ApiState>, Path(id): Path<String>) -> Api
     if st.runtime().group(&id).is_none() {
         return Err(group_not_found(&id));
     }
-    st.runtime().remove_server(&id).await?;
+    st.cluster.delete_server(&id).await?;
     st.gateway.router().rebalance(&id);
     st.runtime()
         .events()
@@ -885,7 +944,7 @@ async fn add_member(
             Value::Null,
         ));
     }
-    let mut spec = g.spec();
+    let spec = g.spec();
     if spec.members.iter().any(|m| m.id == b.member_id) {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
@@ -894,13 +953,10 @@ async fn add_member(
             Value::Null,
         ));
     }
-    spec.members.push(crate::config::GroupMember {
-        id: b.member_id.clone(),
-        weight: b.weight,
-        priority: b.priority,
-        tools: None,
-    });
-    g.set_spec(spec);
+    update_group_members(&st, &id, |members| {
+        members.push(json!({"id": b.member_id, "weight": b.weight, "priority": b.priority}));
+    })
+    .await?;
     st.runtime().events().publish(
         "GroupMemberAdded",
         json!({"group_id": id, "member_id": b.member_id, "weight": b.weight, "priority": b.priority}),
@@ -920,10 +976,8 @@ async fn remove_member(
         .runtime()
         .group(&id)
         .ok_or_else(|| group_not_found(&id))?;
-    let mut spec = g.spec();
-    let before = spec.members.len();
-    spec.members.retain(|m| m.id != member);
-    if spec.members.len() == before {
+    let spec = g.spec();
+    if !spec.members.iter().any(|m| m.id == member) {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
             "MemberNotFoundError",
@@ -931,7 +985,10 @@ async fn remove_member(
             Value::Null,
         ));
     }
-    g.set_spec(spec);
+    update_group_members(&st, &id, |members| {
+        members.retain(|m| m.get("id").and_then(Value::as_str) != Some(member.as_str()));
+    })
+    .await?;
     st.runtime().events().publish(
         "GroupMemberRemoved",
         json!({"group_id": id, "member_id": member}),
@@ -945,6 +1002,41 @@ async fn rebalance_group(State(st): State<ApiState>, Path(id): Path<String>) -> 
     }
     st.gateway.router().rebalance(&id);
     Ok(axum::Json(json!({"status": "rebalanced", "group_id": id})).into_response())
+}
+
+/// Change a group's member list in its replicated definition (compare-and-set on the
+/// config version, so concurrent edits on different nodes cannot lose each other).
+async fn update_group_members(
+    st: &ApiState,
+    id: &str,
+    edit: impl Fn(&mut Vec<Value>),
+) -> Result<(), ApiError> {
+    for _ in 0..5 {
+        let Some((mut raw, version, _)) = st.cluster.server_record(id) else {
+            return Err(group_not_found(id));
+        };
+        let mut members = raw
+            .get("members")
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default();
+        edit(&mut members);
+        raw["members"] = Value::Array(members);
+        match st.cluster.put_server(id, raw, false, Some(version)).await {
+            Err(crate::cluster::ClusterError::Rejected { code, .. })
+                if code == "version_mismatch" =>
+            {
+                continue;
+            }
+            other => return other.map_err(ApiError::from),
+        }
+    }
+    Err(ApiError::new(
+        StatusCode::CONFLICT,
+        "ConcurrentModificationError",
+        format!("group '{id}' kept changing while being edited; retry"),
+        Value::Null,
+    ))
 }
 
 #[derive(Deserialize)]

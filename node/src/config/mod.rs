@@ -4,7 +4,10 @@
 //! Loading never half-applies: a file either yields a complete, valid [`Config`] or a list of
 //! problems. Unknown keys are errors (with a "did you mean" hint).
 
+mod cluster;
 mod reader;
+
+pub use cluster::{ClusterConfig, ClusterOverrides, PeerSpec};
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -372,6 +375,15 @@ pub struct Config {
     pub config_reload: ConfigReloadConfig,
     /// Listener.
     pub server: ServerConfig,
+    /// This node in the Raft cluster.
+    pub cluster: ClusterConfig,
+    /// `mcp_servers` as written, before `${VAR}` interpolation: what the cluster replicates
+    /// (each node interpolates with its own environment, so secrets passed as variables
+    /// never enter the replicated state).
+    #[serde(skip)]
+    pub raw_servers: std::collections::BTreeMap<String, Value>,
+    /// SHA-256 (hex) of the file's text, when loaded from a file.
+    pub file_hash: Option<String>,
 }
 
 impl Config {
@@ -427,7 +439,49 @@ pub fn load_file(path: &Path) -> Result<Config, ConfigError> {
         path: path.to_owned(),
         reason: e.to_string(),
     })?;
-    load_str(&text, &|k| std::env::var(k).ok())
+    let mut cfg = load_str(&text, &|k| std::env::var(k).ok())?;
+    cfg.file_hash = Some(sha256_hex(text.as_bytes()));
+    Ok(cfg)
+}
+
+/// SHA-256 of `bytes`, lower-case hex.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(bytes))
+}
+
+/// Build server specs from replicated raw definitions: `(id, definition, interpolate)`.
+/// Definitions from the config file are interpolated with this node's environment; those
+/// from the API are taken literally. Validation is the same as for a file.
+pub fn servers_from_raw(
+    entries: &[(String, Value, bool)],
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<IndexMap<String, ServerSpec>, ConfigError> {
+    let p = Problems::default();
+    let mut interpolated = Value::Object(
+        entries
+            .iter()
+            .filter(|(_, _, i)| *i)
+            .map(|(id, v, _)| (id.clone(), v.clone()))
+            .collect(),
+    );
+    interpolate(&mut interpolated, "mcp_servers", env, &p);
+    let mut servers = match interpolated {
+        Value::Object(m) => m,
+        _ => serde_json::Map::new(),
+    };
+    for (id, v, interp) in entries {
+        if !interp {
+            servers.insert(id.clone(), v.clone());
+        }
+    }
+    let doc = serde_json::json!({ "mcp_servers": Value::Object(servers) });
+    let cfg = build(&doc, &p, false);
+    if p.is_empty() {
+        Ok(cfg.mcp_servers)
+    } else {
+        Err(ConfigError::Invalid { problems: p.take() })
+    }
 }
 
 /// Load and validate YAML text with a variable lookup for `${VAR}`.
@@ -452,8 +506,14 @@ pub fn load_str(yaml: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
         )));
     }
     let p = Problems::default();
+    let raw_servers = doc
+        .get("mcp_servers")
+        .and_then(Value::as_object)
+        .map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+        .unwrap_or_default();
     interpolate(&mut doc, "", env, &p);
-    let cfg = build(&doc, &p, false);
+    let mut cfg = build(&doc, &p, false);
+    cfg.raw_servers = raw_servers;
     if p.is_empty() {
         Ok(cfg)
     } else {
@@ -536,7 +596,6 @@ const NOT_YET: &[(&str, &str)] = &[
     ("persistence", "persistence backends"),
     ("startup_checks", "startup checks"),
     ("truncation", "response truncation"),
-    ("cluster", "clustering"),
 ];
 
 fn check_not_yet(root: &Obj<'_>) {
@@ -755,6 +814,10 @@ fn build(doc: &Value, p: &Problems, allow_missing_servers: bool) -> Config {
             format!("must be a mapping of server ids, got {}", type_name(other)),
         ),
     }
+    let cluster = match root.obj("cluster") {
+        Some(o) => cluster::parse(&o, p),
+        None => ClusterConfig::default(),
+    };
     root.finish();
     Config {
         mcp_servers: servers,
@@ -763,6 +826,9 @@ fn build(doc: &Value, p: &Problems, allow_missing_servers: bool) -> Config {
         tool_access,
         config_reload,
         server,
+        cluster,
+        raw_servers: Default::default(),
+        file_hash: None,
     }
 }
 
@@ -803,6 +869,9 @@ fn fallback() -> Config {
             use_watchdog: true,
         },
         server: default_server(),
+        cluster: ClusterConfig::default(),
+        raw_servers: Default::default(),
+        file_hash: None,
     }
 }
 

@@ -78,6 +78,11 @@ impl<'a> Obj<'a> {
         }
     }
 
+    /// Path of this mapping.
+    pub fn path_str(&self) -> String {
+        self.path.clone()
+    }
+
     /// Path of a key.
     pub fn at(&self, key: &str) -> String {
         join(&self.path, key)

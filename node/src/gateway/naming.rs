@@ -124,7 +124,7 @@ pub fn visible_targets(runtime: &Runtime) -> Vec<TargetCatalog> {
         }
         out.push(TargetCatalog {
             target: inst.id().to_owned(),
-            catalog: inst.catalog(),
+            catalog: runtime.catalog_of(&inst),
             predefined: predefined(&inst.spec()),
         });
     }
@@ -135,7 +135,7 @@ pub fn visible_targets(runtime: &Runtime) -> Vec<TargetCatalog> {
         for m in &spec.members {
             if let Some(inst) = runtime.instance(&m.id) {
                 if catalog.is_none() {
-                    catalog = inst.catalog();
+                    catalog = runtime.catalog_of(&inst);
                 }
                 if pre.is_empty() {
                     pre = predefined(&inst.spec());

@@ -128,6 +128,65 @@ impl Catalog {
             && keys(&self.resource_templates) == keys(&other.resource_templates)
     }
 
+    /// The four lists as JSON array text (tools, prompts, resources, resource templates),
+    /// the form the cluster replicates.
+    pub fn lists_json(&self) -> [String; 4] {
+        let arr = |v: &[CatalogEntry]| {
+            let mut s = String::from("[");
+            for (i, e) in v.iter().enumerate() {
+                if i > 0 {
+                    s.push(',');
+                }
+                s.push_str(e.raw.get());
+            }
+            s.push(']');
+            s
+        };
+        [
+            arr(&self.tools),
+            arr(&self.prompts),
+            arr(&self.resources),
+            arr(&self.resource_templates),
+        ]
+    }
+
+    /// A catalogue from replicated lists (see [`lists_json`](Self::lists_json)). Items
+    /// without their key field are skipped; unreadable lists are empty.
+    pub fn from_lists(lists: [&str; 4], learned_at: f64) -> Catalog {
+        let parse = |text: &str, key: &str| -> Vec<CatalogEntry> {
+            let items: Vec<Box<RawValue>> = serde_json::from_str(text).unwrap_or_default();
+            items
+                .into_iter()
+                .filter_map(|raw| {
+                    let obj: RawObject = serde_json::from_str(raw.get()).ok()?;
+                    let key: String = serde_json::from_str(obj.get(key)?.get()).ok()?;
+                    Some(CatalogEntry { key, raw })
+                })
+                .collect()
+        };
+        let mut cat = Catalog {
+            tools: parse(lists[0], "name"),
+            prompts: parse(lists[1], "name"),
+            resources: parse(lists[2], "uri"),
+            resource_templates: parse(lists[3], "uriTemplate"),
+            learned_at,
+            capabilities: Vec::new(),
+        };
+        for (name, present) in [
+            ("tools", !cat.tools.is_empty()),
+            ("prompts", !cat.prompts.is_empty()),
+            (
+                "resources",
+                !cat.resources.is_empty() || !cat.resource_templates.is_empty(),
+            ),
+        ] {
+            if present {
+                cat.capabilities.push(name.to_owned());
+            }
+        }
+        cat
+    }
+
     /// Find a tool by its upstream name.
     pub fn tool(&self, name: &str) -> Option<&CatalogEntry> {
         self.tools.iter().find(|t| t.key == name)

@@ -988,6 +988,9 @@ pub struct Runtime {
     events: broadcast::Sender<RuntimeEvent>,
     node_id: String,
     started: Instant,
+    /// Catalogues learned anywhere in the cluster (replicated), for servers this node has
+    /// not started itself.
+    shared_catalogs: RwLock<std::collections::HashMap<String, Arc<Catalog>>>,
 }
 
 /// Errors of runtime administration.
@@ -1021,6 +1024,7 @@ impl Runtime {
             events,
             node_id,
             started: Instant::now(),
+            shared_catalogs: RwLock::new(std::collections::HashMap::new()),
         });
         for (id, spec) in &config.mcp_servers {
             rt.insert(id.clone(), spec.clone());
@@ -1134,6 +1138,36 @@ impl Runtime {
         self.metrics.forget_server(id);
         let _ = self.events.send(RuntimeEvent::ServersChanged);
         Ok(())
+    }
+
+    /// Set (or clear) the replicated catalogue of a server.
+    pub fn set_shared_catalog(&self, id: &str, catalog: Option<Arc<Catalog>>) {
+        let changed = {
+            let mut map = self.shared_catalogs.write();
+            match catalog {
+                Some(c) => {
+                    let same = map.get(id).is_some_and(|old| old.same_lists(&c));
+                    map.insert(id.to_owned(), c);
+                    !same
+                }
+                None => map.remove(id).is_some(),
+            }
+        };
+        let local = self.instance(id).is_some_and(|i| i.catalog().is_some());
+        if changed && !local {
+            let _ = self.events.send(RuntimeEvent::CatalogChanged {
+                server: id.to_owned(),
+                lists: vec!["tools", "prompts", "resources"],
+                notify: true,
+            });
+        }
+    }
+
+    /// What a server offers: its own catalogue when it ran on this node, else the one the
+    /// cluster learned elsewhere.
+    pub fn catalog_of(&self, inst: &Instance) -> Option<Arc<Catalog>> {
+        inst.catalog()
+            .or_else(|| self.shared_catalogs.read().get(inst.id()).cloned())
     }
 
     /// The current servers and groups as configuration specs.

@@ -99,7 +99,16 @@ async fn idle_servers_stop_and_restart_on_demand() {
     poll_until("idle child exit", Duration::from_secs(10), || {
         (!pid_alive(pid)).then_some(())
     });
-    let (_, ev) = get_json(&c, &node.url("/api/events?since=0&limit=1000")).await;
+    // Events are replicated through Raft in batches: poll until they are there.
+    let ev = wait_for("idle events", Duration::from_secs(5), || async {
+        let (_, ev) = get_json(&c, &node.url("/api/events?since=0&limit=1000")).await;
+        ev["events"]
+            .as_array()?
+            .iter()
+            .any(|e| e["event_type"] == "McpServerStopped" && e["data"]["reason"] == "idle")
+            .then_some(ev)
+    })
+    .await;
     let types: Vec<&str> = ev["events"]
         .as_array()
         .unwrap()

@@ -1,0 +1,367 @@
+//! `hangarctl cluster …`, `config …` and `events tail`.
+
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::Subcommand;
+use serde_json::{Value, json};
+
+use crate::{Client, Output, cell, kv, print, table};
+
+#[derive(Subcommand)]
+pub enum ClusterCmd {
+    /// Leader, term, members with roles, applied/committed index and lag per node.
+    Status,
+    /// Initialize a new cluster on the addressed node (alone, or with --member entries).
+    Init {
+        /// Other initial voters as ID=RAFT_ADDR,API_ADDR (repeatable).
+        #[arg(long = "member")]
+        members: Vec<String>,
+    },
+    /// Make the addressed (new, empty) node join the cluster that SEED (an API URL) belongs to.
+    Join {
+        /// API URL of any member, e.g. http://10.0.0.1:8000.
+        seed: String,
+        /// Join as a learner (non-voting) instead of a voter.
+        #[arg(long)]
+        learner: bool,
+    },
+    /// Add a node as a learner (it receives the log but does not vote).
+    AddLearner {
+        /// The node's id.
+        #[arg(long)]
+        node_id: u64,
+        /// Its Raft address (host:port).
+        #[arg(long)]
+        raft_addr: String,
+        /// Its HTTP API address (host:port).
+        #[arg(long)]
+        api_addr: String,
+    },
+    /// Make a learner a voter.
+    Promote {
+        /// Node id.
+        node_id: u64,
+    },
+    /// Remove a node from the cluster (then stop it).
+    Remove {
+        /// Node id.
+        node_id: u64,
+    },
+    /// Hand leadership to another voter.
+    TransferLeader {
+        /// Node id of the new leader.
+        node_id: u64,
+    },
+    /// Build a snapshot on the addressed node now (and optionally purge its log).
+    Snapshot {
+        /// Also purge log entries covered by the snapshot.
+        #[arg(long)]
+        purge: bool,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum ConfigCmd {
+    /// Check a config file on the addressed node (its environment interpolates `${VAR}`).
+    Validate {
+        /// The file.
+        file: std::path::PathBuf,
+    },
+    /// Show what applying a config file would change.
+    Diff {
+        /// The file.
+        file: std::path::PathBuf,
+    },
+    /// Make a config file the cluster's desired configuration.
+    Apply {
+        /// The file.
+        file: std::path::PathBuf,
+    },
+    /// Print the cluster's desired configuration.
+    Export,
+}
+
+#[derive(Subcommand)]
+pub enum EventsCmd {
+    /// Print events as they are appended (from --since, default: the last 20).
+    Tail {
+        /// Start after this sequence number.
+        #[arg(long)]
+        since: Option<u64>,
+        /// Stop after this many events (default: run until interrupted).
+        #[arg(long)]
+        count: Option<usize>,
+        /// Stop after this many seconds.
+        #[arg(long)]
+        timeout: Option<u64>,
+    },
+}
+
+fn parse_member(s: &str) -> anyhow::Result<Value> {
+    let (id, addrs) = s
+        .split_once('=')
+        .with_context(|| format!("--member expects ID=RAFT_ADDR,API_ADDR (got '{s}')"))?;
+    let (raft, api) = addrs
+        .split_once(',')
+        .with_context(|| format!("--member expects ID=RAFT_ADDR,API_ADDR (got '{s}')"))?;
+    let id: u64 = id
+        .parse()
+        .with_context(|| format!("--member: node id '{id}' is not a number"))?;
+    Ok(json!({"node_id": id, "raft_addr": raft, "api_addr": api}))
+}
+
+pub async fn cluster(c: &Client, out: Output, cmd: ClusterCmd) -> anyhow::Result<()> {
+    match cmd {
+        ClusterCmd::Status => {
+            let v = c.get("/api/cluster/status").await?;
+            print(out, &v, |v| {
+                let mut s = format!(
+                    "node {} is {} · leader {} · term {} · config version {}\n",
+                    cell(&v["node_id"]),
+                    cell(&v["role"]),
+                    cell(&v["leader_id"]),
+                    cell(&v["term"]),
+                    cell(&v["config_version"]),
+                );
+                if v["initialized"] == json!(false) {
+                    s.push_str("not initialized: run `hangarctl cluster init` here, or `hangarctl cluster join SEED`\n");
+                }
+                let rows = v["members"].as_array().cloned().unwrap_or_default();
+                s.push('\n');
+                s.push_str(&table(
+                    &rows,
+                    &[
+                        "node_id",
+                        "membership",
+                        "role",
+                        "api_addr",
+                        "raft_addr",
+                        "committed_index",
+                        "applied_index",
+                        "lag",
+                        "ready",
+                    ],
+                ));
+                s
+            });
+        }
+        ClusterCmd::Init { members } => {
+            let members = members
+                .iter()
+                .map(|m| parse_member(m))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let v = c
+                .post("/api/cluster/init", json!({"members": members}))
+                .await?;
+            print(out, &v, |v| {
+                format!("cluster initialized on node {}\n", cell(&v["node_id"]))
+            });
+        }
+        ClusterCmd::Join { seed, learner } => {
+            let role = if learner { "learner" } else { "voter" };
+            let v = c
+                .post("/api/cluster/join", json!({"seed": seed, "role": role}))
+                .await?;
+            print(out, &v, |v| {
+                format!(
+                    "node {} joined through {} as a {role}\n",
+                    cell(&v["node_id"]),
+                    cell(&v["seed"])
+                )
+            });
+        }
+        ClusterCmd::AddLearner {
+            node_id,
+            raft_addr,
+            api_addr,
+        } => {
+            let v = c
+                .post(
+                    "/api/cluster/members",
+                    json!({"node_id": node_id, "raft_addr": raft_addr, "api_addr": api_addr, "role": "learner"}),
+                )
+                .await?;
+            print(out, &v, |_| {
+                format!("node {node_id} added as a learner (caught up)\n")
+            });
+        }
+        ClusterCmd::Promote { node_id } => {
+            let v = c
+                .post(
+                    &format!("/api/cluster/members/{node_id}/promote"),
+                    json!({}),
+                )
+                .await?;
+            print(out, &v, |_| format!("node {node_id} is a voter\n"));
+        }
+        ClusterCmd::Remove { node_id } => {
+            let v = c
+                .send(
+                    reqwest::Method::DELETE,
+                    &format!("/api/cluster/members/{node_id}"),
+                    None,
+                )
+                .await?;
+            print(out, &v, |_| {
+                format!("node {node_id} removed from the cluster; stop its process\n")
+            });
+        }
+        ClusterCmd::TransferLeader { node_id } => {
+            let v = c
+                .post("/api/cluster/transfer-leader", json!({"node_id": node_id}))
+                .await?;
+            print(out, &v, |v| {
+                format!(
+                    "leadership transfer to node {node_id} requested; leader is now {}\n",
+                    cell(&v["leader_id"])
+                )
+            });
+        }
+        ClusterCmd::Snapshot { purge } => {
+            let path = if purge {
+                "/api/cluster/snapshot?purge=true"
+            } else {
+                "/api/cluster/snapshot"
+            };
+            let v = c.post(path, json!({})).await?;
+            print(out, &v, kv);
+        }
+    }
+    Ok(())
+}
+
+fn read_file(path: &std::path::Path) -> anyhow::Result<String> {
+    std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))
+}
+
+fn problems(v: &Value) -> String {
+    let mut s = String::new();
+    for p in v["problems"].as_array().cloned().unwrap_or_default() {
+        let path = cell(&p["path"]);
+        if path.is_empty() || path == "-" {
+            s.push_str(&format!("  {}\n", cell(&p["message"])));
+        } else {
+            s.push_str(&format!("  {path}: {}\n", cell(&p["message"])));
+        }
+    }
+    s
+}
+
+fn diff_text(v: &Value) -> String {
+    let mut s = String::new();
+    for (k, sign) in [
+        ("added", '+'),
+        ("removed", '-'),
+        ("updated", '~'),
+        ("unchanged", ' '),
+    ] {
+        for id in v[k].as_array().cloned().unwrap_or_default() {
+            s.push_str(&format!("{sign} {} ({k})\n", cell(&id)));
+        }
+    }
+    if s.is_empty() {
+        s.push_str("no MCP servers\n");
+    }
+    s
+}
+
+pub async fn config(c: &Client, out: Output, cmd: ConfigCmd) -> anyhow::Result<()> {
+    match cmd {
+        ConfigCmd::Validate { file } => {
+            let v = c
+                .send_text("/api/config/validate", read_file(&file)?)
+                .await?;
+            let valid = v["valid"] == json!(true);
+            print(out, &v, |v| {
+                if valid {
+                    format!(
+                        "{}: valid ({} MCP servers/groups)\n",
+                        file.display(),
+                        cell(&v["mcp_servers"])
+                    )
+                } else {
+                    format!("{}: invalid\n{}", file.display(), problems(v))
+                }
+            });
+            if !valid {
+                bail!("the configuration is invalid");
+            }
+        }
+        ConfigCmd::Diff { file } => {
+            let v = c.send_text("/api/config/diff", read_file(&file)?).await?;
+            print(out, &v, diff_text);
+        }
+        ConfigCmd::Apply { file } => {
+            let v = c.send_text("/api/config/apply", read_file(&file)?).await?;
+            print(out, &v, |v| {
+                format!(
+                    "applied as config version {}\n{}",
+                    cell(&v["config_version"]),
+                    diff_text(v)
+                )
+            });
+        }
+        ConfigCmd::Export => {
+            let v = c.get("/api/config/export").await?;
+            let doc = json!({"mcp_servers": v["mcp_servers"]});
+            print(out, &v, |_| {
+                serde_json::to_string_pretty(&doc).unwrap_or_default() + "\n"
+            });
+        }
+    }
+    Ok(())
+}
+
+pub async fn events(c: &Client, out: Output, cmd: EventsCmd) -> anyhow::Result<()> {
+    let EventsCmd::Tail {
+        since,
+        count,
+        timeout,
+    } = cmd;
+    let mut after = match since {
+        Some(s) => s,
+        None => {
+            let v = c.get("/api/events?since=0&limit=1").await?;
+            v["last_seq"].as_u64().unwrap_or(0).saturating_sub(20)
+        }
+    };
+    let deadline = timeout.map(|t| tokio::time::Instant::now() + Duration::from_secs(t));
+    let mut printed = 0usize;
+    loop {
+        let v = c
+            .get(&format!("/api/events?since={after}&limit=500"))
+            .await?;
+        for ev in v["events"].as_array().cloned().unwrap_or_default() {
+            after = ev["seq"].as_u64().unwrap_or(after);
+            match out {
+                Output::Json => println!("{ev}"),
+                Output::Table => println!(
+                    "{:>6}  {:<14}  node {:<3} {:<32} {}",
+                    cell(&ev["seq"]),
+                    format_time(ev["occurred_at"].as_f64().unwrap_or(0.0)),
+                    cell(&ev["produced_by"]),
+                    cell(&ev["event_type"]),
+                    ev["data"]
+                ),
+            }
+            printed += 1;
+            if count.is_some_and(|n| printed >= n) {
+                return Ok(());
+            }
+        }
+        if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+fn format_time(unix: f64) -> String {
+    let secs = unix as u64;
+    let (h, m, s) = ((secs / 3600) % 24, (secs / 60) % 60, secs % 60);
+    format!(
+        "{h:02}:{m:02}:{s:02}.{:03}Z",
+        ((unix.fract()) * 1000.0) as u64
+    )
+}

@@ -1,0 +1,123 @@
+//! `/api/config/{validate,diff,apply,export}`: the desired configuration of the cluster,
+//! behind `hangarctl config`. Bodies are config files (YAML or JSON text).
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+
+use super::{ApiError, ApiState};
+use crate::config::{self, ConfigError};
+
+type ApiResult = Result<Response, ApiError>;
+
+fn problems_of(e: &ConfigError) -> Vec<Value> {
+    match e {
+        ConfigError::Invalid { problems } => problems
+            .iter()
+            .map(|p| json!({"path": p.path, "message": p.message}))
+            .collect(),
+        ConfigError::Unreadable { reason, .. } => vec![json!({"path": "", "message": reason})],
+    }
+}
+
+fn parse(body: &[u8]) -> Result<config::Config, ApiError> {
+    let text = std::str::from_utf8(body).map_err(|_| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "ValidationError",
+            "the body must be the config file as UTF-8 text",
+            Value::Null,
+        )
+    })?;
+    config::load_str(text, &|k| std::env::var(k).ok()).map_err(|e| {
+        ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "ValidationError",
+            format!("invalid configuration: {e}"),
+            json!({"problems": problems_of(&e)}),
+        )
+    })
+}
+
+/// `POST /api/config/validate`: every problem with its path (200 with `valid: false`).
+pub async fn validate(body: axum::body::Bytes) -> ApiResult {
+    match parse(&body) {
+        Ok(cfg) => Ok(axum::Json(json!({"valid": true, "problems": [],
+            "mcp_servers": cfg.mcp_servers.len()}))
+        .into_response()),
+        Err(e) => Ok(
+            axum::Json(json!({"valid": false, "problems": e.details()["problems"]}))
+                .into_response(),
+        ),
+    }
+}
+
+/// The file-sourced servers of the cluster now vs. in `cfg`.
+fn diff_against(st: &ApiState, cfg: &config::Config) -> Value {
+    let current = st.cluster.server_records();
+    let mut added = Vec::new();
+    let mut removed = Vec::new();
+    let mut updated = Vec::new();
+    let mut unchanged = Vec::new();
+    for (id, raw) in &cfg.raw_servers {
+        match current.get(id) {
+            None => added.push(id.clone()),
+            Some((spec, _, _)) if spec == raw => unchanged.push(id.clone()),
+            Some(_) => updated.push(id.clone()),
+        }
+    }
+    for (id, (_, _, source)) in &current {
+        if source.starts_with("file:") && !cfg.raw_servers.contains_key(id) {
+            removed.push(id.clone());
+        }
+    }
+    json!({"added": added, "removed": removed, "updated": updated, "unchanged": unchanged})
+}
+
+/// `POST /api/config/diff`: what applying the file would change.
+pub async fn diff(State(st): State<ApiState>, body: axum::body::Bytes) -> ApiResult {
+    let cfg = parse(&body)?;
+    Ok(axum::Json(diff_against(&st, &cfg)).into_response())
+}
+
+/// `POST /api/config/apply`: make the file the cluster's desired config (file-sourced
+/// servers are replaced; servers added through the API stay).
+pub async fn apply(State(st): State<ApiState>, body: axum::body::Bytes) -> ApiResult {
+    let cfg = parse(&body)?;
+    let d = diff_against(&st, &cfg);
+    let hash = config::sha256_hex(&body);
+    st.cluster
+        .apply_file_config(&cfg.raw_servers, &hash)
+        .await?;
+    st.runtime().events().publish(
+        "ConfigurationReloaded",
+        json!({"requested_by": "api_apply", "mcp_servers_added": d["added"],
+            "mcp_servers_removed": d["removed"], "mcp_servers_updated": d["updated"]}),
+    );
+    let (version, _) = st.cluster.config_version();
+    let mut out = d;
+    out["status"] = json!("applied");
+    out["config_version"] = json!(version);
+    Ok(axum::Json(out).into_response())
+}
+
+/// `GET /api/config/export`: the desired servers as a config document (JSON, which is YAML),
+/// with `${VAR}` references as written and each server's source.
+pub async fn export(State(st): State<ApiState>) -> ApiResult {
+    let records = st.cluster.server_records();
+    let (version, file_hash) = st.cluster.config_version();
+    let servers: serde_json::Map<String, Value> = records
+        .iter()
+        .map(|(id, (spec, _, _))| (id.clone(), spec.clone()))
+        .collect();
+    let sources: serde_json::Map<String, Value> = records
+        .iter()
+        .map(|(id, (_, v, src))| (id.clone(), json!({"source": src, "config_version": v})))
+        .collect();
+    Ok(axum::Json(json!({
+        "mcp_servers": servers,
+        "_hangar": {"config_version": version, "config_file_hash": file_hash, "servers": sources},
+    }))
+    .into_response())
+}

@@ -1,0 +1,997 @@
+//! Cluster room: this node's membership in the Raft cluster (boot, init, join), the one
+//! handle through which the other rooms read the replicated state and propose changes, and
+//! the loops that connect Raft to the node:
+//!
+//! * the **applier** turns the applied desired config into running servers (each node
+//!   interpolates `${VAR}` with its own environment), installs catalogues learned elsewhere,
+//!   and hands newly applied domain events to live subscribers;
+//! * the **event flusher** batches domain events into `AppendEvents` entries (one Raft round
+//!   trip per batch, never per event);
+//! * the **catalogue publisher** replicates what an upstream offers once this node learned it.
+
+mod api;
+
+pub use api::routes;
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hangar_raft::state::{
+    CatalogEntry as ReplicatedCatalog, ConfigSourceKind, EventRecord, StoredEvent,
+};
+use hangar_raft::{ClusterStatus, Command, NodeInfo, RaftConfig, RaftError, RaftHandle, Response};
+use parking_lot::Mutex;
+use serde_json::{Value, json};
+use tokio::sync::{Notify, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{self, ClusterConfig, ConfigError, PeerSpec};
+use crate::runtime::{Catalog, Runtime, RuntimeEvent};
+use crate::telemetry::events::{Event, EventBackend};
+
+/// Most events one `AppendEvents` entry carries.
+const EVENT_BATCH: usize = 512;
+/// How often the flusher looks for pending events when not woken (and the first retry delay).
+const EVENT_FLUSH_EVERY: Duration = Duration::from_millis(100);
+/// Events kept while the cluster cannot take them (oldest dropped beyond this, and counted).
+const EVENT_QUEUE_CAP: usize = 100_000;
+
+/// Errors of cluster operations, each with what to do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    /// Raft could not do it (no leader, timeout, membership refused…).
+    #[error(transparent)]
+    Raft(#[from] RaftError),
+    /// The replicated state refused the command.
+    #[error("{message}")]
+    Rejected {
+        /// Stable code (`server_exists`, `server_not_found`, `version_mismatch`, …).
+        code: String,
+        /// Why.
+        message: String,
+    },
+    /// The resulting configuration would be invalid.
+    #[error(transparent)]
+    Invalid(#[from] ConfigError),
+    /// This node did not apply the change locally in time.
+    #[error(
+        "the change was committed but this node has not applied it within {0:?}; it will shortly — re-read to confirm"
+    )]
+    ApplyTimeout(Duration),
+    /// Bad request.
+    #[error("{0}")]
+    BadRequest(String),
+    /// A peer node answered with an error.
+    #[error("{0}")]
+    Peer(String),
+}
+
+/// This node in the cluster.
+pub struct Cluster {
+    raft: RaftHandle,
+    cfg: ClusterConfig,
+    api_addr: String,
+    node_name: String,
+    /// Config version the local runtime runs (set by the applier).
+    applied_version: watch::Sender<u64>,
+    /// Why the last replicated config could not be applied here, if it could not.
+    apply_error: Mutex<Option<String>>,
+    pending_events: Mutex<VecDeque<Event>>,
+    dropped_events: std::sync::atomic::AtomicU64,
+    events_notify: Notify,
+    http: reqwest::Client,
+    shutdown: CancellationToken,
+}
+
+impl Cluster {
+    /// Open the Raft store in `data_dir` and start the gRPC server. Nothing is initialized
+    /// here; see [`boot`](Self::boot).
+    pub async fn start(
+        cfg: ClusterConfig,
+        api_addr: SocketAddr,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<Arc<Cluster>> {
+        let raft_addr: SocketAddr = cfg.raft_addr.parse().map_err(|_| {
+            anyhow::anyhow!(
+                "cluster.raft_addr `{}` is not IP:PORT (e.g. 127.0.0.1:7400)",
+                cfg.raft_addr
+            )
+        })?;
+        std::fs::create_dir_all(&cfg.data_dir).map_err(|e| {
+            anyhow::anyhow!(
+                "cannot create the data directory {}: {e}; choose another with --data-dir or cluster.data_dir",
+                cfg.data_dir.display()
+            )
+        })?;
+        let api_addr = cfg
+            .api_advertise_addr
+            .clone()
+            .unwrap_or_else(|| api_addr.to_string());
+        let mut rc = RaftConfig::new(cfg.node_id, raft_addr, cfg.data_dir.join("raft"));
+        rc.advertise_addr = cfg.advertise_addr.clone().unwrap_or_default();
+        rc.api_addr = api_addr.clone();
+        rc.heartbeat_ms = cfg.heartbeat_ms;
+        rc.election_min_ms = cfg.election_min_ms;
+        rc.election_max_ms = cfg.election_max_ms;
+        rc.snapshot_logs_since_last = cfg.snapshot_every;
+        rc.max_in_snapshot_log_to_keep = cfg.keep_logs;
+        let raft = RaftHandle::start(rc).await.map_err(|e| {
+            anyhow::anyhow!(
+                "cannot start Raft with data directory {}: {e}",
+                cfg.data_dir.display()
+            )
+        })?;
+        tracing::info!(node_id = cfg.node_id, raft_addr = %raft.local_addr(), data_dir = %cfg.data_dir.display(), "raft_started");
+        let (applied_version, _) = watch::channel(0);
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .build()
+            .map_err(|e| anyhow::anyhow!("cannot build the HTTP client: {e}"))?;
+        Ok(Arc::new(Cluster {
+            raft,
+            node_name: cfg.node_id.to_string(),
+            cfg,
+            api_addr,
+            applied_version,
+            apply_error: Mutex::new(None),
+            pending_events: Mutex::new(VecDeque::new()),
+            dropped_events: std::sync::atomic::AtomicU64::new(0),
+            events_notify: Notify::new(),
+            http,
+            shutdown,
+        }))
+    }
+
+    /// This node's id.
+    pub fn node_id(&self) -> u64 {
+        self.cfg.node_id
+    }
+
+    /// This node's id as text (`produced_by` of events, relayed request ids).
+    pub fn node_name(&self) -> &str {
+        &self.node_name
+    }
+
+    /// The cluster settings.
+    pub fn config(&self) -> &ClusterConfig {
+        &self.cfg
+    }
+
+    /// The Raft handle.
+    pub fn raft(&self) -> &RaftHandle {
+        &self.raft
+    }
+
+    /// This node's addresses as stored in the membership.
+    pub fn node_info(&self) -> NodeInfo {
+        self.raft.local_node_info()
+    }
+
+    /// Raft status as this node sees it.
+    pub fn status(&self) -> ClusterStatus {
+        self.raft.status()
+    }
+
+    /// Whether this node can serve: it knows a leader, its state is close to the commit
+    /// index, and it runs the replicated config version.
+    pub fn readiness(&self) -> Result<(), String> {
+        let s = self.raft.status();
+        if let Some(f) = &s.fatal {
+            return Err(format!("Raft stopped: {f}"));
+        }
+        if !self.raft.is_initialized() {
+            return Err("this node is not part of a cluster yet (run `hangarctl cluster init` or `cluster join`)".into());
+        }
+        if s.leader_id.is_none() {
+            return Err("no Raft leader is known (election in progress or no quorum)".into());
+        }
+        let lag = s
+            .committed_index
+            .unwrap_or(0)
+            .saturating_sub(s.applied_index.unwrap_or(0));
+        if lag > self.cfg.max_ready_lag {
+            return Err(format!(
+                "this node lags {lag} entries behind the commit index (limit {})",
+                self.cfg.max_ready_lag
+            ));
+        }
+        let want = self.raft.read(|st| st.config_version);
+        if *self.applied_version.borrow() < want {
+            return Err(format!(
+                "applying config version {want} (running {})",
+                *self.applied_version.borrow()
+            ));
+        }
+        Ok(())
+    }
+
+    /// Why the replicated config could not be applied on this node, if so.
+    pub fn apply_error(&self) -> Option<String> {
+        self.apply_error.lock().clone()
+    }
+
+    // ------------------------------------------------------------------ membership
+
+    /// Initialize the cluster if this node has no data yet, as configured: join through
+    /// seeds, bootstrap with static peers (the lowest id does it), or alone.
+    pub async fn boot(self: &Arc<Self>) -> anyhow::Result<()> {
+        if self.raft.is_initialized() {
+            return Ok(());
+        }
+        if !self.cfg.join.is_empty() {
+            let me = self.clone();
+            tokio::spawn(async move { me.join_loop().await });
+            return Ok(());
+        }
+        if !self.cfg.peers.is_empty() {
+            let lowest = self
+                .cfg
+                .peers
+                .iter()
+                .map(|p| p.node_id)
+                .chain([self.cfg.node_id])
+                .min()
+                .unwrap_or(self.cfg.node_id);
+            if lowest == self.cfg.node_id {
+                let mut members = BTreeMap::new();
+                for p in &self.cfg.peers {
+                    members.insert(
+                        p.node_id,
+                        NodeInfo {
+                            raft_addr: p.raft_addr.clone(),
+                            api_addr: p.api_addr.clone(),
+                        },
+                    );
+                }
+                members.insert(self.cfg.node_id, self.node_info());
+                self.raft.initialize(members).await?;
+                tracing::info!("cluster_initialized_from_peers");
+            }
+            return Ok(());
+        }
+        if self.cfg.bootstrap {
+            self.raft.initialize_single().await?;
+            tracing::info!("single_node_cluster_initialized");
+        } else {
+            tracing::info!(
+                "waiting to be added to a cluster (hangarctl cluster init / cluster join)"
+            );
+        }
+        Ok(())
+    }
+
+    async fn join_loop(self: Arc<Self>) {
+        let mut delay = Duration::from_millis(200);
+        loop {
+            for seed in &self.cfg.join {
+                if self.raft.is_initialized() {
+                    return;
+                }
+                match self.join_via(seed, true).await {
+                    Ok(()) => {
+                        tracing::info!(seed, "joined_cluster");
+                        return;
+                    }
+                    Err(e) => tracing::warn!(seed, error = %e, "join_attempt_failed"),
+                }
+            }
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                _ = tokio::time::sleep(delay) => {}
+            }
+            delay = (delay * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    /// Ask the member at `seed` (an API URL) to add this node (as a voter or a learner).
+    pub async fn join_via(&self, seed: &str, voter: bool) -> Result<(), ClusterError> {
+        let info = self.node_info();
+        let url = format!("{}/api/cluster/members", seed.trim_end_matches('/'));
+        let body = json!({"node_id": self.cfg.node_id, "raft_addr": info.raft_addr,
+            "api_addr": info.api_addr, "role": if voter { "voter" } else { "learner" }});
+        let resp = self
+            .http
+            .post(&url)
+            .header("Content-Type", "application/json")
+            .body(body.to_string())
+            .send()
+            .await
+            .map_err(|e| ClusterError::Peer(format!("cannot reach {url}: {e}")))?;
+        let status = resp.status();
+        let text = resp.text().await.unwrap_or_default();
+        if status.is_success() {
+            Ok(())
+        } else {
+            Err(ClusterError::Peer(format!(
+                "{url} answered {status}: {}",
+                error_message(&text)
+            )))
+        }
+    }
+
+    /// Initialize a new cluster on this node: alone, or with the given members.
+    pub async fn init(&self, members: &[PeerSpec]) -> Result<(), ClusterError> {
+        if self.raft.is_initialized() {
+            return Err(ClusterError::BadRequest(
+                "this node is already part of an initialized cluster; use `hangarctl cluster status`".into(),
+            ));
+        }
+        if members.is_empty() {
+            self.raft.initialize_single().await?;
+        } else {
+            let mut m: BTreeMap<u64, NodeInfo> = members
+                .iter()
+                .map(|p| {
+                    (
+                        p.node_id,
+                        NodeInfo {
+                            raft_addr: p.raft_addr.clone(),
+                            api_addr: p.api_addr.clone(),
+                        },
+                    )
+                })
+                .collect();
+            m.insert(self.cfg.node_id, self.node_info());
+            self.raft.initialize(m).await?;
+        }
+        // Return once a leader is elected and the initial membership is committed, so the
+        // next membership change (a join) is accepted.
+        let settled = async {
+            let mut leader = self.raft.leader_watch();
+            let _ = leader.wait_for(Option::is_some).await;
+            loop {
+                let s = self.raft.status();
+                if s.committed_index.is_some() && s.committed_index >= s.last_log_index {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(10), settled).await;
+        Ok(())
+    }
+
+    /// Run a membership change, retrying while another change is still in progress.
+    async fn membership<F, Fut>(&self, mut op: F) -> Result<(), ClusterError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<(), RaftError>>,
+    {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+        loop {
+            match op().await {
+                Err(RaftError::Membership { message })
+                    if message.contains("undergoing") && tokio::time::Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                other => return other.map_err(ClusterError::from),
+            }
+        }
+    }
+
+    /// Add a node: as a learner (waiting until it caught up), then, for a voter, promote it.
+    pub async fn add_member(&self, peer: &PeerSpec, voter: bool) -> Result<(), ClusterError> {
+        let info = NodeInfo {
+            raft_addr: peer.raft_addr.clone(),
+            api_addr: peer.api_addr.clone(),
+        };
+        let s = self.raft.status();
+        let known = s
+            .voters
+            .get(&peer.node_id)
+            .or(s.learners.get(&peer.node_id));
+        if known != Some(&info) {
+            self.membership(|| self.raft.add_learner(peer.node_id, info.clone(), true))
+                .await?;
+        }
+        if voter {
+            self.promote(peer.node_id).await?;
+        }
+        Ok(())
+    }
+
+    /// Make a learner a voter.
+    pub async fn promote(&self, id: u64) -> Result<(), ClusterError> {
+        let s = self.raft.status();
+        if s.voters.contains_key(&id) {
+            return Ok(());
+        }
+        if !s.learners.contains_key(&id) {
+            return Err(ClusterError::BadRequest(format!(
+                "node {id} is not a learner of this cluster; add it first (hangarctl cluster add-learner)"
+            )));
+        }
+        let mut voters: BTreeSet<u64> = s.voters.keys().copied().collect();
+        voters.insert(id);
+        self.membership(|| self.raft.change_voters(voters.clone()))
+            .await
+    }
+
+    /// Remove a node (demoting it first if it votes).
+    pub async fn remove_member(&self, id: u64) -> Result<(), ClusterError> {
+        let s = self.raft.status();
+        if !s.voters.contains_key(&id) && !s.learners.contains_key(&id) {
+            return Err(ClusterError::BadRequest(format!(
+                "node {id} is not a member of this cluster"
+            )));
+        }
+        if s.voters.contains_key(&id) {
+            let voters: BTreeSet<u64> = s.voters.keys().copied().filter(|v| *v != id).collect();
+            if voters.is_empty() {
+                return Err(ClusterError::BadRequest(
+                    "cannot remove the last voter".into(),
+                ));
+            }
+            self.membership(|| self.raft.change_voters(voters.clone()))
+                .await?;
+        }
+        self.membership(|| self.raft.remove_node(id)).await?;
+        let _ = self.propose(Command::UnregisterNode { node_id: id }).await;
+        Ok(())
+    }
+
+    // ------------------------------------------------------------------ writes
+
+    /// Replicate a command; a refusal of `apply` becomes [`ClusterError::Rejected`].
+    pub async fn propose(&self, cmd: Command) -> Result<Response, ClusterError> {
+        match self.raft.propose(cmd).await? {
+            Response::Rejected { code, message } => Err(ClusterError::Rejected {
+                code: serde_json::to_value(code)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_owned))
+                    .unwrap_or_else(|| "rejected".into()),
+                message,
+            }),
+            other => Ok(other),
+        }
+    }
+
+    /// Wait until the local runtime runs config version `v` (or a later one).
+    pub async fn wait_applied(&self, v: u64) -> Result<(), ClusterError> {
+        let mut rx = self.applied_version.subscribe();
+        let limit = Duration::from_secs(15);
+        match tokio::time::timeout(limit, rx.wait_for(|have| *have >= v)).await {
+            Ok(Ok(_)) => Ok(()),
+            _ => Err(ClusterError::ApplyTimeout(limit)),
+        }
+    }
+
+    fn version_of(r: &Response) -> Option<u64> {
+        match r {
+            Response::ConfigApplied { config_version, .. }
+            | Response::ServerChanged { config_version } => Some(*config_version),
+            _ => None,
+        }
+    }
+
+    /// Validate the desired servers as they would be after replacing the servers of
+    /// `kind` with `servers` (so a file cannot remove a server an API group still uses).
+    fn validate_merged(
+        &self,
+        replace_kind: Option<ConfigSourceKind>,
+        changes: &BTreeMap<String, Option<(Value, bool)>>,
+    ) -> Result<(), ClusterError> {
+        let mut entries: BTreeMap<String, (Value, bool)> = self.raft.read(|st| {
+            st.servers
+                .iter()
+                .filter(|(_, r)| Some(r.source.kind()) != replace_kind)
+                .map(|(id, r)| {
+                    (
+                        id.clone(),
+                        (r.spec.clone(), r.source.kind() == ConfigSourceKind::File),
+                    )
+                })
+                .collect()
+        });
+        for (id, ch) in changes {
+            match ch {
+                Some(v) => {
+                    entries.insert(id.clone(), v.clone());
+                }
+                None => {
+                    entries.remove(id);
+                }
+            }
+        }
+        let list: Vec<(String, Value, bool)> =
+            entries.into_iter().map(|(k, (v, i))| (k, v, i)).collect();
+        config::servers_from_raw(&list, &|k| std::env::var(k).ok())?;
+        Ok(())
+    }
+
+    /// Make `raw` (the `mcp_servers` of a config file, before interpolation) the desired
+    /// file-sourced servers of the cluster, and wait until this node runs them.
+    pub async fn apply_file_config(
+        &self,
+        raw: &BTreeMap<String, Value>,
+        file_hash: &str,
+    ) -> Result<Response, ClusterError> {
+        let changes = raw
+            .iter()
+            .map(|(k, v)| (k.clone(), Some((v.clone(), true))))
+            .collect();
+        self.validate_merged(Some(ConfigSourceKind::File), &changes)?;
+        let r = self
+            .propose(Command::SetDesiredConfig {
+                servers: raw.clone(),
+                source: ConfigSourceKind::File,
+                file_hash: Some(file_hash.to_owned()),
+            })
+            .await?;
+        if let Some(v) = Self::version_of(&r) {
+            self.wait_applied(v).await?;
+        }
+        Ok(r)
+    }
+
+    /// Create or replace one server or group from the API (taken literally, no `${VAR}`).
+    pub async fn put_server(
+        &self,
+        id: &str,
+        spec: Value,
+        create_only: bool,
+        if_version: Option<u64>,
+    ) -> Result<(), ClusterError> {
+        let changes = BTreeMap::from([(id.to_owned(), Some((spec.clone(), false)))]);
+        self.validate_merged(None, &changes)?;
+        let r = self
+            .propose(Command::PutServer {
+                id: id.to_owned(),
+                spec,
+                source: ConfigSourceKind::Api,
+                file_hash: None,
+                create_only,
+                if_version,
+            })
+            .await?;
+        if let Some(v) = Self::version_of(&r) {
+            self.wait_applied(v).await?;
+        }
+        Ok(())
+    }
+
+    /// Delete one server or group.
+    pub async fn delete_server(&self, id: &str) -> Result<(), ClusterError> {
+        let changes = BTreeMap::from([(id.to_owned(), None)]);
+        self.validate_merged(None, &changes)?;
+        let r = self
+            .propose(Command::DeleteServer { id: id.to_owned() })
+            .await?;
+        if let Some(v) = Self::version_of(&r) {
+            self.wait_applied(v).await?;
+        }
+        Ok(())
+    }
+
+    /// The replicated definition of a server: (raw spec, config version, source).
+    pub fn server_record(&self, id: &str) -> Option<(Value, u64, String)> {
+        self.raft.read(|st| {
+            st.servers
+                .get(id)
+                .map(|r| (r.spec.clone(), r.config_version, r.source.to_string()))
+        })
+    }
+
+    /// Every replicated definition: id → (raw spec, config version, source).
+    pub fn server_records(&self) -> BTreeMap<String, (Value, u64, String)> {
+        self.raft.read(|st| {
+            st.servers
+                .iter()
+                .map(|(id, r)| {
+                    (
+                        id.clone(),
+                        (r.spec.clone(), r.config_version, r.source.to_string()),
+                    )
+                })
+                .collect()
+        })
+    }
+
+    /// The cluster config version and the hash of the file it came from.
+    pub fn config_version(&self) -> (u64, Option<String>) {
+        self.raft
+            .read(|st| (st.config_version, st.config_file_hash.clone()))
+    }
+
+    // ------------------------------------------------------------------ loops
+
+    /// Start the applier, event flusher and catalogue publisher; register this node's
+    /// addresses and, when this node was given a config file that differs from the
+    /// replicated one, propose it. Returns once the first config is applied locally (or
+    /// at once when the node is not part of a cluster yet).
+    pub async fn run(
+        self: &Arc<Self>,
+        runtime: Arc<Runtime>,
+        file: Option<(BTreeMap<String, Value>, String)>,
+    ) -> anyhow::Result<()> {
+        runtime.events().attach(self.clone());
+        tokio::spawn(self.clone().applier(runtime.clone()));
+        tokio::spawn(self.clone().event_flusher());
+        tokio::spawn(self.clone().catalog_publisher(runtime));
+        let me = self.clone();
+        let first = async move {
+            // Wait for a leader (bounded by the caller), then register and propose.
+            let mut leader = me.raft.leader_watch();
+            let _ = leader.wait_for(Option::is_some).await;
+            me.register().await;
+            if let Some((raw, hash)) = file {
+                let current = me.raft.read(|st| st.config_file_hash.clone());
+                if current.as_deref() != Some(hash.as_str()) {
+                    match me.apply_file_config(&raw, &hash).await {
+                        Ok(_) => tracing::info!(file_hash = %hash, "config_file_proposed"),
+                        Err(e) => {
+                            tracing::error!(error = %e, "config_file_proposal_failed");
+                            return Err(anyhow::anyhow!(
+                                "the configuration file could not be applied to the cluster: {e}"
+                            ));
+                        }
+                    }
+                } else {
+                    let v = me.raft.read(|st| st.config_version);
+                    let _ = me.wait_applied(v).await;
+                }
+            } else {
+                let v = me.raft.read(|st| st.config_version);
+                let _ = me.wait_applied(v).await;
+            }
+            Ok(())
+        };
+        if self.raft.is_initialized() {
+            match tokio::time::timeout(Duration::from_secs(30), first).await {
+                Ok(r) => r,
+                Err(_) => {
+                    tracing::warn!(
+                        "no Raft leader within 30 s; serving what is replicated so far (not ready)"
+                    );
+                    Ok(())
+                }
+            }
+        } else {
+            let me = self.clone();
+            tokio::spawn(async move {
+                let mut init = me.raft.leader_watch();
+                let _ = init.wait_for(Option::is_some).await;
+                if let Err(e) = first.await {
+                    tracing::error!(error = %e, "initial_config_not_applied");
+                }
+            });
+            Ok(())
+        }
+    }
+
+    async fn register(&self) {
+        let info = self.node_info();
+        let same = self.raft.read(|st| {
+            st.nodes
+                .get(&self.cfg.node_id)
+                .is_some_and(|n| n.api_addr == info.api_addr && n.raft_addr == info.raft_addr)
+        });
+        if same {
+            return;
+        }
+        if let Err(e) = self
+            .propose(Command::RegisterNode {
+                node_id: self.cfg.node_id,
+                api_addr: info.api_addr,
+                raft_addr: info.raft_addr,
+            })
+            .await
+        {
+            tracing::warn!(error = %e, "node_registration_failed");
+        }
+    }
+
+    /// Keep the runtime in line with the replicated state.
+    async fn applier(self: Arc<Self>, runtime: Arc<Runtime>) {
+        let mut applied = self.raft.subscribe_applied();
+        let mut running_version: Option<u64> = None;
+        let mut catalogs: BTreeMap<String, String> = BTreeMap::new();
+        let mut delivered = self.raft.read(|st| st.events.last_seq());
+        loop {
+            // Config.
+            let (version, entries) = self.raft.read(|st| {
+                (
+                    st.config_version,
+                    st.servers
+                        .iter()
+                        .map(|(id, r)| {
+                            (
+                                id.clone(),
+                                r.spec.clone(),
+                                r.source.kind() == ConfigSourceKind::File,
+                            )
+                        })
+                        .collect::<Vec<_>>(),
+                )
+            });
+            if running_version != Some(version) {
+                match config::servers_from_raw(&entries, &|k| std::env::var(k).ok()) {
+                    Ok(specs) => {
+                        let d = runtime.apply(&specs).await;
+                        *self.apply_error.lock() = None;
+                        tracing::info!(config_version = version, added = ?d.added, removed = ?d.removed,
+                            updated = ?d.updated, "replicated_config_applied");
+                    }
+                    Err(e) => {
+                        let msg = e.to_string();
+                        tracing::error!(config_version = version, error = %msg,
+                            "replicated_config_not_applicable_here (this node keeps its previous servers)");
+                        runtime.events().publish(
+                            "ConfigurationApplyFailed",
+                            json!({"config_version": version, "node_id": self.node_name, "error": msg}),
+                        );
+                        *self.apply_error.lock() = Some(msg);
+                    }
+                }
+                running_version = Some(version);
+                self.applied_version.send_replace(version);
+            }
+            // Catalogues learned anywhere.
+            let current: BTreeMap<String, ReplicatedCatalog> =
+                self.raft.read(|st| st.catalog.clone());
+            for (id, c) in &current {
+                if catalogs.get(id) != Some(&c.schema_digest) {
+                    let cat = Catalog::from_lists(
+                        [&c.tools, &c.prompts, &c.resources, &c.resource_templates],
+                        c.learned_at_ms as f64 / 1000.0,
+                    );
+                    runtime.set_shared_catalog(id, Some(Arc::new(cat)));
+                    catalogs.insert(id.clone(), c.schema_digest.clone());
+                }
+            }
+            let gone: Vec<String> = catalogs
+                .keys()
+                .filter(|k| !current.contains_key(*k))
+                .cloned()
+                .collect();
+            for id in gone {
+                runtime.set_shared_catalog(&id, None);
+                catalogs.remove(&id);
+            }
+            // Events for live subscribers.
+            loop {
+                let batch = self.raft.read(|st| st.events_since(delivered, 1000));
+                if batch.is_empty() {
+                    break;
+                }
+                for ev in batch {
+                    delivered = ev.seq;
+                    runtime.events().deliver(Arc::new(to_event(&ev)));
+                }
+            }
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                r = applied.changed() => if r.is_err() { return },
+            }
+        }
+    }
+
+    async fn event_flusher(self: Arc<Self>) {
+        let mut backoff = EVENT_FLUSH_EVERY;
+        loop {
+            tokio::select! {
+                _ = self.shutdown.cancelled() => {}
+                _ = self.events_notify.notified() => {}
+                _ = tokio::time::sleep(EVENT_FLUSH_EVERY) => {}
+            }
+            if !self.raft.is_initialized() {
+                if self.shutdown.is_cancelled() {
+                    return;
+                }
+                continue;
+            }
+            loop {
+                let batch: Vec<Event> = {
+                    let mut q = self.pending_events.lock();
+                    let n = q.len().min(EVENT_BATCH);
+                    q.drain(..n).collect()
+                };
+                if batch.is_empty() {
+                    break;
+                }
+                let records: Vec<EventRecord> = batch.iter().map(|e| self.to_record(e)).collect();
+                match self
+                    .raft
+                    .propose(Command::AppendEvents { events: records })
+                    .await
+                {
+                    Ok(_) => backoff = EVENT_FLUSH_EVERY,
+                    Err(e) => {
+                        tracing::warn!(error = %e, pending = batch.len(), "event_batch_not_replicated_yet");
+                        {
+                            let mut q = self.pending_events.lock();
+                            for ev in batch.into_iter().rev() {
+                                q.push_front(ev);
+                            }
+                        }
+                        if self.shutdown.is_cancelled() {
+                            return;
+                        }
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(2));
+                        break;
+                    }
+                }
+            }
+            if self.shutdown.is_cancelled() {
+                return;
+            }
+        }
+    }
+
+    /// Replicate pending events now (best effort, bounded): used at shutdown.
+    pub async fn flush_events(&self, within: Duration) {
+        let deadline = tokio::time::Instant::now() + within;
+        while tokio::time::Instant::now() < deadline {
+            let batch: Vec<Event> = {
+                let mut q = self.pending_events.lock();
+                let n = q.len().min(EVENT_BATCH);
+                q.drain(..n).collect()
+            };
+            if batch.is_empty() {
+                return;
+            }
+            let records: Vec<EventRecord> = batch.iter().map(|e| self.to_record(e)).collect();
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match tokio::time::timeout(
+                left,
+                self.raft.propose(Command::AppendEvents { events: records }),
+            )
+            .await
+            {
+                Ok(Ok(_)) => {}
+                _ => return,
+            }
+        }
+    }
+
+    fn to_record(&self, e: &Event) -> EventRecord {
+        let subject = ["mcp_server_id", "group_id", "server_id"]
+            .iter()
+            .find_map(|k| e.data.get(*k).and_then(Value::as_str))
+            .unwrap_or_default()
+            .to_owned();
+        EventRecord {
+            kind: e.event_type.clone(),
+            at_ms: (e.occurred_at * 1000.0) as u64,
+            node_id: self.cfg.node_id,
+            subject,
+            data: json!({"event_id": e.event_id, "produced_by": e.produced_by, "data": e.data}),
+        }
+    }
+
+    async fn catalog_publisher(self: Arc<Self>, runtime: Arc<Runtime>) {
+        let mut rx = runtime.subscribe();
+        loop {
+            let ev = tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                ev = rx.recv() => ev,
+            };
+            let server = match ev {
+                Ok(RuntimeEvent::CatalogChanged { server, .. }) => server,
+                Ok(_) => continue,
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(_) => return,
+            };
+            let Some(cat) = runtime.instance(&server).and_then(|i| i.catalog()) else {
+                continue;
+            };
+            let lists = cat.lists_json();
+            let same = self.raft.read(|st| {
+                st.catalog.get(&server).is_some_and(|c| {
+                    c.tools == lists[0]
+                        && c.prompts == lists[1]
+                        && c.resources == lists[2]
+                        && c.resource_templates == lists[3]
+                })
+            });
+            if same || !self.raft.read(|st| st.servers.contains_key(&server)) {
+                continue;
+            }
+            let [tools, prompts, resources, resource_templates] = lists;
+            let me = self.clone();
+            tokio::spawn(async move {
+                if let Err(e) = me
+                    .propose(Command::PutCatalog {
+                        server_id: server.clone(),
+                        tools,
+                        prompts,
+                        resources,
+                        resource_templates,
+                    })
+                    .await
+                {
+                    tracing::warn!(mcp_server = %server, error = %e, "catalog_not_replicated");
+                }
+            });
+        }
+    }
+
+    /// Stop Raft (after the runtime stopped).
+    pub async fn shutdown(&self) {
+        self.flush_events(Duration::from_secs(2)).await;
+        if let Err(e) = self.raft.shutdown().await {
+            tracing::warn!(error = %e, "raft_shutdown_incomplete");
+        }
+    }
+
+    /// HTTP client for talking to peers.
+    pub(crate) fn http(&self) -> &reqwest::Client {
+        &self.http
+    }
+
+    /// The API address other nodes use for this node.
+    pub fn api_addr(&self) -> &str {
+        &self.api_addr
+    }
+}
+
+impl EventBackend for Cluster {
+    fn submit(&self, event: Event) {
+        let mut q = self.pending_events.lock();
+        if q.len() >= EVENT_QUEUE_CAP {
+            q.pop_front();
+            let n = self
+                .dropped_events
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if n.is_power_of_two() {
+                tracing::error!(
+                    dropped = n + 1,
+                    "domain events dropped: the cluster has not accepted events for a long time"
+                );
+            }
+        }
+        q.push_back(event);
+        drop(q);
+        // Group commit: an idle flusher sends at once; while a batch is in flight, new
+        // events accumulate and go in the next entry.
+        self.events_notify.notify_one();
+    }
+
+    fn since(&self, since: u64, limit: usize) -> Vec<Arc<Event>> {
+        self.raft
+            .read(|st| st.events_since(since, limit))
+            .iter()
+            .map(|e| Arc::new(to_event(e)))
+            .collect()
+    }
+
+    fn last_seq(&self) -> u64 {
+        self.raft.read(|st| st.events.last_seq())
+    }
+}
+
+fn to_event(e: &StoredEvent) -> Event {
+    let d = &e.event.data;
+    Event {
+        seq: e.seq,
+        event_id: d
+            .get("event_id")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_owned(),
+        event_type: e.event.kind.clone(),
+        occurred_at: e.event.at_ms as f64 / 1000.0,
+        produced_by: d
+            .get("produced_by")
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+            .unwrap_or_else(|| e.event.node_id.to_string()),
+        data: d.get("data").cloned().unwrap_or(Value::Null),
+    }
+}
+
+/// The message of an API error envelope, or the text itself.
+pub(crate) fn error_message(text: &str) -> String {
+    serde_json::from_str::<Value>(text)
+        .ok()
+        .and_then(|v| {
+            v.pointer("/error/message")
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+        })
+        .unwrap_or_else(|| text.chars().take(500).collect())
+}

@@ -1,0 +1,229 @@
+//! The `cluster:` section: this node's identity in the Raft cluster, where its data lives,
+//! how it finds the others, and the Raft timings. Every key can also come from a flag or an
+//! environment variable of `hangar serve` (flags win), see `ClusterConfig::override_with`.
+
+use std::path::PathBuf;
+
+use serde::Serialize;
+use serde_json::Value;
+
+use super::reader::{Obj, Problems, type_name};
+
+/// A statically known member, used to bootstrap a cluster from config alone.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PeerSpec {
+    /// Node id.
+    pub node_id: u64,
+    /// Its Raft (gRPC) address, `host:port`.
+    pub raft_addr: String,
+    /// Its HTTP API address, `host:port`.
+    pub api_addr: String,
+}
+
+/// `cluster:`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ClusterConfig {
+    /// This node's id (≥ 1, unique, stable across restarts).
+    pub node_id: u64,
+    /// Address the Raft gRPC server binds. `127.0.0.1:0` (the default) picks a free port,
+    /// which only suits a single-node cluster: members must keep their address.
+    pub raft_addr: String,
+    /// Raft address the other nodes use to reach this one (default: the bound address).
+    pub advertise_addr: Option<String>,
+    /// HTTP address the other nodes and `hangarctl` use for this node (default: the bound
+    /// listener address).
+    pub api_advertise_addr: Option<String>,
+    /// Where the Raft log and state live.
+    pub data_dir: PathBuf,
+    /// Static membership: when set and this node has no data, the node with the lowest id
+    /// initializes the cluster with all of them.
+    pub peers: Vec<PeerSpec>,
+    /// API URLs of existing members to join through (`http://host:port`).
+    pub join: Vec<String>,
+    /// With neither peers nor join: initialize a single-node cluster on first start
+    /// (`false` waits for `hangarctl cluster init` or `cluster join`).
+    pub bootstrap: bool,
+    /// Leader heartbeat, ms.
+    pub heartbeat_ms: u64,
+    /// Election timeout range, ms.
+    pub election_min_ms: u64,
+    /// Election timeout range, ms.
+    pub election_max_ms: u64,
+    /// Snapshot after this many applied entries.
+    pub snapshot_every: u64,
+    /// Log entries kept after a snapshot.
+    pub keep_logs: u64,
+    /// `/health/ready` fails when this node's applied index trails its commit index by more.
+    pub max_ready_lag: u64,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            node_id: 1,
+            raft_addr: "127.0.0.1:0".into(),
+            advertise_addr: None,
+            api_advertise_addr: None,
+            data_dir: PathBuf::from("data"),
+            peers: Vec::new(),
+            join: Vec::new(),
+            bootstrap: true,
+            heartbeat_ms: 50,
+            election_min_ms: 250,
+            election_max_ms: 500,
+            snapshot_every: 5000,
+            keep_logs: 1000,
+            max_ready_lag: 1000,
+        }
+    }
+}
+
+/// Overrides from flags and environment variables (`None` = keep the file's value).
+#[derive(Debug, Clone, Default)]
+pub struct ClusterOverrides {
+    /// `--node-id` / `HANGAR_NODE_ID`.
+    pub node_id: Option<u64>,
+    /// `--raft-addr` / `HANGAR_RAFT_ADDR`.
+    pub raft_addr: Option<String>,
+    /// `--advertise-addr` / `HANGAR_ADVERTISE_ADDR`.
+    pub advertise_addr: Option<String>,
+    /// `--data-dir` / `HANGAR_DATA_DIR`.
+    pub data_dir: Option<PathBuf>,
+    /// `--join` (repeatable) / `HANGAR_JOIN` (comma-separated).
+    pub join: Vec<String>,
+    /// `--no-bootstrap`.
+    pub no_bootstrap: bool,
+}
+
+impl ClusterConfig {
+    /// Apply flag/env overrides and re-check what they may have broken.
+    pub fn override_with(&mut self, o: &ClusterOverrides) -> Result<(), String> {
+        if let Some(id) = o.node_id {
+            self.node_id = id;
+        }
+        if let Some(a) = &o.raft_addr {
+            self.raft_addr = a.clone();
+        }
+        if let Some(a) = &o.advertise_addr {
+            self.advertise_addr = Some(a.clone());
+        }
+        if let Some(d) = &o.data_dir {
+            self.data_dir = d.clone();
+        }
+        if !o.join.is_empty() {
+            self.join = o.join.clone();
+        }
+        if o.no_bootstrap {
+            self.bootstrap = false;
+        }
+        if self.node_id == 0 {
+            return Err("the node id must be ≥ 1 (--node-id / cluster.node_id)".into());
+        }
+        if self.raft_addr.parse::<std::net::SocketAddr>().is_err() {
+            return Err(format!(
+                "the Raft address must be IP:PORT, e.g. 127.0.0.1:7400 (got `{}`)",
+                self.raft_addr
+            ));
+        }
+        for j in &self.join {
+            check_url(j).map_err(|m| format!("join address `{j}`: {m}"))?;
+        }
+        Ok(())
+    }
+}
+
+fn check_url(u: &str) -> Result<(), String> {
+    let rest = u
+        .strip_prefix("http://")
+        .or_else(|| u.strip_prefix("https://"))
+        .ok_or("must start with http:// or https:// (the API address of a member)")?;
+    if rest.trim_end_matches('/').is_empty() {
+        return Err("has no host".into());
+    }
+    Ok(())
+}
+
+/// Parse `cluster:`.
+pub(super) fn parse(o: &Obj<'_>, p: &Problems) -> ClusterConfig {
+    let d = ClusterConfig::default();
+    let node_id = o.int("node_id", d.node_id, 1, u64::MAX >> 1);
+    let raft_addr = o.str("raft_addr").unwrap_or(d.raft_addr);
+    if raft_addr.parse::<std::net::SocketAddr>().is_err() {
+        p.push(
+            &o.at("raft_addr"),
+            format!("must be IP:PORT, e.g. 127.0.0.1:7400 (got `{raft_addr}`)"),
+        );
+    }
+    let advertise_addr = o.str("advertise_addr");
+    let api_advertise_addr = o.str("api_advertise_addr");
+    let data_dir = o.str("data_dir").map(PathBuf::from).unwrap_or(d.data_dir);
+    let mut peers = Vec::new();
+    if let Some(v) = o.raw("peers") {
+        match v {
+            Value::Array(items) => {
+                for (i, item) in items.iter().enumerate() {
+                    let path = format!("{}[{i}]", o.at("peers"));
+                    let Some(po) = Obj::new(item, &path, p) else {
+                        continue;
+                    };
+                    let id = po.int("node_id", 0, 1, u64::MAX >> 1);
+                    let raft = po.req_str("raft_addr", "the peer's Raft address (host:port)");
+                    let api = po.req_str("api_addr", "the peer's HTTP API address (host:port)");
+                    po.finish();
+                    if let (Some(raft_addr), Some(api_addr)) = (raft, api)
+                        && id > 0
+                    {
+                        peers.push(PeerSpec {
+                            node_id: id,
+                            raft_addr,
+                            api_addr,
+                        });
+                    }
+                }
+            }
+            other => p.push(
+                &o.at("peers"),
+                format!(
+                    "must be a list of {{node_id, raft_addr, api_addr}}, got {}",
+                    type_name(other)
+                ),
+            ),
+        }
+    }
+    let join = o.str_list("join").unwrap_or_default();
+    for (i, j) in join.iter().enumerate() {
+        if let Err(m) = check_url(j) {
+            p.push(&format!("{}[{i}]", o.at("join")), m);
+        }
+    }
+    let heartbeat_ms = o.int("heartbeat_ms", d.heartbeat_ms, 10, 60_000);
+    let election_min_ms = o.int("election_min_ms", d.election_min_ms, 50, 600_000);
+    let election_max_ms = o.int("election_max_ms", d.election_max_ms, 60, 600_000);
+    if election_min_ms >= election_max_ms || heartbeat_ms >= election_min_ms {
+        p.push(
+            &o.path_str(),
+            format!(
+                "Raft timings must satisfy heartbeat_ms < election_min_ms < election_max_ms (got {heartbeat_ms} < {election_min_ms} < {election_max_ms})"
+            ),
+        );
+    }
+    let c = ClusterConfig {
+        node_id,
+        raft_addr,
+        advertise_addr,
+        api_advertise_addr,
+        data_dir,
+        peers,
+        join,
+        bootstrap: o.bool("bootstrap", d.bootstrap),
+        heartbeat_ms,
+        election_min_ms,
+        election_max_ms,
+        snapshot_every: o.int("snapshot_every", d.snapshot_every, 0, u64::MAX >> 1),
+        keep_logs: o.int("keep_logs", d.keep_logs, 0, u64::MAX >> 1),
+        max_ready_lag: o.int("max_ready_lag", d.max_ready_lag, 1, u64::MAX >> 1),
+    };
+    o.allow(&["enabled"]);
+    o.finish();
+    c
+}

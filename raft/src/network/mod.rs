@@ -1,0 +1,146 @@
+//! The tonic gRPC transport between Raft peers (`hangar.raft.v1.RaftService`).
+//!
+//! openraft messages travel as JSON inside protobuf `bytes` fields (see the `.proto` file), so
+//! openraft types stay inside this crate. One HTTP/2 [`Channel`] is cached per peer address,
+//! with keepalive (1 s interval, 1 s timeout) so a channel recovers after a healed partition,
+//! and a connect timeout so an unreachable peer yields `Unreachable` quickly.
+
+mod client;
+mod server;
+
+use std::collections::BTreeSet;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub(crate) use client::NetworkFactory;
+use hangar_proto::MAX_MESSAGE_BYTES;
+use hangar_proto::raft::v1 as pb;
+use pb::raft_service_client::RaftServiceClient;
+use serde::Deserialize;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+pub(crate) use server::serve;
+use tonic::transport::Channel;
+use tonic::transport::Endpoint;
+
+use crate::NodeInfo;
+use crate::RaftError;
+use crate::state::Command;
+use crate::state::Response;
+
+/// HTTP/2 keepalive ping interval on peer channels and on the server.
+pub(crate) const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(1);
+/// How long to wait for a keepalive ack before the connection is considered dead.
+pub(crate) const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(1);
+/// TCP connect timeout to a peer.
+pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
+/// Largest encoded AppendEntries message we send; leaves room for framing under the limit.
+pub(crate) const APPEND_BUDGET_BYTES: usize = MAX_MESSAGE_BYTES - 64 * 1024;
+
+/// A write or admin operation forwarded from a follower to the leader.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub(crate) enum ForwardOp {
+    /// Propose a command.
+    Propose { cmd: Command },
+    /// Add a learner.
+    AddLearner {
+        id: u64,
+        info: NodeInfo,
+        blocking: bool,
+    },
+    /// Replace the voter set.
+    ChangeVoters { voters: BTreeSet<u64> },
+    /// Remove a node from the membership.
+    RemoveNode { id: u64 },
+    /// Transfer leadership.
+    TransferLeader { to: u64 },
+}
+
+/// The leader's answer to a forwarded operation or a read-index request.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub(crate) enum ForwardResult {
+    /// The operation succeeded; `response` is set for proposals.
+    Done { response: Option<Response> },
+    /// Read index for a linearizable follower read.
+    ReadIndex { index: u64 },
+    /// The operation failed on the leader.
+    Failed { error: RaftError },
+}
+
+/// Encode an openraft message.
+pub(crate) fn encode<T: Serialize>(v: &T) -> Result<pb::RaftMessage, String> {
+    let data = serde_json::to_vec(v).map_err(|e| format!("cannot encode Raft message: {e}"))?;
+    Ok(pb::RaftMessage {
+        format: pb::Format::Json as i32,
+        data,
+    })
+}
+
+/// Decode an openraft message.
+pub(crate) fn decode<T: DeserializeOwned>(m: &pb::RaftMessage) -> Result<T, String> {
+    decode_bytes(m.format, &m.data)
+}
+
+/// Decode JSON `data` whose encoding is named by `format`.
+pub(crate) fn decode_bytes<T: DeserializeOwned>(format: i32, data: &[u8]) -> Result<T, String> {
+    if format != pb::Format::Json as i32 {
+        return Err(format!(
+            "unsupported Raft message format {format}; all nodes must run compatible hangar versions"
+        ));
+    }
+    serde_json::from_slice(data).map_err(|e| format!("cannot decode Raft message: {e}"))
+}
+
+/// One cached channel per peer address.
+#[derive(Clone, Default)]
+pub(crate) struct PeerPool {
+    channels: Arc<parking_lot::Mutex<HashMap<String, Channel>>>,
+}
+
+impl PeerPool {
+    /// A client for the peer at `addr` (`host:port`), reusing the cached channel.
+    pub(crate) fn client(&self, addr: &str) -> Result<RaftServiceClient<Channel>, RaftError> {
+        let channel = {
+            let mut map = self.channels.lock();
+            match map.get(addr) {
+                Some(ch) => ch.clone(),
+                None => {
+                    let ch = Endpoint::from_shared(format!("http://{addr}"))
+                        .map_err(|e| RaftError::Start {
+                            message: format!("invalid peer address {addr:?}: {e}; use host:port"),
+                        })?
+                        .connect_timeout(CONNECT_TIMEOUT)
+                        .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+                        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+                        .keep_alive_while_idle(true)
+                        .tcp_nodelay(true)
+                        .connect_lazy();
+                    map.insert(addr.to_string(), ch.clone());
+                    ch
+                }
+            }
+        };
+        Ok(RaftServiceClient::new(channel)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES))
+    }
+
+    /// Forget the channel to `addr` after a transport failure, so the next call dials afresh
+    /// (a tonic channel that failed to connect does not always recover by itself).
+    pub(crate) fn invalidate(&self, addr: &str, status: &tonic::Status) {
+        if matches!(
+            status.code(),
+            tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
+        ) {
+            self.channels.lock().remove(addr);
+        }
+    }
+
+    /// Drop all cached channels (on shutdown).
+    pub(crate) fn clear(&self) {
+        self.channels.lock().clear();
+    }
+}

@@ -1,0 +1,265 @@
+//! Record types stored in the replicated [`State`](super::State).
+
+use std::collections::BTreeSet;
+use std::fmt;
+
+use serde::Deserialize;
+use serde::Serialize;
+
+/// Which kind of source a desired server spec comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ConfigSourceKind {
+    /// The YAML config file of the nodes.
+    File,
+    /// The `/api` admin API.
+    Api,
+    /// `hangarctl`.
+    Cli,
+}
+
+/// Where a desired server spec came from; serialised as `file:<sha256>`, `api` or `cli`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(into = "String", try_from = "String")]
+pub enum ConfigSource {
+    /// The config file with this SHA-256 (hex).
+    File {
+        /// SHA-256 of the file, lowercase hex.
+        sha256: String,
+    },
+    /// The admin API.
+    Api,
+    /// The operator CLI.
+    Cli,
+}
+
+impl ConfigSource {
+    /// The kind of this source.
+    pub fn kind(&self) -> ConfigSourceKind {
+        match self {
+            ConfigSource::File { .. } => ConfigSourceKind::File,
+            ConfigSource::Api => ConfigSourceKind::Api,
+            ConfigSource::Cli => ConfigSourceKind::Cli,
+        }
+    }
+}
+
+impl fmt::Display for ConfigSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ConfigSource::File { sha256 } => write!(f, "file:{sha256}"),
+            ConfigSource::Api => f.write_str("api"),
+            ConfigSource::Cli => f.write_str("cli"),
+        }
+    }
+}
+
+impl From<ConfigSource> for String {
+    fn from(s: ConfigSource) -> String {
+        s.to_string()
+    }
+}
+
+impl TryFrom<String> for ConfigSource {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        match s.as_str() {
+            "api" => Ok(ConfigSource::Api),
+            "cli" => Ok(ConfigSource::Cli),
+            other => match other.strip_prefix("file:") {
+                Some(hash) => Ok(ConfigSource::File {
+                    sha256: hash.to_string(),
+                }),
+                None => Err(format!(
+                    "unknown config source {other:?}: expected \"file:<sha256>\", \"api\" or \"cli\""
+                )),
+            },
+        }
+    }
+}
+
+/// The desired spec of one server or group.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ServerRecord {
+    /// The node's config type, serialised.
+    pub spec: serde_json::Value,
+    /// Cluster config version at which this record last changed.
+    pub config_version: u64,
+    /// Where it came from.
+    pub source: ConfigSource,
+    /// Apply time of the last change (ms since the Unix epoch, leader clock).
+    pub updated_at_ms: u64,
+}
+
+/// What the cluster learned from an upstream's `*/list` calls.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CatalogEntry {
+    /// `tools` array, raw JSON text.
+    pub tools: String,
+    /// `prompts` array, raw JSON text.
+    pub prompts: String,
+    /// `resources` array, raw JSON text.
+    pub resources: String,
+    /// `resourceTemplates` array, raw JSON text.
+    pub resource_templates: String,
+    /// SHA-256 (hex) over the four lists.
+    pub schema_digest: String,
+    /// Apply time when the digest last changed (ms since the Unix epoch).
+    pub learned_at_ms: u64,
+}
+
+/// Which node runs an instance, decided by the leader of `term`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Placement {
+    /// Node that runs the instance.
+    pub node_id: u64,
+    /// Term of the deciding leader (fencing token).
+    pub term: u64,
+}
+
+/// Lifecycle state of an instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum InstanceState {
+    /// Not running.
+    Cold,
+    /// Starting / MCP handshake in progress.
+    Initializing,
+    /// Serving.
+    Ready,
+    /// Serving badly (health checks failing).
+    Degraded,
+    /// Failed and not serving.
+    Dead,
+}
+
+/// Last reported lifecycle state of an instance.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceStatus {
+    /// The state.
+    pub state: InstanceState,
+    /// Why (free text).
+    pub reason: String,
+    /// Reporting node.
+    pub node_id: u64,
+    /// Apply time of the report (ms since the Unix epoch).
+    pub at_ms: u64,
+}
+
+/// An API key record. Only the SHA-256 of the secret is stored, never the secret.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiKeyRecord {
+    /// Key id (public, e.g. the key prefix).
+    pub id: String,
+    /// Principal the key authenticates as.
+    pub principal: String,
+    /// Human-readable name.
+    pub name: String,
+    /// SHA-256 of the secret, 64 lowercase hex characters.
+    pub sha256_hex: String,
+    /// Creation time (ms since the Unix epoch; set by apply).
+    #[serde(default)]
+    pub created_at_ms: u64,
+    /// Expiry (ms since the Unix epoch), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at_ms: Option<u64>,
+    /// Revoked keys never authenticate.
+    #[serde(default)]
+    pub revoked: bool,
+}
+
+/// A role: a named set of permissions.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoleDef {
+    /// Role name.
+    pub name: String,
+    /// Permissions (e.g. `tools:call`, `servers:write`).
+    pub permissions: BTreeSet<String>,
+    /// Description.
+    #[serde(default)]
+    pub description: String,
+}
+
+/// Tool access lists for one scope/target. Evaluation (deny > approval > allow) is the auth
+/// room's business; the state only stores the lists.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ToolPolicy {
+    /// Scope: `global`, `server`, `group`, `principal` or `role`.
+    pub scope: String,
+    /// Target id within the scope (empty for `global`).
+    #[serde(default)]
+    pub target: String,
+    /// Tool name patterns that are allowed.
+    #[serde(default)]
+    pub allow: Vec<String>,
+    /// Tool name patterns that are denied.
+    #[serde(default)]
+    pub deny: Vec<String>,
+    /// Tool name patterns that need approval.
+    #[serde(default)]
+    pub approval: Vec<String>,
+}
+
+impl ToolPolicy {
+    /// The map key of a policy: `<scope>:<target>`.
+    pub fn key(scope: &str, target: &str) -> String {
+        format!("{scope}:{target}")
+    }
+}
+
+/// A rate-limit definition (counters are not replicated).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RateLimitDef {
+    /// Limit id.
+    pub id: String,
+    /// What is counted: `global`, `principal`, `server`, `tool`, …
+    pub scope: String,
+    /// Target within the scope (empty = every target of the scope separately).
+    #[serde(default)]
+    pub target: String,
+    /// Requests allowed per `period_ms`.
+    pub requests: u64,
+    /// Period length in milliseconds.
+    pub period_ms: u64,
+    /// Extra burst capacity.
+    #[serde(default)]
+    pub burst: u64,
+}
+
+/// A domain event as submitted by a node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EventRecord {
+    /// Event type, e.g. `server.started`, `tool.called`.
+    pub kind: String,
+    /// When it happened on the reporting node (ms since the Unix epoch).
+    pub at_ms: u64,
+    /// Reporting node.
+    pub node_id: u64,
+    /// What it is about (server id, instance id, key id…); may be empty.
+    #[serde(default)]
+    pub subject: String,
+    /// Event payload (never secrets).
+    #[serde(default)]
+    pub data: serde_json::Value,
+}
+
+/// An event in the log, with its sequence number.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoredEvent {
+    /// Monotonically increasing, gap-free at append, starting at 1.
+    pub seq: u64,
+    /// Apply time at which it entered the log (used for age retention).
+    pub appended_at_ms: u64,
+    /// The event.
+    pub event: EventRecord,
+}
+
+/// A node's addresses, for forwarding requests to it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    /// HTTP address of `/api` and `/mcp`.
+    pub api_addr: String,
+    /// Raft/gRPC address.
+    pub raft_addr: String,
+}

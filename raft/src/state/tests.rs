@@ -1,0 +1,858 @@
+//! Unit tests for `apply`: every command, retention, fencing, rejection values.
+
+use std::collections::BTreeMap;
+use std::collections::BTreeSet;
+
+use serde_json::json;
+
+use super::*;
+
+const HASH_A: &str = "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+const HASH_B: &str = "bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb";
+
+fn ctx(term: u64, now_ms: u64) -> ApplyCtx {
+    ApplyCtx {
+        log_index: 1,
+        term,
+        now_ms,
+    }
+}
+
+fn run(state: &mut State, cmd: Command) -> Response {
+    apply(state, &cmd, ctx(1, 1000))
+}
+
+fn assert_rejected(resp: &Response, want: RejectCode) {
+    match resp {
+        Response::Rejected { code, message } => {
+            assert_eq!(*code, want, "message: {message}");
+            assert!(!message.is_empty());
+        }
+        other => panic!("expected Rejected({want}), got {other:?}"),
+    }
+}
+
+fn file_config(servers: &[(&str, serde_json::Value)], hash: &str) -> Command {
+    Command::SetDesiredConfig {
+        servers: servers
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .collect(),
+        source: ConfigSourceKind::File,
+        file_hash: Some(hash.to_string()),
+    }
+}
+
+fn put_server(
+    id: &str,
+    spec: serde_json::Value,
+    create_only: bool,
+    if_version: Option<u64>,
+) -> Command {
+    Command::PutServer {
+        id: id.to_string(),
+        spec,
+        source: ConfigSourceKind::Api,
+        file_hash: None,
+        create_only,
+        if_version,
+    }
+}
+
+#[test]
+fn set_desired_config_replaces_file_set_and_bumps_version() {
+    let mut s = State::default();
+    let r = run(
+        &mut s,
+        file_config(
+            &[("math", json!({"cmd": "m"})), ("git", json!({"cmd": "g"}))],
+            HASH_A,
+        ),
+    );
+    assert_eq!(
+        r,
+        Response::ConfigApplied {
+            config_version: 1,
+            added: vec!["git".into(), "math".into()],
+            updated: vec![],
+            removed: vec![],
+        }
+    );
+    assert_eq!(s.config_file_hash.as_deref(), Some(HASH_A));
+    assert_eq!(
+        s.servers["math"].source.to_string(),
+        format!("file:{HASH_A}")
+    );
+    assert_eq!(s.servers["math"].config_version, 1);
+    assert_eq!(s.servers["math"].updated_at_ms, 1000);
+
+    // An API-defined server survives a file reload.
+    assert_eq!(
+        run(
+            &mut s,
+            put_server("web", json!({"url": "http://x"}), true, None)
+        ),
+        Response::ServerChanged { config_version: 2 }
+    );
+
+    // Reload: math changes, git disappears, time added.
+    let r = apply(
+        &mut s,
+        &file_config(
+            &[("math", json!({"cmd": "m2"})), ("time", json!({}))],
+            HASH_B,
+        ),
+        ctx(1, 2000),
+    );
+    assert_eq!(
+        r,
+        Response::ConfigApplied {
+            config_version: 3,
+            added: vec!["time".into()],
+            updated: vec!["math".into()],
+            removed: vec!["git".into()],
+        }
+    );
+    assert!(!s.servers.contains_key("git"));
+    assert!(
+        s.servers.contains_key("web"),
+        "api-sourced server must survive"
+    );
+    assert_eq!(s.servers["math"].config_version, 3);
+    assert_eq!(s.servers["web"].config_version, 2);
+    assert_eq!(s.servers["math"].updated_at_ms, 2000);
+
+    // Same content again: nothing changes, version stays.
+    let before = s.clone();
+    let r = apply(
+        &mut s,
+        &file_config(
+            &[("math", json!({"cmd": "m2"})), ("time", json!({}))],
+            HASH_B,
+        ),
+        ctx(1, 3000),
+    );
+    assert_eq!(
+        r,
+        Response::ConfigApplied {
+            config_version: 3,
+            added: vec![],
+            updated: vec![],
+            removed: vec![],
+        }
+    );
+    assert_eq!(s.servers, before.servers);
+}
+
+#[test]
+fn set_desired_config_removes_catalog_of_removed_servers() {
+    let mut s = State::default();
+    run(&mut s, file_config(&[("math", json!({}))], HASH_A));
+    run(
+        &mut s,
+        Command::PutCatalog {
+            server_id: "math".into(),
+            tools: "[]".into(),
+            prompts: "[]".into(),
+            resources: "[]".into(),
+            resource_templates: "[]".into(),
+        },
+    );
+    run(&mut s, file_config(&[], HASH_B));
+    assert!(s.servers.is_empty());
+    assert!(s.catalog.is_empty());
+}
+
+#[test]
+fn set_desired_config_rejects_bad_input_without_change() {
+    let mut s = State::default();
+    let cmd = Command::SetDesiredConfig {
+        servers: BTreeMap::from([("a".to_string(), json!({}))]),
+        source: ConfigSourceKind::File,
+        file_hash: None,
+    };
+    assert_rejected(&run(&mut s, cmd), RejectCode::InvalidArgument);
+    assert_rejected(
+        &run(&mut s, file_config(&[("a", json!({}))], "nothex")),
+        RejectCode::InvalidArgument,
+    );
+    assert_rejected(
+        &run(&mut s, file_config(&[("", json!({}))], HASH_A)),
+        RejectCode::InvalidArgument,
+    );
+    assert_eq!(
+        s,
+        State {
+            clock_ms: 1000,
+            ..State::default()
+        }
+    );
+}
+
+#[test]
+fn put_server_create_only_and_compare_and_set() {
+    let mut s = State::default();
+    assert_eq!(
+        run(&mut s, put_server("a", json!(1), true, None)),
+        Response::ServerChanged { config_version: 1 }
+    );
+    assert_rejected(
+        &run(&mut s, put_server("a", json!(2), true, None)),
+        RejectCode::ServerExists,
+    );
+    assert_eq!(s.servers["a"].spec, json!(1));
+    assert_rejected(
+        &run(&mut s, put_server("a", json!(2), false, Some(7))),
+        RejectCode::VersionMismatch,
+    );
+    assert_rejected(
+        &run(&mut s, put_server("zz", json!(2), false, Some(1))),
+        RejectCode::VersionMismatch,
+    );
+    assert_eq!(
+        run(&mut s, put_server("a", json!(2), false, Some(1))),
+        Response::ServerChanged { config_version: 2 }
+    );
+    assert_eq!(s.servers["a"].spec, json!(2));
+    assert_eq!(s.servers["a"].source, ConfigSource::Api);
+    assert_rejected(
+        &run(&mut s, put_server("", json!(2), false, None)),
+        RejectCode::InvalidArgument,
+    );
+}
+
+#[test]
+fn delete_server() {
+    let mut s = State::default();
+    run(&mut s, put_server("a", json!(1), false, None));
+    assert_eq!(
+        run(&mut s, Command::DeleteServer { id: "a".into() }),
+        Response::ServerChanged { config_version: 2 }
+    );
+    assert!(s.servers.is_empty());
+    assert_rejected(
+        &run(&mut s, Command::DeleteServer { id: "a".into() }),
+        RejectCode::ServerNotFound,
+    );
+    assert_eq!(s.config_version, 2);
+}
+
+#[test]
+fn catalog_digest_and_change_detection() {
+    let mut s = State::default();
+    let cmd = |tools: &str| Command::PutCatalog {
+        server_id: "math".into(),
+        tools: tools.into(),
+        prompts: "[]".into(),
+        resources: "[]".into(),
+        resource_templates: "[]".into(),
+    };
+    let r1 = apply(&mut s, &cmd(r#"[{"name":"add"}]"#), ctx(1, 10));
+    let Response::CatalogUpdated {
+        schema_digest,
+        changed,
+    } = r1
+    else {
+        panic!("unexpected {r1:?}")
+    };
+    assert!(changed);
+    assert_eq!(schema_digest.len(), 64);
+    assert_eq!(s.catalog["math"].learned_at_ms, 10);
+    let r2 = apply(&mut s, &cmd(r#"[{"name":"add"}]"#), ctx(1, 20));
+    assert_eq!(
+        r2,
+        Response::CatalogUpdated {
+            schema_digest: schema_digest.clone(),
+            changed: false
+        }
+    );
+    assert_eq!(
+        s.catalog["math"].learned_at_ms, 10,
+        "unchanged catalogue keeps learned_at"
+    );
+    let r3 = apply(&mut s, &cmd(r#"[{"name":"sub"}]"#), ctx(1, 30));
+    assert!(
+        matches!(r3, Response::CatalogUpdated { changed: true, .. }),
+        "{r3:?}"
+    );
+    assert_ne!(s.catalog["math"].schema_digest, schema_digest);
+    // Boundaries matter: moving text between lists changes the digest.
+    assert_ne!(
+        schema_digest_of(["ab", "", "", ""]),
+        schema_digest_of(["a", "b", "", ""])
+    );
+
+    assert_eq!(
+        run(
+            &mut s,
+            Command::DeleteCatalog {
+                server_id: "math".into()
+            }
+        ),
+        Response::Ok
+    );
+    assert_rejected(
+        &run(
+            &mut s,
+            Command::DeleteCatalog {
+                server_id: "math".into(),
+            },
+        ),
+        RejectCode::NotFound,
+    );
+}
+
+fn schema_digest_of(lists: [&str; 4]) -> String {
+    schema_digest(lists)
+}
+
+#[test]
+fn placement_fencing_rejects_older_terms() {
+    let mut s = State::default();
+    let place = |inst: &str, node: u64, term: u64| Command::SetPlacement {
+        instance_id: inst.into(),
+        node_id: node,
+        term,
+    };
+    assert_eq!(
+        apply(&mut s, &place("math#0", 1, 3), ctx(3, 1)),
+        Response::Ok
+    );
+    assert_eq!(
+        s.placements["math#0"],
+        Placement {
+            node_id: 1,
+            term: 3
+        }
+    );
+    assert_eq!(s.placement_term, 3);
+
+    // A new leader (term 5) moves it.
+    assert_eq!(
+        apply(&mut s, &place("math#0", 2, 5), ctx(5, 2)),
+        Response::Ok
+    );
+    // The deposed leader's late decision (term 3, committed by the new leader in term 5) is fenced.
+    assert_rejected(
+        &apply(&mut s, &place("math#0", 1, 3), ctx(5, 3)),
+        RejectCode::StaleTerm,
+    );
+    assert_eq!(
+        s.placements["math#0"],
+        Placement {
+            node_id: 2,
+            term: 5
+        }
+    );
+    // A claim of a term newer than the entry's own term is refused too.
+    assert_rejected(
+        &apply(&mut s, &place("git#0", 1, 9), ctx(5, 3)),
+        RejectCode::StaleTerm,
+    );
+    assert!(!s.placements.contains_key("git#0"));
+    // Same term is fine.
+    assert_eq!(
+        apply(&mut s, &place("git#0", 3, 5), ctx(5, 4)),
+        Response::Ok
+    );
+
+    let remove = |inst: &str, term: u64| Command::RemovePlacement {
+        instance_id: inst.into(),
+        term,
+    };
+    assert_rejected(
+        &apply(&mut s, &remove("git#0", 4), ctx(5, 5)),
+        RejectCode::StaleTerm,
+    );
+    assert_eq!(apply(&mut s, &remove("git#0", 5), ctx(5, 5)), Response::Ok);
+    assert_rejected(
+        &apply(&mut s, &remove("git#0", 5), ctx(5, 5)),
+        RejectCode::NotFound,
+    );
+    assert_rejected(
+        &apply(&mut s, &place("", 1, 5), ctx(5, 5)),
+        RejectCode::InvalidArgument,
+    );
+}
+
+#[test]
+fn status_reports_only_from_the_placed_node() {
+    let mut s = State::default();
+    apply(
+        &mut s,
+        &Command::SetPlacement {
+            instance_id: "math#0".into(),
+            node_id: 2,
+            term: 1,
+        },
+        ctx(1, 1),
+    );
+    let report = |node: u64, st: InstanceState| Command::ReportStatus {
+        instance_id: "math#0".into(),
+        node_id: node,
+        state: st,
+        reason: "why".into(),
+    };
+    assert_rejected(
+        &run(&mut s, report(1, InstanceState::Ready)),
+        RejectCode::NotPlacedHere,
+    );
+    assert!(s.status.is_empty());
+    assert_eq!(run(&mut s, report(2, InstanceState::Ready)), Response::Ok);
+    assert_eq!(
+        s.status["math#0"],
+        InstanceStatus {
+            state: InstanceState::Ready,
+            reason: "why".into(),
+            node_id: 2,
+            at_ms: 1000
+        }
+    );
+    // Unplaced instances (e.g. remote servers) accept reports from anyone.
+    let r = run(
+        &mut s,
+        Command::ReportStatus {
+            instance_id: "web#0".into(),
+            node_id: 3,
+            state: InstanceState::Degraded,
+            reason: String::new(),
+        },
+    );
+    assert_eq!(r, Response::Ok);
+    assert_eq!(
+        serde_json::to_value(InstanceState::Degraded).unwrap(),
+        json!("DEGRADED")
+    );
+}
+
+fn key(id: &str, hash: &str) -> ApiKeyRecord {
+    ApiKeyRecord {
+        id: id.into(),
+        principal: "user:alice".into(),
+        name: "laptop".into(),
+        sha256_hex: hash.into(),
+        created_at_ms: 0,
+        expires_at_ms: Some(99),
+        revoked: false,
+    }
+}
+
+#[test]
+fn api_keys_lifecycle_and_rejections() {
+    let mut s = State::default();
+    assert_eq!(
+        run(
+            &mut s,
+            Command::CreateApiKey {
+                key: key("k1", HASH_A)
+            }
+        ),
+        Response::Ok
+    );
+    assert_eq!(
+        s.keys["k1"].created_at_ms, 1000,
+        "created is the apply time"
+    );
+    assert_eq!(s.key_by_hash(HASH_A).map(|k| k.id.as_str()), Some("k1"));
+    assert_rejected(
+        &run(
+            &mut s,
+            Command::CreateApiKey {
+                key: key("k1", HASH_B),
+            },
+        ),
+        RejectCode::KeyExists,
+    );
+    assert_rejected(
+        &run(
+            &mut s,
+            Command::CreateApiKey {
+                key: key("k2", HASH_A),
+            },
+        ),
+        RejectCode::KeyHashExists,
+    );
+    assert_rejected(
+        &run(
+            &mut s,
+            Command::CreateApiKey {
+                key: key("k3", "raw-secret"),
+            },
+        ),
+        RejectCode::InvalidArgument,
+    );
+    assert_rejected(
+        &run(
+            &mut s,
+            Command::CreateApiKey {
+                key: key("k3", &HASH_A.to_uppercase()),
+            },
+        ),
+        RejectCode::InvalidArgument,
+    );
+    assert_rejected(
+        &run(
+            &mut s,
+            Command::CreateApiKey {
+                key: key("", HASH_B),
+            },
+        ),
+        RejectCode::InvalidArgument,
+    );
+    assert_eq!(s.keys.len(), 1);
+
+    assert_eq!(
+        run(&mut s, Command::RevokeApiKey { id: "k1".into() }),
+        Response::Ok
+    );
+    assert!(s.keys["k1"].revoked);
+    assert_eq!(
+        run(&mut s, Command::RevokeApiKey { id: "k1".into() }),
+        Response::Ok,
+        "idempotent"
+    );
+    assert_rejected(
+        &run(&mut s, Command::RevokeApiKey { id: "nope".into() }),
+        RejectCode::KeyNotFound,
+    );
+    assert_eq!(
+        run(&mut s, Command::DeleteApiKey { id: "k1".into() }),
+        Response::Ok
+    );
+    assert_rejected(
+        &run(&mut s, Command::DeleteApiKey { id: "k1".into() }),
+        RejectCode::KeyNotFound,
+    );
+}
+
+#[test]
+fn roles_and_assignments() {
+    let mut s = State::default();
+    let role = RoleDef {
+        name: "dev".into(),
+        permissions: BTreeSet::from(["tools:call".to_string()]),
+        description: String::new(),
+    };
+    assert_rejected(
+        &run(
+            &mut s,
+            Command::AssignRole {
+                principal: "alice".into(),
+                role: "dev".into(),
+            },
+        ),
+        RejectCode::RoleNotFound,
+    );
+    assert_eq!(
+        run(&mut s, Command::PutRole { role: role.clone() }),
+        Response::Ok
+    );
+    let assign = |p: &str| Command::AssignRole {
+        principal: p.into(),
+        role: "dev".into(),
+    };
+    assert_eq!(run(&mut s, assign("alice")), Response::Ok);
+    assert_eq!(run(&mut s, assign("alice")), Response::Ok);
+    assert_eq!(run(&mut s, assign("bob")), Response::Ok);
+    assert_rejected(&run(&mut s, assign("")), RejectCode::InvalidArgument);
+    assert_eq!(
+        s.role_assignments["alice"],
+        BTreeSet::from(["dev".to_string()])
+    );
+    assert_eq!(
+        run(
+            &mut s,
+            Command::UnassignRole {
+                principal: "bob".into(),
+                role: "dev".into()
+            }
+        ),
+        Response::Ok
+    );
+    assert!(!s.role_assignments.contains_key("bob"));
+    // Deleting the role removes its assignments.
+    assert_eq!(
+        run(&mut s, Command::DeleteRole { name: "dev".into() }),
+        Response::Ok
+    );
+    assert!(s.roles.is_empty());
+    assert!(s.role_assignments.is_empty());
+    assert_rejected(
+        &run(&mut s, Command::DeleteRole { name: "dev".into() }),
+        RejectCode::RoleNotFound,
+    );
+    let mut nameless = role;
+    nameless.name.clear();
+    assert_rejected(
+        &run(&mut s, Command::PutRole { role: nameless }),
+        RejectCode::InvalidArgument,
+    );
+}
+
+#[test]
+fn tool_policies() {
+    let mut s = State::default();
+    let policy = ToolPolicy {
+        scope: "server".into(),
+        target: "math".into(),
+        allow: vec!["add".into()],
+        deny: vec!["rm*".into()],
+        approval: vec!["pay".into()],
+    };
+    assert_eq!(
+        run(
+            &mut s,
+            Command::PutToolPolicy {
+                policy: policy.clone()
+            }
+        ),
+        Response::Ok
+    );
+    assert_eq!(s.policy("server", "math"), Some(&policy));
+    let del = Command::DeleteToolPolicy {
+        scope: "server".into(),
+        target: "math".into(),
+    };
+    assert_eq!(run(&mut s, del.clone()), Response::Ok);
+    assert_rejected(&run(&mut s, del), RejectCode::NotFound);
+    let mut bad = policy;
+    bad.scope.clear();
+    assert_rejected(
+        &run(&mut s, Command::PutToolPolicy { policy: bad }),
+        RejectCode::InvalidArgument,
+    );
+}
+
+#[test]
+fn rate_limits() {
+    let mut s = State::default();
+    let limit = RateLimitDef {
+        id: "per-user".into(),
+        scope: "principal".into(),
+        target: String::new(),
+        requests: 100,
+        period_ms: 60_000,
+        burst: 10,
+    };
+    assert_eq!(
+        run(
+            &mut s,
+            Command::PutRateLimit {
+                limit: limit.clone()
+            }
+        ),
+        Response::Ok
+    );
+    assert_eq!(s.limits["per-user"], limit);
+    let mut bad = limit;
+    bad.period_ms = 0;
+    assert_rejected(
+        &run(&mut s, Command::PutRateLimit { limit: bad }),
+        RejectCode::InvalidArgument,
+    );
+    assert_eq!(
+        run(
+            &mut s,
+            Command::DeleteRateLimit {
+                id: "per-user".into()
+            }
+        ),
+        Response::Ok
+    );
+    assert_rejected(
+        &run(
+            &mut s,
+            Command::DeleteRateLimit {
+                id: "per-user".into(),
+            },
+        ),
+        RejectCode::NotFound,
+    );
+}
+
+fn ev(kind: &str) -> EventRecord {
+    EventRecord {
+        kind: kind.into(),
+        at_ms: 5,
+        node_id: 1,
+        subject: "math".into(),
+        data: json!({"k": 1}),
+    }
+}
+
+#[test]
+fn events_get_sequence_numbers_and_can_be_read_since() {
+    let mut s = State::default();
+    let r = run(
+        &mut s,
+        Command::AppendEvents {
+            events: vec![ev("a"), ev("b"), ev("c")],
+        },
+    );
+    assert_eq!(
+        r,
+        Response::EventsAppended {
+            first_seq: Some(1),
+            last_seq: Some(3)
+        }
+    );
+    let r = run(
+        &mut s,
+        Command::AppendEvents {
+            events: vec![ev("d")],
+        },
+    );
+    assert_eq!(
+        r,
+        Response::EventsAppended {
+            first_seq: Some(4),
+            last_seq: Some(4)
+        }
+    );
+    assert_eq!(
+        run(&mut s, Command::AppendEvents { events: vec![] }),
+        Response::EventsAppended {
+            first_seq: None,
+            last_seq: None
+        }
+    );
+    let kinds = |v: Vec<StoredEvent>| v.into_iter().map(|e| e.event.kind).collect::<Vec<_>>();
+    assert_eq!(kinds(s.events_since(0, 100)), ["a", "b", "c", "d"]);
+    assert_eq!(kinds(s.events_since(2, 100)), ["c", "d"]);
+    assert_eq!(kinds(s.events_since(1, 2)), ["b", "c"]);
+    assert!(s.events_since(4, 100).is_empty());
+    assert_eq!(s.events.last_seq(), 4);
+}
+
+#[test]
+fn event_retention_by_count_and_age() {
+    let mut s = State::default();
+    assert_eq!(
+        apply(
+            &mut s,
+            &Command::SetEventRetention {
+                max_count: 3,
+                max_age_ms: 1000
+            },
+            ctx(1, 0)
+        ),
+        Response::Ok
+    );
+    assert_eq!(s.events.retention(), (3, 1000));
+    for (i, t) in [(0u64, 100u64), (1, 200), (2, 300), (3, 400)] {
+        apply(
+            &mut s,
+            &Command::AppendEvents {
+                events: vec![ev(&format!("e{i}"))],
+            },
+            ctx(1, t),
+        );
+    }
+    // Count: only 3 kept, seq keeps increasing.
+    assert_eq!(s.events.len(), 3);
+    assert_eq!(s.events.first_seq(), Some(2));
+    assert_eq!(s.events_since(0, 10)[0].seq, 2, "gap is visible to readers");
+    // Age: at t=1350, events appended before 350 are dropped on the next append.
+    apply(
+        &mut s,
+        &Command::AppendEvents {
+            events: vec![ev("late")],
+        },
+        ctx(1, 1350),
+    );
+    let seqs: Vec<u64> = s.events_since(0, 10).iter().map(|e| e.seq).collect();
+    assert_eq!(seqs, [4, 5]);
+    // Tightening retention applies at once.
+    apply(
+        &mut s,
+        &Command::SetEventRetention {
+            max_count: 1,
+            max_age_ms: 0,
+        },
+        ctx(1, 1360),
+    );
+    assert_eq!(
+        s.events_since(0, 10)
+            .iter()
+            .map(|e| e.seq)
+            .collect::<Vec<_>>(),
+        [5]
+    );
+}
+
+#[test]
+fn apply_clock_is_monotonic_across_leaders() {
+    let mut s = State::default();
+    apply(
+        &mut s,
+        &Command::AppendEvents {
+            events: vec![ev("a")],
+        },
+        ctx(1, 5000),
+    );
+    // New leader with a clock behind: time does not go backwards, retention stays sane.
+    apply(
+        &mut s,
+        &Command::AppendEvents {
+            events: vec![ev("b")],
+        },
+        ctx(2, 4000),
+    );
+    assert_eq!(s.clock_ms, 5000);
+    assert_eq!(s.events_since(1, 1)[0].appended_at_ms, 5000);
+}
+
+#[test]
+fn nodes_register_and_unregister() {
+    let mut s = State::default();
+    let reg = Command::RegisterNode {
+        node_id: 7,
+        api_addr: "127.0.0.1:8080".into(),
+        raft_addr: "127.0.0.1:9090".into(),
+    };
+    assert_eq!(run(&mut s, reg), Response::Ok);
+    assert_eq!(s.nodes[&7].api_addr, "127.0.0.1:8080");
+    assert_eq!(
+        run(&mut s, Command::UnregisterNode { node_id: 7 }),
+        Response::Ok
+    );
+    assert_rejected(
+        &run(&mut s, Command::UnregisterNode { node_id: 7 }),
+        RejectCode::NotFound,
+    );
+}
+
+#[test]
+fn commands_and_state_round_trip_through_json() {
+    let mut s = State::default();
+    run(
+        &mut s,
+        file_config(&[("math", json!({"cmd": ["x"]}))], HASH_A),
+    );
+    run(
+        &mut s,
+        Command::CreateApiKey {
+            key: key("k1", HASH_B),
+        },
+    );
+    run(
+        &mut s,
+        Command::AppendEvents {
+            events: vec![ev("a")],
+        },
+    );
+    let text = serde_json::to_string(&s).unwrap();
+    let back: State = serde_json::from_str(&text).unwrap();
+    assert_eq!(back, s);
+    assert!(text.contains(&format!("\"file:{HASH_A}\"")));
+
+    let cmd = put_server("a", json!({"x": 1}), true, Some(3));
+    let back: Command = serde_json::from_str(&serde_json::to_string(&cmd).unwrap()).unwrap();
+    assert_eq!(back, cmd);
+    let resp = Response::rejected(RejectCode::ServerExists, "m");
+    let text = serde_json::to_string(&resp).unwrap();
+    assert!(text.contains("\"server_exists\""), "{text}");
+    // Display never shows payloads (they may hold secrets).
+    assert_eq!(cmd.to_string(), "put_server");
+    assert!(ConfigSource::try_from("bogus".to_string()).is_err());
+}

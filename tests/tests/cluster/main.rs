@@ -1,0 +1,591 @@
+//! Raft cluster tests with real `hangar` processes on loopback: forming a cluster from
+//! nothing with `hangarctl`, replicated writes and catalogue, leader kills (kill -9) with
+//! re-election, catch-up after restart (also by snapshot), membership changes, and
+//! single-node persistence.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use hangar_tests::*;
+use serde_json::{Value, json};
+
+/// One cluster member with fixed addresses (so it can be restarted in place).
+struct Member {
+    id: u64,
+    http_port: u16,
+    raft_port: u16,
+    dir: PathBuf,
+    proc: Option<Proc>,
+    starts: u32,
+    extra: Vec<String>,
+}
+
+impl Member {
+    fn new(id: u64, root: &std::path::Path, config: &str, extra: &[&str]) -> Member {
+        let dir = root.join(format!("node{id}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("config.yaml"), config).unwrap();
+        Member {
+            id,
+            http_port: free_port(),
+            raft_port: free_port(),
+            dir,
+            proc: None,
+            starts: 0,
+            extra: extra.iter().map(|s| (*s).to_owned()).collect(),
+        }
+    }
+
+    fn base(&self) -> String {
+        format!("http://127.0.0.1:{}", self.http_port)
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base())
+    }
+
+    fn api_addr(&self) -> String {
+        format!("127.0.0.1:{}", self.http_port)
+    }
+
+    fn raft_addr(&self) -> String {
+        format!("127.0.0.1:{}", self.raft_port)
+    }
+
+    /// Start (or restart) the process; returns once it serves HTTP.
+    fn start(&mut self) {
+        self.starts += 1;
+        let ready = self.dir.join("ready.json");
+        let _ = std::fs::remove_file(&ready);
+        let mut cmd = Command::new(bin("hangar"));
+        cmd.arg("serve")
+            .arg("--config")
+            .arg(self.dir.join("config.yaml"))
+            .args(["--listen", &self.api_addr()])
+            .args(["--raft-addr", &self.raft_addr()])
+            .args(["--node-id", &self.id.to_string()])
+            .arg("--data-dir")
+            .arg(self.dir.join("data"))
+            .arg("--ready-file")
+            .arg(&ready)
+            .args(&self.extra)
+            .env("MCP_LOG_LEVEL", "info");
+        let stderr = self.dir.join(format!("stderr.{}", self.starts));
+        let mut p = Proc::spawn(cmd, stderr);
+        poll_until("node ready file", Duration::from_secs(60), || {
+            if !p.running() {
+                panic!("node {} exited during start-up:\n{}", self.id, p.stderr());
+            }
+            ready.exists().then_some(())
+        });
+        self.proc = Some(p);
+    }
+
+    fn kill9(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            p.kill9();
+        }
+    }
+
+    fn alive(&self) -> bool {
+        self.proc.is_some()
+    }
+
+    fn logs(&self) -> String {
+        self.proc.as_ref().map(Proc::stderr).unwrap_or_default()
+    }
+}
+
+fn hangarctl(endpoint: &str, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(bin("hangarctl"))
+        .arg("--endpoint")
+        .arg(endpoint)
+        .args(args)
+        .output()
+        .expect("run hangarctl");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn ctl_ok(endpoint: &str, args: &[&str]) -> String {
+    let (ok, out, err) = hangarctl(endpoint, args);
+    assert!(ok, "hangarctl {args:?} failed:\n{out}\n{err}");
+    out
+}
+
+/// Wait until every live member agrees on one leader among the live members.
+async fn wait_leader(c: &reqwest::Client, members: &[Member], timeout: Duration) -> u64 {
+    wait_for("one leader known by every live node", timeout, || async {
+        let mut leaders = BTreeSet::new();
+        for m in members.iter().filter(|m| m.alive()) {
+            let text = c
+                .get(m.url("/api/system/"))
+                .timeout(Duration::from_secs(2))
+                .send()
+                .await
+                .ok()?
+                .text()
+                .await
+                .ok()?;
+            let s: Value = serde_json::from_str(&text).ok()?;
+            leaders.insert(s["system"]["cluster"]["leader_id"].as_u64()?);
+        }
+        let leader = *leaders.iter().next()?;
+        let live = members.iter().any(|m| m.alive() && m.id == leader);
+        (leaders.len() == 1 && live).then_some(leader)
+    })
+    .await
+}
+
+/// Servers listed by a node.
+async fn server_ids(c: &reqwest::Client, m: &Member) -> Option<BTreeSet<String>> {
+    let text = c
+        .get(m.url("/api/mcp_servers/"))
+        .timeout(Duration::from_secs(3))
+        .send()
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    let v: Value = serde_json::from_str(&text).ok()?;
+    Some(
+        v["mcp_servers"]
+            .as_array()?
+            .iter()
+            .filter_map(|s| s["mcp_server"].as_str().map(str::to_owned))
+            .collect(),
+    )
+}
+
+/// Create a server through `m`; true when acknowledged (2xx).
+async fn add_server(c: &reqwest::Client, m: &Member, id: &str) -> bool {
+    let body = json!({"mcp_server_id": id, "mode": "remote", "endpoint": "http://127.0.0.1:9/mcp"});
+    match c
+        .post(m.url("/api/mcp_servers/"))
+        .header("Content-Type", "application/json")
+        .body(body.to_string())
+        .timeout(Duration::from_secs(15))
+        .send()
+        .await
+    {
+        Ok(r) => r.status().is_success(),
+        Err(_) => false,
+    }
+}
+
+fn fixture_config() -> String {
+    format!("mcp_servers:\n{}", fixture_stdio_yaml("fx", ""))
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_forms_from_nothing_replicates_and_survives_twenty_leader_kills() {
+    let root = tempfile::tempdir().unwrap();
+    let c = client();
+    let cfg = fixture_config();
+    let mut ms: Vec<Member> = (1..=3)
+        .map(|i| Member::new(i, root.path(), &cfg, &["--no-bootstrap"]))
+        .collect();
+    for m in &mut ms {
+        m.start();
+    }
+    // Not ready before the cluster exists.
+    let (code, _) = get_json(&c, &ms[0].url("/health/ready")).await;
+    assert_eq!(code, 503);
+
+    // Form the cluster with hangarctl.
+    ctl_ok(&ms[0].base(), &["cluster", "init"]);
+    let seed = ms[0].base();
+    ctl_ok(&ms[1].base(), &["cluster", "join", &seed]);
+    ctl_ok(&ms[2].base(), &["cluster", "join", &seed]);
+    let out = ctl_ok(&ms[2].base(), &["cluster", "status"]);
+    assert!(out.contains("leader 1"), "{out}");
+    let st: Value = serde_json::from_str(&ctl_ok(
+        &ms[1].base(),
+        &["--output", "json", "cluster", "status"],
+    ))
+    .unwrap();
+    let voters: Vec<&str> = st["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|m| m["membership"].as_str())
+        .collect();
+    assert_eq!(voters, vec!["voter"; 3], "{st}");
+    for m in &ms {
+        wait_for("node ready", Duration::from_secs(20), || async {
+            (get_json(&c, &m.url("/health/ready")).await.0 == 200).then_some(())
+        })
+        .await;
+    }
+
+    // The config file's servers are on every node; a write on a follower shows everywhere.
+    let follower = ms.iter().find(|m| m.id != 1).unwrap();
+    assert!(add_server(&c, follower, "added-on-follower").await);
+    for m in &ms {
+        let ids = wait_for(
+            "replicated server list",
+            Duration::from_secs(10),
+            || async {
+                let ids = server_ids(&c, m).await?;
+                ids.contains("added-on-follower").then_some(ids)
+            },
+        )
+        .await;
+        assert!(ids.contains("fx"), "{ids:?}");
+    }
+
+    // A tool call on node 1 teaches the catalogue to every node: node 3 lists the tools
+    // without starting the server.
+    let r = call_tool(&c, &ms[0].url("/mcp"), "fx__echo", json!({"message": "hi"})).await;
+    assert_eq!(text_of(&r), "hi", "{r}");
+    wait_for(
+        "catalogue replicated to node 3",
+        Duration::from_secs(10),
+        || async {
+            let (_, v) = get_json(&c, &ms[2].url("/api/tools/")).await;
+            v["tools"]
+                .as_array()?
+                .iter()
+                .any(|t| t["exposed_name"] == "fx__echo")
+                .then_some(())
+        },
+    )
+    .await;
+    let names = wait_for("catalogue on node 3", Duration::from_secs(10), || async {
+        let a = rpc(&c, &ms[2].url("/mcp"), "tools/list", json!({})).await;
+        let tools = a.response()["result"]["tools"].as_array()?.clone();
+        let names: Vec<String> = tools
+            .iter()
+            .filter_map(|t| t["name"].as_str().map(str::to_owned))
+            .collect();
+        names.contains(&"fx__echo".to_owned()).then_some(names)
+    })
+    .await;
+    let on_one: Vec<String> = rpc(&c, &ms[0].url("/mcp"), "tools/list", json!({}))
+        .await
+        .response()["result"]["tools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|t| t["name"].as_str().map(str::to_owned))
+        .collect();
+    assert_eq!(names, on_one, "every node lists the same tools");
+    let (_, fx3) = get_json(&c, &ms[2].url("/api/mcp_servers/fx")).await;
+    assert_eq!(
+        fx3["state"], "cold",
+        "node 3 did not start fx to list it: {fx3}"
+    );
+
+    // Events are the same on every node (same sequence numbers and ids).
+    let ev1 = wait_for(
+        "McpServerStarted replicated",
+        Duration::from_secs(10),
+        || async {
+            let (_, v) = get_json(&c, &ms[2].url("/api/events?since=0&limit=1000")).await;
+            let evs = v["events"].as_array()?.clone();
+            evs.iter()
+                .any(|e| e["event_type"] == "McpServerStarted" && e["produced_by"] == "1")
+                .then_some(evs)
+        },
+    )
+    .await;
+    let (_, v1) = get_json(&c, &ms[0].url("/api/events?since=0&limit=1000")).await;
+    let ids = |evs: &[Value]| -> Vec<(u64, String)> {
+        evs.iter()
+            .map(|e| {
+                (
+                    e["seq"].as_u64().unwrap(),
+                    e["event_id"].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect()
+    };
+    let a = ids(&ev1);
+    let b = ids(v1["events"].as_array().unwrap());
+    let n = a.len().min(b.len());
+    assert!(n > 0);
+    assert_eq!(a[..n], b[..n], "event logs differ between nodes");
+
+    // hangarctl events tail sees them.
+    let tail = ctl_ok(
+        &ms[1].base(),
+        &[
+            "events",
+            "tail",
+            "--since",
+            "0",
+            "--count",
+            "1",
+            "--timeout",
+            "5",
+        ],
+    );
+    assert!(!tail.trim().is_empty());
+
+    // Twenty leader kills: each time a new leader is elected, a write through a survivor
+    // succeeds, and the killed node restarts and catches up.
+    let mut acked: Vec<String> = vec!["added-on-follower".into()];
+    let mut failovers = Vec::new();
+    for round in 0..20 {
+        let leader = wait_leader(&c, &ms, Duration::from_secs(20)).await;
+        let li = ms.iter().position(|m| m.id == leader).unwrap();
+        ms[li].kill9();
+        let killed_at = Instant::now();
+        // First successful write through another node.
+        let id = format!("k{round}");
+        let mut ok = false;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            let target = ms.iter().find(|m| m.alive()).unwrap();
+            if add_server(&c, target, &id).await {
+                ok = true;
+                break;
+            }
+            // The write may have been committed although its answer was lost: a retry then
+            // reports "exists", which also proves it is there.
+            if server_ids(&c, target)
+                .await
+                .is_some_and(|s| s.contains(&id))
+            {
+                ok = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(
+            ok,
+            "round {round}: no write succeeded after killing leader {leader}"
+        );
+        failovers.push(killed_at.elapsed());
+        acked.push(id);
+        let new_leader = wait_leader(&c, &ms, Duration::from_secs(20)).await;
+        assert_ne!(new_leader, leader);
+        // Restart the killed node; it must catch up before the next kill (quorum).
+        ms[li].start();
+        let want: BTreeSet<String> = acked.iter().cloned().collect();
+        let m = &ms[li];
+        wait_for(
+            "restarted node caught up",
+            Duration::from_secs(30),
+            || async {
+                let ids = server_ids(&c, m).await?;
+                let ready = get_json(&c, &m.url("/health/ready")).await.0 == 200;
+                (ready && want.is_subset(&ids)).then_some(())
+            },
+        )
+        .await;
+    }
+    // Every acknowledged write is on every node.
+    let want: BTreeSet<String> = acked.iter().cloned().collect();
+    for m in &ms {
+        let ids = wait_for(
+            "all acknowledged writes",
+            Duration::from_secs(20),
+            || async {
+                let ids = server_ids(&c, m).await?;
+                want.is_subset(&ids).then_some(ids)
+            },
+        )
+        .await;
+        assert!(ids.contains("fx"));
+    }
+    failovers.sort();
+    eprintln!(
+        "leader failover (kill -9 → first acknowledged write), {} kills: p50 {:?}, p99 {:?}, max {:?}",
+        failovers.len(),
+        percentile(&failovers, 0.5),
+        percentile(&failovers, 0.99),
+        failovers.last().unwrap()
+    );
+    for m in &ms {
+        assert!(
+            !m.logs().contains("panicked"),
+            "node {} panicked:\n{}",
+            m.id,
+            m.logs()
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lagging_nodes_catch_up_by_snapshot_and_membership_changes_work() {
+    let root = tempfile::tempdir().unwrap();
+    let c = client();
+    // Static peers: the lowest id bootstraps; small snapshot interval so a lagging node
+    // must be sent a snapshot.
+    let mut ms: Vec<Member> = (1..=3)
+        .map(|i| Member::new(i, root.path(), "", &[]))
+        .collect();
+    let peers: String = ms
+        .iter()
+        .map(|m| {
+            format!(
+                "    - {{node_id: {}, raft_addr: \"{}\", api_addr: \"{}\"}}\n",
+                m.id,
+                m.raft_addr(),
+                m.api_addr()
+            )
+        })
+        .collect();
+    let cfg = format!(
+        "mcp_servers: {{}}\ncluster:\n  snapshot_every: 20\n  keep_logs: 5\n  peers:\n{peers}"
+    );
+    for m in &mut ms {
+        std::fs::write(m.dir.join("config.yaml"), &cfg).unwrap();
+        m.start();
+    }
+    let leader = wait_leader(&c, &ms, Duration::from_secs(20)).await;
+    // Take node 3 (or another non-leader) down, write a lot, snapshot and purge.
+    let lag_i = ms.iter().position(|m| m.id != leader).unwrap();
+    ms[lag_i].kill9();
+    let writer = ms.iter().find(|m| m.alive()).unwrap();
+    let mut acked = BTreeSet::new();
+    for i in 0..60 {
+        let id = format!("s{i}");
+        assert!(add_server(&c, writer, &id).await, "write {id}");
+        acked.insert(id);
+    }
+    let leader_m = ms.iter().find(|m| m.id == leader).unwrap();
+    let snap: Value = serde_json::from_str(&ctl_ok(
+        &leader_m.base(),
+        &["--output", "json", "cluster", "snapshot", "--purge"],
+    ))
+    .unwrap();
+    assert!(snap["purged_index"].as_u64().unwrap_or(0) > 0, "{snap}");
+    ms[lag_i].start();
+    let m = &ms[lag_i];
+    wait_for(
+        "lagging node caught up",
+        Duration::from_secs(30),
+        || async {
+            let ids = server_ids(&c, m).await?;
+            acked.is_subset(&ids).then_some(())
+        },
+    )
+    .await;
+    let (_, st) = get_json(&c, &m.url("/api/cluster/status")).await;
+    assert!(
+        st["snapshot_index"].as_u64().unwrap_or(0) > 0,
+        "the lagging node was caught up from a snapshot: {st}"
+    );
+
+    // A fourth node: added as a learner with hangarctl, promoted, then node 2 removed.
+    let mut m4 = Member::new(4, root.path(), "mcp_servers: {}\n", &["--no-bootstrap"]);
+    m4.start();
+    let any = ms[0].base();
+    ctl_ok(
+        &any,
+        &[
+            "cluster",
+            "add-learner",
+            "--node-id",
+            "4",
+            "--raft-addr",
+            &m4.raft_addr(),
+            "--api-addr",
+            &m4.api_addr(),
+        ],
+    );
+    wait_for("learner caught up", Duration::from_secs(20), || async {
+        let ids = server_ids(&c, &m4).await?;
+        acked.is_subset(&ids).then_some(())
+    })
+    .await;
+    ctl_ok(&any, &["cluster", "promote", "4"]);
+    ctl_ok(&any, &["cluster", "remove", "2"]);
+    let st: Value =
+        serde_json::from_str(&ctl_ok(&any, &["--output", "json", "cluster", "status"])).unwrap();
+    let mut roles: BTreeMap<u64, String> = BTreeMap::new();
+    for m in st["members"].as_array().unwrap() {
+        roles.insert(
+            m["node_id"].as_u64().unwrap(),
+            m["membership"].as_str().unwrap().to_owned(),
+        );
+    }
+    assert_eq!(
+        roles,
+        BTreeMap::from([
+            (1, "voter".to_owned()),
+            (3, "voter".to_owned()),
+            (4, "voter".to_owned())
+        ]),
+        "{st}"
+    );
+    // The new voter takes writes; the cluster survives losing one of three voters.
+    ms[1].kill9();
+    assert!(add_server(&c, &m4, "after-membership-change").await);
+    ms.push(m4);
+    // Errors say what to do.
+    let (ok, _, err) = hangarctl(&ms[0].base(), &["cluster", "promote", "99"]);
+    assert!(!ok && err.contains("not a learner"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn single_node_default_keeps_its_data_across_restarts() {
+    let root = tempfile::tempdir().unwrap();
+    let c = client();
+    let mut m = Member::new(1, root.path(), &fixture_config(), &[]);
+    m.start();
+    assert_eq!(get_json(&c, &m.url("/health/ready")).await.0, 200);
+    assert!(add_server(&c, &m, "kept").await);
+    let (_, before) = get_json(&c, &m.url("/api/events?since=0&limit=1000")).await;
+    // Graceful stop, then start again on the same data directory.
+    let code = m.proc.take().unwrap().terminate();
+    assert_eq!(code, Some(0));
+    m.start();
+    let ids = server_ids(&c, &m).await.unwrap();
+    assert!(ids.contains("kept") && ids.contains("fx"), "{ids:?}");
+    let (_, after) = get_json(&c, &m.url("/api/events?since=0&limit=1000")).await;
+    assert!(
+        after["last_seq"].as_u64() >= before["last_seq"].as_u64(),
+        "{before} {after}"
+    );
+    // hangarctl config export / diff / apply on the running node.
+    let export: Value = serde_json::from_str(&ctl_ok(
+        &m.base(),
+        &["--output", "json", "config", "export"],
+    ))
+    .unwrap();
+    assert!(export["mcp_servers"]["kept"].is_object(), "{export}");
+    let new_cfg = root.path().join("new.yaml");
+    std::fs::write(
+        &new_cfg,
+        format!("mcp_servers:\n{}", fixture_stdio_yaml("fx2", "")),
+    )
+    .unwrap();
+    let diff = ctl_ok(&m.base(), &["config", "diff", new_cfg.to_str().unwrap()]);
+    assert!(diff.contains("+ fx2") && diff.contains("- fx"), "{diff}");
+    ctl_ok(&m.base(), &["config", "apply", new_cfg.to_str().unwrap()]);
+    let ids = server_ids(&c, &m).await.unwrap();
+    assert!(
+        ids.contains("fx2") && !ids.contains("fx") && ids.contains("kept"),
+        "{ids:?}"
+    );
+    let bad = root.path().join("bad.yaml");
+    std::fs::write(&bad, "mcp_servers:\n  x:\n    commandd: [y]\n").unwrap();
+    let (ok, out, err) = hangarctl(&m.base(), &["config", "validate", bad.to_str().unwrap()]);
+    assert!(!ok && out.contains("mcp_servers.x.commandd"), "{out}{err}");
+    // Data directory in use: a second node on it refuses to start with a clear message.
+    let out = Command::new(bin("hangar"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(m.dir.join("data"))
+        .arg("--config")
+        .arg(m.dir.join("config.yaml"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("data directory"), "{err}");
+}
