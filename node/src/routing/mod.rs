@@ -185,6 +185,20 @@ pub struct MemberView {
     pub priority: u32,
 }
 
+/// Releases a half-open probe slot when a routed request is dropped before it finished.
+struct ProbeGuard<'a> {
+    router: &'a Router,
+    group: Option<Arc<Group>>,
+}
+
+impl Drop for ProbeGuard<'_> {
+    fn drop(&mut self) {
+        if let Some(g) = self.group.take() {
+            self.router.breaker_release_probe(g.id());
+        }
+    }
+}
+
 /// The router.
 pub struct Router {
     runtime: Arc<Runtime>,
@@ -475,11 +489,27 @@ impl Router {
                 retry_in_s: retry_in,
             });
         }
+        // If the caller drops this request (client cancel, batch timeout) before it
+        // finishes, a half-open probe must not stay "in progress" forever: the guard
+        // releases it so the next request can probe.
+        let mut guard = ProbeGuard {
+            router: self,
+            group: group.clone(),
+        };
         let result = self.request_inner(target, group.as_deref(), req).await;
-        if let Some(g) = &group {
-            self.breaker_record(g, result.is_ok());
+        if let Some(g) = guard.group.take() {
+            self.breaker_record(&g, result.is_ok());
         }
         result
+    }
+
+    /// A probe request was abandoned: let another request probe.
+    fn breaker_release_probe(&self, group: &str) {
+        if let Some(st) = self.groups.lock().get_mut(group)
+            && st.breaker.state == BreakerState::HalfOpen
+        {
+            st.breaker.probing = false;
+        }
     }
 
     async fn request_inner(
@@ -779,6 +809,24 @@ mod tests {
         assert!(r.breaker_admits(&g).is_ok());
         r.breaker_record(&g, true);
         assert_eq!(r.breaker_state("g"), BreakerState::Closed);
+    }
+
+    #[test]
+    fn an_abandoned_half_open_probe_lets_the_next_request_probe() {
+        let (r, g) = router("round_robin", "[{id: a}]");
+        r.breaker_record(&g, false);
+        r.breaker_record(&g, false);
+        r.groups.lock().get_mut("g").unwrap().breaker.opened_at =
+            Some(Instant::now() - Duration::from_secs(2));
+        assert!(r.breaker_admits(&g).is_ok(), "the probe");
+        assert!(r.breaker_admits(&g).is_err());
+        // The probe's request is dropped (client cancel, batch timeout) before it finishes.
+        drop(ProbeGuard {
+            router: &r,
+            group: Some(g.clone()),
+        });
+        assert!(r.breaker_admits(&g).is_ok(), "another probe is admitted");
+        assert_eq!(r.breaker_state("g"), BreakerState::HalfOpen);
     }
 
     #[test]
