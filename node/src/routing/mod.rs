@@ -12,7 +12,7 @@ use parking_lot::Mutex;
 use serde_json::value::RawValue;
 
 use crate::config::{GroupMember, ServerSpec, Strategy};
-use crate::runtime::{Group, Instance, Runtime, StartError};
+use crate::runtime::{Group, Instance, Runtime, ServerState, StartError};
 use crate::upstream::{CallSink, Outcome, Upstream, UpstreamError};
 
 /// Where the upstream that is serving a call can be found while the call runs (used by the
@@ -105,6 +105,8 @@ struct MemberState {
     successes: u32,
     in_rotation: bool,
     current_weight: i64,
+    /// The instance's `proven()` count already accounted for (set when it left rotation).
+    proven_seen: u64,
 }
 
 impl Default for MemberState {
@@ -114,6 +116,7 @@ impl Default for MemberState {
             successes: 0,
             in_rotation: true,
             current_weight: 0,
+            proven_seen: 0,
         }
     }
 }
@@ -185,6 +188,20 @@ pub struct MemberView {
     pub priority: u32,
 }
 
+/// Releases a half-open probe slot when a routed request is dropped before it finished.
+struct ProbeGuard<'a> {
+    router: &'a Router,
+    group: Option<Arc<Group>>,
+}
+
+impl Drop for ProbeGuard<'_> {
+    fn drop(&mut self) {
+        if let Some(g) = self.group.take() {
+            self.router.breaker_release_probe(g.id());
+        }
+    }
+}
+
 /// The router.
 pub struct Router {
     runtime: Arc<Runtime>,
@@ -205,8 +222,20 @@ impl Router {
         &self.runtime
     }
 
-    /// Candidate instances for a target, in the order they should be tried.
+    /// Candidate instances for a target (members in rotation first) without consuming a
+    /// load-balancing pick: for catalogue look-ups and handshakes, which must not shift the
+    /// order that calls see.
     pub fn candidates(&self, target: &str) -> Result<Vec<Arc<Instance>>, RouteError> {
+        self.ordered(target, false)
+    }
+
+    /// Candidates for one routed request, in the order they should be tried (advances the
+    /// strategy's state: round-robin cursor, smooth weights, random pick).
+    fn route_order(&self, target: &str) -> Result<Vec<Arc<Instance>>, RouteError> {
+        self.ordered(target, true)
+    }
+
+    fn ordered(&self, target: &str, pick: bool) -> Result<Vec<Arc<Instance>>, RouteError> {
         if let Some(inst) = self.runtime.instance(target) {
             return Ok(vec![inst]);
         }
@@ -214,13 +243,13 @@ impl Router {
             .runtime
             .group(target)
             .ok_or_else(|| RouteError::Unknown(target.to_owned()))?;
-        Ok(self.group_order(&group))
+        Ok(self.group_order(&group, pick))
     }
 
     /// Order the members of a group for one request: the strategy's choice first, then the
     /// other members in rotation (failover order), then members out of rotation (last resort,
     /// which is also how they prove themselves healthy again).
-    fn group_order(&self, group: &Arc<Group>) -> Vec<Arc<Instance>> {
+    fn group_order(&self, group: &Arc<Group>, pick: bool) -> Vec<Arc<Instance>> {
         let spec = group.spec();
         let members: Vec<(Arc<Instance>, &GroupMember)> = spec
             .members
@@ -232,11 +261,67 @@ impl Router {
         }
         let mut groups = self.groups.lock();
         let st = groups.entry(group.id().to_owned()).or_default();
+        let back = Self::readmit(st, &spec, members.iter().map(|(i, _)| i));
+        let order = Self::order(st, &spec, members, pick);
+        drop(groups);
+        self.announce_readmitted(group.id(), back);
+        order
+    }
+
+    /// Members out of rotation whose instance proved itself healthy since it left (a
+    /// successful restart by recovery, a passed health check) count those as successes and
+    /// return to rotation at `healthy_threshold` while READY. Returns the readmitted ids.
+    fn readmit<'a>(
+        st: &mut GroupState,
+        spec: &crate::config::GroupSpec,
+        members: impl Iterator<Item = &'a Arc<Instance>>,
+    ) -> Vec<String> {
+        let mut back = Vec::new();
+        for inst in members {
+            let Some(ms) = st.members.get_mut(inst.id()) else {
+                continue;
+            };
+            let proven = inst.proven();
+            if ms.in_rotation || proven <= ms.proven_seen || inst.state() != ServerState::Ready {
+                continue;
+            }
+            let gained = u32::try_from(proven - ms.proven_seen).unwrap_or(u32::MAX);
+            ms.proven_seen = proven;
+            ms.successes = ms.successes.saturating_add(gained);
+            if ms.successes >= spec.health.healthy_threshold {
+                ms.in_rotation = true;
+                ms.failures = 0;
+                back.push(inst.id().to_owned());
+            }
+        }
+        back
+    }
+
+    fn announce_readmitted(&self, group: &str, back: Vec<String>) {
+        for member in back {
+            tracing::info!(group, member = %member, "group_member_back_in_rotation");
+            self.runtime.events().publish(
+                "GroupMemberHealthChanged",
+                serde_json::json!({"group_id": group, "member_id": member, "in_rotation": true, "reason": "recovered"}),
+            );
+        }
+    }
+
+    fn order(
+        st: &mut GroupState,
+        spec: &crate::config::GroupSpec,
+        members: Vec<(Arc<Instance>, &GroupMember)>,
+        pick: bool,
+    ) -> Vec<Arc<Instance>> {
         let (mut live, out): (Vec<_>, Vec<_>) = members
             .into_iter()
             .partition(|(i, _)| st.members.get(i.id()).is_none_or(|m| m.in_rotation));
         if live.is_empty() {
             return out.into_iter().map(|(i, _)| i).collect();
+        }
+        if !pick {
+            live.sort_by_key(|(_, m)| m.priority);
+            return live.into_iter().chain(out).map(|(i, _)| i).collect();
         }
         match spec.strategy {
             Strategy::RoundRobin => {
@@ -383,6 +468,7 @@ impl Router {
     /// consecutive failures and return after `healthy_threshold` consecutive successes.
     fn member_record(&self, group: &Group, member: &str, ok: bool) {
         let spec = group.spec();
+        let proven = self.runtime.instance(member).map_or(0, |i| i.proven());
         let mut groups = self.groups.lock();
         let st = groups.entry(group.id().to_owned()).or_default();
         let ms = st.members.entry(member.to_owned()).or_default();
@@ -398,6 +484,7 @@ impl Router {
             ms.failures += 1;
             if ms.in_rotation && ms.failures >= spec.health.unhealthy_threshold {
                 ms.in_rotation = false;
+                ms.proven_seen = proven;
             }
         }
         let now = ms.in_rotation;
@@ -420,9 +507,19 @@ impl Router {
         let Some(g) = self.runtime.group(group) else {
             return Vec::new();
         };
-        let groups = self.groups.lock();
+        let spec = g.spec();
+        let instances: Vec<Arc<Instance>> = spec
+            .members
+            .iter()
+            .filter_map(|m| self.runtime.instance(&m.id))
+            .collect();
+        let mut groups = self.groups.lock();
+        let back = match groups.get_mut(group) {
+            Some(st) => Self::readmit(st, &spec, instances.iter()),
+            None => Vec::new(),
+        };
         let st = groups.get(group);
-        g.spec()
+        let views = spec
             .members
             .iter()
             .map(|m| {
@@ -438,7 +535,10 @@ impl Router {
                     priority: m.priority,
                 }
             })
-            .collect()
+            .collect();
+        drop(groups);
+        self.announce_readmitted(group, back);
+        views
     }
 
     /// The group breaker state.
@@ -475,11 +575,27 @@ impl Router {
                 retry_in_s: retry_in,
             });
         }
+        // If the caller drops this request (client cancel, batch timeout) before it
+        // finishes, a half-open probe must not stay "in progress" forever: the guard
+        // releases it so the next request can probe.
+        let mut guard = ProbeGuard {
+            router: self,
+            group: group.clone(),
+        };
         let result = self.request_inner(target, group.as_deref(), req).await;
-        if let Some(g) = &group {
-            self.breaker_record(g, result.is_ok());
+        if let Some(g) = guard.group.take() {
+            self.breaker_record(&g, result.is_ok());
         }
         result
+    }
+
+    /// A probe request was abandoned: let another request probe.
+    fn breaker_release_probe(&self, group: &str) {
+        if let Some(st) = self.groups.lock().get_mut(group)
+            && st.breaker.state == BreakerState::HalfOpen
+        {
+            st.breaker.probing = false;
+        }
     }
 
     async fn request_inner(
@@ -488,7 +604,7 @@ impl Router {
         group: Option<&Group>,
         req: RouteRequest<'_>,
     ) -> Result<Routed, RouteError> {
-        let candidates = self.candidates(target)?;
+        let candidates = self.route_order(target)?;
         if candidates.is_empty() {
             return Err(RouteError::NoAvailableMember {
                 group: target.to_owned(),
@@ -691,7 +807,7 @@ mod tests {
     }
 
     fn first(r: &Router, g: &Arc<Group>) -> String {
-        r.group_order(g)[0].id().to_owned()
+        r.group_order(g, true)[0].id().to_owned()
     }
 
     #[test]
@@ -704,7 +820,7 @@ mod tests {
         let order: Vec<String> = (0..6).map(|_| first(&r, &g)).collect();
         assert!(order.iter().all(|m| m != "c"), "{order:?}");
         assert_eq!(
-            r.group_order(&g).last().unwrap().id(),
+            r.group_order(&g, true).last().unwrap().id(),
             "c",
             "out-of-rotation members are the last resort"
         );
@@ -744,7 +860,7 @@ mod tests {
             "[{id: a, priority: 2}, {id: b, priority: 1}, {id: c, priority: 3}]",
         );
         let order: Vec<String> = r
-            .group_order(&g)
+            .group_order(&g, true)
             .iter()
             .map(|i| i.id().to_owned())
             .collect();
@@ -779,6 +895,34 @@ mod tests {
         assert!(r.breaker_admits(&g).is_ok());
         r.breaker_record(&g, true);
         assert_eq!(r.breaker_state("g"), BreakerState::Closed);
+    }
+
+    #[test]
+    fn catalogue_lookups_do_not_consume_balancer_picks() {
+        let (r, g) = router("round_robin", "[{id: a}, {id: b}, {id: c}]");
+        for _ in 0..5 {
+            assert_eq!(r.candidates("g").unwrap()[0].id(), "a");
+        }
+        let order: Vec<String> = (0..3).map(|_| first(&r, &g)).collect();
+        assert_eq!(order, ["a", "b", "c"]);
+    }
+
+    #[test]
+    fn an_abandoned_half_open_probe_lets_the_next_request_probe() {
+        let (r, g) = router("round_robin", "[{id: a}]");
+        r.breaker_record(&g, false);
+        r.breaker_record(&g, false);
+        r.groups.lock().get_mut("g").unwrap().breaker.opened_at =
+            Some(Instant::now() - Duration::from_secs(2));
+        assert!(r.breaker_admits(&g).is_ok(), "the probe");
+        assert!(r.breaker_admits(&g).is_err());
+        // The probe's request is dropped (client cancel, batch timeout) before it finishes.
+        drop(ProbeGuard {
+            router: &r,
+            group: Some(g.clone()),
+        });
+        assert!(r.breaker_admits(&g).is_ok(), "another probe is admitted");
+        assert_eq!(r.breaker_state("g"), BreakerState::HalfOpen);
     }
 
     #[test]

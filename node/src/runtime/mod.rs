@@ -169,6 +169,12 @@ pub struct Instance {
     starts: std::sync::atomic::AtomicU64,
     checking: std::sync::atomic::AtomicBool,
     idling: std::sync::atomic::AtomicBool,
+    reviving: std::sync::atomic::AtomicBool,
+    /// Per-server breaker state reported in metrics and events (`closed`/`open`/`half_open`).
+    breaker: Mutex<&'static str>,
+    /// Successful starts plus passed health checks: lets group routing see that a member
+    /// that left rotation has proven itself healthy again.
+    proven: std::sync::atomic::AtomicU64,
 }
 
 /// A point-in-time view of an instance for REST and management tools.
@@ -243,6 +249,9 @@ impl Instance {
             starts: std::sync::atomic::AtomicU64::new(0),
             checking: std::sync::atomic::AtomicBool::new(false),
             idling: std::sync::atomic::AtomicBool::new(false),
+            reviving: std::sync::atomic::AtomicBool::new(false),
+            breaker: Mutex::new("closed"),
+            proven: std::sync::atomic::AtomicU64::new(0),
         };
         let mode = inst.spec.read().mode_name();
         inst.metrics
@@ -440,10 +449,12 @@ impl Instance {
     async fn start_locked(self: &Arc<Self>) -> Result<Arc<Upstream>, StartError> {
         let spec = self.spec.read().clone();
         let mode = spec.mode_name();
-        {
+        let was_degraded = {
             let mut inner = self.inner.lock();
+            let was = inner.state == ServerState::Degraded;
             self.set_state(&mut inner, ServerState::Initializing);
-        }
+            was
+        };
         let id = [self.id.as_str()];
         self.metrics
             .cold_start_in_progress
@@ -465,9 +476,14 @@ impl Instance {
                 tracing::warn!(mcp_server = %self.id, error = %e, "mcp_server_start_failed");
                 let mut inner = self.inner.lock();
                 inner.last_error = Some(e.to_string());
-                if inner.state != ServerState::Degraded {
-                    self.set_state(&mut inner, ServerState::Dead);
-                }
+                // A failed recovery attempt goes back to DEGRADED (its backoff continues);
+                // any other failed start leaves the server DEAD (or DEGRADED at the threshold).
+                let back = if was_degraded {
+                    ServerState::Degraded
+                } else {
+                    ServerState::Dead
+                };
+                self.set_state(&mut inner, back);
                 self.record_failure_locked(&mut inner, "start_failure", &e.to_string());
                 return Err(StartError::Upstream {
                     server: self.id.clone(),
@@ -513,6 +529,8 @@ impl Instance {
             inner.next_health_at = unix_now() + self.health_interval();
             self.set_state(&mut inner, ServerState::Ready);
         }
+        self.proven
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         self.set_breaker("closed");
         self.log.publish(
             "McpServerStarted",
@@ -670,7 +688,16 @@ impl Instance {
             .max(1)
     }
 
-    fn set_breaker(&self, state: &str) {
+    /// Move the per-server breaker to `state`: metric `mcp_hangar_circuit_breaker_state` and,
+    /// on a change, event `CircuitBreakerStateChanged`.
+    fn set_breaker(&self, state: &'static str) {
+        let old = std::mem::replace(&mut *self.breaker.lock(), state);
+        if old != state {
+            self.log.publish(
+                "CircuitBreakerStateChanged",
+                serde_json::json!({"mcp_server_id": self.id, "old_state": old, "new_state": state}),
+            );
+        }
         for s in ["closed", "open", "half_open"] {
             self.metrics
                 .circuit_breaker_state
@@ -702,10 +729,6 @@ impl Instance {
                 serde_json::json!({"mcp_server_id": self.id, "consecutive_failures": inner.consecutive_failures,
                     "total_failures": inner.total_failures, "reason": reason, "error": error}),
             );
-            self.log.publish(
-                "CircuitBreakerStateChanged",
-                serde_json::json!({"mcp_server_id": self.id, "old_state": "closed", "new_state": "open"}),
-            );
         }
         self.set_breaker("open");
         tracing::warn!(mcp_server = %self.id, failures = inner.consecutive_failures, next_attempt_in_s = delay, "mcp_server_recovery_scheduled");
@@ -714,6 +737,31 @@ impl Instance {
     /// Number of requests in flight on the live connection.
     pub fn in_flight(&self) -> usize {
         self.inner.lock().conn.as_ref().map_or(0, |c| c.in_flight())
+    }
+
+    /// How many times this instance proved itself healthy (successful starts and passed
+    /// health checks); only ever grows.
+    pub fn proven(&self) -> u64 {
+        self.proven.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Try to bring a DEAD instance back (used for group members, which no call may reach
+    /// while they are out of rotation). One attempt at a time; failures count toward
+    /// DEGRADED, whose recovery then continues with backoff.
+    pub async fn revive(self: &Arc<Self>) {
+        if self
+            .reviving
+            .swap(true, std::sync::atomic::Ordering::AcqRel)
+        {
+            return;
+        }
+        if self.state() == ServerState::Dead
+            && let Err(e) = self.ensure_ready().await
+        {
+            tracing::warn!(mcp_server = %self.id, error = %e, "mcp_server_revive_failed");
+        }
+        self.reviving
+            .store(false, std::sync::atomic::Ordering::Release);
     }
 
     /// Seconds since the last use.
@@ -765,6 +813,8 @@ impl Instance {
                     .with_label_values(&[&self.id])
                     .observe(d.as_secs_f64());
                 inner.consecutive_failures = 0;
+                self.proven
+                    .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
                 self.log.publish(
                     "HealthCheckPassed",
                     serde_json::json!({"mcp_server_id": self.id, "duration_ms": d.as_millis() as u64}),

@@ -2,7 +2,8 @@
 //! health, when to try recovering a DEGRADED server and when to stop an idle one. The
 //! decisions run on a timer (never chained on events), so recovery never stalls silently:
 //! a DEGRADED server is retried with exponential backoff and jitter until it recovers or is
-//! stopped by an operator, and its next attempt time is visible in the REST details.
+//! stopped by an operator, and its next attempt time is visible in the REST details. DEAD
+//! group members are restarted here too (their group may route nothing to them).
 //!
 //! In a cluster these loops run on the leader (DESIGN.md §7); on a single node they run here.
 
@@ -26,8 +27,20 @@ pub fn spawn(runtime: Arc<Runtime>, shutdown: CancellationToken) -> tokio::task:
                 _ = shutdown.cancelled() => break,
                 _ = tick.tick() => {}
             }
+            // Group members out of rotation get no calls, so nothing else would restart a
+            // member whose process died: revive DEAD members here (failures lead to
+            // DEGRADED and its backoff), so failback needs no operator.
+            let members: std::collections::HashSet<String> = runtime
+                .groups()
+                .iter()
+                .flat_map(|g| g.spec().members.into_iter().map(|m| m.id))
+                .collect();
             for inst in runtime.instances() {
                 match inst.state() {
+                    ServerState::Dead if members.contains(inst.id()) => {
+                        let i = inst.clone();
+                        tokio::spawn(async move { i.revive().await });
+                    }
                     ServerState::Ready => {
                         if inst.health_due() {
                             let i = inst.clone();

@@ -316,7 +316,9 @@ impl StdioConn {
         let (tx, rx) = oneshot::channel();
         {
             let mut calls = self.shared.calls.lock();
-            if calls.closed.is_some() {
+            // Once the process has been reaped nothing can reach it, even if the
+            // connection is not closed yet (the reader may still be draining stdout).
+            if calls.closed.is_some() || self.shared.exited.is_cancelled() {
                 drop(calls);
                 return Err(self.shared.closed_error(true));
             }

@@ -1,6 +1,7 @@
 //! End-to-end tests: real `hangar` processes, real fixture MCP servers, real HTTP.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod acceptance;
 mod api;
 mod cli;
 mod lifecycle;
