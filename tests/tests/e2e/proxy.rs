@@ -63,6 +63,17 @@ async fn negotiates_every_protocol_revision() {
         .to_string();
     let r = post_raw(&c, &url, &body, &[("MCP-Protocol-Version", "2026-07-28")]).await;
     assert_eq!(text_of(&r.response()), "modern");
+    assert_eq!(r.response()["result"]["resultType"], "complete");
+    let body =
+        json!({"jsonrpc": "2.0", "id": 5, "method": "tools/list", "params": {"_meta": meta}})
+            .to_string();
+    let r = post_raw(&c, &url, &body, &[("MCP-Protocol-Version", "2026-07-28")]).await;
+    let res = r.response()["result"].clone();
+    assert_eq!(
+        (&res["resultType"], &res["cacheScope"], &res["ttlMs"]),
+        (&json!("complete"), &json!("private"), &json!(0)),
+        "{res}"
+    );
     // Header missing → 400; unsupported version → 400 with the supported list.
     let r = post_raw(&c, &url, &body, &[]).await;
     assert_eq!(r.status, 400, "{r:?}");
