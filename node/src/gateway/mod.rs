@@ -275,6 +275,11 @@ impl Gateway {
             (Scope::Aggregate, "logging/setLevel") => self.set_level(params).await,
             (Scope::Aggregate, other) => Err(method_not_found(other)),
         };
+        let result = if modern || method == "server/discover" {
+            result.map(|r| protocol::modern_result(&method, r))
+        } else {
+            result
+        };
         self.finish(&method, id, result)
     }
 

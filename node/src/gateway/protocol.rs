@@ -4,6 +4,8 @@
 //! (2026-07-28): every request carries `_meta["io.modelcontextprotocol/protocolVersion"]`
 //! and `clientCapabilities`; `server/discover` replaces `initialize`.
 
+use serde_json::value::RawValue;
+
 use crate::jsonrpc::{INVALID_PARAMS, RawObject, RpcError};
 
 /// The stateless revision.
@@ -115,6 +117,39 @@ pub fn modern_meta(params: &RawObject) -> Result<Option<ModernMeta>, RpcError> {
     }))
 }
 
+/// Methods whose 2026-07-28 result schema is `CacheableResult` (`cacheScope` and `ttlMs`
+/// are required besides `resultType`).
+const CACHEABLE: &[&str] = &[
+    "server/discover",
+    "tools/list",
+    "prompts/list",
+    "resources/list",
+    "resources/templates/list",
+    "resources/read",
+];
+
+/// Complete the result of a 2026-07-28 request: every result carries `resultType`
+/// (`"complete"`); cacheable ones also `cacheScope` (`"private"`: what the gateway lists
+/// depends on the caller's authorization) and `ttlMs` (0: no caching hint). Fields already
+/// present (from an upstream that speaks the revision) are kept.
+pub fn modern_result(method: &str, result: Box<RawValue>) -> Box<RawValue> {
+    let Ok(mut obj) = serde_json::from_str::<RawObject>(result.get()) else {
+        return result;
+    };
+    let mut fields = vec![("resultType", r#""complete""#)];
+    if CACHEABLE.contains(&method) {
+        fields.extend([("cacheScope", r#""private""#), ("ttlMs", "0")]);
+    }
+    for (key, value) in fields {
+        if !obj.contains_key(key)
+            && let Ok(v) = RawValue::from_string(value.to_owned())
+        {
+            obj.insert(key.to_owned(), v);
+        }
+    }
+    crate::jsonrpc::raw_from_object(&obj)
+}
+
 /// Remove the stateless-era `_meta` keys before forwarding params to a handshake-era upstream.
 pub fn strip_modern_meta(params: &mut RawObject) {
     let Some(meta) = params.get("_meta") else {
@@ -178,5 +213,21 @@ mod tests {
             crate::jsonrpc::raw_from_object(&p).get(),
             r#"{"name":"x","_meta":{"progressToken":1}}"#
         );
+    }
+
+    #[test]
+    fn modern_results_carry_result_type_and_cache_fields() {
+        let r = |s: &str| RawValue::from_string(s.to_owned()).unwrap();
+        let v: serde_json::Value =
+            serde_json::from_str(modern_result("tools/list", r(r#"{"tools":[]}"#)).get()).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"tools": [], "resultType": "complete", "cacheScope": "private", "ttlMs": 0})
+        );
+        let v: serde_json::Value = serde_json::from_str(
+            modern_result("tools/call", r(r#"{"content":[],"resultType":"x"}"#)).get(),
+        )
+        .unwrap();
+        assert_eq!(v, serde_json::json!({"content": [], "resultType": "x"}));
     }
 }

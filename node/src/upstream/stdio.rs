@@ -146,11 +146,18 @@ struct Shared {
     exit: Mutex<Option<String>>,
     /// Cancelled once stdout hit EOF (everything the process wrote has been routed).
     stdout_done: CancellationToken,
+    /// Cancelled once the writer has stopped; `unsent` then holds the ids of the requests
+    /// it never got into the pipe.
+    writer_done: CancellationToken,
+    unsent: Mutex<HashSet<u64>>,
 }
 
 impl Shared {
-    /// Mark the connection gone and fail every call in flight. Idempotent.
+    /// Mark the connection gone and fail every call in flight. Idempotent. Calls whose
+    /// request the writer never got into the pipe (`unsent`) fail as "before send", so that
+    /// routing may retry them elsewhere.
     fn close(&self, why: &str) {
+        let unsent = std::mem::take(&mut *self.unsent.lock());
         let drained = {
             let mut calls = self.calls.lock();
             if calls.closed.is_some() {
@@ -162,11 +169,17 @@ impl Shared {
             calls.server_requests.clear();
             std::mem::take(&mut calls.map)
         };
-        for (_, p) in drained {
+        for (id, p) in drained {
+            let before_send = unsent.contains(&id);
+            let message = if before_send {
+                format!("the MCP server process ended before the request reached it ({why})")
+            } else {
+                format!("the MCP server process ended during the call ({why})")
+            };
             let _ = p.tx.send(Err(UpstreamError::Closed {
                 server: self.server.clone(),
-                message: format!("the MCP server process ended during the call ({why})"),
-                before_send: false,
+                message,
+                before_send,
             }));
         }
         self.closed.cancel();
@@ -269,6 +282,8 @@ impl StdioConn {
             exited: CancellationToken::new(),
             exit: Mutex::new(None),
             stdout_done: CancellationToken::new(),
+            writer_done: CancellationToken::new(),
+            unsent: Mutex::new(HashSet::new()),
         });
         let (wtx, wrx) = mpsc::channel::<Vec<u8>>(WRITE_QUEUE);
         let stdin_close = CancellationToken::new();
@@ -276,7 +291,13 @@ impl StdioConn {
 
         tokio::spawn(write_loop(shared.clone(), stdin, wrx, stdin_close.clone()));
         tokio::spawn(stderr_loop(shared.clone(), stderr));
-        tokio::spawn(wait_loop(shared.clone(), child, pid, kill.clone()));
+        tokio::spawn(wait_loop(
+            shared.clone(),
+            child,
+            pid,
+            kill.clone(),
+            stdin_close.clone(),
+        ));
         let reader = Reader {
             shared: shared.clone(),
             writer: wtx.clone(),
@@ -487,7 +508,10 @@ async fn write_loop(
 ) {
     let mut w = tokio::io::BufWriter::with_capacity(64 * 1024, stdin);
     let mut failure = None;
+    // The lines of the current batch that the BufWriter accepted (it was empty before).
+    let mut batch: Vec<Vec<u8>> = Vec::new();
     'outer: loop {
+        batch.clear();
         let first = tokio::select! {
             biased;
             _ = stdin_close.cancelled() => break,
@@ -500,18 +524,42 @@ async fn write_loop(
             failure = Some(e);
             break;
         }
+        batch.push(first);
         // Batch whatever else is queued, then flush once.
         while let Ok(m) = rx.try_recv() {
             if let Err(e) = w.write_all(&m).await {
                 failure = Some(e);
                 break 'outer;
             }
+            batch.push(m);
         }
         if let Err(e) = w.flush().await {
             failure = Some(e);
             break;
         }
     }
+    // Requests that never reached the pipe: lines of the failed batch that start past the
+    // bytes written (the BufWriter keeps what it could not write), and every line still
+    // queued. A line whose own write failed may have been written in part: not counted.
+    let mut unsent = HashSet::new();
+    if failure.is_some() {
+        let accepted: usize = batch.iter().map(Vec::len).sum();
+        let written = accepted.saturating_sub(w.buffer().len());
+        let mut start = 0;
+        for line in &batch {
+            if start >= written {
+                unsent.extend(request_id(line));
+            }
+            start += line.len();
+        }
+    }
+    // Whatever is still queued never left (and nothing can be queued any more).
+    rx.close();
+    while let Ok(line) = rx.try_recv() {
+        unsent.extend(request_id(&line));
+    }
+    shared.unsent.lock().extend(unsent);
+    shared.writer_done.cancel();
     let _ = w.shutdown().await;
     drop(w);
     if let Some(e) = failure {
@@ -527,6 +575,17 @@ async fn write_loop(
             .unwrap_or_else(|| format!("cannot write to its stdin: {e}"));
         shared.close(&why);
     }
+}
+
+/// The id of a request line we wrote (ours are numbers), or `None` for anything else.
+fn request_id(line: &[u8]) -> Option<u64> {
+    #[derive(serde::Deserialize)]
+    struct Probe {
+        id: Option<u64>,
+        method: Option<serde::de::IgnoredAny>,
+    }
+    let p: Probe = serde_json::from_slice(line).ok()?;
+    p.method.and(p.id)
 }
 
 async fn stderr_loop(shared: Arc<Shared>, stderr: tokio::process::ChildStderr) {
@@ -546,6 +605,7 @@ async fn wait_loop(
     mut child: tokio::process::Child,
     pid: Option<u32>,
     kill: CancellationToken,
+    stdin_close: CancellationToken,
 ) {
     let status = tokio::select! {
         s = child.wait() => s,
@@ -569,6 +629,9 @@ async fn wait_loop(
     }
     // Let the reader route what the process wrote just before exiting.
     let _ = tokio::time::timeout(EXIT_GRACE, shared.stdout_done.cancelled()).await;
+    // Stop the writer and learn which requests never reached the process.
+    stdin_close.cancel();
+    let _ = tokio::time::timeout(EXIT_GRACE, shared.writer_done.cancelled()).await;
     shared.close(&text);
 }
 
@@ -636,6 +699,10 @@ impl Reader {
         // short wait for the exit status, so the error can say how the process ended).
         self.shared.stdout_done.cancel();
         let _ = tokio::time::timeout(EXIT_GRACE, self.shared.exited.cancelled()).await;
+        if self.shared.exited.is_cancelled() {
+            // The wait task closes once the writer has said which requests never left.
+            return;
+        }
         let why = self
             .shared
             .exit

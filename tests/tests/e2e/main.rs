@@ -6,3 +6,4 @@ mod api;
 mod cli;
 mod lifecycle;
 mod proxy;
+mod thirdparty;

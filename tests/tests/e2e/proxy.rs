@@ -63,6 +63,17 @@ async fn negotiates_every_protocol_revision() {
         .to_string();
     let r = post_raw(&c, &url, &body, &[("MCP-Protocol-Version", "2026-07-28")]).await;
     assert_eq!(text_of(&r.response()), "modern");
+    assert_eq!(r.response()["result"]["resultType"], "complete");
+    let body =
+        json!({"jsonrpc": "2.0", "id": 5, "method": "tools/list", "params": {"_meta": meta}})
+            .to_string();
+    let r = post_raw(&c, &url, &body, &[("MCP-Protocol-Version", "2026-07-28")]).await;
+    let res = r.response()["result"].clone();
+    assert_eq!(
+        (&res["resultType"], &res["cacheScope"], &res["ttlMs"]),
+        (&json!("complete"), &json!("private"), &json!(0)),
+        "{res}"
+    );
     // Header missing → 400; unsupported version → 400 with the supported list.
     let r = post_raw(&c, &url, &body, &[]).await;
     assert_eq!(r.status, 400, "{r:?}");
@@ -141,7 +152,13 @@ async fn aggregates_stdio_and_remote_servers_and_routes_calls() {
     .response();
     assert_eq!(g["result"]["messages"][0]["content"]["text"], "Hello, Ada!");
     let rl = rpc(&c, &url, "resources/list", json!({})).await.response();
-    assert_eq!(rl["result"]["resources"].as_array().unwrap().len(), 2);
+    let fixture_uris = rl["result"]["resources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["uri"].as_str().unwrap().starts_with("fixture://"))
+        .count();
+    assert_eq!(fixture_uris, 2, "{rl}");
     let rr = rpc(
         &c,
         &url,
