@@ -104,7 +104,7 @@ mcp_servers:
 EOF
 "$BIN/hangar" validate "$WORK/hangar.yaml" >&2 || die "the generated hangar config is invalid"
 say "starting hangar"
-"$BIN/hangar" serve --config "$WORK/hangar.yaml" --listen 127.0.0.1:0 --ready-file "$WORK/ready.json" \
+"$BIN/hangar" serve --config "$WORK/hangar.yaml" --listen 127.0.0.1:0 --ready-file "$WORK/ready.json" --data-dir "$WORK/data" \
     >"$WORK/hangar.log" 2>&1 &
 HANGAR_PID=$!
 for _ in $(seq 300); do

@@ -131,7 +131,8 @@ def hangar(tmp_path_factory, hangar_config) -> HangarNode:
     env = {k: v for k, v in os.environ.items() if k not in ("MCP_CONFIG", "HANGAR_LISTEN")}
     with open(err, "wb") as errf:
         proc = subprocess.Popen(
-            [str(HANGAR_BIN), "serve", "--config", str(cfg), "--listen", "127.0.0.1:0", "--ready-file", str(ready)],
+            [str(HANGAR_BIN), "serve", "--config", str(cfg), "--listen", "127.0.0.1:0", "--ready-file", str(ready),
+             "--data-dir", str(d / "data")],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=errf,
@@ -170,4 +171,4 @@ def stdio_server_params(hangar_config, tmp_path_factory):
     cfg = d / "config.yaml"
     cfg.write_text(hangar_config)
     env = {k: v for k, v in os.environ.items() if k not in ("MCP_CONFIG", "HANGAR_LISTEN")}
-    return StdioServerParameters(command=str(HANGAR_BIN), args=["serve", "--config", str(cfg), "--stdio"], env=env)
+    return StdioServerParameters(command=str(HANGAR_BIN), args=["serve", "--config", str(cfg), "--stdio", "--data-dir", str(d / "data")], env=env)
