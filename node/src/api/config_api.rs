@@ -105,6 +105,8 @@ pub async fn apply(State(st): State<ApiState>, body: axum::body::Bytes) -> ApiRe
 /// `GET /api/config/export`: the desired servers as a config document (JSON, which is YAML),
 /// with `${VAR}` references as written and each server's source.
 pub async fn export(State(st): State<ApiState>) -> ApiResult {
+    // Linearizable: an export right after a write on another node includes that write.
+    st.cluster.catch_up().await?;
     let records = st.cluster.server_records();
     let (version, file_hash) = st.cluster.config_version();
     let servers: serde_json::Map<String, Value> = records

@@ -4,6 +4,7 @@
 //! Error envelope: `{"error":{"code":"<ErrorClass>","message":"…","details":{…}|null}}`.
 
 mod config_api;
+mod keys;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -156,6 +157,8 @@ pub fn routes(state: ApiState) -> Router {
         .route("/api/config/diff", post(config_api::diff))
         .route("/api/config/apply", post(config_api::apply))
         .route("/api/config/export", get(config_api::export))
+        .route("/api/auth/keys", get(keys::list).post(keys::create))
+        .route("/api/auth/keys/{id}", axum::routing::delete(keys::revoke))
         .route("/api/events", get(events))
         .route("/api/events/stream", get(event_stream))
         .route("/api/{*rest}", axum::routing::any(api_not_found))
@@ -1012,7 +1015,8 @@ async fn update_group_members(
     edit: impl Fn(&mut Vec<Value>),
 ) -> Result<(), ApiError> {
     for _ in 0..5 {
-        let Some((mut raw, version, _)) = st.cluster.server_record(id) else {
+        // Read the latest committed definition (read index), not a possibly stale copy.
+        let Some((mut raw, version, _)) = st.cluster.server_record_linearizable(id).await? else {
             return Err(group_not_found(id));
         };
         let mut members = raw

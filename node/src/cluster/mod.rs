@@ -575,6 +575,27 @@ impl Cluster {
         })
     }
 
+    /// Like [`server_record`](Self::server_record), after catching up with the leader's
+    /// commit index (ReadIndex), for read-modify-write cycles.
+    pub async fn server_record_linearizable(
+        &self,
+        id: &str,
+    ) -> Result<Option<(Value, u64, String)>, ClusterError> {
+        Ok(self
+            .raft
+            .linearizable_read(|st| {
+                st.servers
+                    .get(id)
+                    .map(|r| (r.spec.clone(), r.config_version, r.source.to_string()))
+            })
+            .await?)
+    }
+
+    /// Wait until this node has applied everything the leader committed as of now.
+    pub async fn catch_up(&self) -> Result<(), ClusterError> {
+        Ok(self.raft.linearizable_read(|_| ()).await?)
+    }
+
     /// Every replicated definition: id → (raw spec, config version, source).
     pub fn server_records(&self) -> BTreeMap<String, (Value, u64, String)> {
         self.raft.read(|st| {

@@ -180,6 +180,49 @@ async fn add_server(c: &reqwest::Client, m: &Member, id: &str) -> bool {
     }
 }
 
+/// Create an API key through `m`; its id when acknowledged.
+async fn add_key(c: &reqwest::Client, m: &Member, name: &str) -> Option<String> {
+    let body = json!({"principal_id": "svc", "name": name});
+    let r = c
+        .post(m.url("/api/auth/keys"))
+        .header("Content-Type", "application/json")
+        .body(body.to_string())
+        .timeout(Duration::from_secs(15))
+        .send()
+        .await
+        .ok()?;
+    if !r.status().is_success() {
+        return None;
+    }
+    let v: Value = serde_json::from_str(&r.text().await.ok()?).ok()?;
+    assert!(v["raw_key"].as_str()?.starts_with("mcp_"));
+    v["key_id"].as_str().map(str::to_owned)
+}
+
+/// Key ids listed by a node.
+async fn key_ids(c: &reqwest::Client, m: &Member) -> Option<BTreeSet<String>> {
+    let (code, v) = get_json(c, &m.url("/api/auth/keys")).await;
+    (code == 200).then_some(())?;
+    Some(
+        v["keys"]
+            .as_array()?
+            .iter()
+            .filter_map(|k| k["key_id"].as_str().map(str::to_owned))
+            .collect(),
+    )
+}
+
+/// (seq, event id) of every event a node lists.
+async fn event_ids(c: &reqwest::Client, m: &Member) -> Option<Vec<(u64, String)>> {
+    let (code, v) = get_json(c, &m.url("/api/events?since=0&limit=10000")).await;
+    (code == 200).then_some(())?;
+    v["events"]
+        .as_array()?
+        .iter()
+        .map(|e| Some((e["seq"].as_u64()?, e["event_id"].as_str()?.to_owned())))
+        .collect()
+}
+
 fn fixture_config() -> String {
     format!("mcp_servers:\n{}", fixture_stdio_yaml("fx", ""))
 }
@@ -337,6 +380,7 @@ async fn a_cluster_forms_from_nothing_replicates_and_survives_twenty_leader_kill
     // Twenty leader kills: each time a new leader is elected, a write through a survivor
     // succeeds, and the killed node restarts and catches up.
     let mut acked: Vec<String> = vec!["added-on-follower".into()];
+    let mut acked_keys: BTreeSet<String> = BTreeSet::new();
     let mut failovers = Vec::new();
     for round in 0..20 {
         let leader = wait_leader(&c, &ms, Duration::from_secs(20)).await;
@@ -370,6 +414,11 @@ async fn a_cluster_forms_from_nothing_replicates_and_survives_twenty_leader_kill
         );
         failovers.push(killed_at.elapsed());
         acked.push(id);
+        // A key created through another survivor is acknowledged too.
+        let other = ms.iter().filter(|m| m.alive()).last().unwrap();
+        if let Some(k) = add_key(&c, other, &format!("round-{round}")).await {
+            acked_keys.insert(k);
+        }
         let new_leader = wait_leader(&c, &ms, Duration::from_secs(20)).await;
         assert_ne!(new_leader, leader);
         // Restart the killed node; it must catch up before the next kill (quorum).
@@ -401,6 +450,23 @@ async fn a_cluster_forms_from_nothing_replicates_and_survives_twenty_leader_kill
         .await;
         assert!(ids.contains("fx"));
     }
+    assert!(acked_keys.len() >= 15, "most key writes succeed: {acked_keys:?}");
+    for m in &ms {
+        wait_for("all acknowledged keys", Duration::from_secs(20), || async {
+            acked_keys.is_subset(&key_ids(&c, m).await?).then_some(())
+        })
+        .await;
+    }
+    // The event log is the same on every node (same sequence numbers, same ids).
+    let logs = wait_for("identical event logs", Duration::from_secs(20), || async {
+        let mut logs = Vec::new();
+        for m in &ms {
+            logs.push(event_ids(&c, m).await?);
+        }
+        logs.windows(2).all(|w| w[0] == w[1]).then_some(logs)
+    })
+    .await;
+    assert!(logs[0].len() > 20, "{} events", logs[0].len());
     failovers.sort();
     eprintln!(
         "leader failover (kill -9 → first acknowledged write), {} kills: p50 {:?}, p99 {:?}, max {:?}",
