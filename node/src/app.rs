@@ -49,6 +49,8 @@ pub struct Node {
     pub reloader: Arc<Reloader>,
     /// This node in the Raft cluster.
     pub cluster: Arc<Cluster>,
+    /// A temporary data directory to remove at exit (`--stdio` without `--data-dir`).
+    temp_data: Option<PathBuf>,
 }
 
 /// Reloads the configuration file: validates it first (an invalid file changes nothing and
@@ -195,6 +197,18 @@ impl Node {
         cfg.cluster
             .override_with(&opts.cluster)
             .map_err(|m| anyhow::anyhow!("{m}"))?;
+        // A desktop client starts `--stdio` from wherever it likes (often `/`): without an
+        // explicit data directory such a node keeps its Raft data in a private temporary
+        // directory, removed at exit (the config file stays the source of truth).
+        let mut temp_data = None;
+        if opts.stdio
+            && opts.cluster.data_dir.is_none()
+            && cfg.cluster.data_dir == crate::config::ClusterConfig::default().data_dir
+        {
+            let dir = std::env::temp_dir().join(format!("hangar-stdio-{}", std::process::id()));
+            cfg.cluster.data_dir = dir.clone();
+            temp_data = Some(dir);
+        }
         let node_name = cfg.cluster.node_id.to_string();
         let shutdown = CancellationToken::new();
         // Bind first: the API address is part of this node's identity in the cluster.
@@ -310,6 +324,7 @@ impl Node {
             shutdown,
             reloader,
             cluster,
+            temp_data,
         })
     }
 
@@ -349,6 +364,9 @@ impl Node {
         }
         self.runtime.shutdown_all().await;
         self.cluster.shutdown().await;
+        if let Some(dir) = &self.temp_data {
+            let _ = std::fs::remove_dir_all(dir);
+        }
         tracing::info!("server_lifecycle_shutdown_complete");
         Ok(())
     }

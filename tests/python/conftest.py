@@ -171,4 +171,4 @@ def stdio_server_params(hangar_config, tmp_path_factory):
     cfg = d / "config.yaml"
     cfg.write_text(hangar_config)
     env = {k: v for k, v in os.environ.items() if k not in ("MCP_CONFIG", "HANGAR_LISTEN")}
-    return StdioServerParameters(command=str(HANGAR_BIN), args=["serve", "--config", str(cfg), "--stdio", "--data-dir", str(d / "data")], env=env)
+    return StdioServerParameters(command=str(HANGAR_BIN), args=["serve", "--config", str(cfg), "--stdio"], env=env)

@@ -85,8 +85,10 @@ pub async fn create(State(st): State<ApiState>, body: axum::body::Bytes) -> ApiR
     );
     Ok((
         StatusCode::CREATED,
-        axum::Json(json!({"key_id": id, "raw_key": raw_key, "principal_id": b.principal_id,
-            "name": b.name, "expires_at": b.expires_at, "warning": NOT_ENFORCED})),
+        axum::Json(
+            json!({"key_id": id, "raw_key": raw_key, "principal_id": b.principal_id,
+            "name": b.name, "expires_at": b.expires_at, "warning": NOT_ENFORCED}),
+        ),
     )
         .into_response())
 }

@@ -1047,10 +1047,16 @@ async fn update_group_members(
 struct EventsQuery {
     since: Option<u64>,
     limit: Option<usize>,
+    /// Replicate this node's pending events first (read-your-writes; bounded wait).
+    #[serde(default)]
+    sync: bool,
 }
 
 async fn events(State(st): State<ApiState>, Query(q): Query<EventsQuery>) -> ApiResult {
     let limit = q.limit.unwrap_or(100).clamp(1, 10_000);
+    if q.sync {
+        st.cluster.sync_events(Duration::from_secs(5)).await;
+    }
     let log = st.runtime().events();
     let events: Vec<Value> = log
         .since(q.since.unwrap_or(0), limit)

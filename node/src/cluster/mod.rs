@@ -80,6 +80,8 @@ pub struct Cluster {
     apply_error: Mutex<Option<String>>,
     pending_events: Mutex<VecDeque<Event>>,
     dropped_events: std::sync::atomic::AtomicU64,
+    /// Events taken from the queue whose `AppendEvents` has not returned yet.
+    in_flight_events: std::sync::atomic::AtomicUsize,
     events_notify: Notify,
     http: reqwest::Client,
     shutdown: CancellationToken,
@@ -138,6 +140,7 @@ impl Cluster {
             apply_error: Mutex::new(None),
             pending_events: Mutex::new(VecDeque::new()),
             dropped_events: std::sync::atomic::AtomicU64::new(0),
+            in_flight_events: std::sync::atomic::AtomicUsize::new(0),
             events_notify: Notify::new(),
             http,
             shutdown,
@@ -247,12 +250,14 @@ impl Cluster {
                 }
                 members.insert(self.cfg.node_id, self.node_info());
                 self.raft.initialize(members).await?;
+                self.wait_leader(Duration::from_secs(10)).await;
                 tracing::info!("cluster_initialized_from_peers");
             }
             return Ok(());
         }
         if self.cfg.bootstrap {
             self.raft.initialize_single().await?;
+            self.wait_leader(Duration::from_secs(10)).await;
             tracing::info!("single_node_cluster_initialized");
         } else {
             tracing::info!(
@@ -260,6 +265,12 @@ impl Cluster {
             );
         }
         Ok(())
+    }
+
+    /// Wait (bounded) until a leader is known.
+    async fn wait_leader(&self, within: Duration) {
+        let mut leader = self.raft.leader_watch();
+        let _ = tokio::time::timeout(within, leader.wait_for(Option::is_some)).await;
     }
 
     async fn join_loop(self: Arc<Self>) {
@@ -808,17 +819,23 @@ impl Cluster {
                 let batch: Vec<Event> = {
                     let mut q = self.pending_events.lock();
                     let n = q.len().min(EVENT_BATCH);
+                    self.in_flight_events
+                        .store(n, std::sync::atomic::Ordering::SeqCst);
                     q.drain(..n).collect()
                 };
                 if batch.is_empty() {
                     break;
                 }
                 let records: Vec<EventRecord> = batch.iter().map(|e| self.to_record(e)).collect();
-                match self
+                let result = self
                     .raft
                     .propose(Command::AppendEvents { events: records })
-                    .await
-                {
+                    .await;
+                if result.is_ok() {
+                    self.in_flight_events
+                        .store(0, std::sync::atomic::Ordering::SeqCst);
+                }
+                match result {
                     Ok(_) => backoff = EVENT_FLUSH_EVERY,
                     Err(e) => {
                         tracing::warn!(error = %e, pending = batch.len(), "event_batch_not_replicated_yet");
@@ -827,6 +844,8 @@ impl Cluster {
                             for ev in batch.into_iter().rev() {
                                 q.push_front(ev);
                             }
+                            self.in_flight_events
+                                .store(0, std::sync::atomic::Ordering::SeqCst);
                         }
                         if self.shutdown.is_cancelled() {
                             return;
@@ -840,6 +859,26 @@ impl Cluster {
             if self.shutdown.is_cancelled() {
                 return;
             }
+        }
+    }
+
+    /// Wait (bounded) until every event this node published so far is replicated and
+    /// applied locally: `GET /api/events?sync=true`.
+    pub async fn sync_events(&self, within: Duration) {
+        let deadline = tokio::time::Instant::now() + within;
+        self.events_notify.notify_one();
+        while tokio::time::Instant::now() < deadline {
+            let idle = self.pending_events.lock().is_empty()
+                && self
+                    .in_flight_events
+                    .load(std::sync::atomic::Ordering::SeqCst)
+                    == 0;
+            if idle {
+                let _ =
+                    tokio::time::timeout_at(deadline, self.raft.linearizable_read(|_| ())).await;
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
 

@@ -450,7 +450,10 @@ async fn a_cluster_forms_from_nothing_replicates_and_survives_twenty_leader_kill
         .await;
         assert!(ids.contains("fx"));
     }
-    assert!(acked_keys.len() >= 15, "most key writes succeed: {acked_keys:?}");
+    assert!(
+        acked_keys.len() >= 15,
+        "most key writes succeed: {acked_keys:?}"
+    );
     for m in &ms {
         wait_for("all acknowledged keys", Duration::from_secs(20), || async {
             acked_keys.is_subset(&key_ids(&c, m).await?).then_some(())
@@ -589,6 +592,9 @@ async fn lagging_nodes_catch_up_by_snapshot_and_membership_changes_work() {
         ]),
         "{st}"
     );
+    // Leadership can be handed to a chosen voter.
+    let out = ctl_ok(&any, &["cluster", "transfer-leader", "4"]);
+    assert!(out.contains("leader is now 4"), "{out}");
     // The new voter takes writes; the cluster survives losing one of three voters.
     ms[1].kill9();
     assert!(add_server(&c, &m4, "after-membership-change").await);

@@ -38,7 +38,7 @@ fn now_unix() -> f64 {
 }
 
 async fn events(c: &reqwest::Client, node: &Node) -> Vec<Value> {
-    let (_, v) = get_json(c, &node.url("/api/events?since=0&limit=10000")).await;
+    let (_, v) = get_json(c, &node.url("/api/events?since=0&limit=10000&sync=true")).await;
     v["events"].as_array().cloned().unwrap_or_default()
 }
 

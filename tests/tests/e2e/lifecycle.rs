@@ -101,7 +101,7 @@ async fn idle_servers_stop_and_restart_on_demand() {
     });
     // Events are replicated through Raft in batches: poll until they are there.
     let ev = wait_for("idle events", Duration::from_secs(5), || async {
-        let (_, ev) = get_json(&c, &node.url("/api/events?since=0&limit=1000")).await;
+        let (_, ev) = get_json(&c, &node.url("/api/events?since=0&limit=1000&sync=true")).await;
         ev["events"]
             .as_array()?
             .iter()
@@ -186,7 +186,7 @@ async fn health_checks_degrade_fail_fast_and_recover_unattended() {
         text_of(&call_tool(&c, &url, "web__echo", json!({"message": "2"})).await),
         "2"
     );
-    let (_, ev) = get_json(&c, &node.url("/api/events?since=0&limit=1000")).await;
+    let (_, ev) = get_json(&c, &node.url("/api/events?since=0&limit=1000&sync=true")).await;
     let types: Vec<&str> = ev["events"]
         .as_array()
         .unwrap()
@@ -264,7 +264,7 @@ async fn hot_reload_applies_valid_files_and_keeps_serving_on_invalid_ones() {
         "the reload failure event",
         Duration::from_secs(10),
         || async {
-            let (_, ev) = get_json(&c, &node.url("/api/events?since=0&limit=1000")).await;
+            let (_, ev) = get_json(&c, &node.url("/api/events?since=0&limit=1000&sync=true")).await;
             ev["events"]
                 .as_array()
                 .unwrap()
