@@ -350,7 +350,9 @@ async fn get_server(State(st): State<ApiState>, Path(id): Path<String>) -> ApiRe
         o.insert("tools".into(), json!(tools));
         o.insert(
             "health".into(),
-            json!({"last_error": s.last_error, "starts": s.starts, "started_at": s.started_at}),
+            json!({"last_error": s.last_error, "starts": s.starts, "started_at": s.started_at,
+                "consecutive_failures": s.consecutive_failures, "total_failures": s.total_failures,
+                "next_recovery_at": s.next_recovery_at}),
         );
         o.insert("last_used".into(), json!(s.last_used));
         o.insert("pid".into(), json!(s.pid));

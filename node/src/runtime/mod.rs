@@ -1242,6 +1242,16 @@ impl Runtime {
             let group = self.group(id);
             match (group, new.get(id)) {
                 (Some(g), Some(ServerSpec::Group(spec))) => g.set_spec(spec.clone()),
+                // A changed server is replaced in place (its id never disappears from the
+                // listing), then the old instance is stopped.
+                (None, Some(spec @ (ServerSpec::Subprocess(_) | ServerSpec::Remote(_)))) => {
+                    let old = self.instance(id);
+                    self.insert(id.clone(), spec.clone());
+                    if let Some(old) = old {
+                        old.inner.lock().removed = true;
+                        old.stop("config_changed").await;
+                    }
+                }
                 _ => {
                     let _ = self.remove_server(id).await;
                 }
