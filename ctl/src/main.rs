@@ -175,47 +175,29 @@ impl Client {
         path: &str,
         body: Option<Value>,
     ) -> anyhow::Result<Value> {
+        self.request(
+            method,
+            path,
+            body.map(|b| ("application/json", b.to_string())),
+        )
+        .await
+    }
+
+    async fn request(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<(&str, String)>,
+    ) -> anyhow::Result<Value> {
         let url = format!("{}{}", self.base, path);
         let mut req = self.http.request(method, &url);
         if let Some(k) = &self.api_key {
             req = req.header("X-API-Key", k);
         }
-        if let Some(b) = body {
-            req = req
-                .header("Content-Type", "application/json")
-                .body(b.to_string());
+        if let Some((content_type, b)) = body {
+            req = req.header("Content-Type", content_type).body(b);
         }
         let resp = req.send().await.with_context(|| {
-            format!(
-                "cannot reach Hangar at {} (is the node running? set --endpoint)",
-                self.base
-            )
-        })?;
-        let status = resp.status();
-        let text = resp.text().await.context("reading the response")?;
-        let v: Value = serde_json::from_str(&text).unwrap_or(Value::String(text.clone()));
-        if !status.is_success() {
-            let msg = v
-                .pointer("/error/message")
-                .and_then(Value::as_str)
-                .map(str::to_owned)
-                .unwrap_or(text);
-            bail!("{status}: {msg}");
-        }
-        Ok(v)
-    }
-
-    /// POST a text body (a config file).
-    async fn send_text(&self, path: &str, body: String) -> anyhow::Result<Value> {
-        let url = format!("{}{}", self.base, path);
-        let mut req = self
-            .http
-            .post(&url)
-            .header("Content-Type", "application/yaml");
-        if let Some(k) = &self.api_key {
-            req = req.header("X-API-Key", k);
-        }
-        let resp = req.body(body).send().await.with_context(|| {
             format!(
                 "cannot reach Hangar at {} (is the node running? set --endpoint)",
                 self.base
@@ -246,6 +228,16 @@ impl Client {
             bail!("{status}: {msg}{details}");
         }
         Ok(v)
+    }
+
+    /// POST a text body (a config file).
+    async fn send_text(&self, path: &str, body: String) -> anyhow::Result<Value> {
+        self.request(
+            reqwest::Method::POST,
+            path,
+            Some(("application/yaml", body)),
+        )
+        .await
     }
 
     async fn get(&self, path: &str) -> anyhow::Result<Value> {

@@ -92,18 +92,18 @@ impl Reloader {
             serde_json::json!({"config_path": path.display().to_string(), "requested_by": requested_by}),
         );
         let bytes = std::fs::read(path).ok();
+        let failed = |msg: String| {
+            tracing::error!(error = %msg, requested_by, "configuration_reload_failed (the previous configuration keeps serving)");
+            log.publish(
+                "ConfigurationReloadFailed",
+                serde_json::json!({"config_path": path.display().to_string(), "requested_by": requested_by, "error": msg}),
+            );
+            *self.fingerprint.lock() = bytes.clone();
+            Err(msg)
+        };
         let cfg = match crate::config::load_file(path) {
             Ok(c) => c,
-            Err(e) => {
-                let msg = e.to_string();
-                tracing::error!(error = %msg, requested_by, "configuration_reload_failed (the previous configuration keeps serving)");
-                log.publish(
-                    "ConfigurationReloadFailed",
-                    serde_json::json!({"config_path": path.display().to_string(), "requested_by": requested_by, "error": msg}),
-                );
-                *self.fingerprint.lock() = bytes;
-                return Err(msg);
-            }
+            Err(e) => return failed(e.to_string()),
         };
         let before = self.runtime.specs();
         let hash = crate::config::sha256_hex(bytes.as_deref().unwrap_or_default());
@@ -112,14 +112,7 @@ impl Reloader {
             .apply_file_config(&cfg.raw_servers, &hash)
             .await
         {
-            let msg = e.to_string();
-            tracing::error!(error = %msg, requested_by, "configuration_reload_failed (the previous configuration keeps serving)");
-            log.publish(
-                "ConfigurationReloadFailed",
-                serde_json::json!({"config_path": path.display().to_string(), "requested_by": requested_by, "error": msg}),
-            );
-            *self.fingerprint.lock() = bytes;
-            return Err(msg);
+            return failed(e.to_string());
         }
         let diff = crate::config::diff(&before, &self.runtime.specs());
         self.gateway.set_config(GatewayConfig {

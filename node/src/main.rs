@@ -36,25 +36,8 @@ enum Command {
         /// Write {"http_addr":…,"pid":…} to this file once the listener is up.
         #[arg(long)]
         ready_file: Option<PathBuf>,
-        /// This node's id in the cluster (≥ 1; overrides `cluster.node_id`, default 1).
-        #[arg(long, env = "HANGAR_NODE_ID")]
-        node_id: Option<u64>,
-        /// Raft (gRPC) bind address, e.g. 127.0.0.1:7400 (overrides `cluster.raft_addr`).
-        #[arg(long, env = "HANGAR_RAFT_ADDR")]
-        raft_addr: Option<String>,
-        /// Raft address the other nodes use for this one (overrides `cluster.advertise_addr`).
-        #[arg(long, env = "HANGAR_ADVERTISE_ADDR")]
-        advertise_addr: Option<String>,
-        /// Data directory of the Raft log and state (overrides `cluster.data_dir`, default ./data).
-        #[arg(long, env = "HANGAR_DATA_DIR")]
-        data_dir: Option<PathBuf>,
-        /// Join the cluster through this member's API URL (repeatable; overrides `cluster.join`).
-        #[arg(long, env = "HANGAR_JOIN", value_delimiter = ',')]
-        join: Vec<String>,
-        /// Do not initialize a single-node cluster on first start; wait for
-        /// `hangarctl cluster init` or `cluster join`.
-        #[arg(long)]
-        no_bootstrap: bool,
+        #[command(flatten)]
+        cluster: config::ClusterOverrides,
     },
     /// Validate a configuration file: exit 0 valid, 1 invalid, 2 unreadable.
     Validate {
@@ -78,26 +61,8 @@ fn main() -> ExitCode {
             listen,
             stdio,
             ready_file,
-            node_id,
-            raft_addr,
-            advertise_addr,
-            data_dir,
-            join,
-            no_bootstrap,
-        }) => serve(
-            config,
-            listen,
-            stdio,
-            ready_file,
-            config::ClusterOverrides {
-                node_id,
-                raft_addr,
-                advertise_addr,
-                data_dir,
-                join,
-                no_bootstrap,
-            },
-        ),
+            cluster,
+        }) => serve(config, listen, stdio, ready_file, cluster),
         None => {
             eprintln!(
                 "usage: hangar serve --config FILE | hangar validate FILE | hangar version (see --help)"

@@ -78,20 +78,28 @@ impl Default for ClusterConfig {
     }
 }
 
-/// Overrides from flags and environment variables (`None` = keep the file's value).
-#[derive(Debug, Clone, Default)]
+/// Overrides from flags and environment variables (`None` = keep the file's value); these
+/// are the cluster flags of `hangar serve`.
+#[derive(Debug, Clone, Default, clap::Args)]
 pub struct ClusterOverrides {
-    /// `--node-id` / `HANGAR_NODE_ID`.
+    /// This node's id in the cluster (≥ 1; overrides `cluster.node_id`, default 1).
+    #[arg(long, env = "HANGAR_NODE_ID")]
     pub node_id: Option<u64>,
-    /// `--raft-addr` / `HANGAR_RAFT_ADDR`.
+    /// Raft (gRPC) bind address, e.g. 127.0.0.1:7400 (overrides `cluster.raft_addr`).
+    #[arg(long, env = "HANGAR_RAFT_ADDR")]
     pub raft_addr: Option<String>,
-    /// `--advertise-addr` / `HANGAR_ADVERTISE_ADDR`.
+    /// Raft address the other nodes use for this one (overrides `cluster.advertise_addr`).
+    #[arg(long, env = "HANGAR_ADVERTISE_ADDR")]
     pub advertise_addr: Option<String>,
-    /// `--data-dir` / `HANGAR_DATA_DIR`.
+    /// Data directory of the Raft log and state (overrides `cluster.data_dir`, default ./data).
+    #[arg(long, env = "HANGAR_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
-    /// `--join` (repeatable) / `HANGAR_JOIN` (comma-separated).
+    /// Join the cluster through this member's API URL (repeatable; overrides `cluster.join`).
+    #[arg(long, env = "HANGAR_JOIN", value_delimiter = ',')]
     pub join: Vec<String>,
-    /// `--no-bootstrap`.
+    /// Do not initialize a single-node cluster on first start; wait for
+    /// `hangarctl cluster init` or `cluster join`.
+    #[arg(long)]
     pub no_bootstrap: bool,
 }
 
