@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use axum::Router;
+use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -276,6 +277,10 @@ impl Node {
                 .layer(axum::middleware::from_fn_with_state(guard, front::guard));
             let token = shutdown.clone();
             let task = tokio::spawn(async move {
+                // Answers are small and written whole: no Nagle delay on them.
+                let listener = listener.tap_io(|tcp| {
+                    let _ = tcp.set_nodelay(true);
+                });
                 axum::serve(listener, app)
                     .with_graceful_shutdown(async move { token.cancelled().await })
                     .await

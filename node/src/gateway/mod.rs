@@ -83,7 +83,10 @@ pub struct Gateway {
     index_build: tokio::sync::Mutex<()>,
     relays: Relays,
     listeners: broadcast::Sender<Broadcast>,
-    inflight: Mutex<HashMap<(String, Id), CancellationToken>>,
+    /// Calls in flight by (session key, client request id) → (call number, cancel token), for
+    /// `notifications/cancelled`. Entries are removed by [`InflightEntry`] when the call ends
+    /// or its future is dropped.
+    inflight: Mutex<HashMap<(String, Id), (u64, CancellationToken)>>,
     call_seq: AtomicU64,
     reloader: RwLock<Option<Arc<dyn management::ConfigReloader>>>,
 }
@@ -633,9 +636,15 @@ impl Gateway {
             idempotent,
             slot: Some(slot.clone()),
         };
-        let key = (ctx.cancel_key.clone(), client_id.clone());
         let token = CancellationToken::new();
-        self.inflight.lock().insert(key.clone(), token.clone());
+        // Removes the entry and the call's relays even if this future is dropped (the client
+        // went away, a batch timed out).
+        let _entry = InflightEntry::register(
+            self,
+            (ctx.cancel_key.clone(), client_id.clone()),
+            call,
+            &token,
+        );
         let fut = self.router.request(target, req);
         tokio::pin!(fut);
         let res = loop {
@@ -654,8 +663,6 @@ impl Gateway {
                 self.pump(ctx, ev, &slot, call).await;
             }
         }
-        self.relays.forget_call(call);
-        self.inflight.lock().remove(&key);
         match res {
             Some(Ok(routed)) => Ok((routed.instance, routed.outcome)),
             Some(Err(e)) => Err((e.error_type(), route_error(&e))),
@@ -895,7 +902,7 @@ impl Gateway {
                         .inflight
                         .lock()
                         .get(&(ctx.cancel_key.clone(), rid))
-                        .cloned();
+                        .map(|(_, t)| t.clone());
                     if let Some(t) = token {
                         t.cancel();
                     }
@@ -943,6 +950,41 @@ impl Gateway {
             }
             Home::Foreign => tracing::debug!(id = %id, "client_response_ignored"),
         }
+    }
+}
+
+/// A call's entry in the gateway's in-flight map; dropping it removes the entry (only if it is
+/// still this call's: a client may reuse a request id) and forgets the call's pending relays.
+struct InflightEntry<'a> {
+    gateway: &'a Gateway,
+    key: (String, Id),
+    call: u64,
+}
+
+impl<'a> InflightEntry<'a> {
+    fn register(
+        gateway: &'a Gateway,
+        key: (String, Id),
+        call: u64,
+        token: &CancellationToken,
+    ) -> InflightEntry<'a> {
+        gateway
+            .inflight
+            .lock()
+            .insert(key.clone(), (call, token.clone()));
+        InflightEntry { gateway, key, call }
+    }
+}
+
+impl Drop for InflightEntry<'_> {
+    fn drop(&mut self) {
+        {
+            let mut map = self.gateway.inflight.lock();
+            if map.get(&self.key).is_some_and(|(c, _)| *c == self.call) {
+                map.remove(&self.key);
+            }
+        }
+        self.gateway.relays.forget_call(self.call);
     }
 }
 

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::time::Instant;
 
 use parking_lot::Mutex;
@@ -88,6 +88,14 @@ pub struct RouteRequest<'a> {
     pub idempotent: bool,
     /// Filled with the upstream serving the call.
     pub slot: Option<ServingSlot>,
+}
+
+/// Why one try on one instance failed.
+enum Attempt {
+    /// It could not be started.
+    Start(StartError),
+    /// The transport failed; `bool`: whether the connection is still alive afterwards.
+    Upstream(UpstreamError, bool),
 }
 
 /// A successful routing: who served it and what they answered.
@@ -611,41 +619,13 @@ impl Router {
                 detail: "the group has no members".to_owned(),
             });
         }
+        // (instance, whether it already had its one restart after a dead connection)
+        let mut queue: VecDeque<(Arc<Instance>, bool)> =
+            candidates.into_iter().map(|i| (i, false)).collect();
         let mut failures: Vec<String> = Vec::new();
-        let last = candidates.len() - 1;
-        for (i, inst) in candidates.into_iter().enumerate() {
-            let conn = match inst.ensure_ready().await {
-                Ok(c) => c,
-                Err(e) => {
-                    let Some(g) = group else {
-                        return Err(RouteError::Start(e));
-                    };
-                    self.member_record(g, inst.id(), false);
-                    failures.push(e.to_string());
-                    if i < last {
-                        continue;
-                    }
-                    return Err(RouteError::NoAvailableMember {
-                        group: target.to_owned(),
-                        detail: failures.join("; "),
-                    });
-                }
-            };
-            if let Some(slot) = &req.slot {
-                *slot.lock() = Some(conn.clone());
-            }
-            let res = conn
-                .request(
-                    req.method,
-                    req.params.clone(),
-                    req.sink.clone(),
-                    Some(req.timeout),
-                )
-                .await;
-            match res {
+        while let Some((inst, restarted)) = queue.pop_front() {
+            let err = match self.attempt(&inst, &req).await {
                 Ok(outcome) => {
-                    inst.touch();
-                    inst.report_success();
                     if let Some(g) = group {
                         self.member_record(g, inst.id(), true);
                     }
@@ -654,54 +634,41 @@ impl Router {
                         outcome,
                     });
                 }
-                Err(e) => {
-                    inst.report_transport_failure(&conn, &e.to_string());
-                    let retryable = e.before_send() || req.idempotent;
-                    if let Some(g) = group {
-                        self.member_record(g, inst.id(), false);
-                        if i < last && retryable {
-                            tracing::info!(group = target, member = inst.id(), error = %e, "group_member_failed_trying_next");
-                            failures.push(format!("{}: {e}", inst.id()));
-                            continue;
-                        }
-                        return Err(RouteError::Upstream {
-                            server: inst.id().to_owned(),
-                            source: e,
-                        });
+                Err(e) => e,
+            };
+            // The process behind the connection died before the request left (nothing had
+            // noticed yet): one transparent restart. A single server restarts at once; a group
+            // member goes to the back of the line, so the call is served by a member that is
+            // running rather than waiting for a start.
+            let dead_before_send =
+                matches!(&err, Attempt::Upstream(e, alive) if e.before_send() && !alive);
+            let Some(g) = group else {
+                if dead_before_send && !restarted {
+                    queue.push_front((inst, true));
+                    continue;
+                }
+                return Err(match err {
+                    Attempt::Start(e) => RouteError::Start(e),
+                    Attempt::Upstream(e, _) => RouteError::Upstream {
+                        server: inst.id().to_owned(),
+                        source: e,
+                    },
+                });
+            };
+            self.member_record(g, inst.id(), false);
+            if dead_before_send && !restarted {
+                queue.push_back((inst.clone(), true));
+            }
+            match err {
+                Attempt::Start(e) => failures.push(format!("{}: {e}", inst.id())),
+                Attempt::Upstream(e, _) if e.before_send() || req.idempotent => {
+                    failures.push(format!("{}: {e}", inst.id()));
+                    if !queue.is_empty() {
+                        tracing::info!(group = target, member = inst.id(), error = %e, "group_member_failed_trying_next");
                     }
-                    // A single server whose connection died before the request left: one
-                    // transparent restart attempt.
-                    if e.before_send()
-                        && let Ok(conn2) = inst.ensure_ready().await
-                    {
-                        if let Some(slot) = &req.slot {
-                            *slot.lock() = Some(conn2.clone());
-                        }
-                        return match conn2
-                            .request(
-                                req.method,
-                                req.params.clone(),
-                                req.sink.clone(),
-                                Some(req.timeout),
-                            )
-                            .await
-                        {
-                            Ok(outcome) => {
-                                inst.report_success();
-                                Ok(Routed {
-                                    instance: inst,
-                                    outcome,
-                                })
-                            }
-                            Err(e2) => {
-                                inst.report_transport_failure(&conn2, &e2.to_string());
-                                Err(RouteError::Upstream {
-                                    server: inst.id().to_owned(),
-                                    source: e2,
-                                })
-                            }
-                        };
-                    }
+                }
+                // It may have reached the upstream: not safe to send again.
+                Attempt::Upstream(e, _) => {
                     return Err(RouteError::Upstream {
                         server: inst.id().to_owned(),
                         source: e,
@@ -713,6 +680,37 @@ impl Router {
             group: target.to_owned(),
             detail: failures.join("; "),
         })
+    }
+
+    /// One try on one instance: start it if needed, send, record the outcome on the instance.
+    async fn attempt(
+        &self,
+        inst: &Arc<Instance>,
+        req: &RouteRequest<'_>,
+    ) -> Result<Outcome, Attempt> {
+        let conn = inst.ensure_ready().await.map_err(Attempt::Start)?;
+        if let Some(slot) = &req.slot {
+            *slot.lock() = Some(conn.clone());
+        }
+        match conn
+            .request(
+                req.method,
+                req.params.clone(),
+                req.sink.clone(),
+                Some(req.timeout),
+            )
+            .await
+        {
+            Ok(outcome) => {
+                inst.touch();
+                inst.report_success();
+                Ok(outcome)
+            }
+            Err(e) => {
+                inst.report_transport_failure(&conn, &e.to_string());
+                Err(Attempt::Upstream(e, conn.is_alive()))
+            }
+        }
     }
 
     /// Whether `tool` is declared idempotent for `target` (config `idempotent_tools` globs on

@@ -256,8 +256,13 @@ pub(crate) async fn serve(
     tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
-        .tcp_nodelay(true)
         .add_service(svc)
-        .serve_with_incoming_shutdown(TcpIncoming::from(listener), shutdown)
+        // `serve_with_incoming*` ignores the builder's TCP settings: set them on the incoming
+        // stream. Without TCP_NODELAY an append's answer can wait for the peer's delayed ACK
+        // (40 ms on Linux) — that was the commit latency tail.
+        .serve_with_incoming_shutdown(
+            TcpIncoming::from(listener).with_nodelay(Some(true)),
+            shutdown,
+        )
         .await
 }

@@ -415,7 +415,7 @@ async fn a_cluster_forms_from_nothing_replicates_and_survives_twenty_leader_kill
         failovers.push(killed_at.elapsed());
         acked.push(id);
         // A key created through another survivor is acknowledged too.
-        let other = ms.iter().filter(|m| m.alive()).last().unwrap();
+        let other = ms.iter().rfind(|m| m.alive()).unwrap();
         if let Some(k) = add_key(&c, other, &format!("round-{round}")).await {
             acked_keys.insert(k);
         }
