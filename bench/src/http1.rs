@@ -279,12 +279,33 @@ pub fn classify(status: u16, kind: BodyKind, body: &[u8], id: u64) -> Result<(),
     }
 }
 
+/// The outcome of a plain REST answer: any 2xx status is a success, the body is not parsed.
+pub fn classify_status(status: u16, body: &[u8]) -> Result<(), CallError> {
+    if (200..300).contains(&status) {
+        Ok(())
+    } else {
+        Err(CallError::new(
+            ErrorKind::Http,
+            format!("HTTP {status}: {}", snippet(body, 300)),
+        ))
+    }
+}
+
+/// How [`RawClient`] judges an answer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Expect {
+    /// A JSON-RPC response (JSON or SSE) to the request's id, see [`classify`].
+    JsonRpc,
+    /// Any 2xx status, see [`classify_status`].
+    Status2xx,
+}
+
 /// Where and how to POST.
 #[derive(Clone, Debug)]
 pub struct HttpTarget {
     /// The endpoint.
     pub url: Url,
-    /// Value of the `MCP-Protocol-Version` header.
+    /// Value of the `MCP-Protocol-Version` header (empty: no such header).
     pub protocol_version: String,
     /// Extra headers (e.g. `X-API-Key`).
     pub headers: Vec<(String, String)>,
@@ -295,9 +316,14 @@ impl HttpTarget {
     fn head_prefix(&self) -> Vec<u8> {
         let mut h = format!(
             "POST {} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\n\
-             Accept: application/json, text/event-stream\r\nMCP-Protocol-Version: {}\r\n",
-            self.url.path, self.url.authority, self.protocol_version
+             Accept: application/json, text/event-stream\r\n",
+            self.url.path, self.url.authority
         );
+        if !self.protocol_version.is_empty() {
+            h.push_str("MCP-Protocol-Version: ");
+            h.push_str(&self.protocol_version);
+            h.push_str("\r\n");
+        }
         for (k, v) in &self.headers {
             h.push_str(k);
             h.push_str(": ");
@@ -314,6 +340,7 @@ pub struct RawClient {
     authority: String,
     head: Vec<u8>,
     template: CallTemplate,
+    expect: Expect,
     stream: Option<TcpStream>,
     out: Vec<u8>,
     inbuf: Vec<u8>,
@@ -342,6 +369,7 @@ impl RawClient {
             authority: target.url.authority.clone(),
             head: target.head_prefix(),
             template,
+            expect: Expect::JsonRpc,
             stream: None,
             out: Vec::with_capacity(1024),
             inbuf: Vec::with_capacity(16 * 1024),
@@ -349,6 +377,15 @@ impl RawClient {
             next_id: first_id,
             dirty: false,
             reused: false,
+        }
+    }
+
+    /// A client for a plain REST endpoint (e.g. `POST /api/auth/keys`): the body is `template`
+    /// with the id spliced in, and any 2xx answer is a success.
+    pub fn rest(target: &HttpTarget, template: CallTemplate, first_id: u64) -> Self {
+        Self {
+            expect: Expect::Status2xx,
+            ..Self::new(target, template, first_id)
         }
     }
 
@@ -372,7 +409,10 @@ impl RawClient {
         }
         self.dirty = false;
         match result {
-            Ok((status, kind)) => classify(status, kind, &self.body, id),
+            Ok((status, kind)) => match self.expect {
+                Expect::JsonRpc => classify(status, kind, &self.body, id),
+                Expect::Status2xx => classify_status(status, &self.body),
+            },
             Err(Failure::Stale(e) | Failure::Other(e)) => {
                 self.stream = None;
                 Err(e)

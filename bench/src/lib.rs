@@ -8,7 +8,9 @@
 //!   one keep-alive HTTP/1.1 connection per worker, JSON or SSE answers;
 //! * `report` – turn the JSON lines of several runs into markdown tables;
 //! * `cold`   – cold start: time to the first `tools/call` answer, spawning the server
-//!   directly or through Hangar after stopping it via the API.
+//!   directly or through Hangar after stopping it via the API;
+//! * `raft-commit`, `raft-failover` – Raft write latency and leader failover on a 3-node
+//!   loopback cluster of real `hangar` processes ([`raft`]).
 //!
 //! Pieces: [`load`] (closed-loop workers with warm-up and a deadline), [`histogram`]
 //! (latency summary), [`cpu`] (CPU use of the processes involved), [`report`] (one JSON line
@@ -19,6 +21,7 @@ pub mod cpu;
 pub mod histogram;
 pub mod http1;
 pub mod load;
+pub mod raft;
 pub mod report;
 pub mod rpc;
 pub mod sse;

@@ -10,7 +10,10 @@ use clap::{Args, Parser, Subcommand};
 use hangar_bench::cold::{self, ColdRecord};
 use hangar_bench::http1::{HttpTarget, RawClient, parse_url};
 use hangar_bench::load::{self, Caller, Plan};
-use hangar_bench::report::{self, RunMeta, RunRecord, Targets};
+use hangar_bench::raft::{
+    self, CommitArgs, CommitPlan, FailoverArgs, FailoverPlan, FailoverRecord,
+};
+use hangar_bench::report::{self, RaftTargets, RunMeta, RunRecord, Targets};
 use hangar_bench::rpc::{CallTemplate, ErrorKind};
 use hangar_bench::stdio::StdioServer;
 use hangar_bench::util::{parse_concurrency, parse_duration, split_command};
@@ -89,7 +92,14 @@ enum Command {
         #[arg(long)]
         json_out: Option<PathBuf>,
     },
-    /// Read JSON-line results and print a markdown comparison of two labels with target checks.
+    /// Raft commit latency and writes/s: start a 3-node cluster of `hangar serve` on
+    /// 127.0.0.1 and write API keys (POST /api/auth/keys) to the leader and to a follower.
+    RaftCommit(CommitArgs),
+    /// Raft leader failover: on a 3-node cluster with a background writer, kill -9 the leader
+    /// --kills times; time the first write acknowledged through a survivor.
+    RaftFailover(FailoverArgs),
+    /// Read JSON-line results and print a markdown comparison of two labels with target checks
+    /// (and the Raft tables when the files hold raft-commit / raft-failover results).
     Report {
         /// Files of JSON lines written by `stdio`/`http` (stdout or --json-out).
         #[arg(required = true)]
@@ -179,7 +189,10 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let threads = match &cli.command {
         Command::Stdio { load, .. } | Command::Http { load, .. } => load.threads.max(1),
-        Command::Report { .. } | Command::Cold { .. } => 1,
+        Command::Report { .. }
+        | Command::Cold { .. }
+        | Command::RaftCommit(_)
+        | Command::RaftFailover(_) => 1,
     };
     let rt = if threads == 1 {
         tokio::runtime::Builder::new_current_thread()
@@ -268,21 +281,52 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if let Some(e) = &rec.first_error {
                 eprintln!("    first error: {e}");
             }
-            let line = serde_json::to_string(&rec)?;
-            println!("{line}");
-            if let Some(p) = json_out {
-                let mut f = std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(&p)
-                    .with_context(|| format!("cannot open --json-out {}", p.display()))?;
-                writeln!(f, "{line}").context("cannot write --json-out")?;
-            }
+            print_line(&serde_json::to_string(&rec)?, json_out.as_ref())?;
             Ok(if rec.errors > 0 {
                 ExitCode::FAILURE
             } else {
                 ExitCode::SUCCESS
             })
+        }
+        Command::RaftCommit(a) => {
+            let plan = CommitPlan::from_args(&a)?;
+            let mut out = Emitter::new(a.json_out.as_ref())?;
+            eprintln!(
+                "hangar-bench: raft-commit: c={}, {:?} warm-up + {:?} per level, leader then follower",
+                a.concurrency, plan.warmup, plan.duration
+            );
+            let work = raft::commit(&a.hangar, &plan, |r| out.emit(r).map_err(Into::into));
+            tokio::select! {
+                r = work => r?,
+                sig = raft::interrupted() => bail!("interrupted by {sig}; the cluster was stopped"),
+            }
+            Ok(out.exit_code(false))
+        }
+        Command::RaftFailover(a) => {
+            let plan = FailoverPlan::from_args(&a)?;
+            eprintln!(
+                "hangar-bench: raft-failover: {} leader kills, probes time out after {:?}",
+                plan.kills, plan.probe_timeout
+            );
+            let rec = tokio::select! {
+                r = raft::failover(&a.hangar, &plan) => r?,
+                sig = raft::interrupted() => bail!("interrupted by {sig}; the cluster was stopped"),
+            };
+            let w = &rec.first_write;
+            eprintln!(
+                "raft-failover: {} kills; kill -9 → first write: p50 {:.1} ms, p90 {:.1} ms, p99 {:.1} ms, max {:.1} ms; new leader reported: {}",
+                rec.kills,
+                w.p50_ms,
+                w.p90_ms,
+                w.p99_ms,
+                w.max_ms,
+                rec.new_leader.map_or_else(
+                    || "not seen in every round".to_owned(),
+                    |l| format!("p50 {:.1} ms, p99 {:.1} ms", l.p50_ms, l.p99_ms)
+                )
+            );
+            print_line(&serde_json::to_string(&rec)?, a.json_out.as_ref())?;
+            Ok(ExitCode::SUCCESS)
         }
         Command::Report {
             files,
@@ -295,6 +339,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => {
             let mut records = Vec::new();
             let mut colds: Vec<ColdRecord> = Vec::new();
+            let mut raft_commits: Vec<RunRecord> = Vec::new();
+            let mut failovers: Vec<FailoverRecord> = Vec::new();
             for f in &files {
                 let text = std::fs::read_to_string(f)
                     .with_context(|| format!("cannot read {}", f.display()))?;
@@ -305,10 +351,15 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     let where_ =
                         || format!("{}:{}: not a hangar-bench JSON line", f.display(), i + 1);
                     let v: serde_json::Value = serde_json::from_str(line).with_context(where_)?;
-                    if v.get("bench").and_then(|b| b.as_str()) == Some("cold") {
-                        colds.push(serde_json::from_value(v).with_context(where_)?);
-                    } else {
-                        records.push(serde_json::from_value(v).with_context(where_)?);
+                    match v.get("bench").and_then(|b| b.as_str()) {
+                        Some("cold") => colds.push(serde_json::from_value(v).with_context(where_)?),
+                        Some("raft-commit") => {
+                            raft_commits.push(serde_json::from_value(v).with_context(where_)?);
+                        }
+                        Some("raft-failover") => {
+                            failovers.push(serde_json::from_value(v).with_context(where_)?);
+                        }
+                        _ => records.push(serde_json::from_value(v).with_context(where_)?),
                     }
                 }
             }
@@ -328,6 +379,14 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if !colds.is_empty() {
                 print!("{}", report::cold_markdown(&colds));
             }
+            if !raft_commits.is_empty() || !failovers.is_empty() {
+                let (md, met) =
+                    report::raft_markdown(&raft_commits, &failovers, &RaftTargets::default());
+                print!("{md}");
+                if met == Some(false) {
+                    ok = Some(false);
+                }
+            }
             Ok(if check && ok != Some(true) {
                 ExitCode::FAILURE
             } else {
@@ -335,6 +394,20 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             })
         }
     }
+}
+
+/// Print a JSON line on stdout and append it to `json_out`.
+fn print_line(line: &str, json_out: Option<&PathBuf>) -> anyhow::Result<()> {
+    println!("{line}");
+    if let Some(p) = json_out {
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(p)
+            .with_context(|| format!("cannot open --json-out {}", p.display()))?;
+        writeln!(f, "{line}").context("cannot write --json-out")?;
+    }
+    Ok(())
 }
 
 /// Preflight: one call must succeed before measuring (cold starts happen here, not in the run).

@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::cold::ColdRecord;
 use crate::load::{ErrorCounts, RunStats};
+use crate::raft::{FOLLOWER_LABEL, FailoverRecord, LEADER_LABEL};
 
 /// Everything about one run: what was measured and the figures. Written as one JSON line.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -338,6 +339,147 @@ pub fn cold_markdown(records: &[ColdRecord]) -> String {
     md
 }
 
+/// Raft targets (issue: "commit p50 ≤ 5 ms with fsync; failover p99 ≤ 1.5 s").
+#[derive(Clone, Copy, Debug)]
+pub struct RaftTargets {
+    /// Largest acceptable commit p50 at concurrency 1, ms.
+    pub max_commit_p50_ms: f64,
+    /// Largest acceptable failover p99, ms.
+    pub max_failover_p99_ms: f64,
+}
+
+impl Default for RaftTargets {
+    fn default() -> Self {
+        Self {
+            max_commit_p50_ms: 5.0,
+            max_failover_p99_ms: 1500.0,
+        }
+    }
+}
+
+fn raft_target_name(label: &str) -> &str {
+    match label {
+        LEADER_LABEL => "leader",
+        FOLLOWER_LABEL => "follower (forwarded)",
+        other => other,
+    }
+}
+
+/// Markdown tables of `raft-commit` runs and `raft-failover` series, with the target checks,
+/// and whether every checked target was met (`None` when nothing was checked).
+pub fn raft_markdown(
+    commits: &[RunRecord],
+    failovers: &[FailoverRecord],
+    t: &RaftTargets,
+) -> (String, Option<bool>) {
+    let mut md = String::new();
+    let mut verdicts: Vec<(String, bool)> = Vec::new();
+    let ms = |us: f64| us / 1e3;
+    if !commits.is_empty() {
+        let _ = writeln!(
+            md,
+            "\n### Raft commit: `POST /api/auth/keys` (one Raft entry each), 3 nodes, fsync on every append\n"
+        );
+        let _ = writeln!(
+            md,
+            "| writes sent to | c | writes | errors | writes/s | p50 ms | p90 ms | p99 ms | max ms | 3 nodes' CPU % | nodes' CPU µs/write | client CPU % |"
+        );
+        let _ = writeln!(md, "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|");
+        for r in commits {
+            let _ = writeln!(
+                md,
+                "| {} | {} | {} | {} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {} | {} | {} |",
+                raft_target_name(&r.label),
+                r.concurrency,
+                r.calls,
+                r.errors,
+                r.calls_per_s,
+                ms(r.p50_us),
+                ms(r.p90_us),
+                ms(r.p99_us),
+                ms(r.max_us),
+                opt(r.server_cpu_pct),
+                opt(r.server_cpu_us_per_call),
+                opt(r.client_cpu_pct)
+            );
+            if r.concurrency == 1 {
+                verdicts.push((
+                    format!(
+                        "commit p50 ≤ {} ms with fsync, c=1, writes sent to the {}: {:.2} ms, {} errors",
+                        t.max_commit_p50_ms,
+                        raft_target_name(&r.label),
+                        ms(r.p50_us),
+                        r.errors
+                    ),
+                    r.calls > 0 && r.errors == 0 && ms(r.p50_us) <= t.max_commit_p50_ms,
+                ));
+            }
+        }
+    }
+    for f in failovers {
+        let _ = writeln!(
+            md,
+            "\n### Raft leader failover: kill -9 of the leader → first write acknowledged through a survivor\n"
+        );
+        let _ = writeln!(
+            md,
+            "| kills | p50 ms | p90 ms | p99 ms | max ms | min ms | new leader reported: p50 / p99 / max ms | probes | background writes ok / failed |"
+        );
+        let _ = writeln!(md, "|--:|--:|--:|--:|--:|--:|--:|--:|--:|");
+        let w = &f.first_write;
+        let _ = writeln!(
+            md,
+            "| {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {} | {} | {} / {} |",
+            f.kills,
+            w.p50_ms,
+            w.p90_ms,
+            w.p99_ms,
+            w.max_ms,
+            w.min_ms,
+            f.new_leader.map_or_else(
+                || "-".to_owned(),
+                |l| format!("{:.1} / {:.1} / {:.1}", l.p50_ms, l.p99_ms, l.max_ms)
+            ),
+            f.probes,
+            f.background_ok,
+            f.background_errors
+        );
+        let list = |v: &[f64]| {
+            v.iter()
+                .map(|x| format!("{x:.0}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let _ = writeln!(
+            md,
+            "\nPer kill, ms ({}; write probes time out after {:.0} ms and move to the next survivor):\n\n- first write: {}\n- new leader reported: {}",
+            f.timings,
+            f.probe_timeout_ms,
+            list(&f.first_write_ms),
+            list(&f.new_leader_ms)
+        );
+        verdicts.push((
+            format!(
+                "failover p99 ≤ {:.1} s ({} kills, default timings): {:.2} s",
+                t.max_failover_p99_ms / 1e3,
+                f.kills,
+                w.p99_ms / 1e3
+            ),
+            f.kills > 0 && w.p99_ms <= t.max_failover_p99_ms,
+        ));
+    }
+    if verdicts.is_empty() {
+        return (md, None);
+    }
+    let _ = writeln!(md, "\n### Raft targets\n");
+    let mut all = true;
+    for (what, ok) in &verdicts {
+        all &= ok;
+        let _ = writeln!(md, "- {what}: {}", if *ok { "met" } else { "**missed**" });
+    }
+    (md, Some(all))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -431,6 +573,69 @@ mod tests {
         let (md, ok) = markdown(&[rec("direct", 1, 1.0, 1.0, 0)], &targets());
         assert_eq!(ok, None);
         assert!(md.contains("nothing to compare"));
+    }
+
+    #[test]
+    fn raft_tables_and_targets() {
+        use crate::raft::MsSummary;
+        let mut lead = rec(LEADER_LABEL, 1, 3_200.0, 300.0, 0);
+        lead.bench = "raft-commit".into();
+        let mut fwd = rec(FOLLOWER_LABEL, 1, 5_600.0, 170.0, 0);
+        fwd.bench = "raft-commit".into();
+        let busy = rec(LEADER_LABEL, 16, 40_000.0, 400.0, 2);
+        let summary = |p50_ms: f64, p90_ms: f64, p99_ms: f64, min_ms: f64| MsSummary {
+            count: 20,
+            p50_ms,
+            p90_ms,
+            p99_ms,
+            max_ms: p99_ms,
+            min_ms,
+        };
+        let f = FailoverRecord {
+            bench: "raft-failover".into(),
+            kills: 20,
+            timings: crate::raft::DEFAULT_TIMINGS.into(),
+            probe_timeout_ms: 500.0,
+            first_write: summary(1000.0, 1400.0, 1500.0, 550.0),
+            new_leader: Some(summary(800.0, 900.0, 1000.0, 400.0)),
+            first_write_ms: vec![550.0, 600.0],
+            new_leader_ms: vec![500.0],
+            probes: 44,
+            background_ok: 1234,
+            background_errors: 21,
+        };
+        let (md, ok) = raft_markdown(&[lead, fwd, busy], &[f], &RaftTargets::default());
+        assert_eq!(ok, Some(false), "{md}");
+        assert!(
+            md.contains("| leader | 1 | 1000 | 0 | 300 | 3.20 | 3.84 | 6.40 | 32.00 |"),
+            "{md}"
+        );
+        assert!(md.contains("| follower (forwarded) | 1 |"), "{md}");
+        assert!(
+            md.contains("| leader | 16 | 1000 | 2 | 400 | 40.00 |"),
+            "{md}"
+        );
+        assert!(
+            md.contains(
+                "- commit p50 ≤ 5 ms with fsync, c=1, writes sent to the leader: 3.20 ms, 0 errors: met"
+            ),
+            "{md}"
+        );
+        assert!(
+            md.contains("sent to the follower (forwarded): 5.60 ms, 0 errors: **missed**"),
+            "{md}"
+        );
+        assert!(!md.contains("c=16"), "only c=1 is checked: {md}");
+        assert!(
+            md.contains("| 20 | 1000.0 | 1400.0 | 1500.0 | 1500.0 | 550.0 | 800.0 / 1000.0 / 1000.0 | 44 | 1234 / 21 |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("- failover p99 ≤ 1.5 s (20 kills, default timings): 1.50 s: met"),
+            "{md}"
+        );
+        assert!(md.contains("- first write: 550, 600\n"), "{md}");
+        assert_eq!(raft_markdown(&[], &[], &RaftTargets::default()).1, None);
     }
 
     #[test]

@@ -44,6 +44,15 @@ impl CallTemplate {
         })
     }
 
+    /// Any body whose only varying part is a decimal number between `prefix` and `suffix`,
+    /// e.g. a REST body `{"name":"bench-` + id + `"}`.
+    pub fn around_id(prefix: &str, suffix: &str) -> Self {
+        Self {
+            prefix: prefix.as_bytes().to_vec(),
+            suffix: suffix.as_bytes().to_vec(),
+        }
+    }
+
     /// Append the request with this id to `out`.
     pub fn write(&self, id: u64, out: &mut Vec<u8>) {
         out.extend_from_slice(&self.prefix);

@@ -385,3 +385,103 @@ async fn load_run_over_http_counts_calls() {
     assert!(s.calls_per_s() > 300.0);
     assert_eq!(r.conns.load(Ordering::SeqCst), 4);
 }
+
+#[test]
+fn rest_answers_are_judged_by_status() {
+    assert_eq!(classify_status(201, b"{\"key_id\":\"k\"}"), Ok(()));
+    assert_eq!(classify_status(204, b""), Ok(()));
+    let e = classify_status(503, b"no leader").unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Http);
+    assert!(e.detail.contains("503") && e.detail.contains("no leader"));
+}
+
+/// Answers every request on a keep-alive connection: 201 while the body names `ok-…`, else 409;
+/// records each request head and body.
+async fn rest_responder() -> (String, Arc<std::sync::Mutex<Vec<String>>>, Responder) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/api/auth/keys", listener.local_addr().unwrap());
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let conns = Arc::new(AtomicUsize::new(0));
+    let (seen2, conns2) = (seen.clone(), conns.clone());
+    let task = tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            conns2.fetch_add(1, Ordering::SeqCst);
+            let seen = seen2.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                loop {
+                    let end = loop {
+                        if let Some(i) = find(&buf, b"\r\n\r\n") {
+                            break i;
+                        }
+                        match s.read_buf(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(_) => {}
+                        }
+                    };
+                    let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+                    let len: usize = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .unwrap()
+                        .trim()
+                        .parse()
+                        .unwrap();
+                    while buf.len() < end + 4 + len {
+                        if s.read_buf(&mut buf).await.unwrap_or(0) == 0 {
+                            return;
+                        }
+                    }
+                    let body = String::from_utf8_lossy(&buf[end + 4..end + 4 + len]).into_owned();
+                    buf.drain(..end + 4 + len);
+                    let answer: &[u8] = if body.contains("\"ok-") {
+                        b"HTTP/1.1 201 Created\r\ncontent-length: 2\r\n\r\n{}"
+                    } else {
+                        b"HTTP/1.1 409 Conflict\r\ncontent-length: 6\r\n\r\nexists"
+                    };
+                    seen.lock().unwrap().push(format!("{head}\n\n{body}"));
+                    s.write_all(answer).await.unwrap();
+                }
+            });
+        }
+    });
+    (url.clone(), seen, Responder { url, conns, task })
+}
+
+#[tokio::test]
+async fn rest_client_posts_the_template_and_counts_2xx() {
+    let (url, seen, r) = rest_responder().await;
+    let t = HttpTarget {
+        url: parse_url(&url).unwrap(),
+        protocol_version: String::new(),
+        headers: vec![],
+    };
+    let mut c = RawClient::rest(
+        &t,
+        CallTemplate::around_id(r#"{"principal_id":"svc","name":"ok-"#, r#""}"#),
+        41,
+    );
+    assert_eq!(c.call_once().await, Ok(()));
+    assert_eq!(c.call_once().await, Ok(()));
+    let mut bad = RawClient::rest(&t, CallTemplate::around_id(r#"{"name":"x-"#, r#""}"#), 1);
+    let e = bad.call_once().await.unwrap_err();
+    assert_eq!(
+        (e.kind, e.detail.as_str()),
+        (ErrorKind::Http, "HTTP 409: exists")
+    );
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 3);
+    assert!(
+        seen[0].starts_with("post /api/auth/keys http/1.1\r\n"),
+        "{}",
+        seen[0]
+    );
+    assert!(!seen[0].contains("mcp-protocol-version"), "{}", seen[0]);
+    assert!(
+        seen[0].ends_with(r#"{"principal_id":"svc","name":"ok-41"}"#),
+        "{}",
+        seen[0]
+    );
+    assert!(seen[1].ends_with(r#""name":"ok-42"}"#), "{}", seen[1]);
+    assert_eq!(r.conns.load(Ordering::SeqCst), 2, "keep-alive per client");
+}
