@@ -75,8 +75,10 @@ cargo fmt --all -- --check || abort "fmt: run 'cargo fmt --all' and commit the r
 stage "cargo clippy --workspace --all-targets -- -D warnings"
 cargo clippy --workspace --all-targets -- -D warnings || abort "clippy: fix the warnings above"
 
-stage "cargo build --workspace --bins (binaries for the end-to-end tests)"
-cargo build --workspace --bins || abort "build: the workspace does not build"
+# --all-targets (not --bins): the same feature set as clippy and nextest, so the C++ of RocksDB
+# is compiled once per cold cache instead of twice (≈ 10 min each on 2 cores).
+stage "cargo build --workspace --all-targets (binaries for the end-to-end tests, and the tests)"
+cargo build --workspace --all-targets || abort "build: the workspace does not build"
 for b in "$HANGAR_BIN" "$HANGAR_FIXTURE_BIN"; do
     [ -x "$b" ] || abort "build: expected binary $b is missing"
 done
