@@ -632,6 +632,10 @@ async fn system(State(st): State<ApiState>) -> ApiResult {
             "rate_limits_are_per_instance": true,
         },
         "cluster": cluster_summary(&st.cluster),
+        "gateway": {
+            "calls_in_flight": st.gateway.calls_in_flight(),
+            "pending_relays": st.gateway.pending_relays(),
+        },
     }}))
     .into_response())
 }

@@ -154,7 +154,12 @@ impl Gateway {
         self.listeners.subscribe()
     }
 
-    /// Relayed requests waiting for a client's answer.
+    /// Calls being forwarded upstream right now (cancellable by `notifications/cancelled`).
+    pub fn calls_in_flight(&self) -> usize {
+        self.inflight.lock().len()
+    }
+
+    /// Number of server→client requests relayed and not yet answered.
     pub fn pending_relays(&self) -> usize {
         self.relays.len()
     }

@@ -285,6 +285,83 @@ async fn upstream_crash_mid_call_fails_fast_and_garbage_is_ignored() {
     );
 }
 
+/// The node's count of calls in flight (`/api/system/`).
+async fn calls_in_flight(c: &reqwest::Client, node: &Node) -> u64 {
+    let (_, v) = get_json(c, &node.url("/api/system/")).await;
+    v["system"]["gateway"]["calls_in_flight"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no system.gateway.calls_in_flight in {v}"))
+}
+
+#[tokio::test]
+async fn a_caller_that_goes_away_cancels_its_call_upstream_and_leaves_nothing_behind() {
+    let node = Node::start(&config(""));
+    let c = client();
+    // Warm the server so the call below is in flight upstream at once.
+    assert_eq!(
+        text_of(&call_tool(&c, &node.url("/mcp"), "fx__echo", json!({"message": "up"})).await),
+        "up"
+    );
+    let body = json!({"jsonrpc": "2.0", "id": "leaver-1", "method": "tools/call",
+        "params": {"name": "fx__slow", "arguments": {"ms": 20000}}});
+    let url = node.url("/mcp");
+    let leaver = tokio::spawn(async move {
+        client()
+            .post(url)
+            .header("Content-Type", "application/json")
+            .header("Accept", "application/json, text/event-stream")
+            .body(body.to_string())
+            .send()
+            .await
+    });
+    wait_for(
+        "the slow call in flight",
+        Duration::from_secs(10),
+        || async { (calls_in_flight(&c, &node).await == 1).then_some(()) },
+    )
+    .await;
+    // The client goes away: its connection closes with the request unanswered.
+    leaver.abort();
+    let _ = leaver.await;
+    wait_for(
+        "the abandoned call to leave the in-flight map",
+        Duration::from_secs(10),
+        || async { (calls_in_flight(&c, &node).await == 0).then_some(()) },
+    )
+    .await;
+    // ... and the upstream was told to stop working on it.
+    wait_for(
+        "notifications/cancelled upstream",
+        Duration::from_secs(10),
+        || async {
+            let (_, logs) = get_json(&c, &node.url("/api/mcp_servers/fx/logs?lines=1000")).await;
+            logs["logs"]
+                .as_array()?
+                .iter()
+                .any(|l| {
+                    l["line"]
+                        .as_str()
+                        .is_some_and(|s| s.contains("notifications/cancelled"))
+                })
+                .then_some(())
+        },
+    )
+    .await;
+    // The node keeps serving.
+    assert_eq!(
+        text_of(
+            &call_tool(
+                &c,
+                &node.url("/mcp"),
+                "fx__echo",
+                json!({"message": "still"})
+            )
+            .await
+        ),
+        "still"
+    );
+}
+
 #[tokio::test]
 async fn progress_streams_as_sse_with_the_callers_token() {
     let node = Node::start(&config(""));
