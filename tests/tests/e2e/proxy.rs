@@ -305,15 +305,8 @@ async fn a_caller_that_goes_away_cancels_its_call_upstream_and_leaves_nothing_be
     let body = json!({"jsonrpc": "2.0", "id": "leaver-1", "method": "tools/call",
         "params": {"name": "fx__slow", "arguments": {"ms": 20000}}});
     let url = node.url("/mcp");
-    let leaver = tokio::spawn(async move {
-        client()
-            .post(url)
-            .header("Content-Type", "application/json")
-            .header("Accept", "application/json, text/event-stream")
-            .body(body.to_string())
-            .send()
-            .await
-    });
+    let leaver =
+        tokio::spawn(async move { post_raw(&client(), &url, &body.to_string(), &[]).await });
     wait_for(
         "the slow call in flight",
         Duration::from_secs(10),
