@@ -410,9 +410,11 @@ impl StdioConn {
         self.send(msg).await
     }
 
-    /// Whether the process is running and readable.
+    /// Whether the connection can take new requests: the process is running and readable.
+    /// False as soon as the process has been reaped, even while the reader still drains what
+    /// it wrote before exiting (new requests are refused from then on, see [`Self::call`]).
     pub(super) fn is_alive(&self) -> bool {
-        !self.shared.closed.is_cancelled()
+        !self.shared.closed.is_cancelled() && !self.shared.exited.is_cancelled()
     }
 
     /// Resolves once the connection is gone.
