@@ -159,17 +159,25 @@ async fn responder() -> Responder {
     Responder { url, conns, task }
 }
 
+/// Read until `buf` holds a whole request head; the offset of its blank line, or `None` when
+/// the client closed.
+async fn read_head(s: &mut TcpStream, buf: &mut Vec<u8>) -> Option<usize> {
+    loop {
+        if let Some(i) = find(buf, b"\r\n\r\n") {
+            return Some(i);
+        }
+        match s.read_buf(buf).await {
+            Ok(0) | Err(_) => return None,
+            Ok(_) => {}
+        }
+    }
+}
+
 async fn handle(mut s: TcpStream) {
     let mut buf = Vec::new();
     loop {
-        let end = loop {
-            if let Some(i) = find(&buf, b"\r\n\r\n") {
-                break i;
-            }
-            match s.read_buf(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(_) => {}
-            }
+        let Some(end) = read_head(&mut s, &mut buf).await else {
+            return;
         };
         let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
         assert!(head.starts_with("post /mcp http/1.1\r\n"), "{head}");
@@ -410,14 +418,8 @@ async fn rest_responder() -> (String, Arc<std::sync::Mutex<Vec<String>>>, Respon
             tokio::spawn(async move {
                 let mut buf = Vec::new();
                 loop {
-                    let end = loop {
-                        if let Some(i) = find(&buf, b"\r\n\r\n") {
-                            break i;
-                        }
-                        match s.read_buf(&mut buf).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(_) => {}
-                        }
+                    let Some(end) = read_head(&mut s, &mut buf).await else {
+                        return;
                     };
                     let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
                     let len: usize = head
