@@ -11,7 +11,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
-use crate::histogram::{HistogramError, Latency};
+use crate::histogram::{HistogramError, Latency, us_to_ms};
 use crate::http1::{HttpTarget, RawClient, simple_request};
 use crate::load::Caller;
 use crate::rpc::{CallError, CallTemplate, ErrorKind, snippet};
@@ -55,7 +55,6 @@ impl ColdRecord {
         first_error: Option<String>,
     ) -> Self {
         let s = lat.summary();
-        let ms = |us: f64| (us / 100.0).round() / 10.0;
         Self {
             bench: "cold".into(),
             label: label.into(),
@@ -63,10 +62,10 @@ impl ColdRecord {
             tool: tool.into(),
             reps: s.count,
             errors,
-            p50_ms: ms(s.p50_us),
-            p90_ms: ms(s.p90_us),
-            min_ms: ms(s.min_us),
-            max_ms: ms(s.max_us),
+            p50_ms: us_to_ms(s.p50_us),
+            p90_ms: us_to_ms(s.p90_us),
+            min_ms: us_to_ms(s.min_us),
+            max_ms: us_to_ms(s.max_us),
             first_error,
         }
     }

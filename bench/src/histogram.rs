@@ -96,6 +96,12 @@ impl Latency {
     }
 }
 
+/// Microseconds as milliseconds with 0.1 ms resolution (the unit of the cold-start and Raft
+/// tables).
+pub fn us_to_ms(us: f64) -> f64 {
+    (us / 100.0).round() / 10.0
+}
+
 fn ns_to_us(ns: u64) -> f64 {
     round1(ns as f64 / 1e3)
 }

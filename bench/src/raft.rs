@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::time::Instant;
 
-use crate::histogram::{HistogramError, Latency};
+use crate::histogram::{HistogramError, Latency, us_to_ms};
 use crate::http1::{HttpTarget, RawClient, classify_status, parse_url, simple_request};
 use crate::load::{self, LoadError, Plan};
 use crate::report::{RunMeta, RunRecord};
@@ -810,14 +810,13 @@ impl MsSummary {
             l.record(d);
         }
         let s = l.summary();
-        let ms = |us: f64| (us / 100.0).round() / 10.0;
         Ok(Self {
             count: s.count,
-            p50_ms: ms(s.p50_us),
-            p90_ms: ms(s.p90_us),
-            p99_ms: ms(s.p99_us),
-            max_ms: ms(s.max_us),
-            min_ms: ms(s.min_us),
+            p50_ms: us_to_ms(s.p50_us),
+            p90_ms: us_to_ms(s.p90_us),
+            p99_ms: us_to_ms(s.p99_us),
+            max_ms: us_to_ms(s.max_us),
+            min_ms: us_to_ms(s.min_us),
         })
     }
 }

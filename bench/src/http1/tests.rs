@@ -159,27 +159,42 @@ async fn responder() -> Responder {
     Responder { url, conns, task }
 }
 
-/// Read until `buf` holds a whole request head; the offset of its blank line, or `None` when
-/// the client closed.
-async fn read_head(s: &mut TcpStream, buf: &mut Vec<u8>) -> Option<usize> {
-    loop {
+/// Read one request with a `content-length` body from `s` (bytes past it stay in `buf`): its
+/// head, lower-cased, and its body; `None` when the client closed.
+async fn read_request(s: &mut TcpStream, buf: &mut Vec<u8>) -> Option<(String, Vec<u8>)> {
+    let end = loop {
         if let Some(i) = find(buf, b"\r\n\r\n") {
-            return Some(i);
+            break i;
         }
         match s.read_buf(buf).await {
             Ok(0) | Err(_) => return None,
             Ok(_) => {}
         }
+    };
+    let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+    let len: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    while buf.len() < end + 4 + len {
+        if s.read_buf(buf).await.unwrap_or(0) == 0 {
+            return None;
+        }
     }
+    let body = buf[end + 4..end + 4 + len].to_vec();
+    buf.drain(..end + 4 + len);
+    Some((head, body))
 }
 
 async fn handle(mut s: TcpStream) {
     let mut buf = Vec::new();
     loop {
-        let Some(end) = read_head(&mut s, &mut buf).await else {
+        let Some((head, body)) = read_request(&mut s, &mut buf).await else {
             return;
         };
-        let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
         assert!(head.starts_with("post /mcp http/1.1\r\n"), "{head}");
         assert!(
             head.contains("\r\nmcp-protocol-version: 2025-11-25"),
@@ -194,20 +209,7 @@ async fn handle(mut s: TcpStream) {
             "{head}"
         );
         assert!(head.contains("\r\nx-api-key: k1"), "{head}");
-        let len: usize = head
-            .lines()
-            .find_map(|l| l.strip_prefix("content-length:"))
-            .unwrap()
-            .trim()
-            .parse()
-            .unwrap();
-        while buf.len() < end + 4 + len {
-            if s.read_buf(&mut buf).await.unwrap_or(0) == 0 {
-                return;
-            }
-        }
-        let req: serde_json::Value = serde_json::from_slice(&buf[end + 4..end + 4 + len]).unwrap();
-        buf.drain(..end + 4 + len);
+        let req: serde_json::Value = serde_json::from_slice(&body).unwrap();
         let id = req["id"].as_u64().unwrap();
         let mode = req["params"]["arguments"]["mode"]
             .as_str()
@@ -418,24 +420,10 @@ async fn rest_responder() -> (String, Arc<std::sync::Mutex<Vec<String>>>, Respon
             tokio::spawn(async move {
                 let mut buf = Vec::new();
                 loop {
-                    let Some(end) = read_head(&mut s, &mut buf).await else {
+                    let Some((head, body)) = read_request(&mut s, &mut buf).await else {
                         return;
                     };
-                    let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
-                    let len: usize = head
-                        .lines()
-                        .find_map(|l| l.strip_prefix("content-length:"))
-                        .unwrap()
-                        .trim()
-                        .parse()
-                        .unwrap();
-                    while buf.len() < end + 4 + len {
-                        if s.read_buf(&mut buf).await.unwrap_or(0) == 0 {
-                            return;
-                        }
-                    }
-                    let body = String::from_utf8_lossy(&buf[end + 4..end + 4 + len]).into_owned();
-                    buf.drain(..end + 4 + len);
+                    let body = String::from_utf8_lossy(&body).into_owned();
                     let answer: &[u8] = if body.contains("\"ok-") {
                         b"HTTP/1.1 201 Created\r\ncontent-length: 2\r\n\r\n{}"
                     } else {
