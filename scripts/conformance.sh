@@ -169,7 +169,7 @@ mcp_servers:
 EOF
 start_bg "$WORK/hangar.ready" "$WORK/hangar.stderr" \
     env -u MCP_CONFIG -u HANGAR_LISTEN "$HANGAR_BIN" serve --config "$WORK/hangar.yaml" \
-    --listen 127.0.0.1:0 --ready-file "$WORK/hangar.ready"
+    --listen 127.0.0.1:0 --ready-file "$WORK/hangar.ready" --data-dir "$WORK/data"
 ADDR="$(sed -nE 's/.*"http_addr"[[:space:]]*:[[:space:]]*"([^"]+)".*/\1/p' "$WORK/hangar.ready")"
 [ -n "$ADDR" ] || die "no http_addr in $WORK/hangar.ready: $(cat "$WORK/hangar.ready")"
 

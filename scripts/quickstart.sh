@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/hangar/target}"
-cargo build --release -p hangar-node -p hangar-fixture
+cargo build --release -p hangar-node -p hangar-fixture -p hangarctl
 BIN="$CARGO_TARGET_DIR/release"
 export HANGAR_FIXTURE_BIN="$BIN/hangar-fixture"
 

@@ -15,6 +15,7 @@ cd "$ROOT"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/hangar/target}"
 export HANGAR_DEPS="${HANGAR_DEPS:-$HOME/.cache/hangar/deps}"
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+export PYTHONDONTWRITEBYTECODE=1  # no __pycache__ in the repository
 export HANGAR_BIN="${HANGAR_BIN:-$CARGO_TARGET_DIR/debug/hangar}"
 export HANGAR_FIXTURE_BIN="${HANGAR_FIXTURE_BIN:-$CARGO_TARGET_DIR/debug/hangar-fixture}"
 
@@ -22,6 +23,10 @@ WORK="$(mktemp -d "${TMPDIR:-/tmp}/hangar-test.XXXXXX")"
 trap 'rm -rf "$WORK"' EXIT
 
 START=$SECONDS
+# Tests write only to temporary directories: remember what the repository holds (ignored
+# files included) so the summary can name anything a test left behind.
+untracked() { git -C "$ROOT" status --porcelain --ignored --untracked-files=all 2>/dev/null | grep -E '^(\?\?|!!) ' | sort; }
+UNTRACKED_BEFORE="$(untracked)"
 PASSED=0
 FAILED=0
 FAILURES=()
@@ -101,5 +106,16 @@ stage "MCP conformance: the fixture directly vs. through hangar (scripts/conform
 rc=${PIPESTATUS[0]}
 suite_result "conformance" "$rc" "$(grep -E '^conformance: [0-9]+ passed' "$WORK/conformance.log" | tail -1)"
 RESULTS+=("$(grep -E 'scenarios pass directly' "$WORK/conformance.log" | tail -1)")
+
+# ---------------------------------------------------------------- nothing left behind
+stage "the repository holds no files the tests left behind"
+left="$(comm -13 <(echo "$UNTRACKED_BEFORE") <(untracked))"
+if [ -n "$left" ]; then
+    echo "$left"
+    suite_result "clean-tree" 1 "0 passed, 1 failed"
+else
+    echo "clean"
+    suite_result "clean-tree" 0 "1 passed, 0 failed"
+fi
 
 finish

@@ -495,29 +495,41 @@ impl HostGuard {
         })
     }
 
-    /// Whether a request with these headers may proceed; `Err` carries the reason.
-    pub fn check(&self, headers: &HeaderMap) -> Result<(), String> {
+    /// Whether a request with these headers may proceed; `Err` says why not.
+    pub fn check(&self, headers: &HeaderMap) -> Result<(), GuardRefusal> {
         let host = header_str(headers, "host").unwrap_or("");
         if self.enforce_hosts && !self.host_allowed(host) {
-            return Err(format!(
-                "Host '{host}' is not allowed (DNS-rebinding protection); add it to server.allowed_hosts"
-            ));
+            return Err(GuardRefusal::Host(host.to_owned()));
         }
         if let Some(origin) = header_str(headers, "origin") {
             let o = origin.to_ascii_lowercase();
             if o == "null" {
-                return Err("Origin 'null' is not allowed".to_owned());
+                return Err(GuardRefusal::NullOrigin);
             }
             let origin_host = o.split("://").nth(1).unwrap_or(&o);
             let ok = self.origins.contains(&o) || self.host_allowed(origin_host);
             if !ok {
-                return Err(format!(
-                    "Origin '{origin}' is not allowed; add it to server.allowed_origins"
-                ));
+                return Err(GuardRefusal::Origin(origin.to_owned()));
             }
         }
         Ok(())
     }
+}
+
+/// Why the [`HostGuard`] refused a request.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum GuardRefusal {
+    /// The Host header names a host this node does not serve.
+    #[error(
+        "Host '{0}' is not allowed (DNS-rebinding protection); add it to server.allowed_hosts"
+    )]
+    Host(String),
+    /// `Origin: null`.
+    #[error("Origin 'null' is not allowed")]
+    NullOrigin,
+    /// A foreign Origin.
+    #[error("Origin '{0}' is not allowed; add it to server.allowed_origins")]
+    Origin(String),
 }
 
 fn strip_port(host: &str) -> String {
@@ -545,7 +557,7 @@ pub async fn guard(State(g): State<Arc<HostGuard>>, req: Request, next: Next) ->
     }
     if let Err(why) = g.check(req.headers()) {
         let path = req.uri().path();
-        let status = if why.starts_with("Origin") {
+        let status = if matches!(why, GuardRefusal::Origin(_) | GuardRefusal::NullOrigin) {
             StatusCode::FORBIDDEN
         } else if path == "/mcp" || path.starts_with("/servers/") {
             StatusCode::MISDIRECTED_REQUEST
@@ -553,7 +565,7 @@ pub async fn guard(State(g): State<Arc<HostGuard>>, req: Request, next: Next) ->
             StatusCode::BAD_REQUEST
         };
         tracing::warn!(reason = %why, path, "request_refused_by_host_guard");
-        let body = serde_json::json!({"error": {"code": "InvalidHostHeader", "message": why, "details": null}});
+        let body = serde_json::json!({"error": {"code": "InvalidHostHeader", "message": why.to_string(), "details": null}});
         return json_response(status, body.to_string());
     }
     next.run(req).await

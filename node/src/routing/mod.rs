@@ -2,17 +2,21 @@
 //! send one request, failing over to the next group member when the failure happened before
 //! the request could have reached the upstream (or when the tool is declared idempotent).
 
-use std::sync::Arc;
-use std::time::Duration;
+mod breaker;
+
+pub use breaker::{Admission, BreakerState, GroupBreaker};
 
 use std::collections::{HashMap, VecDeque};
-use std::time::Instant;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use serde_json::value::RawValue;
 
 use crate::config::{GroupMember, ServerSpec, Strategy};
 use crate::runtime::{Group, Instance, Runtime, ServerState, StartError};
+use crate::supervisor::lifecycle::Generation;
+use crate::telemetry::events::DomainEvent;
 use crate::upstream::{CallSink, Outcome, Upstream, UpstreamError};
 
 /// Where the upstream that is serving a call can be found while the call runs (used by the
@@ -94,8 +98,16 @@ pub struct RouteRequest<'a> {
 enum Attempt {
     /// It could not be started.
     Start(StartError),
-    /// The transport failed; `bool`: whether the connection is still alive afterwards.
-    Upstream(UpstreamError, bool),
+    /// The transport failed on the connection of `generation`; `alive`: whether that
+    /// connection is still alive afterwards.
+    Upstream {
+        /// The error.
+        error: UpstreamError,
+        /// Whether the connection survived.
+        alive: bool,
+        /// The instance's connection generation the call went to.
+        generation: Generation,
+    },
 }
 
 /// A successful routing: who served it and what they answered.
@@ -115,6 +127,9 @@ struct MemberState {
     current_weight: i64,
     /// The instance's `proven()` count already accounted for (set when it left rotation).
     proven_seen: u64,
+    /// The last connection generation whose death was counted: the other calls that died
+    /// with the same process are not counted again.
+    dead_generation: Option<Generation>,
 }
 
 impl Default for MemberState {
@@ -125,60 +140,16 @@ impl Default for MemberState {
             in_rotation: true,
             current_weight: 0,
             proven_seen: 0,
+            dead_generation: None,
         }
     }
 }
 
-/// Group circuit breaker state.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BreakerState {
-    /// Requests flow.
-    Closed,
-    /// Requests are refused until the reset timeout passes.
-    Open,
-    /// One probe request is allowed.
-    HalfOpen,
-}
-
-impl BreakerState {
-    /// Name used in metrics and events.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            BreakerState::Closed => "closed",
-            BreakerState::Open => "open",
-            BreakerState::HalfOpen => "half_open",
-        }
-    }
-}
-
-#[derive(Debug)]
-struct Breaker {
-    state: BreakerState,
-    failures: u32,
-    opened_at: Option<Instant>,
-    probing: bool,
-}
-
-#[derive(Debug)]
+#[derive(Debug, Default)]
 struct GroupState {
     members: HashMap<String, MemberState>,
     rr: usize,
-    breaker: Breaker,
-}
-
-impl Default for GroupState {
-    fn default() -> Self {
-        GroupState {
-            members: HashMap::new(),
-            rr: 0,
-            breaker: Breaker {
-                state: BreakerState::Closed,
-                failures: 0,
-                opened_at: None,
-                probing: false,
-            },
-        }
-    }
+    breaker: GroupBreaker,
 }
 
 /// A member's routing view (for REST and management tools).
@@ -214,6 +185,8 @@ impl Drop for ProbeGuard<'_> {
 pub struct Router {
     runtime: Arc<Runtime>,
     groups: Mutex<HashMap<String, GroupState>>,
+    /// Origin of the breakers' clock (monotonic seconds).
+    epoch: Instant,
 }
 
 impl Router {
@@ -222,6 +195,7 @@ impl Router {
         Router {
             runtime,
             groups: Mutex::new(HashMap::new()),
+            epoch: Instant::now(),
         }
     }
 
@@ -308,10 +282,12 @@ impl Router {
     fn announce_readmitted(&self, group: &str, back: Vec<String>) {
         for member in back {
             tracing::info!(group, member = %member, "group_member_back_in_rotation");
-            self.runtime.events().publish(
-                "GroupMemberHealthChanged",
-                serde_json::json!({"group_id": group, "member_id": member, "in_rotation": true, "reason": "recovered"}),
-            );
+            self.runtime.events().emit(DomainEvent::GroupMemberHealthChanged {
+                group_id: group.to_owned(),
+                member_id: member,
+                in_rotation: true,
+                reason: "recovered",
+            });
         }
     }
 
@@ -384,61 +360,67 @@ impl Router {
         live.into_iter().chain(out).map(|(i, _)| i).collect()
     }
 
-    /// Whether the group breaker lets a request through now (moves OPEN → HALF_OPEN after the
-    /// reset timeout and admits exactly one probe).
+    /// Monotonic seconds for the breakers.
+    fn now(&self) -> f64 {
+        self.epoch.elapsed().as_secs_f64()
+    }
+
+    /// Whether some member of the group can serve right now: in rotation and READY.
+    fn can_serve(&self, st: &GroupState, spec: &crate::config::GroupSpec) -> bool {
+        spec.members.iter().any(|m| {
+            st.members.get(&m.id).is_none_or(|ms| ms.in_rotation)
+                && self
+                    .runtime
+                    .instance(&m.id)
+                    .is_some_and(|i| i.state() == ServerState::Ready)
+        })
+    }
+
+    /// Whether the group breaker lets a request through now (OPEN → HALF_OPEN after the
+    /// reset timeout, or as soon as a member can serve, admitting exactly one probe).
     fn breaker_admits(&self, group: &Group) -> Result<(), f64> {
         let spec = group.spec();
+        let now = self.now();
         let mut groups = self.groups.lock();
         let st = groups.entry(group.id().to_owned()).or_default();
-        let b = &mut st.breaker;
-        match b.state {
-            BreakerState::Closed => Ok(()),
-            BreakerState::Open => {
-                let elapsed = b.opened_at.map_or(f64::MAX, |t| t.elapsed().as_secs_f64());
-                let timeout = spec.circuit_breaker.reset_timeout.as_secs_f64();
-                if elapsed >= timeout {
-                    b.state = BreakerState::HalfOpen;
-                    b.probing = true;
-                    drop(groups);
-                    self.breaker_changed(group.id(), BreakerState::Open, BreakerState::HalfOpen);
-                    Ok(())
-                } else {
-                    Err(timeout - elapsed)
+        let can_serve = st.breaker.state() != BreakerState::Closed && self.can_serve(st, &spec);
+        let timeout = spec.circuit_breaker.reset_timeout.as_secs_f64();
+        let admission = st.breaker.admit(now, timeout, can_serve);
+        drop(groups);
+        match admission {
+            Admission::Admit(change) => {
+                if let Some((old, new)) = change {
+                    self.breaker_changed(group.id(), old, new);
                 }
+                Ok(())
             }
-            BreakerState::HalfOpen => {
-                if b.probing {
-                    Err(0.0)
-                } else {
-                    b.probing = true;
-                    Ok(())
-                }
-            }
+            Admission::Refuse(retry_in) => Err(retry_in),
         }
     }
 
     fn breaker_changed(&self, group: &str, old: BreakerState, new: BreakerState) {
         let m = self.runtime.metrics();
-        for s in [
-            BreakerState::Closed,
-            BreakerState::Open,
-            BreakerState::HalfOpen,
-        ] {
+        for s in BreakerState::ALL {
             m.circuit_breaker_state
                 .with_label_values(&[group, s.as_str()])
                 .set(i64::from(s == new));
         }
         let log = self.runtime.events();
-        log.publish(
-            "CircuitBreakerStateChanged",
-            serde_json::json!({"mcp_server_id": group, "old_state": old.as_str(), "new_state": new.as_str()}),
-        );
+        log.emit(DomainEvent::CircuitBreakerStateChanged {
+            mcp_server_id: group.to_owned(),
+            old_state: old.as_str(),
+            new_state: new.as_str(),
+        });
         match new {
             BreakerState::Open => {
-                log.publish("GroupCircuitOpened", serde_json::json!({"group_id": group}));
+                log.emit(DomainEvent::GroupCircuitOpened {
+                    group_id: group.to_owned(),
+                });
             }
             BreakerState::Closed => {
-                log.publish("GroupCircuitClosed", serde_json::json!({"group_id": group}));
+                log.emit(DomainEvent::GroupCircuitClosed {
+                    group_id: group.to_owned(),
+                });
             }
             BreakerState::HalfOpen => {}
         }
@@ -447,39 +429,35 @@ impl Router {
     /// Record the outcome of a whole group request for the breaker.
     fn breaker_record(&self, group: &Group, ok: bool) {
         let spec = group.spec();
+        let now = self.now();
         let mut groups = self.groups.lock();
         let st = groups.entry(group.id().to_owned()).or_default();
-        let b = &mut st.breaker;
-        let old = b.state;
-        b.probing = false;
-        if ok {
-            b.failures = 0;
-            b.state = BreakerState::Closed;
-            b.opened_at = None;
-        } else {
-            b.failures += 1;
-            if b.state == BreakerState::HalfOpen
-                || b.failures >= spec.circuit_breaker.failure_threshold
-            {
-                b.state = BreakerState::Open;
-                b.opened_at = Some(Instant::now());
-            }
-        }
-        let new = b.state;
+        let can_serve = !ok && self.can_serve(st, &spec);
+        let threshold = spec.circuit_breaker.failure_threshold;
+        let change = st.breaker.record(ok, now, threshold, can_serve);
         drop(groups);
-        if old != new {
+        if let Some((old, new)) = change {
             self.breaker_changed(group.id(), old, new);
         }
     }
 
     /// Record a member's outcome: members leave rotation after `unhealthy_threshold`
     /// consecutive failures and return after `healthy_threshold` consecutive successes.
-    fn member_record(&self, group: &Group, member: &str, ok: bool) {
+    ///
+    /// `died_with`: the failure was the loss of this connection generation; the calls that
+    /// were in flight on the same connection count once together, not once each.
+    fn member_record(&self, group: &Group, member: &str, ok: bool, died_with: Option<Generation>) {
         let spec = group.spec();
         let proven = self.runtime.instance(member).map_or(0, |i| i.proven());
         let mut groups = self.groups.lock();
         let st = groups.entry(group.id().to_owned()).or_default();
         let ms = st.members.entry(member.to_owned()).or_default();
+        if let Some(generation) = died_with {
+            if ms.dead_generation == Some(generation) {
+                return;
+            }
+            ms.dead_generation = Some(generation);
+        }
         let was = ms.in_rotation;
         if ok {
             ms.failures = 0;
@@ -503,10 +481,14 @@ impl Router {
             } else {
                 "unhealthy_threshold_reached"
             };
-            self.runtime.events().publish(
-                "GroupMemberHealthChanged",
-                serde_json::json!({"group_id": group.id(), "member_id": member, "in_rotation": now, "reason": reason}),
-            );
+            self.runtime
+                .events()
+                .emit(DomainEvent::GroupMemberHealthChanged {
+                    group_id: group.id().to_owned(),
+                    member_id: member.to_owned(),
+                    in_rotation: now,
+                    reason,
+                });
         }
     }
 
@@ -554,7 +536,7 @@ impl Router {
         self.groups
             .lock()
             .get(group)
-            .map_or(BreakerState::Closed, |s| s.breaker.state)
+            .map_or(BreakerState::Closed, |s| s.breaker.state())
     }
 
     /// Put every member back in rotation and close the breaker.
@@ -599,10 +581,8 @@ impl Router {
 
     /// A probe request was abandoned: let another request probe.
     fn breaker_release_probe(&self, group: &str) {
-        if let Some(st) = self.groups.lock().get_mut(group)
-            && st.breaker.state == BreakerState::HalfOpen
-        {
-            st.breaker.probing = false;
+        if let Some(st) = self.groups.lock().get_mut(group) {
+            st.breaker.release_probe();
         }
     }
 
@@ -627,7 +607,7 @@ impl Router {
             let err = match self.attempt(&inst, &req).await {
                 Ok(outcome) => {
                     if let Some(g) = group {
-                        self.member_record(g, inst.id(), true);
+                        self.member_record(g, inst.id(), true, None);
                     }
                     return Ok(Routed {
                         instance: inst,
@@ -640,8 +620,7 @@ impl Router {
             // noticed yet): one transparent restart. A single server restarts at once; a group
             // member goes to the back of the line, so the call is served by a member that is
             // running rather than waiting for a start.
-            let dead_before_send =
-                matches!(&err, Attempt::Upstream(e, alive) if e.before_send() && !alive);
+            let dead_before_send = matches!(&err, Attempt::Upstream { error, alive: false, .. } if error.before_send());
             let Some(g) = group else {
                 if dead_before_send && !restarted {
                     queue.push_front((inst, true));
@@ -649,29 +628,37 @@ impl Router {
                 }
                 return Err(match err {
                     Attempt::Start(e) => RouteError::Start(e),
-                    Attempt::Upstream(e, _) => RouteError::Upstream {
+                    Attempt::Upstream { error, .. } => RouteError::Upstream {
                         server: inst.id().to_owned(),
-                        source: e,
+                        source: error,
                     },
                 });
             };
-            self.member_record(g, inst.id(), false);
+            let died_with = match &err {
+                Attempt::Upstream {
+                    alive: false,
+                    generation,
+                    ..
+                } => Some(*generation),
+                _ => None,
+            };
+            self.member_record(g, inst.id(), false, died_with);
             if dead_before_send && !restarted {
                 queue.push_back((inst.clone(), true));
             }
             match err {
                 Attempt::Start(e) => failures.push(format!("{}: {e}", inst.id())),
-                Attempt::Upstream(e, _) if e.before_send() || req.idempotent => {
-                    failures.push(format!("{}: {e}", inst.id()));
+                Attempt::Upstream { error, .. } if error.before_send() || req.idempotent => {
+                    failures.push(format!("{}: {error}", inst.id()));
                     if !queue.is_empty() {
-                        tracing::info!(group = target, member = inst.id(), error = %e, "group_member_failed_trying_next");
+                        tracing::info!(group = target, member = inst.id(), error = %error, "group_member_failed_trying_next");
                     }
                 }
                 // It may have reached the upstream: not safe to send again.
-                Attempt::Upstream(e, _) => {
+                Attempt::Upstream { error, .. } => {
                     return Err(RouteError::Upstream {
                         server: inst.id().to_owned(),
-                        source: e,
+                        source: error,
                     });
                 }
             }
@@ -689,6 +676,7 @@ impl Router {
         req: &RouteRequest<'_>,
     ) -> Result<Outcome, Attempt> {
         let conn = inst.ensure_ready().await.map_err(Attempt::Start)?;
+        let generation = inst.generation();
         if let Some(slot) = &req.slot {
             *slot.lock() = Some(conn.clone());
         }
@@ -702,13 +690,16 @@ impl Router {
             .await
         {
             Ok(outcome) => {
-                inst.touch();
-                inst.report_success();
+                inst.report_success(&conn);
                 Ok(outcome)
             }
             Err(e) => {
                 inst.report_transport_failure(&conn, &e.to_string());
-                Err(Attempt::Upstream(e, conn.is_alive()))
+                Err(Attempt::Upstream {
+                    error: e,
+                    alive: conn.is_alive(),
+                    generation,
+                })
             }
         }
     }
@@ -813,8 +804,8 @@ mod tests {
         let (r, g) = router("round_robin", "[{id: a}, {id: b}, {id: c}]");
         let order: Vec<String> = (0..9).map(|_| first(&r, &g)).collect();
         assert_eq!(order, ["a", "b", "c", "a", "b", "c", "a", "b", "c"]);
-        r.member_record(&g, "c", false);
-        r.member_record(&g, "c", false);
+        r.member_record(&g, "c", false, None);
+        r.member_record(&g, "c", false, None);
         let order: Vec<String> = (0..6).map(|_| first(&r, &g)).collect();
         assert!(order.iter().all(|m| m != "c"), "{order:?}");
         assert_eq!(
@@ -822,7 +813,7 @@ mod tests {
             "c",
             "out-of-rotation members are the last resort"
         );
-        r.member_record(&g, "c", true);
+        r.member_record(&g, "c", true, None);
         assert!(r.members("g").iter().all(|m| m.in_rotation));
     }
 
@@ -874,8 +865,7 @@ mod tests {
         assert_eq!(r.breaker_state("g"), BreakerState::Open);
         assert!(r.breaker_admits(&g).is_err());
         // Reset timeout is 1 s: force it elapsed.
-        r.groups.lock().get_mut("g").unwrap().breaker.opened_at =
-            Some(Instant::now() - Duration::from_secs(2));
+        r.groups.lock().get_mut("g").unwrap().breaker.backdate(2.0);
         assert!(
             r.breaker_admits(&g).is_ok(),
             "one probe after the reset timeout"
@@ -888,8 +878,7 @@ mod tests {
             BreakerState::Open,
             "a failed probe re-opens"
         );
-        r.groups.lock().get_mut("g").unwrap().breaker.opened_at =
-            Some(Instant::now() - Duration::from_secs(2));
+        r.groups.lock().get_mut("g").unwrap().breaker.backdate(2.0);
         assert!(r.breaker_admits(&g).is_ok());
         r.breaker_record(&g, true);
         assert_eq!(r.breaker_state("g"), BreakerState::Closed);
@@ -910,8 +899,7 @@ mod tests {
         let (r, g) = router("round_robin", "[{id: a}]");
         r.breaker_record(&g, false);
         r.breaker_record(&g, false);
-        r.groups.lock().get_mut("g").unwrap().breaker.opened_at =
-            Some(Instant::now() - Duration::from_secs(2));
+        r.groups.lock().get_mut("g").unwrap().breaker.backdate(2.0);
         assert!(r.breaker_admits(&g).is_ok(), "the probe");
         assert!(r.breaker_admits(&g).is_err());
         // The probe's request is dropped (client cancel, batch timeout) before it finishes.

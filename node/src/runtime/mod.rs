@@ -11,6 +11,7 @@ mod catalog;
 pub use catalog::{Catalog, CatalogEntry};
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use indexmap::IndexMap;
@@ -19,71 +20,13 @@ use serde::Serialize;
 use tokio::sync::broadcast;
 
 use crate::config::{Config, GroupSpec, RemoteAuth, ServerSpec};
-use crate::telemetry::events::EventLog;
+pub use crate::supervisor::lifecycle::ServerState;
+use crate::supervisor::lifecycle::{Action, BreakerState, Event, Generation, Lifecycle, Policy};
+use crate::telemetry::events::{DomainEvent, EventLog};
 use crate::telemetry::{Metrics, unix_now};
 use crate::upstream::{
     self, ConnectOptions, LogLine, Outcome, StdioSpec, TransportSpec, Upstream, UpstreamError,
 };
-
-/// Delay before recovery attempt `attempt` (0-based): 1 s, 2 s, 4 s … capped at 60 s, with
-/// ±20 % jitter so a fleet does not retry in lockstep.
-pub fn recovery_delay(attempt: u32) -> f64 {
-    let base = (2f64.powi(attempt.min(10) as i32)).min(60.0);
-    let jitter: f64 = rand::random::<f64>() * 0.4 - 0.2;
-    (base * (1.0 + jitter)).max(0.2)
-}
-
-/// Lifecycle state of an instance (MCP Hangar's five states).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ServerState {
-    /// Not running; starts on first use.
-    Cold,
-    /// Starting: process spawned / connecting, MCP handshake in progress.
-    Initializing,
-    /// Serving.
-    Ready,
-    /// Failing repeatedly; recovery with backoff.
-    Degraded,
-    /// The process or connection went away; the next use restarts it.
-    Dead,
-}
-
-impl ServerState {
-    /// Lower-case name used in REST and events.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ServerState::Cold => "cold",
-            ServerState::Initializing => "initializing",
-            ServerState::Ready => "ready",
-            ServerState::Degraded => "degraded",
-            ServerState::Dead => "dead",
-        }
-    }
-
-    /// Encoding of `mcp_hangar_mcp_server_state`.
-    pub fn metric_value(self) -> i64 {
-        match self {
-            ServerState::Cold => 0,
-            ServerState::Initializing => 1,
-            ServerState::Ready => 2,
-            ServerState::Degraded => 3,
-            ServerState::Dead => 4,
-        }
-    }
-
-    /// Parse the lower-case name (REST `?state=` filters).
-    pub fn parse(s: &str) -> Option<Self> {
-        Some(match s.to_ascii_lowercase().as_str() {
-            "cold" => ServerState::Cold,
-            "initializing" => ServerState::Initializing,
-            "ready" => ServerState::Ready,
-            "degraded" => ServerState::Degraded,
-            "dead" => ServerState::Dead,
-            _ => return None,
-        })
-    }
-}
 
 /// Something that happened in the runtime that other rooms react to.
 #[derive(Debug, Clone)]
@@ -141,23 +84,18 @@ pub enum StartError {
 }
 
 struct Inner {
-    state: ServerState,
-    conn: Option<Arc<Upstream>>,
+    /// The decisions: state, failures, breaker, backoff, health and idle clocks.
+    life: Lifecycle,
+    /// The live connection and the lifecycle generation it belongs to.
+    conn: Option<(Arc<Upstream>, Generation)>,
     catalog: Option<Arc<Catalog>>,
-    last_error: Option<String>,
-    last_used: f64,
     started_at: Option<f64>,
-    last_state_change: f64,
     dead_logs: Vec<LogLine>,
     removed: bool,
-    consecutive_failures: u32,
-    total_failures: u64,
-    next_health_at: f64,
-    recovery_attempt: u32,
-    next_recovery_at: Option<f64>,
 }
 
-/// One MCP server (subprocess or remote) on this node.
+/// One MCP server (subprocess or remote) on this node. It carries out what its
+/// [`Lifecycle`] decides: starts, disconnects, health checks, idle stops.
 pub struct Instance {
     id: String,
     spec: RwLock<ServerSpec>,
@@ -166,15 +104,10 @@ pub struct Instance {
     metrics: Arc<Metrics>,
     events: broadcast::Sender<RuntimeEvent>,
     log: Arc<EventLog>,
-    starts: std::sync::atomic::AtomicU64,
-    checking: std::sync::atomic::AtomicBool,
-    idling: std::sync::atomic::AtomicBool,
-    reviving: std::sync::atomic::AtomicBool,
-    /// Per-server breaker state reported in metrics and events (`closed`/`open`/`half_open`).
-    breaker: Mutex<&'static str>,
-    /// Successful starts plus passed health checks: lets group routing see that a member
-    /// that left rotation has proven itself healthy again.
-    proven: std::sync::atomic::AtomicU64,
+    starts: AtomicU64,
+    checking: AtomicBool,
+    idling: AtomicBool,
+    reviving: AtomicBool,
 }
 
 /// A point-in-time view of an instance for REST and management tools.
@@ -204,7 +137,7 @@ pub struct InstanceStatus {
     pub pid: Option<u32>,
     /// How many times it was started by this node.
     pub starts: u64,
-    /// Consecutive failures (health checks, starts, transport errors).
+    /// Consecutive failures (health checks, starts, lost connections, transport errors).
     pub consecutive_failures: u32,
     /// Failures since the node started.
     pub total_failures: u64,
@@ -212,6 +145,25 @@ pub struct InstanceStatus {
     pub next_recovery_at: Option<f64>,
     /// Unix time of the last state change.
     pub last_state_change: f64,
+}
+
+/// The lifecycle policy of a server spec.
+pub fn policy_of(spec: &ServerSpec) -> Policy {
+    let defaults = Policy::default();
+    match spec.common() {
+        Some(c) => Policy {
+            max_consecutive_failures: c.max_consecutive_failures.max(1),
+            health_interval_s: c.health_check_interval_s as f64,
+            idle_ttl_s: c.idle_ttl_s as f64,
+            backoff: defaults.backoff,
+        },
+        None => defaults,
+    }
+}
+
+/// A random number in `[0, 1)`: the jitter source of the backoff.
+fn jitter() -> f64 {
+    rand::random::<f64>()
 }
 
 impl Instance {
@@ -225,33 +177,23 @@ impl Instance {
         let now = unix_now();
         let inst = Instance {
             id,
-            spec: RwLock::new(spec),
             inner: Mutex::new(Inner {
-                state: ServerState::Cold,
+                life: Lifecycle::new(policy_of(&spec), now),
                 conn: None,
                 catalog: None,
-                last_error: None,
-                last_used: now,
                 started_at: None,
-                last_state_change: now,
                 dead_logs: Vec::new(),
                 removed: false,
-                consecutive_failures: 0,
-                total_failures: 0,
-                next_health_at: 0.0,
-                recovery_attempt: 0,
-                next_recovery_at: None,
             }),
+            spec: RwLock::new(spec),
             start_lock: tokio::sync::Mutex::new(()),
             metrics,
             events,
             log,
-            starts: std::sync::atomic::AtomicU64::new(0),
-            checking: std::sync::atomic::AtomicBool::new(false),
-            idling: std::sync::atomic::AtomicBool::new(false),
-            reviving: std::sync::atomic::AtomicBool::new(false),
-            breaker: Mutex::new("closed"),
-            proven: std::sync::atomic::AtomicU64::new(0),
+            starts: AtomicU64::new(0),
+            checking: AtomicBool::new(false),
+            idling: AtomicBool::new(false),
+            reviving: AtomicBool::new(false),
         };
         let mode = inst.spec.read().mode_name();
         inst.metrics
@@ -279,7 +221,7 @@ impl Instance {
 
     /// Current state.
     pub fn state(&self) -> ServerState {
-        self.inner.lock().state
+        self.inner.lock().life.state()
     }
 
     /// The learned catalogue, if the server has been started at least once.
@@ -290,15 +232,15 @@ impl Instance {
     /// The live connection if READY.
     pub fn connection(&self) -> Option<Arc<Upstream>> {
         let inner = self.inner.lock();
-        match (&inner.conn, inner.state) {
-            (Some(c), ServerState::Ready) if c.is_alive() => Some(c.clone()),
+        match (&inner.conn, inner.life.state()) {
+            (Some((c, _)), ServerState::Ready) if c.is_alive() => Some(c.clone()),
             _ => None,
         }
     }
 
     /// Record a use (for idle accounting).
     pub fn touch(&self) {
-        self.inner.lock().last_used = unix_now();
+        self.step(&mut self.inner.lock(), Event::Used);
     }
 
     /// Status snapshot.
@@ -315,23 +257,24 @@ impl Instance {
             (None, Some(n)) => (n, true),
             (None, None) => (0, false),
         };
+        let conn = inner.conn.as_ref().map(|(c, _)| c);
         InstanceStatus {
             id: self.id.clone(),
-            state: inner.state,
+            state: inner.life.state(),
             mode: spec.mode_name(),
-            alive: inner.conn.as_ref().is_some_and(|c| c.is_alive()),
+            alive: conn.is_some_and(|c| c.is_alive()),
             tools_count,
             tools_predefined,
             description: common.and_then(|c| c.description.clone()),
-            last_error: inner.last_error.clone(),
-            last_used: inner.last_used,
+            last_error: inner.life.last_error().map(str::to_owned),
+            last_used: inner.life.last_used(),
             started_at: inner.started_at,
-            pid: inner.conn.as_ref().and_then(|c| c.pid()),
-            starts: self.starts.load(std::sync::atomic::Ordering::Relaxed),
-            consecutive_failures: inner.consecutive_failures,
-            total_failures: inner.total_failures,
-            next_recovery_at: inner.next_recovery_at,
-            last_state_change: inner.last_state_change,
+            pid: conn.and_then(|c| c.pid()),
+            starts: self.starts.load(Ordering::Relaxed),
+            consecutive_failures: inner.life.consecutive_failures(),
+            total_failures: inner.life.total_failures(),
+            next_recovery_at: inner.life.next_recovery_at(),
+            last_state_change: inner.life.last_state_change(),
         }
     }
 
@@ -340,7 +283,7 @@ impl Instance {
     pub fn logs(&self, n: usize) -> Vec<LogLine> {
         let inner = self.inner.lock();
         let mut all = inner.dead_logs.clone();
-        if let Some(c) = &inner.conn {
+        if let Some((c, _)) = &inner.conn {
             all.extend(c.logs(n));
         }
         let skip = all.len().saturating_sub(n);
@@ -349,39 +292,78 @@ impl Instance {
 
     fn publish_state(&self, state: ServerState, at: f64) {
         let id = [self.id.as_str()];
-        self.metrics
-            .server_state
+        let m = &self.metrics;
+        m.server_state
             .with_label_values(&id)
             .set(state.metric_value());
-        self.metrics
-            .server_up
-            .with_label_values(&id)
-            .set(i64::from(state == ServerState::Ready));
-        self.metrics
-            .server_initialized
-            .with_label_values(&id)
-            .set(i64::from(state == ServerState::Ready));
-        self.metrics
-            .connections_active
-            .with_label_values(&id)
-            .set(i64::from(state == ServerState::Ready));
-        self.metrics
-            .server_last_state_change
-            .with_label_values(&id)
-            .set(at);
+        let ready = i64::from(state == ServerState::Ready);
+        m.server_up.with_label_values(&id).set(ready);
+        m.server_initialized.with_label_values(&id).set(ready);
+        m.connections_active.with_label_values(&id).set(ready);
+        m.server_last_state_change.with_label_values(&id).set(at);
     }
 
-    fn set_state(&self, inner: &mut Inner, state: ServerState) {
-        if inner.state != state {
-            let now = unix_now();
-            self.log.publish(
-                "McpServerStateChanged",
-                serde_json::json!({"mcp_server_id": self.id, "old_state": inner.state.as_str(), "new_state": state.as_str()}),
-            );
-            inner.state = state;
-            inner.last_state_change = now;
-            self.publish_state(state, now);
+    /// Feed one event to the lifecycle and carry out what it decided that needs no waiting
+    /// (state and breaker reports, events, disconnecting a DEGRADED server). Returns the
+    /// decisions that the caller carries out (start, refuse, health check, …).
+    fn step(&self, inner: &mut Inner, event: Event) -> Vec<Action> {
+        let now = unix_now();
+        let actions = inner.life.step(event, now, &mut jitter);
+        let mut rest = Vec::new();
+        for action in actions {
+            match action {
+                Action::StateChanged { old, new } => {
+                    self.log.emit(DomainEvent::McpServerStateChanged {
+                        mcp_server_id: self.id.clone(),
+                        old_state: old.as_str(),
+                        new_state: new.as_str(),
+                    });
+                    self.publish_state(new, now);
+                }
+                Action::BreakerChanged { old, new } => {
+                    self.log.emit(DomainEvent::CircuitBreakerStateChanged {
+                        mcp_server_id: self.id.clone(),
+                        old_state: old.as_str(),
+                        new_state: new.as_str(),
+                    });
+                    for s in BreakerState::ALL {
+                        self.metrics
+                            .circuit_breaker_state
+                            .with_label_values(&[&self.id, s.as_str()])
+                            .set(i64::from(s == new));
+                    }
+                }
+                Action::Disconnect => {
+                    if let Some((c, _)) = inner.conn.take() {
+                        inner.dead_logs = c.logs(1000);
+                        tokio::spawn(async move { c.shutdown().await });
+                    }
+                }
+                Action::Degraded {
+                    consecutive_failures,
+                    total_failures,
+                    reason,
+                    error,
+                } => {
+                    self.log.emit(DomainEvent::McpServerDegraded {
+                        mcp_server_id: self.id.clone(),
+                        consecutive_failures,
+                        total_failures,
+                        reason: reason.as_str(),
+                        error,
+                    });
+                }
+                Action::RecoveryScheduled { in_s, failures } => {
+                    tracing::warn!(mcp_server = %self.id, failures, next_attempt_in_s = in_s, "mcp_server_recovery_scheduled");
+                }
+                other => rest.push(other),
+            }
         }
+        self.metrics
+            .health_consecutive_failures
+            .with_label_values(&[&self.id])
+            .set(i64::from(inner.life.consecutive_failures()));
+        rest
     }
 
     /// Return a live connection, starting the server if needed. Concurrent callers share one
@@ -394,9 +376,47 @@ impl Instance {
         if let Some(c) = self.fast_path()? {
             return Ok(c);
         }
-        self.start_locked().await
+        let actions = self.step(&mut self.inner.lock(), Event::StartRequested);
+        self.carry_out_start(actions).await
     }
 
+    /// Under the start lock: run the start the lifecycle asked for, or refuse.
+    async fn carry_out_start(
+        self: &Arc<Self>,
+        actions: Vec<Action>,
+    ) -> Result<Arc<Upstream>, StartError> {
+        for action in actions {
+            match action {
+                Action::Refuse {
+                    retry_in_s,
+                    failures,
+                } => {
+                    return Err(StartError::CircuitOpen {
+                        server: self.id.clone(),
+                        retry_in_s,
+                        failures,
+                    });
+                }
+                Action::Connect => return self.start_locked().await,
+                _ => {}
+            }
+        }
+        // Nothing to start: READY (or started by the lifecycle's own decision meanwhile).
+        match self.fast_path()? {
+            Some(c) => Ok(c),
+            None => Err(StartError::Upstream {
+                server: self.id.clone(),
+                source: UpstreamError::Closed {
+                    server: self.id.clone(),
+                    message: "the server stopped while the call waited for its start".to_owned(),
+                    before_send: true,
+                },
+            }),
+        }
+    }
+
+    /// A live READY connection without waiting, or `None` (then a start is needed). Notices
+    /// a connection that died unnoticed and a server that was removed or whose circuit is open.
     fn fast_path(&self) -> Result<Option<Arc<Upstream>>, StartError> {
         let mut inner = self.inner.lock();
         if inner.removed {
@@ -404,57 +424,61 @@ impl Instance {
                 server: self.id.clone(),
             });
         }
-        if inner.state == ServerState::Degraded
-            && let Some(at) = inner.next_recovery_at
-            && unix_now() < at
+        if inner.life.state() == ServerState::Degraded
+            && let Some(at) = inner.life.next_recovery_at()
         {
-            self.metrics
-                .circuit_breaker_state
-                .with_label_values(&[&self.id, "open"])
-                .set(1);
-            return Err(StartError::CircuitOpen {
-                server: self.id.clone(),
-                retry_in_s: (at - unix_now()).max(0.0),
-                failures: inner.consecutive_failures,
-            });
+            let now = unix_now();
+            if now < at {
+                return Err(StartError::CircuitOpen {
+                    server: self.id.clone(),
+                    retry_in_s: (at - now).max(0.0),
+                    failures: inner.life.consecutive_failures(),
+                });
+            }
         }
-        if let Some(c) = inner.conn.clone() {
-            if c.is_alive() && inner.state == ServerState::Ready {
-                inner.last_used = unix_now();
+        if let Some((c, generation)) = inner.conn.clone() {
+            if c.is_alive() && inner.life.state() == ServerState::Ready {
+                self.step(&mut inner, Event::Used);
                 return Ok(Some(c));
             }
             if !c.is_alive() {
-                self.mark_dead(&mut inner, &c, "connection closed");
+                self.lose_connection(&mut inner, generation, "connection closed");
             }
         }
         Ok(None)
     }
 
-    fn mark_dead(&self, inner: &mut Inner, conn: &Arc<Upstream>, why: &str) {
-        inner.dead_logs = conn.logs(1000);
+    /// The connection of `generation` is gone: keep its logs, drop it, tell the lifecycle.
+    fn lose_connection(&self, inner: &mut Inner, generation: Generation, why: &str) {
+        let current = inner.conn.as_ref().is_some_and(|(_, g)| *g == generation);
+        if !current {
+            return;
+        }
+        if let Some((c, _)) = inner.conn.take() {
+            inner.dead_logs = c.logs(1000);
+        }
         inner.dead_logs.push(LogLine {
             timestamp: unix_now(),
             line: format!("[hangar] process ended: {why}"),
             stream: "hangar".to_owned(),
         });
-        inner.conn = None;
-        inner.last_error = Some(why.to_owned());
         self.metrics
             .stops
             .with_label_values(&[&self.id, "error"])
             .inc();
-        self.set_state(inner, ServerState::Dead);
+        self.step(
+            inner,
+            Event::ConnectionLost {
+                generation,
+                why: why.to_owned(),
+            },
+        );
     }
 
+    /// Under the start lock, INITIALIZING: connect, learn the catalogue, become READY.
     async fn start_locked(self: &Arc<Self>) -> Result<Arc<Upstream>, StartError> {
         let spec = self.spec.read().clone();
         let mode = spec.mode_name();
-        let was_degraded = {
-            let mut inner = self.inner.lock();
-            let was = inner.state == ServerState::Degraded;
-            self.set_state(&mut inner, ServerState::Initializing);
-            was
-        };
         let id = [self.id.as_str()];
         self.metrics
             .cold_start_in_progress
@@ -474,17 +498,12 @@ impl Instance {
                     .with_label_values(&[&self.id, "failure"])
                     .inc();
                 tracing::warn!(mcp_server = %self.id, error = %e, "mcp_server_start_failed");
-                let mut inner = self.inner.lock();
-                inner.last_error = Some(e.to_string());
-                // A failed recovery attempt goes back to DEGRADED (its backoff continues);
-                // any other failed start leaves the server DEAD (or DEGRADED at the threshold).
-                let back = if was_degraded {
-                    ServerState::Degraded
-                } else {
-                    ServerState::Dead
-                };
-                self.set_state(&mut inner, back);
-                self.record_failure_locked(&mut inner, "start_failure", &e.to_string());
+                self.step(
+                    &mut self.inner.lock(),
+                    Event::StartFailed {
+                        error: e.to_string(),
+                    },
+                );
                 return Err(StartError::Upstream {
                     server: self.id.clone(),
                     source: e,
@@ -492,8 +511,19 @@ impl Instance {
             }
         };
         // Learn the catalogue before declaring READY so every caller sees the tools.
-        let catalog = Catalog::learn(&conn).await;
+        let catalog = Arc::new(Catalog::learn(&conn).await);
         let elapsed = t0.elapsed();
+        let (removed, previous) = {
+            let inner = self.inner.lock();
+            (inner.removed, inner.catalog.clone())
+        };
+        if removed {
+            conn.shutdown().await;
+            self.step(&mut self.inner.lock(), Event::Stopped);
+            return Err(StartError::Removed {
+                server: self.id.clone(),
+            });
+        }
         self.metrics
             .starts
             .with_label_values(&[&self.id, "success"])
@@ -502,68 +532,50 @@ impl Instance {
             .cold_start
             .with_label_values(&[&self.id, mode])
             .observe(elapsed.as_secs_f64());
-        self.starts
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let catalog = Arc::new(catalog);
-        let (removed, previous) = {
-            let inner = self.inner.lock();
-            (inner.removed, inner.catalog.clone())
-        };
+        self.starts.fetch_add(1, Ordering::Relaxed);
         let changed = previous.is_some_and(|old| !old.same_lists(&catalog));
-        if removed {
-            conn.shutdown().await;
-            return Err(StartError::Removed {
-                server: self.id.clone(),
-            });
-        }
-        {
+        let generation = {
             let mut inner = self.inner.lock();
-            inner.conn = Some(conn.clone());
             inner.catalog = Some(catalog.clone());
             inner.started_at = Some(unix_now());
-            inner.last_used = unix_now();
-            inner.last_error = None;
-            inner.consecutive_failures = 0;
-            inner.recovery_attempt = 0;
-            inner.next_recovery_at = None;
-            inner.next_health_at = unix_now() + self.health_interval();
-            self.set_state(&mut inner, ServerState::Ready);
-        }
-        self.proven
-            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-        self.set_breaker("closed");
-        self.log.publish(
-            "McpServerStarted",
-            serde_json::json!({"mcp_server_id": self.id, "mode": mode, "tools_count": catalog.tools.len(),
-                "startup_duration_ms": elapsed.as_millis() as u64}),
-        );
+            self.step(&mut inner, Event::Started);
+            let generation = inner.life.generation();
+            inner.conn = Some((conn.clone(), generation));
+            generation
+        };
+        let startup_duration_ms = u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX);
+        self.log.emit(DomainEvent::McpServerStarted {
+            mcp_server_id: self.id.clone(),
+            mode,
+            tools_count: catalog.tools.len(),
+            startup_duration_ms,
+        });
         tracing::info!(
             mcp_server = %self.id, mode, tools_count = catalog.tools.len(),
-            startup_duration_ms = elapsed.as_millis() as u64, "mcp_server_started"
+            startup_duration_ms, "mcp_server_started"
         );
         let _ = self.events.send(RuntimeEvent::CatalogChanged {
             server: self.id.clone(),
             lists: vec!["tools", "prompts", "resources"],
             notify: changed,
         });
-        self.spawn_watchers(conn.clone());
+        self.spawn_watchers(conn.clone(), generation);
         Ok(conn)
     }
 
-    fn spawn_watchers(self: &Arc<Self>, conn: Arc<Upstream>) {
+    fn spawn_watchers(self: &Arc<Self>, conn: Arc<Upstream>, generation: Generation) {
         let me = Arc::downgrade(self);
         let mut notes = conn.subscribe();
-        let c2 = conn.clone();
         tokio::spawn(async move {
             loop {
                 tokio::select! {
-                    _ = c2.closed() => {
+                    _ = conn.closed() => {
                         if let Some(inst) = me.upgrade() {
                             let mut inner = inst.inner.lock();
-                            if inner.conn.as_ref().is_some_and(|c| Arc::ptr_eq(c, &c2)) {
+                            if inner.conn.as_ref().is_some_and(|(_, g)| *g == generation) {
                                 tracing::warn!(mcp_server = %inst.id, "mcp_server_connection_lost");
-                                inst.mark_dead(&mut inner, &c2, "the upstream process exited or the connection was lost");
                             }
+                            inst.lose_connection(&mut inner, generation, "the upstream process exited or the connection was lost");
                         }
                         break;
                     }
@@ -574,7 +586,7 @@ impl Instance {
                             Err(broadcast::error::RecvError::Closed) => break,
                         };
                         let Some(inst) = me.upgrade() else { break };
-                        inst.on_notification(&c2, msg).await;
+                        inst.on_notification(&conn, generation, msg).await;
                     }
                 }
             }
@@ -584,6 +596,7 @@ impl Instance {
     async fn on_notification(
         self: &Arc<Self>,
         conn: &Arc<Upstream>,
+        generation: Generation,
         msg: Arc<crate::jsonrpc::Message>,
     ) {
         let method = msg.method.as_deref().unwrap_or_default();
@@ -598,7 +611,7 @@ impl Instance {
                 let fresh = Catalog::learn(conn).await;
                 {
                     let mut inner = self.inner.lock();
-                    if inner.conn.as_ref().is_some_and(|c| Arc::ptr_eq(c, conn)) {
+                    if inner.conn.as_ref().is_some_and(|(_, g)| *g == generation) {
                         inner.catalog = Some(Arc::new(fresh));
                     }
                 }
@@ -622,7 +635,7 @@ impl Instance {
         let _guard = self.start_lock.lock().await;
         let conn = {
             let mut inner = self.inner.lock();
-            let conn = inner.conn.take();
+            let conn = inner.conn.take().map(|(c, _)| c);
             if let Some(c) = &conn {
                 inner.dead_logs = c.logs(1000);
             }
@@ -634,125 +647,131 @@ impl Instance {
                 .stops
                 .with_label_values(&[&self.id, reason])
                 .inc();
-            self.log.publish(
-                "McpServerStopped",
-                serde_json::json!({"mcp_server_id": self.id, "reason": reason}),
-            );
+            self.log.emit(DomainEvent::McpServerStopped {
+                mcp_server_id: self.id.clone(),
+                reason: reason.to_owned(),
+            });
         }
-        let mut inner = self.inner.lock();
-        inner.next_recovery_at = None;
-        inner.recovery_attempt = 0;
-        inner.consecutive_failures = 0;
-        self.set_state(&mut inner, ServerState::Cold);
-        drop(inner);
-        self.set_breaker("closed");
+        self.step(&mut self.inner.lock(), Event::Stopped);
     }
 
-    /// Report that a call saw the connection fail (transport error): if the connection is
-    /// gone, the instance becomes DEAD at once so the next call restarts it.
+    /// Report that a call on `conn` failed in the transport. A dead connection is one lost
+    /// connection (however many calls were on it); a failure on a connection that has since
+    /// been replaced is not held against the new one.
     pub fn report_transport_failure(&self, conn: &Arc<Upstream>, error: &str) {
         let mut inner = self.inner.lock();
-        if !conn.is_alive() && inner.conn.as_ref().is_some_and(|c| Arc::ptr_eq(c, conn)) {
-            self.mark_dead(
+        let Some(generation) = inner
+            .conn
+            .as_ref()
+            .filter(|(c, _)| Arc::ptr_eq(c, conn))
+            .map(|(_, g)| *g)
+        else {
+            return;
+        };
+        if conn.is_alive() {
+            self.step(
                 &mut inner,
-                conn,
+                Event::CallFailed {
+                    generation,
+                    error: error.to_owned(),
+                },
+            );
+        } else {
+            self.lose_connection(
+                &mut inner,
+                generation,
                 "the upstream connection failed during a call",
             );
         }
-        self.record_failure_locked(&mut inner, "transport_failure", error);
     }
 
-    /// Report a successful call (resets the consecutive-failure count).
-    pub fn report_success(&self) {
+    /// Report a successful call on `conn` (resets the consecutive-failure count).
+    pub fn report_success(&self, conn: &Arc<Upstream>) {
         let mut inner = self.inner.lock();
-        if inner.consecutive_failures > 0 && inner.state == ServerState::Ready {
-            inner.consecutive_failures = 0;
+        if let Some(generation) = inner
+            .conn
+            .as_ref()
+            .filter(|(c, _)| Arc::ptr_eq(c, conn))
+            .map(|(_, g)| *g)
+        {
+            self.step(&mut inner, Event::CallSucceeded { generation });
         }
     }
 
-    fn health_interval(&self) -> f64 {
-        self.spec
-            .read()
-            .common()
-            .map(|c| c.health_check_interval_s as f64)
-            .unwrap_or(60.0)
-            .max(1.0)
-    }
-
-    fn max_failures(&self) -> u32 {
-        self.spec
-            .read()
-            .common()
-            .map(|c| c.max_consecutive_failures)
-            .unwrap_or(3)
-            .max(1)
-    }
-
-    /// Move the per-server breaker to `state`: metric `mcp_hangar_circuit_breaker_state` and,
-    /// on a change, event `CircuitBreakerStateChanged`.
-    fn set_breaker(&self, state: &'static str) {
-        let old = std::mem::replace(&mut *self.breaker.lock(), state);
-        if old != state {
-            self.log.publish(
-                "CircuitBreakerStateChanged",
-                serde_json::json!({"mcp_server_id": self.id, "old_state": old, "new_state": state}),
-            );
-        }
-        for s in ["closed", "open", "half_open"] {
-            self.metrics
-                .circuit_breaker_state
-                .with_label_values(&[&self.id, s])
-                .set(i64::from(s == state));
-        }
-    }
-
-    /// Count a failure; at `max_consecutive_failures` the server becomes DEGRADED and a
-    /// recovery attempt is scheduled with exponential backoff and jitter.
-    fn record_failure_locked(&self, inner: &mut Inner, reason: &str, error: &str) {
-        inner.consecutive_failures += 1;
-        inner.total_failures += 1;
-        if inner.consecutive_failures < self.max_failures() {
-            return;
-        }
-        let first = inner.state != ServerState::Degraded;
-        let delay = recovery_delay(inner.recovery_attempt);
-        inner.recovery_attempt = inner.recovery_attempt.saturating_add(1);
-        inner.next_recovery_at = Some(unix_now() + delay);
-        if first {
-            if let Some(c) = inner.conn.take() {
-                inner.dead_logs = c.logs(1000);
-                tokio::spawn(async move { c.shutdown().await });
-            }
-            self.set_state(inner, ServerState::Degraded);
-            self.log.publish(
-                "McpServerDegraded",
-                serde_json::json!({"mcp_server_id": self.id, "consecutive_failures": inner.consecutive_failures,
-                    "total_failures": inner.total_failures, "reason": reason, "error": error}),
-            );
-        }
-        self.set_breaker("open");
-        tracing::warn!(mcp_server = %self.id, failures = inner.consecutive_failures, next_attempt_in_s = delay, "mcp_server_recovery_scheduled");
+    /// Generation of the current (or last) connection: one more per successful start.
+    pub fn generation(&self) -> Generation {
+        self.inner.lock().life.generation()
     }
 
     /// Number of requests in flight on the live connection.
     pub fn in_flight(&self) -> usize {
-        self.inner.lock().conn.as_ref().map_or(0, |c| c.in_flight())
+        self.inner
+            .lock()
+            .conn
+            .as_ref()
+            .map_or(0, |(c, _)| c.in_flight())
     }
 
     /// How many times this instance proved itself healthy (successful starts and passed
     /// health checks); only ever grows.
     pub fn proven(&self) -> u64 {
-        self.proven.load(std::sync::atomic::Ordering::Acquire)
+        self.inner.lock().life.proven()
     }
 
-    /// Try to bring a DEAD instance back (used for group members, which no call may reach
-    /// while they are out of rotation). One attempt at a time; failures count toward
-    /// DEGRADED, whose recovery then continues with backoff.
-    pub async fn revive(self: &Arc<Self>) {
-        if self
-            .reviving
-            .swap(true, std::sync::atomic::Ordering::AcqRel)
-        {
+    /// Seconds since the last use.
+    pub fn idle_for(&self) -> f64 {
+        (unix_now() - self.inner.lock().life.last_used()).max(0.0)
+    }
+
+    /// One supervisor tick: ask the lifecycle what is due (health check, recovery probe,
+    /// revival of a DEAD group member, idle stop) and start it in the background.
+    pub fn tick(self: &Arc<Self>, group_member: bool) {
+        let in_flight = self.in_flight();
+        let actions = self.step(
+            &mut self.inner.lock(),
+            Event::Tick {
+                in_flight,
+                revive_when_dead: group_member,
+            },
+        );
+        for action in actions {
+            let me = self.clone();
+            match action {
+                Action::CheckHealth => {
+                    tokio::spawn(async move {
+                        if let Err(e) = me.health_check().await {
+                            tracing::warn!(mcp_server = me.id(), error = %e, "health_check_failed");
+                        }
+                    });
+                }
+                Action::Recover => {
+                    tokio::spawn(async move {
+                        match me.recover().await {
+                            Ok(()) => tracing::info!(mcp_server = me.id(), "mcp_server_recovered"),
+                            Err(e) => {
+                                tracing::warn!(mcp_server = me.id(), error = %e, "mcp_server_recovery_failed")
+                            }
+                        }
+                    });
+                }
+                Action::Revive => {
+                    tokio::spawn(async move { me.revive().await });
+                }
+                Action::StopIdle {
+                    idle_for_s,
+                    last_used,
+                } => {
+                    tokio::spawn(async move { me.stop_if_idle(idle_for_s, last_used).await });
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Bring a DEAD instance back (group members, which no call may reach while they are out
+    /// of rotation). One attempt at a time.
+    async fn revive(self: &Arc<Self>) {
+        if self.reviving.swap(true, Ordering::AcqRel) {
             return;
         }
         if self.state() == ServerState::Dead
@@ -760,41 +779,27 @@ impl Instance {
         {
             tracing::warn!(mcp_server = %self.id, error = %e, "mcp_server_revive_failed");
         }
-        self.reviving
-            .store(false, std::sync::atomic::Ordering::Release);
-    }
-
-    /// Seconds since the last use.
-    pub fn idle_for(&self) -> f64 {
-        (unix_now() - self.inner.lock().last_used).max(0.0)
-    }
-
-    /// Whether a health check is due (READY and its interval elapsed).
-    pub fn health_due(&self) -> bool {
-        let inner = self.inner.lock();
-        inner.state == ServerState::Ready && unix_now() >= inner.next_health_at
-    }
-
-    /// Whether a recovery attempt is due (DEGRADED and its backoff elapsed).
-    pub fn recovery_due(&self) -> bool {
-        let inner = self.inner.lock();
-        inner.state == ServerState::Degraded
-            && inner.next_recovery_at.is_some_and(|t| unix_now() >= t)
+        self.reviving.store(false, Ordering::Release);
     }
 
     /// Run one MCP-aware health check (`ping`, falling back to `tools/list`) with a timeout.
     /// Failures count toward `max_consecutive_failures`.
-    pub async fn health_check(self: &Arc<Self>) -> Result<Duration, String> {
-        self.inner.lock().next_health_at = unix_now() + self.health_interval();
-        if self
-            .checking
-            .swap(true, std::sync::atomic::Ordering::AcqRel)
-        {
-            return Err("a health check is already running".into());
+    pub async fn health_check(self: &Arc<Self>) -> Result<Duration, HealthError> {
+        if self.checking.swap(true, Ordering::AcqRel) {
+            return Err(HealthError::AlreadyRunning);
         }
-        let result = self.health_check_inner().await;
-        self.checking
-            .store(false, std::sync::atomic::Ordering::Release);
+        let target = {
+            let inner = self.inner.lock();
+            match (&inner.conn, inner.life.state()) {
+                (Some((c, g)), ServerState::Ready) if c.is_alive() => Some((c.clone(), *g)),
+                _ => None,
+            }
+        };
+        let result = match &target {
+            Some((conn, _)) => probe(conn).await,
+            None => Err(HealthError::NotReady),
+        };
+        self.checking.store(false, Ordering::Release);
         let label = if result.is_ok() {
             "healthy"
         } else {
@@ -804,108 +809,115 @@ impl Instance {
             .health_checks
             .with_label_values(&[&self.id, label])
             .inc();
+        let generation = target.map_or(0, |(_, g)| g);
         let mut inner = self.inner.lock();
-        inner.next_health_at = unix_now() + self.health_interval();
         match &result {
             Ok(d) => {
                 self.metrics
                     .health_check_duration
                     .with_label_values(&[&self.id])
                     .observe(d.as_secs_f64());
-                inner.consecutive_failures = 0;
-                self.proven
-                    .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-                self.log.publish(
-                    "HealthCheckPassed",
-                    serde_json::json!({"mcp_server_id": self.id, "duration_ms": d.as_millis() as u64}),
-                );
+                self.step(&mut inner, Event::HealthPassed { generation });
+                self.log.emit(DomainEvent::HealthCheckPassed {
+                    mcp_server_id: self.id.clone(),
+                    duration_ms: u64::try_from(d.as_millis()).unwrap_or(u64::MAX),
+                });
             }
             Err(e) => {
-                self.log.publish(
-                    "HealthCheckFailed",
-                    serde_json::json!({"mcp_server_id": self.id, "consecutive_failures": inner.consecutive_failures + 1,
-                        "error_message": e}),
+                self.log.emit(DomainEvent::HealthCheckFailed {
+                    mcp_server_id: self.id.clone(),
+                    consecutive_failures: inner.life.consecutive_failures() + 1,
+                    error_message: e.to_string(),
+                });
+                self.step(
+                    &mut inner,
+                    Event::HealthFailed {
+                        generation,
+                        error: e.to_string(),
+                    },
                 );
-                self.record_failure_locked(&mut inner, "health_check_failures", e);
             }
         }
-        self.metrics
-            .health_consecutive_failures
-            .with_label_values(&[&self.id])
-            .set(i64::from(inner.consecutive_failures));
         result
-    }
-
-    async fn health_check_inner(&self) -> Result<Duration, String> {
-        let conn = self
-            .connection()
-            .ok_or_else(|| "the server is not READY".to_owned())?;
-        let t0 = Instant::now();
-        let timeout = Some(Duration::from_secs(5));
-        match conn.request("ping", None, None, timeout).await {
-            Ok(Outcome::Result(_)) => Ok(t0.elapsed()),
-            Ok(Outcome::Error(e)) if e.code == crate::jsonrpc::METHOD_NOT_FOUND => {
-                match conn.request("tools/list", None, None, timeout).await {
-                    Ok(Outcome::Result(_)) => Ok(t0.elapsed()),
-                    Ok(Outcome::Error(e)) => Err(format!(
-                        "tools/list answered error {}: {}",
-                        e.code, e.message
-                    )),
-                    Err(e) => Err(e.to_string()),
-                }
-            }
-            Ok(Outcome::Error(e)) => Err(format!("ping answered error {}: {}", e.code, e.message)),
-            Err(e) => Err(e.to_string()),
-        }
     }
 
     /// One recovery attempt of a DEGRADED server (half-open probe): start it; on success it
     /// is READY and its breaker closed, on failure the next attempt is scheduled.
     pub async fn recover(self: &Arc<Self>) -> Result<(), StartError> {
         let _guard = self.start_lock.lock().await;
-        {
-            let mut inner = self.inner.lock();
-            let due = inner.next_recovery_at.is_some_and(|t| unix_now() >= t);
-            if inner.state != ServerState::Degraded || !due {
-                return Ok(());
-            }
-            inner.next_recovery_at = None;
+        let actions = self.step(&mut self.inner.lock(), Event::RecoveryProbe);
+        if !actions.contains(&Action::Connect) {
+            return Ok(());
         }
-        self.set_breaker("half_open");
         self.start_locked().await.map(|_| ())
     }
 
-    /// Mark the instance idle-stopped (→ COLD) if it is still idle and nothing is in flight.
-    pub async fn stop_if_idle(&self) -> bool {
-        if self.idling.swap(true, std::sync::atomic::Ordering::AcqRel) {
-            return false;
+    /// Stop the instance as idle, if it still is (and nothing is in flight).
+    async fn stop_if_idle(&self, idle_for_s: f64, last_used: f64) {
+        if self.idling.swap(true, Ordering::AcqRel) {
+            return;
         }
-        let stopped = self.stop_if_idle_inner().await;
-        self.idling
-            .store(false, std::sync::atomic::Ordering::Release);
-        stopped
-    }
-
-    async fn stop_if_idle_inner(&self) -> bool {
-        let (idle, ttl, last_used) = {
+        let still_idle = {
             let inner = self.inner.lock();
-            let ttl = self
-                .spec
-                .read()
-                .common()
-                .map(|c| c.idle_ttl_s as f64)
-                .unwrap_or(300.0);
-            (unix_now() - inner.last_used, ttl, inner.last_used)
+            inner.life.last_used() <= last_used && inner.life.state() == ServerState::Ready
         };
-        if idle < ttl || self.in_flight() > 0 || self.state() != ServerState::Ready {
-            return false;
+        if still_idle && self.in_flight() == 0 {
+            self.log.emit(DomainEvent::McpServerIdleDetected {
+                mcp_server_id: self.id.clone(),
+                idle_duration_s: idle_for_s,
+                last_used_at: last_used,
+            });
+            self.stop("idle").await;
         }
-        self.log.publish(
-            "McpServerIdleDetected",
-            serde_json::json!({"mcp_server_id": self.id, "idle_duration_s": idle, "last_used_at": last_used}),
-        );
-        self.stop("idle").await;
-        true
+        self.idling.store(false, Ordering::Release);
+    }
+}
+
+/// Why a health check failed.
+#[derive(Debug, thiserror::Error)]
+pub enum HealthError {
+    /// Another check of the same instance is running.
+    #[error("a health check is already running")]
+    AlreadyRunning,
+    /// There is no READY connection to check.
+    #[error("the server is not READY")]
+    NotReady,
+    /// The server answered `ping` (or `tools/list`) with an error.
+    #[error("{method} answered error {code}: {message}")]
+    Answered {
+        /// `ping` or `tools/list`.
+        method: &'static str,
+        /// JSON-RPC error code.
+        code: i64,
+        /// Its message.
+        message: String,
+    },
+    /// The transport failed (timeout, closed).
+    #[error(transparent)]
+    Transport(#[from] UpstreamError),
+}
+
+/// MCP-aware probe: `ping`, falling back to `tools/list` for servers without `ping`.
+async fn probe(conn: &Upstream) -> Result<Duration, HealthError> {
+    let t0 = Instant::now();
+    let timeout = Some(Duration::from_secs(5));
+    match conn.request("ping", None, None, timeout).await? {
+        Outcome::Result(_) => Ok(t0.elapsed()),
+        Outcome::Error(e) if e.code == crate::jsonrpc::METHOD_NOT_FOUND => {
+            match conn.request("tools/list", None, None, timeout).await? {
+                Outcome::Result(_) => Ok(t0.elapsed()),
+                Outcome::Error(e) => Err(HealthError::Answered {
+                    method: "tools/list",
+                    code: e.code,
+                    message: e.message,
+                }),
+            }
+        }
+        Outcome::Error(e) => Err(HealthError::Answered {
+            method: "ping",
+            code: e.code,
+            message: e.message,
+        }),
     }
 }
 
@@ -1283,22 +1295,26 @@ impl Runtime {
     }
 }
 
+impl crate::supervisor::Fleet for Runtime {
+    fn tick(&self) {
+        // Group members out of rotation get no calls, so nothing else would restart a
+        // member whose process died: their lifecycle revives them (failures lead to
+        // DEGRADED and its backoff), so failback needs no operator.
+        let members: std::collections::HashSet<String> = self
+            .groups()
+            .iter()
+            .flat_map(|g| g.spec().members.into_iter().map(|m| m.id))
+            .collect();
+        for inst in self.instances() {
+            let member = members.contains(inst.id());
+            inst.tick(member);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use super::{base64, recovery_delay};
-
-    #[test]
-    fn recovery_backoff_grows_with_jitter_and_caps() {
-        for attempt in 0..20 {
-            let d = recovery_delay(attempt);
-            let base = 2f64.powi(attempt.min(10) as i32).min(60.0);
-            assert!(
-                d >= base * 0.8 - 1e-9 && d <= base * 1.2 + 1e-9,
-                "attempt {attempt}: {d}"
-            );
-        }
-        assert!(recovery_delay(30) <= 72.0);
-    }
+    use super::base64;
 
     #[test]
     fn base64_matches_rfc4648_vectors() {

