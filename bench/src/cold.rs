@@ -8,6 +8,7 @@
 
 use std::time::Duration;
 
+use hangar_wait::Wait;
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
@@ -136,26 +137,28 @@ pub async fn make_cold(target: &HttpTarget, id: &str, timeout: Duration) -> Resu
         ));
     }
     let path = format!("/api/mcp_servers/{id}");
-    let deadline = Instant::now() + timeout;
-    loop {
-        let (status, body) = simple_request(auth, "GET", &path, &target.headers, b"").await?;
-        let state = serde_json::from_slice::<serde_json::Value>(&body)
-            .ok()
-            .and_then(|v| v.get("state").and_then(|s| s.as_str()).map(str::to_owned));
-        if status == 200 && state.as_deref() == Some("cold") {
-            return Ok(());
-        }
-        if Instant::now() >= deadline {
-            return Err(CallError::new(
-                ErrorKind::Timeout,
-                format!(
-                    "server '{id}' not cold within {timeout:?}: HTTP {status}: {}",
-                    snippet(&body, 300)
-                ),
-            ));
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let mut last = (0, Vec::new());
+    let waited = Wait::new(format!("server '{id}' to be cold"), timeout)
+        .try_poll_async(async || {
+            let (status, body) = simple_request(auth, "GET", &path, &target.headers, b"").await?;
+            let state = serde_json::from_slice::<serde_json::Value>(&body)
+                .ok()
+                .and_then(|v| v.get("state").and_then(|s| s.as_str()).map(str::to_owned));
+            let cold = status == 200 && state.as_deref() == Some("cold");
+            last = (status, body);
+            Ok::<_, CallError>(cold.then_some(()))
+        })
+        .await?;
+    waited.map_err(|_| {
+        CallError::new(
+            ErrorKind::Timeout,
+            format!(
+                "server '{id}' not cold within {timeout:?}: HTTP {}: {}",
+                last.0,
+                snippet(&last.1, 300)
+            ),
+        )
+    })
 }
 
 /// Make server `id` cold, then time one `tools/call` through `target` (a new connection).

@@ -9,19 +9,19 @@
 //!   has caught up, repeat.
 //!
 //! The nodes are started with static peers (`cluster.peers`), default Raft timings, no MCP
-//! servers, random free ports on 127.0.0.1 and data directories under a temporary directory.
-//! Every child process is killed (SIGKILL) and the directory removed when the
-//! [`LocalCluster`] is dropped: on success, on error, on panic, and — via [`interrupted`] in
-//! the binary — on Ctrl-C or SIGTERM.
+//! servers, random free ports on 127.0.0.1 and data directories under a temporary directory,
+//! by the cluster harness shared with the cluster tests ([`hangar_tests::cluster`]). Every
+//! child process is killed (SIGKILL) and the directory removed when the [`Cluster`] is
+//! dropped: on success, on error, on panic, and — via [`interrupted`] in the binary — on
+//! Ctrl-C or SIGTERM.
 
-use std::fmt::Write as _;
-use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
+use hangar_tests::cluster::{Cluster, ClusterError};
+use hangar_wait::Wait;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::time::Instant;
@@ -39,39 +39,17 @@ pub const NODES: usize = 3;
 pub const DEFAULT_TIMINGS: &str = "heartbeat 50 ms, election timeout 250–500 ms";
 /// The write every benchmark sends: one API key, i.e. one `CreateApiKey` Raft entry.
 pub const WRITE_PATH: &str = "/api/auth/keys";
-/// How long a node may take to start (it writes its ready file once a leader is known).
-const START_LIMIT: Duration = Duration::from_secs(60);
 /// How long the cluster may take to agree on a leader.
 const LEADER_LIMIT: Duration = Duration::from_secs(30);
 /// How long a restarted node may take to catch up with the leader.
 const CATCH_UP_LIMIT: Duration = Duration::from_secs(60);
-/// Interval between polls of a condition.
-const POLL: Duration = Duration::from_millis(20);
 
 /// A Raft benchmark failed as a whole.
 #[derive(Debug, thiserror::Error)]
 pub enum RaftBenchError {
-    /// A file or process operation failed.
-    #[error("{what}: {source}")]
-    Io {
-        /// What was being done.
-        what: String,
-        /// The cause.
-        #[source]
-        source: std::io::Error,
-    },
-    /// A node process exited on its own.
-    #[error("node {node} exited {status} while {during}; last lines of its log:\n{log}")]
-    Exited {
-        /// Node id.
-        node: u64,
-        /// What the benchmark was waiting for.
-        during: String,
-        /// Its exit status.
-        status: String,
-        /// The tail of its log.
-        log: String,
-    },
+    /// Starting, stopping or watching the cluster failed (a node exited, a wait timed out…).
+    #[error(transparent)]
+    Cluster(#[from] ClusterError),
     /// A condition did not become true in time.
     #[error("{what}: not within {after:?} ({detail})")]
     Timeout {
@@ -108,11 +86,6 @@ pub enum RaftBenchError {
 }
 
 type Result<T, E = RaftBenchError> = std::result::Result<T, E>;
-
-fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> RaftBenchError {
-    let what = what.into();
-    move |source| RaftBenchError::Io { what, source }
-}
 
 // ---------------------------------------------------------------------------------------
 // Command-line options
@@ -232,372 +205,33 @@ impl FailoverPlan {
 // The cluster
 // ---------------------------------------------------------------------------------------
 
-struct Node {
-    id: u64,
-    http: String,
-    raft: String,
-    dir: PathBuf,
-    child: Option<Child>,
-    starts: u32,
-}
+/// The YAML head of every node's config: no MCP servers, quiet logs (the static peers follow).
+const CONFIG_HEAD: &str = "logging:\n  level: WARNING\nmcp_servers: {}\n";
 
-impl Node {
-    fn ready_file(&self) -> PathBuf {
-        self.dir.join("ready.json")
+/// Start [`NODES`] nodes of `hangar` with static peers and wait until every node has written
+/// its ready file.
+pub async fn start_cluster(hangar: &Path) -> Result<Cluster> {
+    if !hangar.is_file() {
+        return Err(RaftBenchError::Range(format!(
+            "--hangar {}: no such file (build it with cargo build --release -p hangar-node)",
+            hangar.display()
+        )));
     }
-
-    fn log_file(&self) -> PathBuf {
-        self.dir.join(format!("log.{}", self.starts))
+    let mut c = Cluster::new(hangar)?;
+    for id in 1..=NODES as u64 {
+        c.add(id, &[])?;
     }
-}
-
-/// Three `hangar serve` processes on loopback. Dropping it kills every process it started
-/// and removes their data.
-pub struct LocalCluster {
-    hangar: PathBuf,
-    config: PathBuf,
-    nodes: Vec<Node>,
-    /// Killed processes not yet reaped (reaped before a restart and on drop).
-    killed: Vec<Child>,
-    // Last field: removed after `Drop::drop` has killed the processes.
-    _root: tempfile::TempDir,
-}
-
-/// Distinct free TCP ports on 127.0.0.1 (bound and released; a tiny race is accepted).
-fn free_ports(n: usize) -> Result<Vec<u16>> {
-    let mut held = Vec::with_capacity(n);
-    for _ in 0..n {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(io("bind a free port"))?;
-        held.push(l);
+    let config = c.static_peers_config(CONFIG_HEAD, "");
+    for id in c.ids() {
+        c.write_config(id, &config)?;
     }
-    held.iter()
-        .map(|l| {
-            l.local_addr()
-                .map(|a| a.port())
-                .map_err(io("read a bound port"))
-        })
-        .collect()
-}
-
-/// The YAML config every node runs with: no MCP servers, quiet logs, static peers.
-pub fn cluster_config(peers: &[(u64, String, String)]) -> String {
-    let mut s = String::from("logging:\n  level: WARNING\nmcp_servers: {}\ncluster:\n  peers:\n");
-    for (id, raft, http) in peers {
-        let _ = writeln!(
-            s,
-            "    - {{node_id: {id}, raft_addr: \"{raft}\", api_addr: \"{http}\"}}"
-        );
-    }
-    s
-}
-
-fn tail(path: &Path, lines: usize) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
-}
-
-impl LocalCluster {
-    /// Start the cluster and wait until every node has written its ready file.
-    pub async fn start(hangar: &Path) -> Result<Self> {
-        if !hangar.is_file() {
-            return Err(RaftBenchError::Range(format!(
-                "--hangar {}: no such file (build it with cargo build --release -p hangar-node)",
-                hangar.display()
-            )));
-        }
-        let root = tempfile::Builder::new()
-            .prefix("hangar-raft-bench.")
-            .tempdir()
-            .map_err(io("create a temporary directory"))?;
-        let ports = free_ports(2 * NODES)?;
-        let mut nodes = Vec::with_capacity(NODES);
-        for i in 0..NODES {
-            let dir = root.path().join(format!("node{}", i + 1));
-            std::fs::create_dir_all(&dir).map_err(io(format!("create {}", dir.display())))?;
-            nodes.push(Node {
-                id: i as u64 + 1,
-                http: format!("127.0.0.1:{}", ports[2 * i]),
-                raft: format!("127.0.0.1:{}", ports[2 * i + 1]),
-                dir,
-                child: None,
-                starts: 0,
-            });
-        }
-        let peers: Vec<(u64, String, String)> = nodes
-            .iter()
-            .map(|n| (n.id, n.raft.clone(), n.http.clone()))
-            .collect();
-        let config = root.path().join("config.yaml");
-        std::fs::write(&config, cluster_config(&peers))
-            .map_err(io(format!("write {}", config.display())))?;
-        let mut c = LocalCluster {
-            hangar: hangar.to_owned(),
-            config,
-            nodes,
-            killed: Vec::new(),
-            _root: root,
-        };
-        for i in 0..NODES {
-            c.spawn(i)?;
-        }
-        for i in 0..NODES {
-            c.wait_ready(i).await?;
-        }
-        Ok(c)
-    }
-
-    fn spawn(&mut self, i: usize) -> Result<()> {
-        let n = &mut self.nodes[i];
-        n.starts += 1;
-        let ready = n.ready_file();
-        let _ = std::fs::remove_file(&ready);
-        let log_path = n.log_file();
-        let log = File::create(&log_path).map_err(io(format!("create {}", log_path.display())))?;
-        let log2 = log.try_clone().map_err(io("duplicate a log file handle"))?;
-        let child = Command::new(&self.hangar)
-            .arg("serve")
-            .arg("--config")
-            .arg(&self.config)
-            .args(["--listen", &n.http])
-            .args(["--raft-addr", &n.raft])
-            .args(["--node-id", &n.id.to_string()])
-            .arg("--data-dir")
-            .arg(n.dir.join("data"))
-            .arg("--ready-file")
-            .arg(&ready)
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log2)
-            .spawn()
-            .map_err(io(format!("start {}", self.hangar.display())))?;
-        n.child = Some(child);
-        Ok(())
-    }
-
-    /// Fail when a node that should run has exited.
-    fn check_alive(&mut self, during: &str) -> Result<()> {
-        for n in &mut self.nodes {
-            if let Some(c) = &mut n.child
-                && let Ok(Some(status)) = c.try_wait()
-            {
-                n.child = None;
-                return Err(RaftBenchError::Exited {
-                    node: n.id,
-                    during: during.to_owned(),
-                    status: status.to_string(),
-                    log: tail(&n.log_file(), 20),
-                });
-            }
-        }
-        Ok(())
-    }
-
-    async fn wait_ready(&mut self, i: usize) -> Result<()> {
-        let deadline = Instant::now() + START_LIMIT;
-        let what = format!("node {} writes its ready file", self.nodes[i].id);
-        loop {
-            self.check_alive(&what)?;
-            if self.nodes[i].ready_file().exists() {
-                return Ok(());
-            }
-            if Instant::now() >= deadline {
-                return Err(RaftBenchError::Timeout {
-                    what,
-                    after: START_LIMIT,
-                    detail: tail(&self.nodes[i].log_file(), 10),
-                });
-            }
-            tokio::time::sleep(POLL).await;
-        }
-    }
-
-    /// Node ids.
-    pub fn ids(&self) -> Vec<u64> {
-        self.nodes.iter().map(|n| n.id).collect()
-    }
-
-    /// Ids of the running nodes.
-    pub fn alive(&self) -> Vec<u64> {
-        self.nodes
-            .iter()
-            .filter(|n| n.child.is_some())
-            .map(|n| n.id)
-            .collect()
-    }
-
-    /// `host:port` of a node's HTTP API.
-    pub fn http(&self, id: u64) -> &str {
-        self.node(id).map_or("", |n| n.http.as_str())
-    }
-
-    fn node(&self, id: u64) -> Option<&Node> {
-        self.nodes.iter().find(|n| n.id == id)
-    }
-
-    fn index(&self, id: u64) -> Option<usize> {
-        self.nodes.iter().position(|n| n.id == id)
-    }
-
-    /// Process ids of the running nodes.
-    pub fn pids(&self) -> Vec<u32> {
-        self.nodes
-            .iter()
-            .filter_map(|n| n.child.as_ref().map(Child::id))
-            .collect()
-    }
-
-    /// SIGKILL node `id`; returns the instant right after the signal was sent.
-    pub fn kill9(&mut self, id: u64) -> Result<Instant> {
-        let i = self
-            .index(id)
-            .ok_or_else(|| RaftBenchError::Range(format!("no node {id}")))?;
-        let mut child = self.nodes[i]
-            .child
-            .take()
-            .ok_or_else(|| RaftBenchError::Range(format!("node {id} is not running")))?;
-        child.kill().map_err(io(format!("kill -9 node {id}")))?;
-        let at = Instant::now();
-        self.killed.push(child);
-        Ok(at)
-    }
-
-    /// Start node `id` again on its data directory and ports; returns once it is ready.
-    pub async fn restart(&mut self, id: u64) -> Result<()> {
-        let i = self
-            .index(id)
-            .ok_or_else(|| RaftBenchError::Range(format!("no node {id}")))?;
-        // Reap what was killed (the ports and the RocksDB lock are free once it is gone).
-        for mut c in self.killed.drain(..) {
-            let _ = c.wait();
-        }
-        self.spawn(i)?;
-        self.wait_ready(i).await
-    }
-
-    /// The last lines of every node's current log, for error reports.
-    pub fn logs_tail(&self, lines: usize) -> String {
-        let mut s = String::new();
-        for n in &self.nodes {
-            let _ = writeln!(
-                s,
-                "--- node {} ({}) ---\n{}",
-                n.id,
-                n.log_file().display(),
-                tail(&n.log_file(), lines)
-            );
-        }
-        s
-    }
-
-    /// Wait until every running node reports the same leader, and that leader is running.
-    pub async fn wait_leader(&mut self, limit: Duration) -> Result<u64> {
-        let deadline = Instant::now() + limit;
-        loop {
-            self.check_alive("waiting for a leader")?;
-            let alive = self.alive();
-            let mut reports = Vec::with_capacity(alive.len());
-            for &id in &alive {
-                reports.push(local_status(self.http(id), Duration::from_secs(1)).await);
-            }
-            if let Some(l) = agreed_leader(&reports, &alive) {
-                return Ok(l);
-            }
-            if Instant::now() >= deadline {
-                let seen: Vec<String> = reports
-                    .iter()
-                    .map(|r| r.as_ref().map_or("no answer".into(), Value::to_string))
-                    .collect();
-                return Err(RaftBenchError::Timeout {
-                    what: "the running nodes agree on a running leader".into(),
-                    after: limit,
-                    detail: seen.join("; "),
-                });
-            }
-            tokio::time::sleep(POLL).await;
-        }
-    }
-
-    /// Wait until the leader lists all nodes as reachable members and node `id` has applied
-    /// at least the leader's commit index as of this call.
-    pub async fn wait_caught_up(&mut self, id: u64) -> Result<()> {
-        let deadline = Instant::now() + CATCH_UP_LIMIT;
-        let leader = self.wait_leader(CATCH_UP_LIMIT).await?;
-        let target = local_status(self.http(leader), Duration::from_secs(2))
-            .await
-            .and_then(|s| s["committed_index"].as_u64())
-            .unwrap_or(0);
-        let mut last = None;
-        loop {
-            self.check_alive("waiting for a node to catch up")?;
-            let full = get_json(
-                self.http(leader),
-                "/api/cluster/status",
-                Duration::from_secs(3),
-            )
-            .await;
-            if let Some(s) = &full
-                && member_caught_up(s, id, NODES, target)
-            {
-                return Ok(());
-            }
-            last = full.or(last);
-            if Instant::now() >= deadline {
-                return Err(RaftBenchError::Timeout {
-                    what: format!("node {id} applies up to index {target} (leader {leader})"),
-                    after: CATCH_UP_LIMIT,
-                    detail: last.map_or("no status".into(), |v| v.to_string()),
-                });
-            }
-            tokio::time::sleep(POLL).await;
-        }
-    }
-}
-
-impl Drop for LocalCluster {
-    fn drop(&mut self) {
-        let children = self
-            .nodes
-            .iter_mut()
-            .filter_map(|n| n.child.take())
-            .chain(self.killed.drain(..));
-        for mut c in children {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
+    c.start_all().await?;
+    Ok(c)
 }
 
 // ---------------------------------------------------------------------------------------
 // Reading the cluster's state (pure parts are unit-tested)
 // ---------------------------------------------------------------------------------------
-
-/// The leader all `reports` (`GET /api/cluster/status?local=true` of the nodes in `alive`)
-/// agree on, if every node answered and that leader is one of `alive`.
-pub fn agreed_leader(reports: &[Option<Value>], alive: &[u64]) -> Option<u64> {
-    let mut leader = None;
-    for r in reports {
-        let l = r.as_ref()?.get("leader_id")?.as_u64()?;
-        if leader.is_some_and(|x| x != l) {
-            return None;
-        }
-        leader = Some(l);
-    }
-    leader.filter(|l| alive.contains(l))
-}
-
-/// Whether the leader's full status (`GET /api/cluster/status`) lists exactly `members`
-/// members, all reachable, and node `id` has applied at least `index`.
-pub fn member_caught_up(status: &Value, id: u64, members: usize, index: u64) -> bool {
-    let Some(ms) = status.get("members").and_then(Value::as_array) else {
-        return false;
-    };
-    ms.len() == members
-        && ms.iter().all(|m| m["reachable"] == Value::Bool(true))
-        && ms.iter().any(|m| {
-            m["node_id"].as_u64() == Some(id) && m["applied_index"].as_u64() >= Some(index)
-        })
-}
 
 /// A new leader (not `old`) reported by a node's local status.
 pub fn new_leader(report: &Value, old: u64) -> Option<u64> {
@@ -675,8 +309,9 @@ pub const LEADER_LABEL: &str = "raft-leader";
 pub const FOLLOWER_LABEL: &str = "raft-follower";
 
 /// The leader's term, from its local status.
-async fn term_of(cluster: &LocalCluster, id: u64) -> Option<u64> {
-    local_status(cluster.http(id), Duration::from_secs(2))
+async fn term_of(cluster: &Cluster, id: u64) -> Option<u64> {
+    cluster
+        .local_status(id, Duration::from_secs(2))
         .await
         .and_then(|s| s["term"].as_u64())
 }
@@ -687,7 +322,7 @@ pub async fn commit(
     plan: &CommitPlan,
     mut emit: impl FnMut(&RunRecord) -> Result<(), Box<dyn std::error::Error + Send + Sync>>,
 ) -> Result<()> {
-    let mut cluster = LocalCluster::start(hangar).await?;
+    let mut cluster = start_cluster(hangar).await?;
     let result = commit_on(&mut cluster, plan, &mut emit).await;
     if result.is_err() {
         eprintln!(
@@ -699,13 +334,13 @@ pub async fn commit(
 }
 
 async fn commit_on(
-    cluster: &mut LocalCluster,
+    cluster: &mut Cluster,
     plan: &CommitPlan,
     emit: &mut impl FnMut(&RunRecord) -> Result<(), Box<dyn std::error::Error + Send + Sync>>,
 ) -> Result<()> {
     let leader = cluster.wait_leader(LEADER_LIMIT).await?;
     for id in cluster.ids() {
-        cluster.wait_caught_up(id).await?;
+        cluster.wait_caught_up(id, CATCH_UP_LIMIT).await?;
     }
     let follower = cluster
         .ids()
@@ -941,23 +576,26 @@ async fn first_new_leader(
     killed_at: Instant,
     limit: Duration,
 ) -> Option<(Duration, u64)> {
-    let deadline = killed_at + limit;
-    while Instant::now() < deadline {
-        for (_, addr) in survivors {
-            if let Some(s) = local_status(addr, Duration::from_millis(200)).await
-                && let Some(l) = new_leader(&s, old)
-            {
-                return Some((killed_at.elapsed(), l));
+    let left = limit.saturating_sub(killed_at.elapsed());
+    Wait::new("a survivor reports a new leader", left)
+        .step(Duration::from_millis(5))
+        .poll_async(async || {
+            for (_, addr) in survivors {
+                if let Some(s) = local_status(addr, Duration::from_millis(200)).await
+                    && let Some(l) = new_leader(&s, old)
+                {
+                    return Some((killed_at.elapsed(), l));
+                }
             }
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    None
+            None
+        })
+        .await
+        .ok()
 }
 
 /// Run the failover benchmark.
 pub async fn failover(hangar: &Path, plan: &FailoverPlan) -> Result<FailoverRecord> {
-    let mut cluster = LocalCluster::start(hangar).await?;
+    let mut cluster = start_cluster(hangar).await?;
     let result = failover_on(&mut cluster, plan).await;
     if result.is_err() {
         eprintln!(
@@ -968,10 +606,10 @@ pub async fn failover(hangar: &Path, plan: &FailoverPlan) -> Result<FailoverReco
     result
 }
 
-async fn failover_on(cluster: &mut LocalCluster, plan: &FailoverPlan) -> Result<FailoverRecord> {
+async fn failover_on(cluster: &mut Cluster, plan: &FailoverPlan) -> Result<FailoverRecord> {
     cluster.wait_leader(LEADER_LIMIT).await?;
     for id in cluster.ids() {
-        cluster.wait_caught_up(id).await?;
+        cluster.wait_caught_up(id, CATCH_UP_LIMIT).await?;
     }
     let writer = BackgroundWriter::start(
         cluster
@@ -1005,7 +643,7 @@ async fn failover_on(cluster: &mut LocalCluster, plan: &FailoverPlan) -> Result<
 
 type Rounds = (Vec<Duration>, Vec<Duration>, u64);
 
-async fn rounds(cluster: &mut LocalCluster, plan: &FailoverPlan) -> Result<Rounds> {
+async fn rounds(cluster: &mut Cluster, plan: &FailoverPlan) -> Result<Rounds> {
     let mut writes = Vec::with_capacity(plan.kills);
     let mut leaders = Vec::with_capacity(plan.kills);
     let mut probes_total = 0;
@@ -1039,7 +677,7 @@ async fn rounds(cluster: &mut LocalCluster, plan: &FailoverPlan) -> Result<Round
             took.as_secs_f64() * 1e3,
         );
         cluster.restart(leader).await?;
-        cluster.wait_caught_up(leader).await?;
+        cluster.wait_caught_up(leader, CATCH_UP_LIMIT).await?;
     }
     Ok((writes, leaders, probes_total))
 }

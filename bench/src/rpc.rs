@@ -4,7 +4,6 @@
 use std::fmt;
 
 use serde::Deserialize;
-use serde::de::IgnoredAny;
 
 /// The request could not be built from the command line.
 #[derive(Debug, thiserror::Error)]
@@ -175,9 +174,6 @@ struct ErrorProbe {
     code: i64,
     #[serde(default)]
     message: String,
-    #[serde(default)]
-    #[allow(dead_code)]
-    data: Option<IgnoredAny>,
 }
 
 /// Classify one JSON-RPC message. Only the envelope and `result.isError` are looked at.

@@ -6,14 +6,12 @@
 
 use std::collections::BTreeMap;
 use std::collections::BTreeSet;
-use std::future::Future;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
 use anyhow::Context;
 use anyhow::Result;
-use anyhow::bail;
 use hangar_raft::Command;
 use hangar_raft::NodeInfo;
 use hangar_raft::RaftConfig;
@@ -23,9 +21,9 @@ use hangar_raft::Response;
 use hangar_raft::Role;
 use hangar_raft::state::ConfigSourceKind;
 use hangar_raft::state::EventRecord;
+use hangar_wait::Wait;
 use serde_json::json;
 use tempfile::TempDir;
-use tokio::time::Instant;
 
 const WAIT: Duration = Duration::from_secs(15);
 
@@ -53,21 +51,8 @@ fn any_port() -> SocketAddr {
 }
 
 /// Poll `check` until it returns `Some`, failing after `WAIT`.
-async fn eventually<T, F, Fut>(what: &str, mut check: F) -> Result<T>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + WAIT;
-    loop {
-        if let Some(v) = check().await {
-            return Ok(v);
-        }
-        if Instant::now() >= deadline {
-            bail!("timed out waiting for {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+async fn eventually<T>(what: &str, check: impl AsyncFnMut() -> Option<T>) -> Result<T> {
+    Ok(Wait::new(what, WAIT).poll_async(check).await?)
 }
 
 /// Wait until every node in `nodes` names the same leader, and that leader is one of them.

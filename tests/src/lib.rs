@@ -1,12 +1,16 @@
 //! End-to-end test harness: starts real `hangar` nodes and real upstream MCP servers as
 //! child processes on 127.0.0.1 with random ports and temporary directories, talks to them
-//! over HTTP, and kills every process it started when dropped.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+//! over HTTP, and kills every process it started when dropped. [`cluster`] is the harness of
+//! a multi-node cluster, shared with `hangar-bench`.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+pub mod cluster;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use hangar_wait::Wait;
 use serde_json::{Value, json};
 
 /// The cargo target directory the binaries were built into.
@@ -37,38 +41,14 @@ pub fn bin(name: &str) -> PathBuf {
     p
 }
 
-/// Poll `f` until it returns `Some` or the deadline passes.
-pub fn poll_until<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(25));
-    }
+/// Poll `f` until it returns `Some`; panics with `what` once `timeout` has passed.
+pub fn poll_until<T>(what: &str, timeout: Duration, f: impl FnMut() -> Option<T>) -> T {
+    Wait::new(what, timeout).expect(f)
 }
 
 /// Async variant of [`poll_until`].
-pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+pub async fn wait_for<T>(what: &str, timeout: Duration, f: impl AsyncFnMut() -> Option<T>) -> T {
+    Wait::new(what, timeout).expect_async(f).await
 }
 
 /// Whether a process with this pid exists (and is not a zombie).
@@ -113,17 +93,15 @@ impl Proc {
         let _ = Command::new("kill")
             .args(["-s", "TERM", &c.id().to_string()])
             .status();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Ok(Some(st)) = c.try_wait() {
-                return st.code();
-            }
-            if Instant::now() > deadline {
+        let exited = Wait::new("the process to exit after SIGTERM", Duration::from_secs(20))
+            .poll(|| c.try_wait().ok().flatten());
+        match exited {
+            Ok(st) => st.code(),
+            Err(_) => {
                 let _ = c.kill();
                 let _ = c.wait();
-                return None;
+                None
             }
-            std::thread::sleep(Duration::from_millis(20));
         }
     }
 

@@ -86,56 +86,11 @@ fn failover_arguments() {
 }
 
 #[test]
-fn leader_agreement() {
-    let st = |l: Option<u64>| Some(json!({"node_id": 9, "leader_id": l, "role": "follower"}));
-    assert_eq!(
-        agreed_leader(&[st(Some(2)), st(Some(2)), st(Some(2))], &[1, 2, 3]),
-        Some(2)
-    );
-    // One node still believes in another leader, or knows none, or did not answer.
-    assert_eq!(
-        agreed_leader(&[st(Some(2)), st(Some(1)), st(Some(2))], &[1, 2, 3]),
-        None
-    );
-    assert_eq!(
-        agreed_leader(&[st(Some(2)), st(None), st(Some(2))], &[1, 2, 3]),
-        None
-    );
-    assert_eq!(agreed_leader(&[st(Some(2)), None], &[1, 2]), None);
-    // The agreed leader is not running (the survivors have not noticed the kill yet).
-    assert_eq!(agreed_leader(&[st(Some(3)), st(Some(3))], &[1, 2]), None);
-    assert_eq!(agreed_leader(&[], &[]), None);
-}
-
-#[test]
 fn new_leader_after_a_kill() {
     assert_eq!(new_leader(&json!({"leader_id": 2}), 1), Some(2));
     assert_eq!(new_leader(&json!({"leader_id": 1}), 1), None);
     assert_eq!(new_leader(&json!({"leader_id": null}), 1), None);
     assert_eq!(new_leader(&json!({}), 1), None);
-}
-
-#[test]
-fn catching_up() {
-    let m = |id: u64, reachable: bool, applied: Option<u64>| json!({"node_id": id, "reachable": reachable, "applied_index": applied});
-    let st = |ms: Vec<Value>| json!({"leader_id": 1, "members": ms});
-    let all = st(vec![
-        m(1, true, Some(50)),
-        m(2, true, Some(50)),
-        m(3, true, Some(42)),
-    ]);
-    assert!(member_caught_up(&all, 2, 3, 50));
-    assert!(member_caught_up(&all, 3, 3, 42));
-    assert!(!member_caught_up(&all, 3, 3, 43), "applied index behind");
-    assert!(!member_caught_up(&all, 4, 3, 0), "not a member");
-    assert!(!member_caught_up(&all, 2, 4, 0), "member count differs");
-    let down = st(vec![
-        m(1, true, Some(50)),
-        m(2, true, Some(50)),
-        m(3, false, None),
-    ]);
-    assert!(!member_caught_up(&down, 2, 3, 0), "a member is unreachable");
-    assert!(!member_caught_up(&json!({"role": "leader"}), 1, 3, 0));
 }
 
 #[test]
@@ -175,22 +130,6 @@ fn failover_record_round_trips() {
     assert_eq!(serde_json::from_str::<FailoverRecord>(&line).unwrap(), r);
 }
 
-#[test]
-fn config_lists_every_peer() {
-    let cfg = cluster_config(&[
-        (1, "127.0.0.1:7001".into(), "127.0.0.1:8001".into()),
-        (2, "127.0.0.1:7002".into(), "127.0.0.1:8002".into()),
-    ]);
-    assert!(cfg.contains("mcp_servers: {}\n"), "{cfg}");
-    assert!(!cfg.contains("election"), "default timings: {cfg}");
-    assert!(
-        cfg.ends_with(
-            "  peers:\n    - {node_id: 1, raft_addr: \"127.0.0.1:7001\", api_addr: \"127.0.0.1:8001\"}\n    - {node_id: 2, raft_addr: \"127.0.0.1:7002\", api_addr: \"127.0.0.1:8002\"}\n"
-        ),
-        "{cfg}"
-    );
-}
-
 fn gone(pid: u32) -> bool {
     // Reaped children have no /proc entry (a zombie would still have one).
     !Path::new(&format!("/proc/{pid}")).exists()
@@ -209,27 +148,25 @@ fn fake_hangar(dir: &Path) -> PathBuf {
 }
 
 #[tokio::test]
-async fn every_process_is_killed_when_the_cluster_is_dropped() {
+async fn the_cluster_is_three_static_peers_with_default_timings_and_is_killed_on_drop() {
     let bin = tempfile::tempdir().unwrap();
-    let hangar = fake_hangar(bin.path());
-    let mut c = LocalCluster::start(&hangar).await.unwrap();
-    let root = c._root.path().to_owned();
-    assert!(root.join("config.yaml").exists());
+    let c = start_cluster(&fake_hangar(bin.path())).await.unwrap();
+    assert_eq!(c.ids(), vec![1, 2, 3]);
+    assert_eq!(c.alive(), vec![1, 2, 3]);
+    let root = c.root().to_owned();
+    let cfg = std::fs::read_to_string(c.member(1).unwrap().config_path()).unwrap();
+    assert!(cfg.starts_with(CONFIG_HEAD), "{cfg}");
+    assert!(cfg.contains("mcp_servers: {}\n"), "{cfg}");
+    assert!(!cfg.contains("election"), "default timings: {cfg}");
+    assert_eq!(cfg.matches("node_id:").count(), 3, "{cfg}");
+    for id in c.ids() {
+        assert!(
+            cfg.contains(&format!("api_addr: \"{}\"", c.http(id))),
+            "{cfg}"
+        );
+    }
     let pids = c.pids();
     assert_eq!(pids.len(), 3);
-    assert_eq!(c.ids(), vec![1, 2, 3]);
-    let http: Vec<String> = c.ids().iter().map(|&i| c.http(i).to_owned()).collect();
-    let mut uniq = http.clone();
-    uniq.dedup();
-    assert_eq!(uniq.len(), 3, "{http:?}");
-    // Kill one, restart it on the same address.
-    c.kill9(2).unwrap();
-    assert_eq!(c.alive(), vec![1, 3]);
-    assert!(c.kill9(2).is_err(), "not running");
-    c.restart(2).await.unwrap();
-    assert_eq!(c.alive(), vec![1, 2, 3]);
-    assert_eq!(c.http(2), http[1]);
-    let pids = c.pids();
     assert!(pids.iter().all(|&p| !gone(p)));
     drop(c);
     assert!(pids.iter().all(|&p| gone(p)), "children left behind");
@@ -242,15 +179,15 @@ async fn a_node_that_exits_at_start_is_reported_with_its_log() {
     let p = bin.path().join("broken-hangar");
     std::fs::write(&p, "#!/bin/sh\necho 'config is broken' >&2\nexit 3\n").unwrap();
     std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let e = LocalCluster::start(&p).await.err().unwrap().to_string();
+    let e = start_cluster(&p).await.err().unwrap().to_string();
     assert!(
         e.contains("exited") && e.contains("config is broken"),
         "{e}"
     );
-    let e = LocalCluster::start(&bin.path().join("missing"))
+    let e = start_cluster(&bin.path().join("missing"))
         .await
         .err()
         .unwrap()
         .to_string();
-    assert!(e.contains("no such file"), "{e}");
+    assert!(e.contains("--hangar") && e.contains("no such file"), "{e}");
 }

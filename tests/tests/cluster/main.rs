@@ -2,101 +2,26 @@
 //! nothing with `hangarctl`, replicated writes and catalogue, leader kills (kill -9) with
 //! re-election, catch-up after restart (also by snapshot), membership changes, and
 //! single-node persistence.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::PathBuf;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use hangar_tests::cluster::{Cluster, Member};
 use hangar_tests::*;
 use serde_json::{Value, json};
 
-/// One cluster member with fixed addresses (so it can be restarted in place).
-struct Member {
-    id: u64,
-    http_port: u16,
-    raft_port: u16,
-    dir: PathBuf,
-    proc: Option<Proc>,
-    starts: u32,
-    extra: Vec<String>,
-}
-
-impl Member {
-    fn new(id: u64, root: &std::path::Path, config: &str, extra: &[&str]) -> Member {
-        let dir = root.join(format!("node{id}"));
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join("config.yaml"), config).unwrap();
-        Member {
-            id,
-            http_port: free_port(),
-            raft_port: free_port(),
-            dir,
-            proc: None,
-            starts: 0,
-            extra: extra.iter().map(|s| (*s).to_owned()).collect(),
-        }
+/// A cluster of `n` members (ids 1..=n, not started) running `hangar` with `args`, logging
+/// at info level.
+fn cluster(n: u64, args: &[&str]) -> Cluster {
+    let mut cl = Cluster::new(&bin("hangar"))
+        .unwrap()
+        .env("MCP_LOG_LEVEL", "info");
+    for id in 1..=n {
+        cl.add(id, args).unwrap();
     }
-
-    fn base(&self) -> String {
-        format!("http://127.0.0.1:{}", self.http_port)
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.base())
-    }
-
-    fn api_addr(&self) -> String {
-        format!("127.0.0.1:{}", self.http_port)
-    }
-
-    fn raft_addr(&self) -> String {
-        format!("127.0.0.1:{}", self.raft_port)
-    }
-
-    /// Start (or restart) the process; returns once it serves HTTP.
-    fn start(&mut self) {
-        self.starts += 1;
-        let ready = self.dir.join("ready.json");
-        let _ = std::fs::remove_file(&ready);
-        let mut cmd = Command::new(bin("hangar"));
-        cmd.arg("serve")
-            .arg("--config")
-            .arg(self.dir.join("config.yaml"))
-            .args(["--listen", &self.api_addr()])
-            .args(["--raft-addr", &self.raft_addr()])
-            .args(["--node-id", &self.id.to_string()])
-            .arg("--data-dir")
-            .arg(self.dir.join("data"))
-            .arg("--ready-file")
-            .arg(&ready)
-            .args(&self.extra)
-            .env("MCP_LOG_LEVEL", "info");
-        let stderr = self.dir.join(format!("stderr.{}", self.starts));
-        let mut p = Proc::spawn(cmd, stderr);
-        poll_until("node ready file", Duration::from_secs(60), || {
-            if !p.running() {
-                panic!("node {} exited during start-up:\n{}", self.id, p.stderr());
-            }
-            ready.exists().then_some(())
-        });
-        self.proc = Some(p);
-    }
-
-    fn kill9(&mut self) {
-        if let Some(mut p) = self.proc.take() {
-            p.kill9();
-        }
-    }
-
-    fn alive(&self) -> bool {
-        self.proc.is_some()
-    }
-
-    fn logs(&self) -> String {
-        self.proc.as_ref().map(Proc::stderr).unwrap_or_default()
-    }
+    cl
 }
 
 fn hangarctl(endpoint: &str, args: &[&str]) -> (bool, String, String) {
@@ -117,30 +42,6 @@ fn ctl_ok(endpoint: &str, args: &[&str]) -> String {
     let (ok, out, err) = hangarctl(endpoint, args);
     assert!(ok, "hangarctl {args:?} failed:\n{out}\n{err}");
     out
-}
-
-/// Wait until every live member agrees on one leader among the live members.
-async fn wait_leader(c: &reqwest::Client, members: &[Member], timeout: Duration) -> u64 {
-    wait_for("one leader known by every live node", timeout, || async {
-        let mut leaders = BTreeSet::new();
-        for m in members.iter().filter(|m| m.alive()) {
-            let text = c
-                .get(m.url("/api/system/"))
-                .timeout(Duration::from_secs(2))
-                .send()
-                .await
-                .ok()?
-                .text()
-                .await
-                .ok()?;
-            let s: Value = serde_json::from_str(&text).ok()?;
-            leaders.insert(s["system"]["cluster"]["leader_id"].as_u64()?);
-        }
-        let leader = *leaders.iter().next()?;
-        let live = members.iter().any(|m| m.alive() && m.id == leader);
-        (leaders.len() == 1 && live).then_some(leader)
-    })
-    .await
 }
 
 /// Servers listed by a node.
@@ -234,15 +135,14 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cluster_forms_from_nothing_replicates_and_survives_twenty_leader_kills() {
-    let root = tempfile::tempdir().unwrap();
     let c = client();
     let cfg = fixture_config();
-    let mut ms: Vec<Member> = (1..=3)
-        .map(|i| Member::new(i, root.path(), &cfg, &["--no-bootstrap"]))
-        .collect();
-    for m in &mut ms {
-        m.start();
+    let mut cl = cluster(3, &["--no-bootstrap"]);
+    for id in cl.ids() {
+        cl.write_config(id, &cfg).unwrap();
     }
+    cl.start_all().await.unwrap();
+    let ms = cl.members();
     // Not ready before the cluster exists.
     let (code, _) = get_json(&c, &ms[0].url("/health/ready")).await;
     assert_eq!(code, 503);
@@ -266,7 +166,7 @@ async fn a_cluster_forms_from_nothing_replicates_and_survives_twenty_leader_kill
         .filter_map(|m| m["membership"].as_str())
         .collect();
     assert_eq!(voters, vec!["voter"; 3], "{st}");
-    for m in &ms {
+    for m in ms {
         wait_for("node ready", Duration::from_secs(20), || async {
             (get_json(&c, &m.url("/health/ready")).await.0 == 200).then_some(())
         })
@@ -274,9 +174,9 @@ async fn a_cluster_forms_from_nothing_replicates_and_survives_twenty_leader_kill
     }
 
     // The config file's servers are on every node; a write on a follower shows everywhere.
-    let follower = ms.iter().find(|m| m.id != 1).unwrap();
+    let follower = ms.iter().find(|m| m.id() != 1).unwrap();
     assert!(add_server(&c, follower, "added-on-follower").await);
-    for m in &ms {
+    for m in ms {
         let ids = wait_for(
             "replicated server list",
             Duration::from_secs(10),
@@ -383,35 +283,28 @@ async fn a_cluster_forms_from_nothing_replicates_and_survives_twenty_leader_kill
     let mut acked_keys: BTreeSet<String> = BTreeSet::new();
     let mut failovers = Vec::new();
     for round in 0..20 {
-        let leader = wait_leader(&c, &ms, Duration::from_secs(20)).await;
-        let li = ms.iter().position(|m| m.id == leader).unwrap();
-        ms[li].kill9();
-        let killed_at = Instant::now();
+        let leader = cl.wait_leader(Duration::from_secs(20)).await.unwrap();
+        let killed_at = cl.kill9(leader).unwrap();
+        let ms = cl.members();
         // First successful write through another node.
         let id = format!("k{round}");
-        let mut ok = false;
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
-            let target = ms.iter().find(|m| m.alive()).unwrap();
-            if add_server(&c, target, &id).await {
-                ok = true;
-                break;
-            }
-            // The write may have been committed although its answer was lost: a retry then
-            // reports "exists", which also proves it is there.
-            if server_ids(&c, target)
-                .await
-                .is_some_and(|s| s.contains(&id))
-            {
-                ok = true;
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        assert!(
-            ok,
-            "round {round}: no write succeeded after killing leader {leader}"
-        );
+        wait_for(
+            &format!("round {round}: a write acknowledged after killing leader {leader}"),
+            Duration::from_secs(20),
+            async || {
+                let target = ms.iter().find(|m| m.alive()).unwrap();
+                if add_server(&c, target, &id).await {
+                    return Some(());
+                }
+                // The write may have been committed although its answer was lost: a retry
+                // then reports "exists", which also proves it is there.
+                server_ids(&c, target)
+                    .await
+                    .is_some_and(|s| s.contains(&id))
+                    .then_some(())
+            },
+        )
+        .await;
         failovers.push(killed_at.elapsed());
         acked.push(id);
         // A key created through another survivor is acknowledged too.
@@ -419,12 +312,12 @@ async fn a_cluster_forms_from_nothing_replicates_and_survives_twenty_leader_kill
         if let Some(k) = add_key(&c, other, &format!("round-{round}")).await {
             acked_keys.insert(k);
         }
-        let new_leader = wait_leader(&c, &ms, Duration::from_secs(20)).await;
+        let new_leader = cl.wait_leader(Duration::from_secs(20)).await.unwrap();
         assert_ne!(new_leader, leader);
         // Restart the killed node; it must catch up before the next kill (quorum).
-        ms[li].start();
+        cl.restart(leader).await.unwrap();
         let want: BTreeSet<String> = acked.iter().cloned().collect();
-        let m = &ms[li];
+        let m = cl.member(leader).unwrap();
         wait_for(
             "restarted node caught up",
             Duration::from_secs(30),
@@ -436,9 +329,10 @@ async fn a_cluster_forms_from_nothing_replicates_and_survives_twenty_leader_kill
         )
         .await;
     }
+    let ms = cl.members();
     // Every acknowledged write is on every node.
     let want: BTreeSet<String> = acked.iter().cloned().collect();
-    for m in &ms {
+    for m in ms {
         let ids = wait_for(
             "all acknowledged writes",
             Duration::from_secs(20),
@@ -454,7 +348,7 @@ async fn a_cluster_forms_from_nothing_replicates_and_survives_twenty_leader_kill
         acked_keys.len() >= 15,
         "most key writes succeed: {acked_keys:?}"
     );
-    for m in &ms {
+    for m in ms {
         wait_for("all acknowledged keys", Duration::from_secs(20), || async {
             acked_keys.is_subset(&key_ids(&c, m).await?).then_some(())
         })
@@ -463,7 +357,7 @@ async fn a_cluster_forms_from_nothing_replicates_and_survives_twenty_leader_kill
     // The event log is the same on every node (same sequence numbers, same ids).
     let logs = wait_for("identical event logs", Duration::from_secs(20), || async {
         let mut logs = Vec::new();
-        for m in &ms {
+        for m in ms {
             logs.push(event_ids(&c, m).await?);
         }
         logs.windows(2).all(|w| w[0] == w[1]).then_some(logs)
@@ -478,63 +372,50 @@ async fn a_cluster_forms_from_nothing_replicates_and_survives_twenty_leader_kill
         percentile(&failovers, 0.99),
         failovers.last().unwrap()
     );
-    for m in &ms {
+    for m in ms {
         assert!(
-            !m.logs().contains("panicked"),
+            !m.log().contains("panicked"),
             "node {} panicked:\n{}",
-            m.id,
-            m.logs()
+            m.id(),
+            m.log()
         );
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lagging_nodes_catch_up_by_snapshot_and_membership_changes_work() {
-    let root = tempfile::tempdir().unwrap();
     let c = client();
     // Static peers: the lowest id bootstraps; small snapshot interval so a lagging node
     // must be sent a snapshot.
-    let mut ms: Vec<Member> = (1..=3)
-        .map(|i| Member::new(i, root.path(), "", &[]))
-        .collect();
-    let peers: String = ms
-        .iter()
-        .map(|m| {
-            format!(
-                "    - {{node_id: {}, raft_addr: \"{}\", api_addr: \"{}\"}}\n",
-                m.id,
-                m.raft_addr(),
-                m.api_addr()
-            )
-        })
-        .collect();
-    let cfg = format!(
-        "mcp_servers: {{}}\ncluster:\n  snapshot_every: 20\n  keep_logs: 5\n  peers:\n{peers}"
+    let mut cl = cluster(3, &[]);
+    let cfg = cl.static_peers_config(
+        "mcp_servers: {}\n",
+        "  snapshot_every: 20\n  keep_logs: 5\n",
     );
-    for m in &mut ms {
-        std::fs::write(m.dir.join("config.yaml"), &cfg).unwrap();
-        m.start();
+    for id in cl.ids() {
+        cl.write_config(id, &cfg).unwrap();
     }
-    let leader = wait_leader(&c, &ms, Duration::from_secs(20)).await;
+    cl.start_all().await.unwrap();
+    let leader = cl.wait_leader(Duration::from_secs(20)).await.unwrap();
     // Take node 3 (or another non-leader) down, write a lot, snapshot and purge.
-    let lag_i = ms.iter().position(|m| m.id != leader).unwrap();
-    ms[lag_i].kill9();
-    let writer = ms.iter().find(|m| m.alive()).unwrap();
+    let lag = cl.ids().into_iter().find(|&id| id != leader).unwrap();
+    cl.kill9(lag).unwrap();
+    let writer = cl.members().iter().find(|m| m.alive()).unwrap();
     let mut acked = BTreeSet::new();
     for i in 0..60 {
         let id = format!("s{i}");
         assert!(add_server(&c, writer, &id).await, "write {id}");
         acked.insert(id);
     }
-    let leader_m = ms.iter().find(|m| m.id == leader).unwrap();
+    let leader_m = cl.member(leader).unwrap();
     let snap: Value = serde_json::from_str(&ctl_ok(
         &leader_m.base(),
         &["--output", "json", "cluster", "snapshot", "--purge"],
     ))
     .unwrap();
     assert!(snap["purged_index"].as_u64().unwrap_or(0) > 0, "{snap}");
-    ms[lag_i].start();
-    let m = &ms[lag_i];
+    cl.restart(lag).await.unwrap();
+    let m = cl.member(lag).unwrap();
     wait_for(
         "lagging node caught up",
         Duration::from_secs(30),
@@ -551,9 +432,11 @@ async fn lagging_nodes_catch_up_by_snapshot_and_membership_changes_work() {
     );
 
     // A fourth node: added as a learner with hangarctl, promoted, then node 2 removed.
-    let mut m4 = Member::new(4, root.path(), "mcp_servers: {}\n", &["--no-bootstrap"]);
-    m4.start();
-    let any = ms[0].base();
+    cl.add(4, &["--no-bootstrap"]).unwrap();
+    cl.write_config(4, "mcp_servers: {}\n").unwrap();
+    cl.start(4).await.unwrap();
+    let m4 = cl.member(4).unwrap();
+    let any = cl.members()[0].base();
     ctl_ok(
         &any,
         &[
@@ -562,13 +445,13 @@ async fn lagging_nodes_catch_up_by_snapshot_and_membership_changes_work() {
             "--node-id",
             "4",
             "--raft-addr",
-            &m4.raft_addr(),
+            m4.raft_addr(),
             "--api-addr",
-            &m4.api_addr(),
+            m4.api_addr(),
         ],
     );
     wait_for("learner caught up", Duration::from_secs(20), || async {
-        let ids = server_ids(&c, &m4).await?;
+        let ids = server_ids(&c, m4).await?;
         acked.is_subset(&ids).then_some(())
     })
     .await;
@@ -596,11 +479,11 @@ async fn lagging_nodes_catch_up_by_snapshot_and_membership_changes_work() {
     let out = ctl_ok(&any, &["cluster", "transfer-leader", "4"]);
     assert!(out.contains("leader is now 4"), "{out}");
     // The new voter takes writes; the cluster survives losing one of three voters.
-    ms[1].kill9();
-    assert!(add_server(&c, &m4, "after-membership-change").await);
-    ms.push(m4);
+    cl.kill9(2).unwrap();
+    let m4 = cl.member(4).unwrap();
+    assert!(add_server(&c, m4, "after-membership-change").await);
     // Errors say what to do.
-    let (ok, _, err) = hangarctl(&ms[0].base(), &["cluster", "promote", "99"]);
+    let (ok, _, err) = hangarctl(&any, &["cluster", "promote", "99"]);
     assert!(!ok && err.contains("not a learner"), "{err}");
 }
 
@@ -608,16 +491,19 @@ async fn lagging_nodes_catch_up_by_snapshot_and_membership_changes_work() {
 async fn single_node_default_keeps_its_data_across_restarts() {
     let root = tempfile::tempdir().unwrap();
     let c = client();
-    let mut m = Member::new(1, root.path(), &fixture_config(), &[]);
-    m.start();
+    let mut cl = cluster(1, &[]);
+    cl.write_config(1, &fixture_config()).unwrap();
+    cl.start(1).await.unwrap();
+    let m = cl.member(1).unwrap();
     assert_eq!(get_json(&c, &m.url("/health/ready")).await.0, 200);
-    assert!(add_server(&c, &m, "kept").await);
+    assert!(add_server(&c, m, "kept").await);
     let (_, before) = get_json(&c, &m.url("/api/events?since=0&limit=1000")).await;
     // Graceful stop, then start again on the same data directory.
-    let code = m.proc.take().unwrap().terminate();
+    let code = cl.terminate(1).await.unwrap();
     assert_eq!(code, Some(0));
-    m.start();
-    let ids = server_ids(&c, &m).await.unwrap();
+    cl.start(1).await.unwrap();
+    let m = cl.member(1).unwrap();
+    let ids = server_ids(&c, m).await.unwrap();
     assert!(ids.contains("kept") && ids.contains("fx"), "{ids:?}");
     let (_, after) = get_json(&c, &m.url("/api/events?since=0&limit=1000")).await;
     assert!(
@@ -640,7 +526,7 @@ async fn single_node_default_keeps_its_data_across_restarts() {
     let diff = ctl_ok(&m.base(), &["config", "diff", new_cfg.to_str().unwrap()]);
     assert!(diff.contains("+ fx2") && diff.contains("- fx"), "{diff}");
     ctl_ok(&m.base(), &["config", "apply", new_cfg.to_str().unwrap()]);
-    let ids = server_ids(&c, &m).await.unwrap();
+    let ids = server_ids(&c, m).await.unwrap();
     assert!(
         ids.contains("fx2") && !ids.contains("fx") && ids.contains("kept"),
         "{ids:?}"
@@ -652,9 +538,9 @@ async fn single_node_default_keeps_its_data_across_restarts() {
     // Data directory in use: a second node on it refuses to start with a clear message.
     let out = Command::new(bin("hangar"))
         .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(m.dir.join("data"))
+        .arg(m.data_dir())
         .arg("--config")
-        .arg(m.dir.join("config.yaml"))
+        .arg(m.config_path())
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1));

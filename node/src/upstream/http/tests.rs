@@ -305,11 +305,10 @@ fn result_json(o: Outcome) -> Value {
 }
 
 async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    hangar_wait::Wait::new(what, Duration::from_secs(10))
+        .step(Duration::from_millis(10))
+        .expect_async(async || cond().then_some(()))
+        .await;
 }
 
 #[tokio::test]
