@@ -105,7 +105,6 @@ fn register(reg: &Registry, c: Box<dyn prometheus::core::Collector>, name: &str)
 
 /// Metric definitions are static: a failure here is a programming error caught by the unit
 /// tests, never a runtime condition.
-#[allow(clippy::panic)]
 fn panic_metric(name: &str, e: &prometheus::Error) -> ! {
     panic!("metric definition {name} is invalid: {e}")
 }
