@@ -520,9 +520,7 @@ impl HostGuard {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum GuardRefusal {
     /// The Host header names a host this node does not serve.
-    #[error(
-        "Host '{0}' is not allowed (DNS-rebinding protection); add it to server.allowed_hosts"
-    )]
+    #[error("Host '{0}' is not allowed (DNS-rebinding protection); add it to server.allowed_hosts")]
     Host(String),
     /// `Origin: null`.
     #[error("Origin 'null' is not allowed")]

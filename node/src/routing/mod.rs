@@ -282,12 +282,14 @@ impl Router {
     fn announce_readmitted(&self, group: &str, back: Vec<String>) {
         for member in back {
             tracing::info!(group, member = %member, "group_member_back_in_rotation");
-            self.runtime.events().emit(DomainEvent::GroupMemberHealthChanged {
-                group_id: group.to_owned(),
-                member_id: member,
-                in_rotation: true,
-                reason: "recovered",
-            });
+            self.runtime
+                .events()
+                .emit(DomainEvent::GroupMemberHealthChanged {
+                    group_id: group.to_owned(),
+                    member_id: member,
+                    in_rotation: true,
+                    reason: "recovered",
+                });
         }
     }
 

@@ -19,9 +19,7 @@ struct Peers {
 fn peers(test: &str) -> Peers {
     let deps = std::env::var_os("HANGAR_DEPS")
         .map(PathBuf::from)
-        .or_else(|| {
-            std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/hangar/deps"))
-        })
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/hangar/deps")))
         .unwrap_or_else(|| panic!("{test}: neither HANGAR_DEPS nor HOME is set"));
     assert!(
         deps.is_dir(),
@@ -262,7 +260,9 @@ async fn alternating_member_kills_under_load_fail_no_call() {
                     }
                     let msg = format!("c{k}-{i}");
                     let r = call_tool(&c, &url, "g__echo", json!({"message": msg})).await;
-                    let text = r["result"]["content"][0]["text"].as_str().unwrap_or_default();
+                    let text = r["result"]["content"][0]["text"]
+                        .as_str()
+                        .unwrap_or_default();
                     if text.contains(&msg) && r["result"]["isError"] != true {
                         ok.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     } else if failures.len() < 5 {
@@ -279,10 +279,14 @@ async fn alternating_member_kills_under_load_fail_no_call() {
     let pid_of = |v: &Value| v["pid"].as_u64();
     for kill in 0..6 {
         let id = if kill % 2 == 0 { "m1" } else { "m2" };
-        let pid = wait_for("the member to be ready", Duration::from_secs(20), || async {
-            let (_, v) = get_json(&c, &node.url(&format!("/api/mcp_servers/{id}"))).await;
-            (v["state"] == "ready").then(|| pid_of(&v)).flatten()
-        })
+        let pid = wait_for(
+            "the member to be ready",
+            Duration::from_secs(20),
+            || async {
+                let (_, v) = get_json(&c, &node.url(&format!("/api/mcp_servers/{id}"))).await;
+                (v["state"] == "ready").then(|| pid_of(&v)).flatten()
+            },
+        )
         .await;
         let _ = std::process::Command::new("kill")
             .args(["-9", &pid.to_string()])
@@ -345,7 +349,9 @@ async fn alternating_member_kills_under_load_fail_no_call() {
         .as_array()
         .unwrap()
         .iter()
-        .filter(|e| e["event_type"] == "GroupCircuitOpened" || e["event_type"] == "McpServerDegraded")
+        .filter(|e| {
+            e["event_type"] == "GroupCircuitOpened" || e["event_type"] == "McpServerDegraded"
+        })
         .count();
     assert_eq!(opened, 0, "no member DEGRADED, no group circuit opened");
 }

@@ -3,7 +3,7 @@
 use super::*;
 
 use Action::{
-    BreakerChanged, CheckHealth, Connect, Disconnect, RecoveryScheduled, Recover, Refuse, Revive,
+    BreakerChanged, CheckHealth, Connect, Disconnect, Recover, RecoveryScheduled, Refuse, Revive,
     StateChanged, StopIdle,
 };
 use ServerState::*;
