@@ -4,6 +4,7 @@
 mod acceptance;
 mod api;
 mod cli;
+mod coverage;
 mod lifecycle;
 mod proxy;
 mod thirdparty;
