@@ -90,7 +90,7 @@ enum ServersCmd {
         /// Server id.
         id: String,
     },
-    /// Add a server: `hangarctl servers add ID --mode remote --endpoint URL` or
+    /// Add a server: `hangarctl servers add ID --mode remote --url URL` or
     /// `--mode subprocess --command python3 --command -m --command my_server`.
     Add {
         /// Server id.
@@ -101,9 +101,9 @@ enum ServersCmd {
         /// Command and arguments (repeat the flag for each element).
         #[arg(long = "command")]
         command: Vec<String>,
-        /// Endpoint URL for remote servers.
-        #[arg(long)]
-        endpoint: Option<String>,
+        /// Endpoint URL of a remote server (`--endpoint` is the node hangarctl talks to).
+        #[arg(long = "url", value_name = "URL")]
+        url: Option<String>,
         /// Environment variables KEY=VALUE (repeatable).
         #[arg(long = "env")]
         env: Vec<String>,
@@ -362,7 +362,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 id,
                 mode,
                 command,
-                endpoint,
+                url,
                 env,
                 idle_ttl_s,
                 description,
@@ -371,8 +371,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 if !command.is_empty() {
                     body["command"] = json!(command);
                 }
-                if let Some(e) = endpoint {
-                    body["endpoint"] = json!(e);
+                if let Some(u) = url {
+                    body["endpoint"] = json!(u);
                 }
                 if !env.is_empty() {
                     let mut m = serde_json::Map::new();

@@ -744,10 +744,10 @@ fn coverage_hangarctl_servers_tools_and_call_against_a_real_node() {
     assert_eq!(v["mcp_servers"].as_array().unwrap().len(), 1, "{v}");
 }
 
-/// `hangarctl servers add` of a subprocess server (and of a remote one next to the global
-/// `--endpoint` that names the node).
+/// `hangarctl servers add` of a subprocess server and of a remote one (`--url`), next to the
+/// global `--endpoint` that names the node. (They once were one clap argument: the node URL
+/// was sent as every new server's `endpoint`.)
 #[test]
-#[ignore = "bug: hangarctl's `servers add --endpoint` (the remote server's URL) and the global `--endpoint`/HANGAR_ENDPOINT (the node) are one clap argument: the node URL is always sent as the new server's `endpoint`, so adding a subprocess server fails with 422 `endpoint` applies to mode `remote` only, and for a remote server the upstream URL replaces the node address"]
 fn coverage_hangarctl_servers_add() {
     let node = Node::start(&format!("mcp_servers:\n{}", fixture_stdio_yaml("fx", "")));
     let fx = fixture();
@@ -794,7 +794,7 @@ fn coverage_hangarctl_servers_add() {
             "web",
             "--mode",
             "remote",
-            "--endpoint",
+            "--url",
             &web.url,
         ],
     );
