@@ -685,27 +685,20 @@ async fn dropping_the_connection_kills_the_process_group() {
     };
     let conn = StdioConn::spawn("dropper", &spec, notes).unwrap();
     let pid = conn.pid().unwrap();
-    let mut grandchild = None;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while grandchild.is_none() {
-        assert!(Instant::now() < deadline, "no grandchild pid on stderr");
-        grandchild = conn
-            .logs(1)
-            .first()
-            .and_then(|l| l.line.parse::<u32>().ok());
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    let grandchild = grandchild.unwrap();
+    let grandchild = hangar_wait::Wait::new("the grandchild pid on stderr", Duration::from_secs(10))
+        .step(Duration::from_millis(10))
+        .expect_async(async || {
+            conn.logs(1)
+                .first()
+                .and_then(|l| l.line.parse::<u32>().ok())
+        })
+        .await;
     assert!(!process_gone(grandchild));
     drop(conn);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !(process_gone(pid) && process_gone(grandchild)) {
-        assert!(
-            Instant::now() < deadline,
-            "the process group survived the drop"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    eventually("the process group to go with the drop", || {
+        process_gone(pid) && process_gone(grandchild)
+    })
+    .await;
 }
 
 /// True when the pid no longer runs (absent, or a zombie waiting for a reaper).
@@ -791,27 +784,23 @@ fn no_orphans_when_the_node_is_sigkilled() {
     );
     // setpriv arms the parent-death signal and then execs the server; wait for the exec so
     // the kill below does not land in the (microseconds-wide) window before the signal is armed.
-    let exec_deadline = Instant::now() + Duration::from_secs(10);
-    while std::fs::read_to_string(format!("/proc/{server}/comm"))
-        .is_ok_and(|comm| comm.trim() != "sleep")
-    {
-        assert!(
-            Instant::now() < exec_deadline,
-            "setpriv did not exec the server"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    hangar_wait::Wait::new("setpriv to exec the server", Duration::from_secs(10))
+        .step(Duration::from_millis(5))
+        .expect(|| {
+            std::fs::read_to_string(format!("/proc/{server}/comm"))
+                .map_or(true, |comm| comm.trim() == "sleep")
+                .then_some(())
+        });
     helper.kill().unwrap(); // SIGKILL: no chance to clean up
     helper.wait().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !process_gone(server) {
-        if Instant::now() > deadline {
-            let _ = std::process::Command::new("kill")
-                .args(["-9", &server.to_string()])
-                .status();
-            panic!("the server {server} outlived its SIGKILLed parent");
-        }
-        std::thread::sleep(Duration::from_millis(10));
+    let gone = hangar_wait::Wait::new("the server to die with its parent", Duration::from_secs(10))
+        .step(Duration::from_millis(10))
+        .poll(|| process_gone(server).then_some(()));
+    if gone.is_err() {
+        let _ = std::process::Command::new("kill")
+            .args(["-9", &server.to_string()])
+            .status();
+        panic!("the server {server} outlived its SIGKILLed parent");
     }
 }
 
