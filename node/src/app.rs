@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::{self, ApiState};
 use crate::cluster::Cluster;
-use crate::config::Config;
+use crate::config::{BoxFuture, Config, ReloadTarget, Reloader, Requester, TargetError};
 use crate::gateway::http::{self as front, FrontDoor, HostGuard};
 use crate::gateway::{Gateway, GatewayConfig};
 use crate::runtime::Runtime;
@@ -54,129 +54,47 @@ pub struct Node {
     temp_data: Option<PathBuf>,
 }
 
-/// Reloads the configuration file: validates it first (an invalid file changes nothing and
-/// is reported), then applies the difference to the runtime and the gateway.
-pub struct Reloader {
-    path: Option<PathBuf>,
+/// The node side of configuration reloads: the cluster takes the new servers (validated
+/// against the merged desired config and replicated), the runtime reports what runs, the
+/// gateway takes the settings that apply without a restart.
+struct ReloadWiring {
     runtime: Arc<Runtime>,
     gateway: Arc<Gateway>,
     cluster: Arc<Cluster>,
-    lock: tokio::sync::Mutex<()>,
-    fingerprint: parking_lot::Mutex<Option<Vec<u8>>>,
 }
 
-/// Outcome of a reload.
-#[derive(Debug, serde::Serialize)]
-pub struct ReloadReport {
-    /// `success`.
-    pub status: &'static str,
-    /// What changed.
-    #[serde(flatten)]
-    pub diff: crate::config::ConfigDiff,
-    /// Time taken.
-    pub duration_ms: u64,
-}
-
-impl Reloader {
-    /// Reload now. `requested_by`: `sighup`, `api`, `tool`, `file_watcher`.
-    pub async fn reload(&self, requested_by: &str) -> Result<ReloadReport, String> {
-        let _g = self.lock.lock().await;
-        let t0 = std::time::Instant::now();
-        let log = self.runtime.events();
-        let Some(path) = &self.path else {
-            return Err(
-                "this node was started without a configuration file; nothing to reload".into(),
-            );
-        };
-        log.publish(
-            "ConfigurationReloadRequested",
-            serde_json::json!({"config_path": path.display().to_string(), "requested_by": requested_by}),
-        );
-        let bytes = std::fs::read(path).ok();
-        let failed = |msg: String| {
-            tracing::error!(error = %msg, requested_by, "configuration_reload_failed (the previous configuration keeps serving)");
-            log.publish(
-                "ConfigurationReloadFailed",
-                serde_json::json!({"config_path": path.display().to_string(), "requested_by": requested_by, "error": msg}),
-            );
-            *self.fingerprint.lock() = bytes.clone();
-            Err(msg)
-        };
-        let cfg = match crate::config::load_file(path) {
-            Ok(c) => c,
-            Err(e) => return failed(e.to_string()),
-        };
-        let before = self.runtime.specs();
-        let hash = crate::config::sha256_hex(bytes.as_deref().unwrap_or_default());
-        if let Err(e) = self
-            .cluster
-            .apply_file_config(&cfg.raw_servers, &hash)
-            .await
-        {
-            return failed(e.to_string());
-        }
-        let diff = crate::config::diff(&before, &self.runtime.specs());
-        self.gateway.set_config(GatewayConfig {
-            naming: cfg.tool_access.naming,
-            request_timeout: cfg.server.request_timeout,
-        });
-        *self.fingerprint.lock() = bytes;
-        let duration_ms = t0.elapsed().as_millis() as u64;
-        log.publish(
-            "ConfigurationReloaded",
-            serde_json::json!({"config_path": path.display().to_string(), "requested_by": requested_by,
-                "mcp_servers_added": diff.added, "mcp_servers_removed": diff.removed,
-                "mcp_servers_updated": diff.updated, "mcp_servers_unchanged": diff.unchanged,
-                "reload_duration_ms": duration_ms}),
-        );
-        Ok(ReloadReport {
-            status: "success",
-            diff,
-            duration_ms,
-        })
+impl ReloadTarget for ReloadWiring {
+    fn current(&self) -> indexmap::IndexMap<String, crate::config::ServerSpec> {
+        self.runtime.specs()
     }
 
-    /// Watch the file: reload when its content changes (checked every `period`).
-    fn watch(self: Arc<Self>, period: Duration, shutdown: CancellationToken) {
-        let Some(path) = self.path.clone() else {
-            return;
-        };
-        *self.fingerprint.lock() = std::fs::read(&path).ok();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(period);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = tick.tick() => {}
-                }
-                let now = std::fs::read(&path).ok();
-                let changed = now.is_some() && *self.fingerprint.lock() != now;
-                if changed {
-                    tracing::info!(path = %path.display(), "config_file_modified_detected");
-                    let _ = self.reload("file_watcher").await;
-                }
-            }
-        });
-    }
-}
-
-impl crate::gateway::management::ConfigReloader for Reloader {
-    fn reload<'a>(
+    fn apply<'a>(
         &'a self,
-        requested_by: &'a str,
-    ) -> std::pin::Pin<
-        Box<dyn std::future::Future<Output = Result<serde_json::Value, String>> + Send + 'a>,
-    > {
+        raw: &'a std::collections::BTreeMap<String, serde_json::Value>,
+        file_hash: &'a str,
+    ) -> BoxFuture<'a, Result<(), TargetError>> {
         Box::pin(async move {
-            let report = Reloader::reload(self, requested_by).await?;
-            let d = &report.diff;
-            Ok(
-                serde_json::json!({"status": report.status, "mcp_servers_added": d.added,
-                "mcp_servers_removed": d.removed, "mcp_servers_updated": d.updated,
-                "mcp_servers_unchanged": d.unchanged, "duration_ms": report.duration_ms}),
-            )
+            self.cluster
+                .apply_file_config(raw, file_hash)
+                .await
+                .map(drop)
+                .map_err(TargetError::from)
         })
+    }
+
+    fn settings(&self, cfg: &Config) {
+        self.gateway.set_config(gateway_config(cfg));
+    }
+
+    fn publish(&self, event: &'static str, data: serde_json::Value) {
+        self.runtime.events().publish(event, data);
+    }
+}
+
+fn gateway_config(cfg: &Config) -> GatewayConfig {
+    GatewayConfig {
+        naming: cfg.tool_access.naming,
+        request_timeout: cfg.server.request_timeout,
     }
 }
 
@@ -188,9 +106,7 @@ impl Node {
     pub async fn start(opts: ServeOptions) -> anyhow::Result<Node> {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let mut cfg = opts.config;
-        cfg.cluster
-            .override_with(&opts.cluster)
-            .map_err(|m| anyhow::anyhow!("{m}"))?;
+        cfg.cluster.override_with(&opts.cluster)?;
         // A desktop client starts `--stdio` from wherever it likes (often `/`): without an
         // explicit data directory such a node keeps its Raft data in a private temporary
         // directory, removed at exit (the config file stays the source of truth).
@@ -229,28 +145,22 @@ impl Node {
             None => SocketAddr::from(([127, 0, 0, 1], 0)),
         };
         let cluster = Cluster::start(cfg.cluster.clone(), api_addr, shutdown.clone()).await?;
-        cluster.boot().await?;
+        cluster.boot().await.context("initializing the cluster")?;
         let metrics = Arc::new(Metrics::new());
         let events = Arc::new(crate::telemetry::events::EventLog::new(&node_name, 10_000));
         // Servers come from the replicated state (the applier), never straight from the file.
         let mut boot_cfg = cfg.clone();
         boot_cfg.mcp_servers.clear();
         let runtime = Runtime::new(&boot_cfg, metrics, events, node_name.clone());
-        let gateway = Gateway::new(
-            runtime.clone(),
-            GatewayConfig {
-                naming: cfg.tool_access.naming,
-                request_timeout: cfg.server.request_timeout,
-            },
-        );
-        let reloader = Arc::new(Reloader {
-            path: opts.config_path.clone(),
-            runtime: runtime.clone(),
-            gateway: gateway.clone(),
-            cluster: cluster.clone(),
-            lock: tokio::sync::Mutex::new(()),
-            fingerprint: parking_lot::Mutex::new(None),
-        });
+        let gateway = Gateway::new(runtime.clone(), gateway_config(&cfg));
+        let reloader = Arc::new(Reloader::new(
+            opts.config_path.clone(),
+            Arc::new(ReloadWiring {
+                runtime: runtime.clone(),
+                gateway: gateway.clone(),
+                cluster: cluster.clone(),
+            }),
+        ));
         gateway.set_reloader(reloader.clone());
         let mut http = None;
         if let Some(listener) = listener {
@@ -268,7 +178,6 @@ impl Node {
                     gateway: gateway.clone(),
                     max_body: cfg.server.max_body_bytes,
                 }))
-                .merge(crate::cluster::routes(cluster.clone()))
                 .merge(api::routes(ApiState {
                     gateway: gateway.clone(),
                     reloader: Some(reloader.clone()),
@@ -292,7 +201,10 @@ impl Node {
             .config_path
             .as_ref()
             .and(cfg.file_hash.clone().map(|h| (cfg.raw_servers.clone(), h)));
-        cluster.run(runtime.clone(), file).await?;
+        cluster
+            .run(runtime.clone(), file)
+            .await
+            .context("the configuration file could not be applied to the cluster")?;
         if cfg.config_reload.enabled {
             let period = if cfg.config_reload.use_watchdog {
                 Duration::from_secs(1)
@@ -412,7 +324,7 @@ async fn signals(reloader: Arc<Reloader>) -> &'static str {
             _ = hup.recv() => {
                 tracing::info!("reload_signal_received");
                 let r = reloader.clone();
-                tokio::spawn(async move { let _ = r.reload("sighup").await; });
+                tokio::spawn(async move { let _ = r.reload(Requester::Sighup).await; });
             }
         }
     }

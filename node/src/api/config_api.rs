@@ -1,43 +1,19 @@
-//! `/api/config/{validate,diff,apply,export}`: the desired configuration of the cluster,
-//! behind `hangarctl config`. Bodies are config files (YAML or JSON text).
+//! `/api/config/{validate,diff,apply,export,reload}`: the desired configuration of the
+//! cluster, behind `hangarctl config`. Bodies are config files (YAML or JSON text).
 
 use axum::extract::State;
 use axum::http::StatusCode;
-use axum::response::{IntoResponse, Response};
+use axum::response::IntoResponse;
 use serde_json::{Value, json};
 
-use super::{ApiError, ApiState};
-use crate::config::{self, ConfigError};
-
-type ApiResult = Result<Response, ApiError>;
-
-fn problems_of(e: &ConfigError) -> Vec<Value> {
-    match e {
-        ConfigError::Invalid { problems } => problems
-            .iter()
-            .map(|p| json!({"path": p.path, "message": p.message}))
-            .collect(),
-        ConfigError::Unreadable { reason, .. } => vec![json!({"path": "", "message": reason})],
-    }
-}
+use super::ApiState;
+use super::error::{ApiError, ApiResult};
+use crate::config;
 
 fn parse(body: &[u8]) -> Result<config::Config, ApiError> {
-    let text = std::str::from_utf8(body).map_err(|_| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "ValidationError",
-            "the body must be the config file as UTF-8 text",
-            Value::Null,
-        )
-    })?;
-    config::load_str(text, &|k| std::env::var(k).ok()).map_err(|e| {
-        ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "ValidationError",
-            format!("invalid configuration: {e}"),
-            json!({"problems": problems_of(&e)}),
-        )
-    })
+    let text = std::str::from_utf8(body)
+        .map_err(|_| ApiError::bad_request("the body must be the config file as UTF-8 text"))?;
+    Ok(config::load_str(text, &|k| std::env::var(k).ok())?)
 }
 
 /// `POST /api/config/validate`: every problem with its path (200 with `valid: false`).
@@ -122,4 +98,32 @@ pub async fn export(State(st): State<ApiState>) -> ApiResult {
         "_hangar": {"config_version": version, "config_file_hash": file_hash, "servers": sources},
     }))
     .into_response())
+}
+
+/// `POST /api/config/reload`: reload the file this node was started with.
+pub async fn reload(State(st): State<ApiState>, body: axum::body::Bytes) -> ApiResult {
+    if !body.is_empty() {
+        let v: Value = serde_json::from_slice(&body).map_err(|e| {
+            ApiError::validation(
+                format!("body must be JSON like {{\"graceful\": true}}: {e}"),
+                Value::Null,
+            )
+        })?;
+        if v.get("config_path").is_some() {
+            return Err(ApiError::validation(
+                "config_path cannot be changed through the API; edit the file the node was started with",
+                json!({"field": "config_path"}),
+            ));
+        }
+    }
+    let Some(r) = &st.reloader else {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "ConfigurationUnavailableError",
+            "this node has no configuration file to reload",
+            Value::Null,
+        ));
+    };
+    let report = r.reload(config::Requester::Api).await?;
+    Ok(axum::Json(report).into_response())
 }

@@ -6,15 +6,14 @@
 
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
-use axum::response::{IntoResponse, Response};
+use axum::response::IntoResponse;
 use hangar_raft::Command;
 use hangar_raft::state::ApiKeyRecord;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::{ApiError, ApiState};
-
-type ApiResult = Result<Response, ApiError>;
+use super::ApiState;
+use super::error::{ApiError, ApiResult};
 
 const NOT_ENFORCED: &str = "Store the raw key now: it is shown once. This Hangar version replicates API keys but does not yet require them on requests.";
 

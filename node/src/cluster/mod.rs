@@ -8,21 +8,24 @@
 //! * the **event flusher** batches domain events into `AppendEvents` entries (one Raft round
 //!   trip per batch, never per event);
 //! * the **catalogue publisher** replicates what an upstream offers once this node learned it.
-
-mod api;
-
-pub use api::routes;
+//!
+//! Its REST surface (`/api/cluster/*`) is the API room's; this room exposes typed methods
+//! and a typed [`ClusterError`].
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+pub use hangar_raft::RejectCode;
 use hangar_raft::state::{
     CatalogEntry as ReplicatedCatalog, ConfigSourceKind, EventRecord, StoredEvent,
 };
-use hangar_raft::{ClusterStatus, Command, NodeInfo, RaftConfig, RaftError, RaftHandle, Response};
+use hangar_raft::{
+    ClusterStatus, Command, NodeInfo, RaftConfig, RaftError, RaftHandle, Response, Role,
+};
 use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
@@ -48,7 +51,7 @@ pub enum ClusterError {
     #[error("{message}")]
     Rejected {
         /// Stable code (`server_exists`, `server_not_found`, `version_mismatch`, …).
-        code: String,
+        code: RejectCode,
         /// Why.
         message: String,
     },
@@ -60,12 +63,159 @@ pub enum ClusterError {
         "the change was committed but this node has not applied it within {0:?}; it will shortly — re-read to confirm"
     )]
     ApplyTimeout(Duration),
-    /// Bad request.
-    #[error("{0}")]
-    BadRequest(String),
-    /// A peer node answered with an error.
-    #[error("{0}")]
-    Peer(String),
+    /// `init` on a node that already has cluster data.
+    #[error("this node is already part of an initialized cluster; use `hangarctl cluster status`")]
+    AlreadyInitialized,
+    /// `promote` of a node that is not a learner.
+    #[error(
+        "node {0} is not a learner of this cluster; add it first (hangarctl cluster add-learner)"
+    )]
+    NotALearner(u64),
+    /// `remove` of a node that is not a member.
+    #[error("node {0} is not a member of this cluster")]
+    NotAMember(u64),
+    /// `remove` of the only voter.
+    #[error("cannot remove the last voter")]
+    LastVoter,
+    /// A read-modify-write kept losing the compare-and-set race.
+    #[error("'{id}' kept changing while being edited; retry")]
+    Contended {
+        /// The server or group.
+        id: String,
+    },
+    /// A peer node could not be reached.
+    #[error("cannot reach {url}: {source}")]
+    PeerUnreachable {
+        /// What was called.
+        url: String,
+        /// The transport error.
+        #[source]
+        source: reqwest::Error,
+    },
+    /// A peer node refused.
+    #[error("{url} answered {status}: {message}")]
+    PeerRefused {
+        /// What was called.
+        url: String,
+        /// Its HTTP status.
+        status: u16,
+        /// Its error class, when it sent one.
+        code: Option<String>,
+        /// Its message (or the start of its body).
+        message: String,
+    },
+}
+
+/// Why the cluster machinery of this node could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// `cluster.raft_addr` is not an address.
+    #[error("cluster.raft_addr `{0}` is not IP:PORT (e.g. 127.0.0.1:7400)")]
+    RaftAddr(String),
+    /// The data directory cannot be created.
+    #[error(
+        "cannot create the data directory {}: {source}; choose another with --data-dir or cluster.data_dir",
+        dir.display()
+    )]
+    DataDir {
+        /// The directory.
+        dir: std::path::PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Raft did not start on that directory.
+    #[error("cannot start Raft with data directory {}: {source}", dir.display())]
+    Raft {
+        /// The directory.
+        dir: std::path::PathBuf,
+        /// Why.
+        source: RaftError,
+    },
+    /// No HTTP client for peers.
+    #[error("cannot build the HTTP client: {0}")]
+    HttpClient(reqwest::Error),
+}
+
+/// Why this node does not serve yet (`/health/ready`, `/api/cluster/status`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NotReady {
+    /// Raft stopped.
+    #[error("Raft stopped: {0}")]
+    RaftStopped(String),
+    /// Not initialized and not joined.
+    #[error(
+        "this node is not part of a cluster yet (run `hangarctl cluster init` or `cluster join`)"
+    )]
+    NotInitialized,
+    /// No leader known.
+    #[error("no Raft leader is known (election in progress or no quorum)")]
+    NoLeader,
+    /// Too far behind the commit index.
+    #[error("this node lags {lag} entries behind the commit index (limit {limit})")]
+    Lagging {
+        /// Entries behind.
+        lag: u64,
+        /// The configured limit.
+        limit: u64,
+    },
+    /// The replicated config is not running here yet.
+    #[error("applying config version {want} (running {running})")]
+    Applying {
+        /// The replicated version.
+        want: u64,
+        /// The version this node runs.
+        running: u64,
+    },
+}
+
+/// One member's own report of its Raft indexes (`GET /api/cluster/status?local=true`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LocalReport {
+    /// The member.
+    pub node_id: u64,
+    /// Its role.
+    pub role: Role,
+    /// Its term.
+    pub term: u64,
+    /// Its last log index.
+    pub last_log_index: Option<u64>,
+    /// Its commit index.
+    pub committed_index: Option<u64>,
+    /// Its applied index.
+    pub applied_index: Option<u64>,
+    /// Whether it serves.
+    pub ready: bool,
+}
+
+/// A peer's refusal as its API sends it (`{"error": {"code", "message"}}`).
+#[derive(Deserialize)]
+struct PeerRefusal {
+    error: PeerRefusalBody,
+}
+
+#[derive(Deserialize)]
+struct PeerRefusalBody {
+    code: Option<String>,
+    message: String,
+}
+
+/// An edit of a group's member list (see [`Cluster::edit_group_members`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MemberEdit {
+    /// Append a member.
+    Add {
+        /// The member server.
+        id: String,
+        /// Its weight.
+        weight: u32,
+        /// Its priority.
+        priority: u32,
+    },
+    /// Remove a member.
+    Remove {
+        /// The member server.
+        id: String,
+    },
 }
 
 /// This node in the cluster.
@@ -94,18 +244,14 @@ impl Cluster {
         cfg: ClusterConfig,
         api_addr: SocketAddr,
         shutdown: CancellationToken,
-    ) -> anyhow::Result<Arc<Cluster>> {
-        let raft_addr: SocketAddr = cfg.raft_addr.parse().map_err(|_| {
-            anyhow::anyhow!(
-                "cluster.raft_addr `{}` is not IP:PORT (e.g. 127.0.0.1:7400)",
-                cfg.raft_addr
-            )
-        })?;
-        std::fs::create_dir_all(&cfg.data_dir).map_err(|e| {
-            anyhow::anyhow!(
-                "cannot create the data directory {}: {e}; choose another with --data-dir or cluster.data_dir",
-                cfg.data_dir.display()
-            )
+    ) -> Result<Arc<Cluster>, StartError> {
+        let raft_addr: SocketAddr = cfg
+            .raft_addr
+            .parse()
+            .map_err(|_| StartError::RaftAddr(cfg.raft_addr.clone()))?;
+        std::fs::create_dir_all(&cfg.data_dir).map_err(|source| StartError::DataDir {
+            dir: cfg.data_dir.clone(),
+            source,
         })?;
         let api_addr = cfg
             .api_advertise_addr
@@ -119,18 +265,18 @@ impl Cluster {
         rc.election_max_ms = cfg.election_max_ms;
         rc.snapshot_logs_since_last = cfg.snapshot_every;
         rc.max_in_snapshot_log_to_keep = cfg.keep_logs;
-        let raft = RaftHandle::start(rc).await.map_err(|e| {
-            anyhow::anyhow!(
-                "cannot start Raft with data directory {}: {e}",
-                cfg.data_dir.display()
-            )
-        })?;
+        let raft = RaftHandle::start(rc)
+            .await
+            .map_err(|source| StartError::Raft {
+                dir: cfg.data_dir.clone(),
+                source,
+            })?;
         tracing::info!(node_id = cfg.node_id, raft_addr = %raft.local_addr(), data_dir = %cfg.data_dir.display(), "raft_started");
         let (applied_version, _) = watch::channel(0);
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(30))
             .build()
-            .map_err(|e| anyhow::anyhow!("cannot build the HTTP client: {e}"))?;
+            .map_err(StartError::HttpClient)?;
         Ok(Arc::new(Cluster {
             raft,
             node_name: cfg.node_id.to_string(),
@@ -179,35 +325,63 @@ impl Cluster {
 
     /// Whether this node can serve: it knows a leader, its state is close to the commit
     /// index, and it runs the replicated config version.
-    pub fn readiness(&self) -> Result<(), String> {
+    pub fn readiness(&self) -> Result<(), NotReady> {
         let s = self.raft.status();
         if let Some(f) = &s.fatal {
-            return Err(format!("Raft stopped: {f}"));
+            return Err(NotReady::RaftStopped(f.clone()));
         }
         if !self.raft.is_initialized() {
-            return Err("this node is not part of a cluster yet (run `hangarctl cluster init` or `cluster join`)".into());
+            return Err(NotReady::NotInitialized);
         }
         if s.leader_id.is_none() {
-            return Err("no Raft leader is known (election in progress or no quorum)".into());
+            return Err(NotReady::NoLeader);
         }
         let lag = s
             .committed_index
             .unwrap_or(0)
             .saturating_sub(s.applied_index.unwrap_or(0));
         if lag > self.cfg.max_ready_lag {
-            return Err(format!(
-                "this node lags {lag} entries behind the commit index (limit {})",
-                self.cfg.max_ready_lag
-            ));
+            return Err(NotReady::Lagging {
+                lag,
+                limit: self.cfg.max_ready_lag,
+            });
         }
         let want = self.raft.read(|st| st.config_version);
-        if *self.applied_version.borrow() < want {
-            return Err(format!(
-                "applying config version {want} (running {})",
-                *self.applied_version.borrow()
-            ));
+        let running = *self.applied_version.borrow();
+        if running < want {
+            return Err(NotReady::Applying { want, running });
         }
         Ok(())
+    }
+
+    /// This node's own report of its indexes.
+    pub fn local_report(&self) -> LocalReport {
+        let s = self.status();
+        LocalReport {
+            node_id: s.node_id,
+            role: s.role,
+            term: s.term,
+            last_log_index: s.last_log_index,
+            committed_index: s.committed_index,
+            applied_index: s.applied_index,
+            ready: self.readiness().is_ok(),
+        }
+    }
+
+    /// A member's own report (this node's without a call), `None` when it did not answer
+    /// within `within`.
+    pub async fn member_report(
+        &self,
+        id: u64,
+        info: &NodeInfo,
+        within: Duration,
+    ) -> Option<LocalReport> {
+        if id == self.node_id() {
+            return Some(self.local_report());
+        }
+        let url = format!("http://{}/api/cluster/status?local=true", info.api_addr);
+        let r = self.http.get(&url).timeout(within).send().await.ok()?;
+        serde_json::from_str(&r.text().await.ok()?).ok()
     }
 
     /// Why the replicated config could not be applied on this node, if so.
@@ -219,7 +393,7 @@ impl Cluster {
 
     /// Initialize the cluster if this node has no data yet, as configured: join through
     /// seeds, bootstrap with static peers (the lowest id does it), or alone.
-    pub async fn boot(self: &Arc<Self>) -> anyhow::Result<()> {
+    pub async fn boot(self: &Arc<Self>) -> Result<(), RaftError> {
         if self.raft.is_initialized() {
             return Ok(());
         }
@@ -309,25 +483,31 @@ impl Cluster {
             .body(body.to_string())
             .send()
             .await
-            .map_err(|e| ClusterError::Peer(format!("cannot reach {url}: {e}")))?;
+            .map_err(|source| ClusterError::PeerUnreachable {
+                url: url.clone(),
+                source,
+            })?;
         let status = resp.status();
-        let text = resp.text().await.unwrap_or_default();
         if status.is_success() {
-            Ok(())
-        } else {
-            Err(ClusterError::Peer(format!(
-                "{url} answered {status}: {}",
-                error_message(&text)
-            )))
+            return Ok(());
         }
+        let text = resp.text().await.unwrap_or_default();
+        let (code, message) = match serde_json::from_str::<PeerRefusal>(&text) {
+            Ok(r) => (r.error.code, r.error.message),
+            Err(_) => (None, text.chars().take(500).collect()),
+        };
+        Err(ClusterError::PeerRefused {
+            url,
+            status: status.as_u16(),
+            code,
+            message,
+        })
     }
 
     /// Initialize a new cluster on this node: alone, or with the given members.
     pub async fn init(&self, members: &[PeerSpec]) -> Result<(), ClusterError> {
         if self.raft.is_initialized() {
-            return Err(ClusterError::BadRequest(
-                "this node is already part of an initialized cluster; use `hangarctl cluster status`".into(),
-            ));
+            return Err(ClusterError::AlreadyInitialized);
         }
         if members.is_empty() {
             self.raft.initialize_single().await?;
@@ -411,9 +591,7 @@ impl Cluster {
             return Ok(());
         }
         if !s.learners.contains_key(&id) {
-            return Err(ClusterError::BadRequest(format!(
-                "node {id} is not a learner of this cluster; add it first (hangarctl cluster add-learner)"
-            )));
+            return Err(ClusterError::NotALearner(id));
         }
         let mut voters: BTreeSet<u64> = s.voters.keys().copied().collect();
         voters.insert(id);
@@ -425,16 +603,12 @@ impl Cluster {
     pub async fn remove_member(&self, id: u64) -> Result<(), ClusterError> {
         let s = self.raft.status();
         if !s.voters.contains_key(&id) && !s.learners.contains_key(&id) {
-            return Err(ClusterError::BadRequest(format!(
-                "node {id} is not a member of this cluster"
-            )));
+            return Err(ClusterError::NotAMember(id));
         }
         if s.voters.contains_key(&id) {
             let voters: BTreeSet<u64> = s.voters.keys().copied().filter(|v| *v != id).collect();
             if voters.is_empty() {
-                return Err(ClusterError::BadRequest(
-                    "cannot remove the last voter".into(),
-                ));
+                return Err(ClusterError::LastVoter);
             }
             self.membership(|| self.raft.change_voters(voters.clone()))
                 .await?;
@@ -449,13 +623,7 @@ impl Cluster {
     /// Replicate a command; a refusal of `apply` becomes [`ClusterError::Rejected`].
     pub async fn propose(&self, cmd: Command) -> Result<Response, ClusterError> {
         match self.raft.propose(cmd).await? {
-            Response::Rejected { code, message } => Err(ClusterError::Rejected {
-                code: serde_json::to_value(code)
-                    .ok()
-                    .and_then(|v| v.as_str().map(str::to_owned))
-                    .unwrap_or_else(|| "rejected".into()),
-                message,
-            }),
+            Response::Rejected { code, message } => Err(ClusterError::Rejected { code, message }),
             other => Ok(other),
         }
     }
@@ -602,6 +770,51 @@ impl Cluster {
             .await?)
     }
 
+    /// Change a group's member list in its replicated definition: read the latest committed
+    /// definition (ReadIndex, not a possibly stale copy), edit it, write it back with a
+    /// compare-and-set on its config version, and retry a few times, so that concurrent edits
+    /// on different nodes cannot lose each other.
+    pub async fn edit_group_members(
+        &self,
+        id: &str,
+        edit: &MemberEdit,
+    ) -> Result<(), ClusterError> {
+        for _ in 0..5 {
+            let Some((mut raw, version, _)) = self.server_record_linearizable(id).await? else {
+                return Err(ClusterError::Rejected {
+                    code: RejectCode::ServerNotFound,
+                    message: format!("group '{id}' is not defined"),
+                });
+            };
+            let mut members = raw
+                .get("members")
+                .and_then(Value::as_array)
+                .cloned()
+                .unwrap_or_default();
+            match edit {
+                MemberEdit::Add {
+                    id: member,
+                    weight,
+                    priority,
+                } => members.push(json!({"id": member, "weight": weight, "priority": priority})),
+                MemberEdit::Remove { id: member } => {
+                    members.retain(|m| m.get("id").and_then(Value::as_str) != Some(member.as_str()))
+                }
+            }
+            if let Value::Object(o) = &mut raw {
+                o.insert("members".into(), Value::Array(members));
+            }
+            match self.put_server(id, raw, false, Some(version)).await {
+                Err(ClusterError::Rejected {
+                    code: RejectCode::VersionMismatch,
+                    ..
+                }) => continue,
+                other => return other,
+            }
+        }
+        Err(ClusterError::Contended { id: id.to_owned() })
+    }
+
     /// Wait until this node has applied everything the leader committed as of now.
     pub async fn catch_up(&self) -> Result<(), ClusterError> {
         Ok(self.raft.linearizable_read(|_| ()).await?)
@@ -638,7 +851,7 @@ impl Cluster {
         self: &Arc<Self>,
         runtime: Arc<Runtime>,
         file: Option<(BTreeMap<String, Value>, String)>,
-    ) -> anyhow::Result<()> {
+    ) -> Result<(), ClusterError> {
         runtime.events().attach(self.clone());
         tokio::spawn(self.clone().applier(runtime.clone()));
         tokio::spawn(self.clone().event_flusher());
@@ -656,9 +869,7 @@ impl Cluster {
                         Ok(_) => tracing::info!(file_hash = %hash, "config_file_proposed"),
                         Err(e) => {
                             tracing::error!(error = %e, "config_file_proposal_failed");
-                            return Err(anyhow::anyhow!(
-                                "the configuration file could not be applied to the cluster: {e}"
-                            ));
+                            return Err(e);
                         }
                     }
                 } else {
@@ -978,11 +1189,6 @@ impl Cluster {
         }
     }
 
-    /// HTTP client for talking to peers.
-    pub(crate) fn http(&self) -> &reqwest::Client {
-        &self.http
-    }
-
     /// The API address other nodes use for this node.
     pub fn api_addr(&self) -> &str {
         &self.api_addr
@@ -1042,16 +1248,4 @@ fn to_event(e: &StoredEvent) -> Event {
             .unwrap_or_else(|| e.event.node_id.to_string()),
         data: d.get("data").cloned().unwrap_or(Value::Null),
     }
-}
-
-/// The message of an API error envelope, or the text itself.
-pub(crate) fn error_message(text: &str) -> String {
-    serde_json::from_str::<Value>(text)
-        .ok()
-        .and_then(|v| {
-            v.pointer("/error/message")
-                .and_then(Value::as_str)
-                .map(str::to_owned)
-        })
-        .unwrap_or_else(|| text.chars().take(500).collect())
 }

@@ -7,7 +7,8 @@ use std::path::PathBuf;
 use serde::Serialize;
 use serde_json::Value;
 
-use super::reader::{Obj, Problems, type_name};
+use super::ConfigError;
+use super::reader::{Obj, ProblemSink, type_name};
 
 /// A statically known member, used to bootstrap a cluster from config alone.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -105,7 +106,7 @@ pub struct ClusterOverrides {
 
 impl ClusterConfig {
     /// Apply flag/env overrides and re-check what they may have broken.
-    pub fn override_with(&mut self, o: &ClusterOverrides) -> Result<(), String> {
+    pub fn override_with(&mut self, o: &ClusterOverrides) -> Result<(), ConfigError> {
         if let Some(id) = o.node_id {
             self.node_id = id;
         }
@@ -124,35 +125,48 @@ impl ClusterConfig {
         if o.no_bootstrap {
             self.bootstrap = false;
         }
+        let p = ProblemSink::default();
         if self.node_id == 0 {
-            return Err("the node id must be ≥ 1 (--node-id / cluster.node_id)".into());
+            p.push(
+                "cluster.node_id",
+                "the node id must be ≥ 1 (--node-id / cluster.node_id)",
+            );
         }
         if self.raft_addr.parse::<std::net::SocketAddr>().is_err() {
-            return Err(format!(
-                "the Raft address must be IP:PORT, e.g. 127.0.0.1:7400 (got `{}`)",
-                self.raft_addr
-            ));
+            p.push(
+                "cluster.raft_addr",
+                format!(
+                    "the Raft address must be IP:PORT, e.g. 127.0.0.1:7400 (got `{}`)",
+                    self.raft_addr
+                ),
+            );
         }
         for j in &self.join {
-            check_url(j).map_err(|m| format!("join address `{j}`: {m}"))?;
+            if let Err(m) = check_url(j) {
+                p.push("cluster.join", format!("join address `{j}`: {m}"));
+            }
         }
-        Ok(())
+        if p.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid { problems: p.take() })
+        }
     }
 }
 
-fn check_url(u: &str) -> Result<(), String> {
+fn check_url(u: &str) -> Result<(), &'static str> {
     let rest = u
         .strip_prefix("http://")
         .or_else(|| u.strip_prefix("https://"))
         .ok_or("must start with http:// or https:// (the API address of a member)")?;
     if rest.trim_end_matches('/').is_empty() {
-        return Err("has no host".into());
+        return Err("has no host");
     }
     Ok(())
 }
 
 /// Parse `cluster:`.
-pub(super) fn parse(o: &Obj<'_>, p: &Problems) -> ClusterConfig {
+pub(super) fn parse(o: &Obj<'_>, p: &ProblemSink) -> ClusterConfig {
     let d = ClusterConfig::default();
     let node_id = o.int("node_id", d.node_id, 1, u64::MAX >> 1);
     let raft_addr = o.str("raft_addr").unwrap_or(d.raft_addr);

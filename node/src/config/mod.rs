@@ -6,8 +6,13 @@
 
 mod cluster;
 mod reader;
+mod reload;
 
 pub use cluster::{ClusterConfig, ClusterOverrides, PeerSpec};
+pub use reload::{
+    BoxFuture, ReloadError, ReloadReport, ReloadStatus, ReloadTarget, Reloader, Requester,
+    TargetError,
+};
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -16,7 +21,7 @@ use indexmap::IndexMap;
 use serde::Serialize;
 use serde_json::Value;
 
-use reader::{Obj, Problems, join, type_name};
+use reader::{Obj, ProblemSink, join, type_name};
 
 /// A secret string: never printed.
 #[derive(Clone, PartialEq, Eq)]
@@ -389,7 +394,7 @@ pub struct Config {
 impl Config {
     /// No servers, all defaults.
     pub fn empty() -> Config {
-        let p = Problems::default();
+        let p = ProblemSink::default();
         let v = Value::Object(serde_json::Map::new());
         build(&v, &p, true)
     }
@@ -433,6 +438,91 @@ pub enum ConfigError {
     },
 }
 
+impl ConfigError {
+    /// Every problem with its path (an unreadable file is one problem without a path).
+    pub fn problems(&self) -> Vec<Problem> {
+        match self {
+            ConfigError::Invalid { problems } => problems.clone(),
+            ConfigError::Unreadable { reason, .. } => vec![Problem {
+                path: String::new(),
+                message: reason.clone(),
+            }],
+        }
+    }
+}
+
+/// Problems of one server or group definition, each with its path
+/// (`mcp_servers.<id>.<key>`), see [`validate_server`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{} problem(s): {}", .0.len(), .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+pub struct Problems(pub Vec<Problem>);
+
+impl From<Problems> for ConfigError {
+    fn from(p: Problems) -> Self {
+        ConfigError::Invalid { problems: p.0 }
+    }
+}
+
+/// Validate one server or group definition on its own, as it would be validated in a file:
+/// `raw` is the value under `mcp_servers.<id>` (taken literally, no `${VAR}`), `known` the
+/// servers and groups defined already (a group's members must be among its servers, or be
+/// defined inline in `raw`). Inline members of a group are checked but not returned.
+pub fn validate_server(
+    id: &str,
+    raw: &Value,
+    known: &IndexMap<String, ServerSpec>,
+) -> Result<ServerSpec, Problems> {
+    let p = ProblemSink::default();
+    let path = join("mcp_servers", id);
+    check_id(id, &path, &p);
+    let is_group = raw.get("mode").and_then(Value::as_str) == Some("group");
+    let spec = if is_group {
+        let mut inline = IndexMap::new();
+        let g = group_spec(raw, &path, &p, &|m| known.contains_key(m), &mut inline);
+        if let Some(g) = &g {
+            check_members(id, g, &|m| inline.get(m).or_else(|| known.get(m)), &p);
+        }
+        g.map(ServerSpec::Group)
+    } else {
+        server_spec(raw, &path, &p)
+    };
+    match spec {
+        Some(s) if p.is_empty() => Ok(s),
+        _ => {
+            let mut problems = p.take();
+            if problems.is_empty() {
+                problems.push(Problem {
+                    path,
+                    message: "is not a valid server definition".into(),
+                });
+            }
+            Err(Problems(problems))
+        }
+    }
+}
+
+/// A group's members must be servers, not groups.
+fn check_members<'a>(
+    gid: &str,
+    g: &GroupSpec,
+    lookup: &dyn Fn(&str) -> Option<&'a ServerSpec>,
+    p: &ProblemSink,
+) {
+    for (i, m) in g.members.iter().enumerate() {
+        match lookup(&m.id) {
+            None => p.push(
+                &format!("mcp_servers.{gid}.members[{i}].id"),
+                format!("member `{}` is not defined under mcp_servers (define it there or inline with mode and command/endpoint)", m.id),
+            ),
+            Some(ServerSpec::Group(_)) => p.push(
+                &format!("mcp_servers.{gid}.members[{i}].id"),
+                format!("member `{}` is a group; groups cannot contain groups", m.id),
+            ),
+            Some(_) => {}
+        }
+    }
+}
+
 /// Load and validate a file; `${VAR}` comes from the process environment.
 pub fn load_file(path: &Path) -> Result<Config, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Unreadable {
@@ -457,7 +547,7 @@ pub fn servers_from_raw(
     entries: &[(String, Value, bool)],
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<IndexMap<String, ServerSpec>, ConfigError> {
-    let p = Problems::default();
+    let p = ProblemSink::default();
     let mut interpolated = Value::Object(
         entries
             .iter()
@@ -505,7 +595,7 @@ pub fn load_str(yaml: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
             type_name(&doc)
         )));
     }
-    let p = Problems::default();
+    let p = ProblemSink::default();
     let raw_servers = doc
         .get("mcp_servers")
         .and_then(Value::as_object)
@@ -522,7 +612,7 @@ pub fn load_str(yaml: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
 }
 
 /// Replace `${VAR}` / `${VAR:-default}` in every string (single pass, no re-expansion).
-fn interpolate(v: &mut Value, path: &str, env: &dyn Fn(&str) -> Option<String>, p: &Problems) {
+fn interpolate(v: &mut Value, path: &str, env: &dyn Fn(&str) -> Option<String>, p: &ProblemSink) {
     match v {
         Value::String(s) if s.contains("${") => {
             let mut out = String::with_capacity(s.len());
@@ -623,7 +713,7 @@ fn check_not_yet(root: &Obj<'_>) {
     root.allow(&["relay_tasks_enabled", "retry"]);
 }
 
-fn build(doc: &Value, p: &Problems, allow_missing_servers: bool) -> Config {
+fn build(doc: &Value, p: &ProblemSink, allow_missing_servers: bool) -> Config {
     let Some(root) = Obj::new(doc, "", p) else {
         return fallback();
     };
@@ -786,26 +876,16 @@ fn build(doc: &Value, p: &Problems, allow_missing_servers: bool) -> Config {
             }
             for (id, v) in groups {
                 let sp = join(path, &id);
-                if let Some(g) = group_spec(v, &sp, p, &mut servers) {
+                let mut inline = IndexMap::new();
+                let g = group_spec(v, &sp, p, &|m| servers.contains_key(m), &mut inline);
+                servers.extend(inline);
+                if let Some(g) = g {
                     servers.insert(id, ServerSpec::Group(g));
                 }
             }
-            // Group members must be servers, not groups.
             for (gid, spec) in &servers {
                 if let ServerSpec::Group(g) = spec {
-                    for (i, m) in g.members.iter().enumerate() {
-                        match servers.get(&m.id) {
-                            None => p.push(
-                                &format!("mcp_servers.{gid}.members[{i}].id"),
-                                format!("member `{}` is not defined under mcp_servers (define it there or inline with mode and command/endpoint)", m.id),
-                            ),
-                            Some(ServerSpec::Group(_)) => p.push(
-                                &format!("mcp_servers.{gid}.members[{i}].id"),
-                                format!("member `{}` is a group; groups cannot contain groups", m.id),
-                            ),
-                            Some(_) => {}
-                        }
-                    }
+                    check_members(gid, g, &|m| servers.get(m), p);
                 }
             }
         }
@@ -875,7 +955,7 @@ fn fallback() -> Config {
     }
 }
 
-fn check_id(id: &str, path: &str, p: &Problems) {
+fn check_id(id: &str, path: &str, p: &ProblemSink) {
     if id.is_empty()
         || id.len() > 64
         || !id
@@ -1002,7 +1082,7 @@ fn tools_spec(o: &Obj<'_>) -> Option<ToolsSpec> {
     }
 }
 
-fn policy(v: &Value, path: &str, p: &Problems) -> Option<ToolPolicy> {
+fn policy(v: &Value, path: &str, p: &ProblemSink) -> Option<ToolPolicy> {
     let o = Obj::new(v, path, p)?;
     let pol = ToolPolicy {
         allow_list: o.str_list("allow_list").unwrap_or_default(),
@@ -1021,7 +1101,7 @@ fn policy(v: &Value, path: &str, p: &Problems) -> Option<ToolPolicy> {
     Some(pol)
 }
 
-fn server_spec(v: &Value, path: &str, p: &Problems) -> Option<ServerSpec> {
+fn server_spec(v: &Value, path: &str, p: &ProblemSink) -> Option<ServerSpec> {
     let o = Obj::new(v, path, p)?;
     let mode = o.str("mode").unwrap_or_else(|| "subprocess".into());
     let spec = match mode.as_str() {
@@ -1205,7 +1285,7 @@ fn server_spec(v: &Value, path: &str, p: &Problems) -> Option<ServerSpec> {
     spec
 }
 
-fn check_url(u: &str, path: &str, p: &Problems) {
+fn check_url(u: &str, path: &str, p: &ProblemSink) {
     let ok = (u.starts_with("http://") || u.starts_with("https://"))
         && u.split("://").nth(1).is_some_and(|rest| {
             let host = rest.split(['/', '?', '#']).next().unwrap_or("");
@@ -1219,11 +1299,15 @@ fn check_url(u: &str, path: &str, p: &Problems) {
     }
 }
 
+/// A group definition; members defined inline (with `mode` and `command`/`endpoint`) are
+/// added to `inline`, `defined` tells which ids are defined already (they must be referenced
+/// by id only).
 fn group_spec(
     v: &Value,
     path: &str,
-    p: &Problems,
-    servers: &mut IndexMap<String, ServerSpec>,
+    p: &ProblemSink,
+    defined: &dyn Fn(&str) -> bool,
+    inline: &mut IndexMap<String, ServerSpec>,
 ) -> Option<GroupSpec> {
     let o = Obj::new(v, path, p)?;
     o.allow(&["mode", "canary", "access"]);
@@ -1298,9 +1382,9 @@ fn group_spec(
                     .raw("tools")
                     .filter(|t| t.is_object())
                     .and_then(|t| policy(t, &m.at("tools"), p));
-                let inline = SERVER_KEYS.iter().any(|k| *k != "tools" && m.has(k));
-                if inline {
-                    if servers.contains_key(&id) {
+                let is_inline = SERVER_KEYS.iter().any(|k| *k != "tools" && m.has(k));
+                if is_inline {
+                    if defined(&id) || inline.contains_key(&id) {
                         p.push(
                             &mp,
                             format!("member `{id}` is already defined under mcp_servers; reference it by id only"),
@@ -1317,7 +1401,7 @@ fn group_spec(
                         }
                         check_id(&id, &m.at("id"), p);
                         if let Some(spec) = server_spec(&mv, &mp, p) {
-                            servers.insert(id.clone(), spec);
+                            inline.insert(id.clone(), spec);
                         }
                     }
                 }

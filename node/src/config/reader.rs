@@ -10,9 +10,9 @@ use super::Problem;
 
 /// Collects problems while reading.
 #[derive(Default)]
-pub struct Problems(RefCell<Vec<Problem>>);
+pub struct ProblemSink(RefCell<Vec<Problem>>);
 
-impl Problems {
+impl ProblemSink {
     /// Record a problem.
     pub fn push(&self, path: &str, message: impl Into<String>) {
         self.0.borrow_mut().push(Problem {
@@ -36,7 +36,7 @@ impl Problems {
 pub struct Obj<'a> {
     map: &'a Map<String, Value>,
     path: String,
-    pub(super) p: &'a Problems,
+    pub(super) p: &'a ProblemSink,
     allowed: RefCell<HashSet<&'static str>>,
 }
 
@@ -63,7 +63,7 @@ pub fn type_name(v: &Value) -> &'static str {
 
 impl<'a> Obj<'a> {
     /// Read `v` at `path` as a mapping (reports a problem and returns None otherwise).
-    pub fn new(v: &'a Value, path: &str, p: &'a Problems) -> Option<Obj<'a>> {
+    pub fn new(v: &'a Value, path: &str, p: &'a ProblemSink) -> Option<Obj<'a>> {
         match v {
             Value::Object(map) => Some(Obj {
                 map,

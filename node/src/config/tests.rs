@@ -233,3 +233,70 @@ fn diff_classifies_servers() {
     assert_eq!(d.updated, vec!["b"]);
     assert_eq!(d.unchanged, vec!["a"]);
 }
+
+#[test]
+fn validate_server_checks_one_definition_against_what_exists() {
+    let known = load(
+        "mcp_servers:\n  a:\n    command: [x]\n  g:\n    mode: group\n    members: [{id: a}]\n",
+    )
+    .unwrap()
+    .mcp_servers;
+    let paths = |r: Result<ServerSpec, Problems>| -> Vec<String> {
+        r.unwrap_err().0.into_iter().map(|p| p.path).collect()
+    };
+    // A server, taken literally (no interpolation).
+    let s = validate_server("b", &serde_json::json!({"command": ["${TOKEN}"]}), &known).unwrap();
+    let ServerSpec::Subprocess(s) = s else {
+        panic!()
+    };
+    assert_eq!(s.command, vec!["${TOKEN}"]);
+    assert_eq!(
+        paths(validate_server(
+            "b",
+            &serde_json::json!({"mode": "remote", "endpoint": "ftp://x"}),
+            &known
+        )),
+        ["mcp_servers.b.endpoint"]
+    );
+    assert_eq!(
+        paths(validate_server(
+            "b__c",
+            &serde_json::json!({"command": ["x"]}),
+            &known
+        )),
+        ["mcp_servers.b__c"]
+    );
+    // A group: members among the known servers or inline; never a group; empty is fine.
+    let g = |v: serde_json::Value| validate_server("h", &v, &known);
+    let ok = g(serde_json::json!({"mode": "group", "min_healthy": 2,
+        "members": [{"id": "a"}, {"id": "c", "command": ["y"]}]}))
+    .unwrap();
+    let ServerSpec::Group(ok) = ok else { panic!() };
+    assert_eq!(ok.members.len(), 2);
+    assert_eq!(ok.min_healthy, 2);
+    assert!(matches!(
+        g(serde_json::json!({"mode": "group", "members": []})),
+        Ok(ServerSpec::Group(_))
+    ));
+    assert_eq!(
+        paths(g(
+            serde_json::json!({"mode": "group", "members": [{"id": "nope"}, {"id": "g"}]})
+        )),
+        ["mcp_servers.h.members[0].id", "mcp_servers.h.members[1].id"]
+    );
+    assert_eq!(
+        paths(g(
+            serde_json::json!({"mode": "group", "members": [{"id": "a", "command": ["z"]}]})
+        )),
+        ["mcp_servers.h.members[0]"]
+    );
+    assert_eq!(
+        paths(g(
+            serde_json::json!({"mode": "group", "strategy": "bogus", "members": [{"id": "a"}]})
+        )),
+        ["mcp_servers.h.strategy"]
+    );
+    // The same problem list converts into the config error the API renders.
+    let e: ConfigError = g(serde_json::json!({"mode": "group"})).unwrap_err().into();
+    assert_eq!(e.problems()[0].path, "mcp_servers.h.members");
+}

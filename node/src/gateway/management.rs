@@ -7,17 +7,22 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 use super::{Ctx, Gateway, Scope};
+use crate::config::{BoxFuture, ReloadError, ReloadReport, Reloader, Requester};
 use crate::jsonrpc::{Id, raw};
 use crate::routing::BreakerState;
 use crate::runtime::ServerState;
+use crate::runtime::view::{GroupView, MemberRow, ServerRow};
 
-/// Reloads the configuration for `hangar_reload_config` (implemented by the node assembly).
+/// Reloads the configuration for `hangar_reload_config` (the config room's [`Reloader`]).
 pub trait ConfigReloader: Send + Sync {
-    /// Reload now; `Ok` carries the report as JSON, `Err` the reason it was refused.
-    fn reload<'a>(
-        &'a self,
-        requested_by: &'a str,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Value, String>> + Send + 'a>>;
+    /// Reload now, on behalf of the tool.
+    fn reload(&self) -> BoxFuture<'_, Result<ReloadReport, ReloadError>>;
+}
+
+impl ConfigReloader for Reloader {
+    fn reload(&self) -> BoxFuture<'_, Result<ReloadReport, ReloadError>> {
+        Box::pin(Reloader::reload(self, Requester::Tool))
+    }
 }
 
 /// Names of the management tools.
@@ -87,56 +92,43 @@ fn indicator(s: ServerState) -> &'static str {
 }
 
 impl Gateway {
+    /// The view of group `id` (REST and the management tools show the same one).
+    pub fn group_view(&self, id: &str) -> Option<GroupView> {
+        let g = self.runtime.group(id)?;
+        let spec = g.spec();
+        let members = self
+            .router
+            .members(id)
+            .into_iter()
+            .map(|m| {
+                let state = self.runtime.instance(&m.id).map(|i| i.state());
+                MemberRow::new(
+                    m.id,
+                    state,
+                    m.in_rotation,
+                    m.weight,
+                    m.priority,
+                    m.consecutive_failures,
+                )
+            })
+            .collect();
+        let breaker = self.router.breaker_state(id);
+        Some(GroupView::new(
+            id,
+            &spec,
+            members,
+            breaker.as_str(),
+            breaker == BreakerState::Open,
+        ))
+    }
+
     fn server_row(&self, id: &str) -> Option<Value> {
         let s = self.runtime.instance(id)?.status();
-        Some(json!({
-            "mcp_server": s.id, "state": s.state.as_str(), "mode": s.mode, "alive": s.alive,
-            "tools_count": s.tools_count, "health_status": if s.state == ServerState::Ready { "healthy" } else { "unknown" },
-            "tools_predefined": s.tools_predefined, "description": s.description,
-        }))
+        serde_json::to_value(ServerRow::of(&s)).ok()
     }
 
     fn group_row(&self, id: &str) -> Option<Value> {
-        let g = self.runtime.group(id)?;
-        let spec = g.spec();
-        let members = self.router.members(id);
-        let healthy = members
-            .iter()
-            .filter(|m| {
-                m.in_rotation
-                    && self
-                        .runtime
-                        .instance(&m.id)
-                        .is_some_and(|i| i.state() == ServerState::Ready)
-            })
-            .count();
-        let breaker = self.router.breaker_state(id);
-        let state = if breaker == BreakerState::Open {
-            "degraded"
-        } else if healthy == 0 {
-            "inactive"
-        } else if (healthy as u32) < spec.min_healthy {
-            "partial"
-        } else {
-            "healthy"
-        };
-        let members: Vec<Value> = members
-            .iter()
-            .map(|m| {
-                let state = self
-                    .runtime
-                    .instance(&m.id)
-                    .map_or("unknown", |i| i.state().as_str());
-                json!({"id": m.id, "state": state, "in_rotation": m.in_rotation, "weight": m.weight,
-                       "priority": m.priority, "consecutive_failures": m.consecutive_failures})
-            })
-            .collect();
-        Some(json!({
-            "group_id": id, "description": spec.description, "state": state, "strategy": spec.strategy,
-            "min_healthy": spec.min_healthy, "healthy_count": healthy, "total_members": members.len(),
-            "is_available": healthy > 0 && breaker != BreakerState::Open,
-            "circuit_open": breaker == BreakerState::Open, "members": members,
-        }))
+        serde_json::to_value(self.group_view(id)?).ok()
     }
 
     /// Run one management tool. Returns a tool result (errors are tool errors, `isError`).
@@ -394,13 +386,18 @@ impl Gateway {
                 let Some(r) = reloader else {
                     return tool_error("this node has no configuration file to reload");
                 };
-                match r.reload("tool").await {
-                    Ok(mut v) => {
-                        v["message"] = json!("configuration reloaded");
-                        ok(v)
+                match r.reload().await {
+                    Ok(report) => {
+                        let d = &report.diff;
+                        ok(
+                            json!({"status": report.status, "mcp_servers_added": d.added,
+                            "mcp_servers_removed": d.removed, "mcp_servers_updated": d.updated,
+                            "mcp_servers_unchanged": d.unchanged, "duration_ms": report.duration_ms,
+                            "message": "configuration reloaded"}),
+                        )
                     }
                     Err(e) => {
-                        let v = json!({"status": "failed", "message": e, "error_type": "ConfigurationReloadFailed"});
+                        let v = json!({"status": "failed", "message": e.to_string(), "error_type": "ConfigurationReloadFailed"});
                         json!({"content": [{"type": "text", "text": v.to_string()}], "structuredContent": v, "isError": true})
                     }
                 }

@@ -7,6 +7,7 @@
 //! only executes them and reports transitions.
 
 mod catalog;
+pub mod view;
 
 pub use catalog::{Catalog, CatalogEntry};
 

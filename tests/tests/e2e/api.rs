@@ -1,6 +1,8 @@
 //! REST, probes and metrics.
 
 use hangar_tests::*;
+use std::time::Duration;
+
 use serde_json::json;
 
 #[tokio::test]
@@ -142,4 +144,231 @@ async fn rest_probes_and_metrics() {
     assert_eq!(r.status().as_u16(), 200);
     let (s, _) = get_json(&c, &node.url("/api/mcp_servers/added")).await;
     assert_eq!(s, 404);
+}
+
+/// A `hangar_*` tool's structured result.
+async fn tool(
+    c: &reqwest::Client,
+    node: &Node,
+    name: &str,
+    args: serde_json::Value,
+) -> serde_json::Value {
+    let r = call_tool(c, &node.url("/mcp"), name, args).await;
+    r["result"]["structuredContent"].clone()
+}
+
+fn row<'a>(list: &'a serde_json::Value, key: &str, id: &str) -> &'a serde_json::Value {
+    list.as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r[key] == id)
+        .unwrap_or_else(|| panic!("no {id} in {list}"))
+}
+
+async fn post(c: &reqwest::Client, url: &str, body: serde_json::Value) -> (u16, serde_json::Value) {
+    let r = c
+        .post(url)
+        .header("Content-Type", "application/json")
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap();
+    let s = r.status().as_u16();
+    (
+        s,
+        serde_json::from_str(&r.text().await.unwrap()).unwrap_or_default(),
+    )
+}
+
+/// REST and the `hangar_*` tools show one view: a failed server's health, and a group's
+/// state with a non-default `min_healthy` (inactive → partial → healthy) in `/api/groups/`,
+/// the group row of `/api/mcp_servers/` and `hangar_group_list`.
+#[tokio::test]
+async fn rest_and_management_tools_show_one_server_and_group_view() {
+    let closed = free_port();
+    let node = Node::start(&format!(
+        "mcp_servers:\n{}{}  down:\n    mode: remote\n    endpoint: http://127.0.0.1:{closed}/mcp\n    max_consecutive_failures: 1\n    http: {{connect_timeout: 1.0, read_timeout: 1.0}}\n  g:\n    mode: group\n    auto_start: false\n    min_healthy: 2\n    members: [{{id: a}}, {{id: b}}]\n",
+        fixture_stdio_yaml("a", ""),
+        fixture_stdio_yaml("b", "")
+    ));
+    let c = client();
+
+    // A server that cannot start: both views give the health that goes with its state.
+    let r = c
+        .post(node.url("/api/mcp_servers/down/start"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 503);
+    let health_of = |state: &str| match state {
+        "ready" => "healthy",
+        "degraded" => "degraded",
+        "dead" => "unhealthy",
+        _ => "unknown",
+    };
+    wait_for(
+        "down failed in both views",
+        Duration::from_secs(10),
+        || async {
+            let (_, rest) = get_json(&c, &node.url("/api/mcp_servers/")).await;
+            let tools = tool(&c, &node, "hangar_list", json!({})).await;
+            let rest = row(&rest["mcp_servers"], "mcp_server", "down").clone();
+            let mcp = row(&tools["mcp_servers"], "mcp_server", "down").clone();
+            for v in [&rest, &mcp] {
+                assert_eq!(
+                    v["health_status"],
+                    health_of(v["state"].as_str().unwrap()),
+                    "{v}"
+                );
+            }
+            let failed = |v: &serde_json::Value| v["state"] == "degraded" || v["state"] == "dead";
+            (failed(&rest) && failed(&mcp)).then_some(())
+        },
+    )
+    .await;
+
+    // The group: REST group, REST server-list row and the tool agree at every step.
+    let views = || async {
+        let (_, g) = get_json(&c, &node.url("/api/groups/g")).await;
+        let (_, list) = get_json(&c, &node.url("/api/mcp_servers/")).await;
+        let tools = tool(&c, &node, "hangar_group_list", json!({})).await;
+        let t = row(&tools["groups"], "group_id", "g").clone();
+        let l = row(&list["mcp_servers"], "mcp_server", "g").clone();
+        assert_eq!(g["state"], t["state"], "REST {g} vs tool {t}");
+        assert_eq!(g["state"], l["state"], "REST {g} vs list {l}");
+        assert_eq!(
+            g["healthy_count"], t["healthy_count"],
+            "REST {g} vs tool {t}"
+        );
+        assert_eq!(g["min_healthy"], 2);
+        (
+            g["state"].as_str().unwrap().to_owned(),
+            l["health_status"].as_str().unwrap().to_owned(),
+        )
+    };
+    assert_eq!(views().await, ("inactive".into(), "unknown".into()));
+    for (member, want) in [
+        ("a", ("partial", "degraded")),
+        ("b", ("healthy", "healthy")),
+    ] {
+        let r = c
+            .post(node.url(&format!("/api/mcp_servers/{member}/start")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 200);
+        assert_eq!(
+            views().await,
+            (want.0.into(), want.1.into()),
+            "after starting {member}"
+        );
+    }
+}
+
+/// Groups and servers created through REST are validated by the config room: problems come
+/// with their paths, an empty group is allowed, a group cannot contain a group; cluster
+/// refusals keep their status codes.
+#[tokio::test]
+async fn rest_definitions_are_validated_with_paths_and_cluster_refusals_keep_their_codes() {
+    let node = Node::start(&format!(
+        "mcp_servers:\n{}  g:\n    mode: group\n    members: [{{id: a}}]\n",
+        fixture_stdio_yaml("a", "")
+    ));
+    let c = client();
+    let (s, v) = post(
+        &c,
+        &node.url("/api/groups/"),
+        json!({"group_id": "ng", "members": [{"id": "nope"}]}),
+    )
+    .await;
+    assert_eq!(s, 422, "{v}");
+    assert_eq!(v["error"]["code"], "ValidationError");
+    assert_eq!(
+        v["error"]["details"]["problems"][0]["path"], "mcp_servers.ng.members[0].id",
+        "{v}"
+    );
+    let (s, v) = post(
+        &c,
+        &node.url("/api/groups/"),
+        json!({"group_id": "gg", "members": [{"id": "g"}]}),
+    )
+    .await;
+    assert_eq!(s, 422, "{v}");
+    assert!(
+        v["error"]["details"]["problems"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("groups cannot contain groups"),
+        "{v}"
+    );
+    let (s, v) = post(
+        &c,
+        &node.url("/api/groups/"),
+        json!({"group_id": "bad id", "members": [{"id": "a"}]}),
+    )
+    .await;
+    assert_eq!(s, 422, "{v}");
+    let (s, v) = post(
+        &c,
+        &node.url("/api/groups/"),
+        json!({"group_id": "empty", "description": "later"}),
+    )
+    .await;
+    assert_eq!(s, 201, "{v}");
+    let (s, v) = get_json(&c, &node.url("/api/groups/empty")).await;
+    assert_eq!(s, 200);
+    assert_eq!(
+        (&v["state"], &v["total_members"], &v["description"]),
+        (&json!("inactive"), &json!(0), &json!("later")),
+        "{v}"
+    );
+    let (s, v) = post(
+        &c,
+        &node.url("/api/mcp_servers/"),
+        json!({"mcp_server_id": "x", "mode": "group", "members": [{"id": "a"}]}),
+    )
+    .await;
+    assert_eq!(s, 422, "{v}");
+    let (s, v) = post(
+        &c,
+        &node.url("/api/mcp_servers/"),
+        json!({"mcp_server_id": "y", "mode": "subprocess"}),
+    )
+    .await;
+    assert_eq!(s, 422, "{v}");
+    assert_eq!(
+        v["error"]["details"]["problems"][0]["path"], "mcp_servers.y.command",
+        "{v}"
+    );
+
+    // Cluster refusals: typed in the cluster room, mapped once in the API.
+    let (s, v) = post(&c, &node.url("/api/cluster/members/99/promote"), json!({})).await;
+    assert_eq!(
+        (s, &v["error"]["code"]),
+        (400, &json!("ValidationError")),
+        "{v}"
+    );
+    let r = c
+        .delete(node.url("/api/cluster/members/99"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 400);
+    let (s, v) = post(&c, &node.url("/api/cluster/init"), json!({})).await;
+    assert_eq!(
+        (s, &v["error"]["code"]),
+        (400, &json!("ValidationError")),
+        "{v}"
+    );
+    let (s, v) = post(
+        &c,
+        &node.url("/api/cluster/join"),
+        json!({"seed": node.url("")}),
+    )
+    .await;
+    assert_eq!(
+        (s, &v["error"]["code"]),
+        (409, &json!("MembershipError")),
+        "{v}"
+    );
 }

@@ -7,93 +7,17 @@ use std::time::Duration;
 use axum::Router;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
-use axum::response::{IntoResponse, Response};
+use axum::response::IntoResponse;
 use axum::routing::{delete, get, post};
-use hangar_raft::RaftError;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::{Cluster, ClusterError};
-use crate::api::ApiError;
+use super::error::{ApiError, ApiResult};
+use crate::cluster::{Cluster, ClusterError};
 use crate::config::PeerSpec;
 
-type ApiResult = Result<Response, ApiError>;
-
-impl From<ClusterError> for ApiError {
-    fn from(e: ClusterError) -> Self {
-        let msg = e.to_string();
-        match &e {
-            ClusterError::Raft(r) => {
-                let (status, code) = match r {
-                    RaftError::NoLeader | RaftError::NotLeader { .. } => {
-                        (StatusCode::SERVICE_UNAVAILABLE, "ClusterUnavailableError")
-                    }
-                    RaftError::Unreachable { .. } => {
-                        (StatusCode::BAD_GATEWAY, "ClusterUnavailableError")
-                    }
-                    RaftError::Timeout { .. } => {
-                        (StatusCode::GATEWAY_TIMEOUT, "ClusterTimeoutError")
-                    }
-                    RaftError::Membership { .. } => (StatusCode::CONFLICT, "MembershipError"),
-                    RaftError::TooLarge { .. } => {
-                        (StatusCode::PAYLOAD_TOO_LARGE, "ValidationError")
-                    }
-                    RaftError::ShuttingDown => {
-                        (StatusCode::SERVICE_UNAVAILABLE, "ClusterUnavailableError")
-                    }
-                    _ => (StatusCode::INTERNAL_SERVER_ERROR, "ClusterError"),
-                };
-                ApiError::new(status, code, msg, json!({"raft_error": r}))
-            }
-            ClusterError::Rejected { code, .. } => {
-                let status = match code.as_str() {
-                    "server_exists" | "key_exists" | "key_hash_exists" | "version_mismatch" => {
-                        StatusCode::CONFLICT
-                    }
-                    "server_not_found" | "key_not_found" | "not_found" | "role_not_found" => {
-                        StatusCode::NOT_FOUND
-                    }
-                    _ => StatusCode::UNPROCESSABLE_ENTITY,
-                };
-                let class = match code.as_str() {
-                    "server_exists" => "McpServerAlreadyExistsError",
-                    "server_not_found" => "McpServerNotFoundError",
-                    _ => "ValidationError",
-                };
-                ApiError::new(status, class, msg, json!({"reason": code}))
-            }
-            ClusterError::Invalid(c) => {
-                let problems: Vec<Value> = match c {
-                    crate::config::ConfigError::Invalid { problems } => problems
-                        .iter()
-                        .map(|p| json!({"path": p.path, "message": p.message}))
-                        .collect(),
-                    crate::config::ConfigError::Unreadable { reason, .. } => {
-                        vec![json!({"path": "", "message": reason})]
-                    }
-                };
-                ApiError::new(
-                    StatusCode::UNPROCESSABLE_ENTITY,
-                    "ValidationError",
-                    format!("the resulting configuration would be invalid: {msg}"),
-                    json!({"problems": problems}),
-                )
-            }
-            ClusterError::ApplyTimeout(_) => {
-                ApiError::new(StatusCode::ACCEPTED, "ApplyPending", msg, Value::Null)
-            }
-            ClusterError::BadRequest(_) => {
-                ApiError::new(StatusCode::BAD_REQUEST, "ValidationError", msg, Value::Null)
-            }
-            ClusterError::Peer(_) => {
-                ApiError::new(StatusCode::BAD_GATEWAY, "PeerError", msg, Value::Null)
-            }
-        }
-    }
-}
-
 /// The `/api/cluster` routes.
-pub fn routes(cluster: Arc<Cluster>) -> Router {
+pub(super) fn routes(cluster: Arc<Cluster>) -> Router {
     Router::new()
         .route("/api/cluster/status", get(status))
         .route("/api/cluster/init", post(init))
@@ -148,59 +72,34 @@ async fn status(State(c): State<Arc<Cluster>>, Query(q): Query<StatusQuery>) -> 
         "fatal": s.fatal,
         "config_version": c.config_version().0,
         "ready": c.readiness().is_ok(),
-        "not_ready_reason": c.readiness().err(),
+        "not_ready_reason": c.readiness().err().map(|r| r.to_string()),
     });
     if q.local {
         return Ok(axum::Json(out).into_response());
     }
-    let mut members = Vec::new();
     let all: Vec<(u64, &'static str, hangar_raft::NodeInfo)> = s
         .voters
         .iter()
         .map(|(id, i)| (*id, "voter", i.clone()))
         .chain(s.learners.iter().map(|(id, i)| (*id, "learner", i.clone())))
         .collect();
+    let probes = all
+        .iter()
+        .map(|(id, _, info)| c.member_report(*id, info, Duration::from_millis(800)));
+    let reports = futures::future::join_all(probes).await;
     let leader_last = if s.leader_id == Some(s.node_id) {
         s.last_log_index
     } else {
-        None
-    };
-    let probes = all.iter().map(|(id, _, info)| {
-        let c = c.clone();
-        let id = *id;
-        let url = format!("http://{}/api/cluster/status?local=true", info.api_addr);
-        async move {
-            if id == c.node_id() {
-                return Some(c.status_local_json());
-            }
-            let r = c
-                .http()
-                .get(&url)
-                .timeout(Duration::from_millis(800))
-                .send()
-                .await
-                .ok()?;
-            serde_json::from_str::<Value>(&r.text().await.ok()?).ok()
-        }
-    });
-    let reports = futures::future::join_all(probes).await;
-    let mut leader_last = leader_last;
-    if leader_last.is_none() {
         // The leader's own report carries its last log index.
-        for ((id, _, _), rep) in all.iter().zip(&reports) {
-            if Some(*id) == s.leader_id {
-                leader_last = rep
-                    .as_ref()
-                    .and_then(|r| r.get("last_log_index"))
-                    .and_then(Value::as_u64);
-            }
-        }
-    }
+        all.iter()
+            .zip(&reports)
+            .find(|((id, _, _), _)| Some(*id) == s.leader_id)
+            .and_then(|(_, rep)| rep.as_ref())
+            .and_then(|r| r.last_log_index)
+    };
+    let mut members = Vec::new();
     for ((id, kind, info), rep) in all.iter().zip(reports) {
-        let applied = rep
-            .as_ref()
-            .and_then(|r| r.get("applied_index"))
-            .and_then(Value::as_u64);
+        let applied = rep.as_ref().and_then(|r| r.applied_index);
         let matched = s
             .replication
             .as_ref()
@@ -208,29 +107,20 @@ async fn status(State(c): State<Arc<Cluster>>, Query(q): Query<StatusQuery>) -> 
         members.push(json!({
             "node_id": id,
             "membership": kind,
-            "role": rep.as_ref().and_then(|r| r.get("role").cloned()).unwrap_or(json!("unreachable")),
+            "role": rep.as_ref().map_or(json!("unreachable"), |r| json!(r.role)),
             "raft_addr": info.raft_addr,
             "api_addr": info.api_addr,
             "reachable": rep.is_some(),
-            "term": rep.as_ref().and_then(|r| r.get("term").cloned()),
-            "committed_index": rep.as_ref().and_then(|r| r.get("committed_index").cloned()),
+            "term": rep.as_ref().map(|r| r.term),
+            "committed_index": rep.as_ref().map(|r| r.committed_index),
             "applied_index": applied,
             "matched_index": matched,
             "lag": match (leader_last, applied) { (Some(l), Some(a)) => Some(l.saturating_sub(a)), _ => None },
-            "ready": rep.as_ref().and_then(|r| r.get("ready").cloned()),
+            "ready": rep.as_ref().map(|r| r.ready),
         }));
     }
     out["members"] = Value::Array(members);
     Ok(axum::Json(out).into_response())
-}
-
-impl Cluster {
-    fn status_local_json(&self) -> Value {
-        let s = self.status();
-        json!({"node_id": s.node_id, "role": s.role, "term": s.term,
-            "last_log_index": s.last_log_index, "committed_index": s.committed_index,
-            "applied_index": s.applied_index, "ready": self.readiness().is_ok()})
-    }
 }
 
 #[derive(Deserialize)]
