@@ -86,8 +86,8 @@ impl ReloadTarget for ReloadWiring {
         self.gateway.set_config(gateway_config(cfg));
     }
 
-    fn publish(&self, event: &'static str, data: serde_json::Value) {
-        self.runtime.events().publish(event, data);
+    fn publish(&self, event: crate::telemetry::events::DomainEvent) {
+        self.runtime.events().emit(event);
     }
 }
 

@@ -11,6 +11,8 @@
 //! A request never walks backwards: gateway → routing → runtime/upstream; decisions flow
 //! supervisor → runtime.
 
+#![warn(missing_docs, unreachable_pub)]
+
 pub mod api;
 pub mod app;
 pub mod cluster;

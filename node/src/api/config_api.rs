@@ -9,6 +9,7 @@ use serde_json::{Value, json};
 use super::ApiState;
 use super::error::{ApiError, ApiResult};
 use crate::config;
+use crate::telemetry::events::DomainEvent;
 
 fn parse(body: &[u8]) -> Result<config::Config, ApiError> {
     let text = std::str::from_utf8(body)
@@ -30,7 +31,7 @@ pub async fn validate(body: axum::body::Bytes) -> ApiResult {
 }
 
 /// The file-sourced servers of the cluster now vs. in `cfg`.
-fn diff_against(st: &ApiState, cfg: &config::Config) -> Value {
+fn diff_against(st: &ApiState, cfg: &config::Config) -> config::ConfigDiff {
     let current = st.cluster.server_records();
     let mut added = Vec::new();
     let mut removed = Vec::new();
@@ -48,13 +49,18 @@ fn diff_against(st: &ApiState, cfg: &config::Config) -> Value {
             removed.push(id.clone());
         }
     }
-    json!({"added": added, "removed": removed, "updated": updated, "unchanged": unchanged})
+    config::ConfigDiff {
+        added,
+        removed,
+        updated,
+        unchanged,
+    }
 }
 
 /// `POST /api/config/diff`: what applying the file would change.
 pub async fn diff(State(st): State<ApiState>, body: axum::body::Bytes) -> ApiResult {
     let cfg = parse(&body)?;
-    Ok(axum::Json(diff_against(&st, &cfg)).into_response())
+    Ok(axum::Json(json!(diff_against(&st, &cfg))).into_response())
 }
 
 /// `POST /api/config/apply`: make the file the cluster's desired config (file-sourced
@@ -66,13 +72,19 @@ pub async fn apply(State(st): State<ApiState>, body: axum::body::Bytes) -> ApiRe
     st.cluster
         .apply_file_config(&cfg.raw_servers, &hash)
         .await?;
-    st.runtime().events().publish(
-        "ConfigurationReloaded",
-        json!({"requested_by": "api_apply", "mcp_servers_added": d["added"],
-            "mcp_servers_removed": d["removed"], "mcp_servers_updated": d["updated"]}),
-    );
+    st.runtime()
+        .events()
+        .emit(DomainEvent::ConfigurationReloaded {
+            config_path: None,
+            requested_by: "api_apply".to_owned(),
+            mcp_servers_added: d.added.clone(),
+            mcp_servers_removed: d.removed.clone(),
+            mcp_servers_updated: d.updated.clone(),
+            mcp_servers_unchanged: None,
+            reload_duration_ms: None,
+        });
     let (version, _) = st.cluster.config_version();
-    let mut out = d;
+    let mut out = json!(d);
     out["status"] = json!("applied");
     out["config_version"] = json!(version);
     Ok(axum::Json(out).into_response())

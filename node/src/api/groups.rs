@@ -12,6 +12,7 @@ use super::ApiState;
 use super::error::{ApiError, ApiResult};
 use crate::cluster::{ClusterError, MemberEdit, RejectCode};
 use crate::config;
+use crate::telemetry::events::DomainEvent;
 use crate::runtime::RuntimeError;
 
 fn group_json(st: &ApiState, id: &str) -> Result<Value, ApiError> {
@@ -77,7 +78,9 @@ pub(super) async fn create_group(State(st): State<ApiState>, body: axum::body::B
     st.cluster.put_server(&id, v, true, None).await?;
     st.runtime()
         .events()
-        .publish("GroupCreated", json!({"group_id": id}));
+        .emit(DomainEvent::GroupCreated {
+            group_id: id.clone(),
+        });
     Ok((
         StatusCode::CREATED,
         axum::Json(json!({"group_id": id, "created": true})),
@@ -93,7 +96,9 @@ pub(super) async fn delete_group(State(st): State<ApiState>, Path(id): Path<Stri
     st.gateway.router().rebalance(&id);
     st.runtime()
         .events()
-        .publish("GroupDeleted", json!({"group_id": id}));
+        .emit(DomainEvent::GroupDeleted {
+            group_id: id.clone(),
+        });
     Ok(axum::Json(json!({"deleted": true, "group_id": id})).into_response())
 }
 
@@ -165,10 +170,12 @@ pub(super) async fn add_member(
         priority: b.priority,
     };
     edit_members(&st, &id, &edit).await?;
-    st.runtime().events().publish(
-        "GroupMemberAdded",
-        json!({"group_id": id, "member_id": b.member_id, "weight": b.weight, "priority": b.priority}),
-    );
+    st.runtime().events().emit(DomainEvent::GroupMemberAdded {
+        group_id: id.clone(),
+        member_id: b.member_id.clone(),
+        weight: b.weight,
+        priority: b.priority,
+    });
     Ok((
         StatusCode::CREATED,
         axum::Json(json!({"group_id": id, "member_id": b.member_id, "added": true})),
@@ -194,10 +201,12 @@ pub(super) async fn remove_member(
     }
     let edit = MemberEdit::Remove { id: member.clone() };
     edit_members(&st, &id, &edit).await?;
-    st.runtime().events().publish(
-        "GroupMemberRemoved",
-        json!({"group_id": id, "member_id": member}),
-    );
+    st.runtime()
+        .events()
+        .emit(DomainEvent::GroupMemberRemoved {
+            group_id: id.clone(),
+            member_id: member.clone(),
+        });
     Ok(axum::Json(json!({"group_id": id, "member_id": member, "removed": true})).into_response())
 }
 

@@ -14,6 +14,7 @@ use serde_json::{Value, json};
 
 use super::ApiState;
 use super::error::{ApiError, ApiResult};
+use crate::telemetry::events::DomainEvent;
 
 const NOT_ENFORCED: &str = "Store the raw key now: it is shown once. This Hangar version replicates API keys but does not yet require them on requests.";
 
@@ -78,10 +79,11 @@ pub async fn create(State(st): State<ApiState>, body: axum::body::Bytes) -> ApiR
     st.cluster
         .propose(Command::CreateApiKey { key: record })
         .await?;
-    st.runtime().events().publish(
-        "KeyCreated",
-        json!({"key_id": id, "principal_id": b.principal_id, "name": b.name}),
-    );
+    st.runtime().events().emit(DomainEvent::KeyCreated {
+        key_id: id.clone(),
+        principal_id: b.principal_id.clone(),
+        name: b.name.clone(),
+    });
     Ok((
         StatusCode::CREATED,
         axum::Json(
@@ -119,6 +121,6 @@ pub async fn revoke(State(st): State<ApiState>, Path(id): Path<String>) -> ApiRe
         .await?;
     st.runtime()
         .events()
-        .publish("KeyRevoked", json!({"key_id": id}));
+        .emit(DomainEvent::KeyRevoked { key_id: id.clone() });
     Ok(axum::Json(json!({"key_id": id, "revoked": true})).into_response())
 }

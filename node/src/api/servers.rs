@@ -12,7 +12,6 @@ use serde_json::{Value, json};
 use super::error::{ApiError, ApiResult};
 use super::{ApiState, json_body, spec_json};
 use crate::config::{self, ServerSpec};
-use crate::gateway::naming::exposed_name;
 use crate::runtime::view::ServerRow;
 use crate::runtime::{Instance, RuntimeError, ServerState};
 
@@ -271,6 +270,9 @@ pub(super) async fn server_logs(
 }
 
 pub(super) async fn list_tools(State(st): State<ApiState>) -> ApiResult {
+    // The names `tools/list` exposes (prefixed, plain or hashed): `null` for a tool that is
+    // not exposed under its server (a group member's tools appear under the group).
+    let exposed = st.gateway.exposed_tool_names();
     let mut tools = Vec::new();
     for inst in st.runtime().instances() {
         let Some(c) = st.runtime().catalog_of(&inst) else {
@@ -280,7 +282,7 @@ pub(super) async fn list_tools(State(st): State<ApiState>) -> ApiResult {
             tools.push(json!({
                 "mcp_server_id": inst.id(),
                 "tool_name": t.key,
-                "exposed_name": exposed_name(inst.id(), &t.key),
+                "exposed_name": exposed.get(&(inst.id().to_owned(), t.key.clone())),
                 "description": t.field("description"),
                 "input_schema": t.field("inputSchema").map(|s| s.to_string()),
             }));

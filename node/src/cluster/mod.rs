@@ -32,7 +32,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{self, ClusterConfig, ConfigError, PeerSpec};
 use crate::runtime::{Catalog, Runtime, RuntimeEvent};
-use crate::telemetry::events::{Event, EventBackend};
+use crate::telemetry::events::{DomainEvent, Event, EventBackend};
 
 /// Most events one `AppendEvents` entry carries.
 const EVENT_BATCH: usize = 512;
@@ -962,10 +962,13 @@ impl Cluster {
                         let msg = e.to_string();
                         tracing::error!(config_version = version, error = %msg,
                             "replicated_config_not_applicable_here (this node keeps its previous servers)");
-                        runtime.events().publish(
-                            "ConfigurationApplyFailed",
-                            json!({"config_version": version, "node_id": self.node_name, "error": msg}),
-                        );
+                        runtime
+                            .events()
+                            .emit(DomainEvent::ConfigurationApplyFailed {
+                                config_version: version,
+                                node_id: self.node_name.clone(),
+                                error: msg.clone(),
+                            });
                         *self.apply_error.lock() = Some(msg);
                     }
                 }

@@ -19,6 +19,7 @@ use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
 use super::{Config, ConfigDiff, ConfigError, ServerSpec};
+use crate::telemetry::events::DomainEvent;
 
 /// A boxed future borrowed from its receiver.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -40,7 +41,7 @@ pub trait ReloadTarget: Send + Sync {
     /// Take the settings of the new file that apply without a restart (tool naming, timeouts).
     fn settings(&self, cfg: &Config);
     /// Publish a domain event (`ConfigurationReloadRequested`, `…Reloaded`, `…ReloadFailed`).
-    fn publish(&self, event: &'static str, data: Value);
+    fn publish(&self, event: DomainEvent);
 }
 
 /// Why a reload changed nothing.
@@ -130,18 +131,21 @@ impl Reloader {
         };
         let requested_by = by.as_str();
         let shown = path.display().to_string();
-        self.target.publish(
-            "ConfigurationReloadRequested",
-            json!({"config_path": shown, "requested_by": requested_by}),
-        );
+        self.target
+            .publish(DomainEvent::ConfigurationReloadRequested {
+                config_path: shown.clone(),
+                requested_by: requested_by.to_owned(),
+            });
         let bytes = std::fs::read(path).ok();
         let failed = |e: ReloadError| {
             let msg = e.to_string();
             tracing::error!(error = %msg, requested_by, "configuration_reload_failed (the previous configuration keeps serving)");
-            self.target.publish(
-                "ConfigurationReloadFailed",
-                json!({"config_path": shown, "requested_by": requested_by, "error": msg}),
-            );
+            self.target
+                .publish(DomainEvent::ConfigurationReloadFailed {
+                    config_path: Some(shown.clone()),
+                    requested_by: requested_by.to_owned(),
+                    error: msg,
+                });
             *self.fingerprint.lock() = bytes.clone();
             Err(e)
         };
@@ -157,14 +161,16 @@ impl Reloader {
         let diff = super::diff(&before, &self.target.current());
         self.target.settings(&cfg);
         *self.fingerprint.lock() = bytes;
-        let duration_ms = t0.elapsed().as_millis() as u64;
-        self.target.publish(
-            "ConfigurationReloaded",
-            json!({"config_path": shown, "requested_by": requested_by,
-                "mcp_servers_added": diff.added, "mcp_servers_removed": diff.removed,
-                "mcp_servers_updated": diff.updated, "mcp_servers_unchanged": diff.unchanged,
-                "reload_duration_ms": duration_ms}),
-        );
+        let duration_ms = u64::try_from(t0.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.target.publish(DomainEvent::ConfigurationReloaded {
+            config_path: Some(shown),
+            requested_by: requested_by.to_owned(),
+            mcp_servers_added: diff.added.clone(),
+            mcp_servers_removed: diff.removed.clone(),
+            mcp_servers_updated: diff.updated.clone(),
+            mcp_servers_unchanged: Some(diff.unchanged.clone()),
+            reload_duration_ms: Some(duration_ms),
+        });
         Ok(ReloadReport {
             status: ReloadStatus::Success,
             diff,

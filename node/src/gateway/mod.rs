@@ -472,6 +472,16 @@ impl Gateway {
         Ok(self.quick_index())
     }
 
+    /// The exposed name of every tool `tools/list` shows now, by (target, upstream name)
+    /// (never starts anything).
+    pub fn exposed_tool_names(&self) -> std::collections::HashMap<(String, String), String> {
+        self.quick_index()
+            .exposed_tools()
+            .into_iter()
+            .map(|((t, u), e)| ((t.to_owned(), u.to_owned()), e.to_owned()))
+            .collect()
+    }
+
     /// The index from what is known now (never starts anything).
     fn quick_index(&self) -> Arc<Index> {
         if let Some(idx) = self.index.read().clone() {

@@ -89,6 +89,14 @@ impl Index {
             .map(|(_, t)| t.as_str())
     }
 
+    /// Exposed tool names by (target, upstream tool name): what `tools/list` calls each tool.
+    pub fn exposed_tools(&self) -> HashMap<(&str, &str), &str> {
+        self.tools
+            .iter()
+            .map(|(exposed, r)| ((r.target.as_str(), r.upstream_name.as_str()), exposed.as_str()))
+            .collect()
+    }
+
     /// Every target that offers resources (fallback routing for unknown URIs).
     pub fn resource_targets(&self) -> HashSet<&str> {
         self.resources

@@ -305,7 +305,7 @@ impl EventLog {
     }
 
     /// Append an event and publish it; also logged as `domain_event`.
-    pub fn publish(&self, event_type: &str, data: Value) -> Arc<Event> {
+    fn publish(&self, event_type: &str, data: Value) -> Arc<Event> {
         if let Some(backend) = self.backend.get() {
             let ev = Event {
                 seq: 0,

@@ -809,8 +809,8 @@ fn coverage_hangarctl_servers_add() {
 
 /// `GET /api/tools/` reports each tool's `exposed_name`; under `naming: plain` that must be
 /// the name `tools/list` exposes.
+/// (It once reported `<server>__<tool>` whatever the naming.)
 #[tokio::test]
-#[ignore = "bug: GET /api/tools/ always reports the prefixed <server>__<tool> as exposed_name, also under tool_access.naming: plain (node/src/api/mod.rs list_tools calls naming::exposed_name instead of using the gateway's index)"]
 async fn coverage_plain_naming_rest_tools_report_the_exposed_names() {
     let node = Node::start(&format!(
         "tool_access:\n  naming: plain\nmcp_servers:\n{}",
