@@ -19,6 +19,7 @@ pub mod cluster;
 pub mod config;
 pub mod gateway;
 pub mod jsonrpc;
+pub mod lines;
 pub mod routing;
 pub mod runtime;
 pub mod supervisor;

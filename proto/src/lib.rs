@@ -4,6 +4,8 @@
 //! `protoc` binary is needed. Modules mirror the protobuf packages (`hangar.raft.v1` →
 //! [`raft::v1`]).
 
+#![warn(unreachable_pub, missing_docs)]
+
 /// Raft transport between Hangar nodes (package `hangar.raft.v1`).
 pub mod raft {
     /// Version 1 of the Raft transport.

@@ -1,50 +1,71 @@
-//! openraft type configuration and the log payload. Crate-private: openraft types never
-//! appear in the public API.
+//! Plain data shared by the crate's modules and its public API: a member's addresses, a
+//! node's role, the cluster status, the wall clock. A leaf: it imports nothing from the rest
+//! of the crate, so every other module may use it.
 
-use std::fmt;
+use std::collections::BTreeMap;
 
 use serde::Deserialize;
 use serde::Serialize;
 
-use crate::NodeInfo;
-use crate::state::Command;
-use crate::state::Response;
-
-/// The application data of a log entry: a command plus the leader's timestamp, so `apply`
-/// is deterministic on every replica and on replay.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub(crate) struct Proposal {
-    /// The command.
-    pub cmd: Command,
-    /// The accepting leader's wall clock (ms since the Unix epoch).
-    pub at_ms: u64,
+/// A cluster member's addresses, stored in the Raft membership.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeInfo {
+    /// `host:port` of the node's Raft/gRPC endpoint.
+    pub raft_addr: String,
+    /// `host:port` of the node's HTTP API (`/api`, `/mcp`).
+    pub api_addr: String,
 }
 
-impl fmt::Display for Proposal {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}@{}", self.cmd, self.at_ms)
-    }
+/// A node's role in the cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// Decides and replicates.
+    Leader,
+    /// Voter following a leader.
+    Follower,
+    /// Voter campaigning.
+    Candidate,
+    /// Receives the log, does not vote (also: not yet initialized).
+    Learner,
+    /// Raft stopped.
+    Shutdown,
 }
 
-openraft::declare_raft_types!(
-    /// Hangar's openraft type configuration.
-    pub(crate) TypeConfig:
-        D = Proposal,
-        R = Response,
-        NodeId = u64,
-        Node = NodeInfo,
-);
-
-pub(crate) type LogId = openraft::alias::LogIdOf<TypeConfig>;
-pub(crate) type Vote = openraft::alias::VoteOf<TypeConfig>;
-pub(crate) type Entry = openraft::alias::EntryOf<TypeConfig>;
-pub(crate) type StoredMembership = openraft::alias::StoredMembershipOf<TypeConfig>;
-pub(crate) type SnapshotMeta = openraft::alias::SnapshotMetaOf<TypeConfig>;
-pub(crate) type Snapshot = openraft::alias::SnapshotOf<TypeConfig, SnapshotData>;
-pub(crate) type Raft = openraft::Raft<TypeConfig, crate::store::StateMachineStore>;
-
-/// Snapshot data: the serialised state, fully in memory (the replicated state is small).
-pub(crate) type SnapshotData = Vec<u8>;
+/// A point-in-time view of the cluster from this node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterStatus {
+    /// This node.
+    pub node_id: u64,
+    /// This node's role.
+    pub role: Role,
+    /// Current leader, if known.
+    pub leader_id: Option<u64>,
+    /// Current leader's addresses, if known.
+    pub leader: Option<NodeInfo>,
+    /// Current term.
+    pub term: u64,
+    /// Index of the last log entry.
+    pub last_log_index: Option<u64>,
+    /// Index of the last committed entry.
+    pub committed_index: Option<u64>,
+    /// Index of the last applied entry.
+    pub applied_index: Option<u64>,
+    /// Last index included in the latest snapshot.
+    pub snapshot_index: Option<u64>,
+    /// Last purged log index.
+    pub purged_index: Option<u64>,
+    /// Voters and their addresses (both configs while a joint change is in progress).
+    pub voters: BTreeMap<u64, NodeInfo>,
+    /// Learners and their addresses.
+    pub learners: BTreeMap<u64, NodeInfo>,
+    /// True while a joint-consensus membership change is in progress.
+    pub joint: bool,
+    /// On the leader: matched log index per follower/learner (`None` = nothing matched yet).
+    pub replication: Option<BTreeMap<u64, Option<u64>>>,
+    /// Why Raft stopped, if it did (storage failure or shutdown).
+    pub fatal: Option<String>,
+}
 
 /// Current wall clock in ms since the Unix epoch (0 if the clock is before 1970).
 pub(crate) fn now_ms() -> u64 {

@@ -5,11 +5,12 @@
 
 use std::sync::Arc;
 
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::sync::mpsc;
 
 use super::{Ctx, Gateway, Scope};
 use crate::jsonrpc::{INVALID_REQUEST, Message, PARSE_ERROR, RpcError};
+use crate::lines::read_line_capped;
 
 /// Largest accepted line (16 MiB).
 const MAX_LINE: usize = 16 * 1024 * 1024;
@@ -58,7 +59,8 @@ where
     let mut buf = Vec::with_capacity(4096);
     loop {
         buf.clear();
-        let n = read_line_bounded(&mut reader, &mut buf).await?;
+        // MAX_LINE + 1 kept bytes tell a line that is too long from one that just fits.
+        let n = read_line_capped(&mut reader, &mut buf, MAX_LINE + 1).await?;
         if n == 0 {
             break;
         }
@@ -108,31 +110,6 @@ where
     // In-flight requests hold senders; the writer ends when they finish.
     let _ = writer_task.await;
     Ok(())
-}
-
-async fn read_line_bounded<R: tokio::io::AsyncBufRead + Unpin>(
-    r: &mut R,
-    buf: &mut Vec<u8>,
-) -> std::io::Result<usize> {
-    let mut total = 0;
-    loop {
-        let chunk = r.fill_buf().await?;
-        if chunk.is_empty() {
-            return Ok(total);
-        }
-        let (used, done) = match chunk.iter().position(|b| *b == b'\n') {
-            Some(i) => (i + 1, true),
-            None => (chunk.len(), false),
-        };
-        if buf.len() <= MAX_LINE {
-            buf.extend_from_slice(&chunk[..used]);
-        }
-        r.consume(used);
-        total += used;
-        if done {
-            return Ok(total);
-        }
-    }
 }
 
 fn trim(b: &[u8]) -> &[u8] {

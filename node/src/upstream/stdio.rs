@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use serde_json::value::RawValue;
-use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::process::Command;
 use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{broadcast, mpsc, oneshot};
@@ -30,6 +30,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{CallEvent, CallSink, LogLine, Outcome, StdioSpec, UpstreamError};
 use crate::jsonrpc::{INTERNAL_ERROR, Id, Kind, Message, RpcError, raw_from_object, raw_object};
+use crate::lines::read_line_capped;
 use crate::telemetry::unix_now;
 
 /// Lines kept in the stderr ring.
@@ -1051,33 +1052,6 @@ fn resolve_program(program: &str, spec: &StdioSpec) -> std::io::Result<PathBuf> 
         }
     }
     Err(last.unwrap_or_else(|| std::io::Error::new(ErrorKind::NotFound, "not found on PATH")))
-}
-
-/// Read one line (through `\n` or EOF), keeping at most `cap` bytes of it in `buf`; returns
-/// the full length consumed (0 at EOF).
-async fn read_line_capped<R: AsyncBufRead + Unpin>(
-    r: &mut R,
-    buf: &mut Vec<u8>,
-    cap: usize,
-) -> std::io::Result<usize> {
-    let mut total = 0;
-    loop {
-        let chunk = r.fill_buf().await?;
-        if chunk.is_empty() {
-            return Ok(total);
-        }
-        let (used, done) = match chunk.iter().position(|b| *b == b'\n') {
-            Some(i) => (i + 1, true),
-            None => (chunk.len(), false),
-        };
-        let room = cap.saturating_sub(buf.len());
-        buf.extend_from_slice(&chunk[..used.min(room)]);
-        r.consume(used);
-        total += used;
-        if done {
-            return Ok(total);
-        }
-    }
 }
 
 fn trim(b: &[u8]) -> &[u8] {

@@ -33,14 +33,15 @@ use pb::raft_service_client::RaftServiceClient;
 use tonic::transport::Channel;
 
 use super::APPEND_BUDGET_BYTES;
+use super::CodecError;
 use super::PeerPool;
 use super::decode;
 use super::encode;
-use crate::NodeInfo;
-use crate::types::Snapshot;
-use crate::types::SnapshotData;
-use crate::types::TypeConfig;
-use crate::types::Vote;
+use crate::typecfg::Snapshot;
+use crate::typecfg::SnapshotData;
+use crate::typecfg::TypeConfig;
+use crate::typecfg::Vote;
+use crate::types::NodeInfo;
 
 type RpcErr = RPCError<TypeConfig>;
 
@@ -89,16 +90,36 @@ fn status_err(target: u64, addr: &str, status: &tonic::Status) -> RpcErr {
     )
 }
 
+/// Why an AppendEntries request could not be put on the wire.
+#[derive(Debug, thiserror::Error)]
+enum SplitError {
+    /// A part could not be encoded.
+    #[error(transparent)]
+    Codec(#[from] CodecError),
+    /// One entry alone is larger than a message may be.
+    #[error(
+        "log entry {index} encodes to {size} bytes, more than the {budget} byte message budget"
+    )]
+    EntryTooLarge {
+        /// The entry's log index.
+        index: u64,
+        /// Its encoded size (plus a separator).
+        size: usize,
+        /// The message budget.
+        budget: usize,
+    },
+}
+
 /// Split an AppendEntries request into consecutive requests that each encode within
 /// [`APPEND_BUDGET_BYTES`]; every part's `prev_log_id` is the last entry of the part before.
-fn split_append(req: AppendEntriesRequest<TypeConfig>) -> Result<Vec<pb::RaftMessage>, String> {
+fn split_append(req: AppendEntriesRequest<TypeConfig>) -> Result<Vec<pb::RaftMessage>, SplitError> {
     split_append_within(req, APPEND_BUDGET_BYTES)
 }
 
 fn split_append_within(
     req: AppendEntriesRequest<TypeConfig>,
     budget: usize,
-) -> Result<Vec<pb::RaftMessage>, String> {
+) -> Result<Vec<pb::RaftMessage>, SplitError> {
     let whole = encode(&req)?;
     if whole.data.len() <= budget {
         return Ok(vec![whole]);
@@ -109,7 +130,7 @@ fn split_append_within(
         entries,
         leader_commit,
     } = req;
-    let part = |prev: Option<crate::types::LogId>, entries: Vec<crate::types::Entry>| {
+    let part = |prev: Option<crate::typecfg::LogId>, entries: Vec<crate::typecfg::Entry>| {
         encode(&AppendEntriesRequest::<TypeConfig> {
             vote,
             prev_log_id: prev,
@@ -121,16 +142,20 @@ fn split_append_within(
     let base = part(prev_log_id, Vec::new())?.data.len() + 64;
     let mut parts = Vec::new();
     let mut prev = prev_log_id;
-    let mut current: Vec<crate::types::Entry> = Vec::new();
+    let mut current: Vec<crate::typecfg::Entry> = Vec::new();
     let mut current_bytes = base;
     for entry in entries {
         // +1 for the separating comma.
-        let size = serde_json::to_vec(&entry).map_err(|e| e.to_string())?.len() + 1;
+        let size = serde_json::to_vec(&entry)
+            .map_err(CodecError::Encode)?
+            .len()
+            + 1;
         if base + size > budget {
-            return Err(format!(
-                "log entry {} encodes to {size} bytes, more than the {budget} byte message budget",
-                entry.index()
-            ));
+            return Err(SplitError::EntryTooLarge {
+                index: entry.index(),
+                size,
+                budget,
+            });
         }
         if !current.is_empty() && current_bytes + size > budget {
             let batch = std::mem::take(&mut current);
@@ -388,9 +413,9 @@ mod tests {
     use super::*;
     use crate::state::Command;
     use crate::state::EventRecord;
-    use crate::types::Entry;
-    use crate::types::LogId;
-    use crate::types::Proposal;
+    use crate::typecfg::Entry;
+    use crate::typecfg::LogId;
+    use crate::typecfg::Proposal;
 
     fn log_id(index: u64) -> LogId {
         LogId::new(
@@ -460,6 +485,17 @@ mod tests {
     #[test]
     fn an_entry_larger_than_the_budget_is_an_error() {
         let err = split_append_within(request(vec![entry(11, 5000)]), 2000).unwrap_err();
-        assert!(err.contains("log entry 11"), "{err}");
+        assert!(
+            matches!(
+                err,
+                SplitError::EntryTooLarge {
+                    index: 11,
+                    budget: 2000,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(err.to_string().contains("log entry 11"), "{err}");
     }
 }

@@ -6,7 +6,6 @@
 //! and a connect timeout so an unreachable peer yields `Unreachable` quickly.
 
 mod client;
-mod server;
 
 use std::collections::BTreeSet;
 use std::collections::HashMap;
@@ -20,14 +19,13 @@ use pb::raft_service_client::RaftServiceClient;
 use serde::Deserialize;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-pub(crate) use server::serve;
 use tonic::transport::Channel;
 use tonic::transport::Endpoint;
 
-use crate::NodeInfo;
-use crate::RaftError;
+use crate::error::RaftError;
 use crate::state::Command;
 use crate::state::Response;
+use crate::types::NodeInfo;
 
 /// HTTP/2 keepalive ping interval on peer channels and on the server.
 pub(crate) const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(1);
@@ -70,9 +68,23 @@ pub(crate) enum ForwardResult {
     Failed { error: RaftError },
 }
 
+/// Why a Raft message could not be encoded or decoded.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum CodecError {
+    /// Serialising the message failed.
+    #[error("cannot encode Raft message: {0}")]
+    Encode(#[source] serde_json::Error),
+    /// The bytes are not a valid message of the expected type.
+    #[error("cannot decode Raft message: {0}")]
+    Decode(#[source] serde_json::Error),
+    /// The peer used an encoding this version does not know.
+    #[error("unsupported Raft message format {0}; all nodes must run compatible hangar versions")]
+    Format(i32),
+}
+
 /// Encode an openraft message.
-pub(crate) fn encode<T: Serialize>(v: &T) -> Result<pb::RaftMessage, String> {
-    let data = serde_json::to_vec(v).map_err(|e| format!("cannot encode Raft message: {e}"))?;
+pub(crate) fn encode<T: Serialize>(v: &T) -> Result<pb::RaftMessage, CodecError> {
+    let data = serde_json::to_vec(v).map_err(CodecError::Encode)?;
     Ok(pb::RaftMessage {
         format: pb::Format::Json as i32,
         data,
@@ -80,18 +92,16 @@ pub(crate) fn encode<T: Serialize>(v: &T) -> Result<pb::RaftMessage, String> {
 }
 
 /// Decode an openraft message.
-pub(crate) fn decode<T: DeserializeOwned>(m: &pb::RaftMessage) -> Result<T, String> {
+pub(crate) fn decode<T: DeserializeOwned>(m: &pb::RaftMessage) -> Result<T, CodecError> {
     decode_bytes(m.format, &m.data)
 }
 
 /// Decode JSON `data` whose encoding is named by `format`.
-pub(crate) fn decode_bytes<T: DeserializeOwned>(format: i32, data: &[u8]) -> Result<T, String> {
+pub(crate) fn decode_bytes<T: DeserializeOwned>(format: i32, data: &[u8]) -> Result<T, CodecError> {
     if format != pb::Format::Json as i32 {
-        return Err(format!(
-            "unsupported Raft message format {format}; all nodes must run compatible hangar versions"
-        ));
+        return Err(CodecError::Format(format));
     }
-    serde_json::from_slice(data).map_err(|e| format!("cannot decode Raft message: {e}"))
+    serde_json::from_slice(data).map_err(CodecError::Decode)
 }
 
 /// One cached channel per peer address.

@@ -34,6 +34,7 @@ pub use model::RoleDef;
 pub use model::ServerRecord;
 pub use model::StoredEvent;
 pub use model::ToolPolicy;
+pub use model::UnknownConfigSource;
 use serde::Deserialize;
 use serde::Serialize;
 use sha2::Digest;

@@ -60,8 +60,13 @@ impl From<ConfigSource> for String {
     }
 }
 
+/// A config source string that is none of `file:<sha256>`, `api` and `cli`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown config source {0:?}: expected \"file:<sha256>\", \"api\" or \"cli\"")]
+pub struct UnknownConfigSource(pub String);
+
 impl TryFrom<String> for ConfigSource {
-    type Error = String;
+    type Error = UnknownConfigSource;
 
     fn try_from(s: String) -> Result<Self, Self::Error> {
         match s.as_str() {
@@ -71,9 +76,7 @@ impl TryFrom<String> for ConfigSource {
                 Some(hash) => Ok(ConfigSource::File {
                     sha256: hash.to_string(),
                 }),
-                None => Err(format!(
-                    "unknown config source {other:?}: expected \"file:<sha256>\", \"api\" or \"cli\""
-                )),
+                None => Err(UnknownConfigSource(other.to_string())),
             },
         }
     }

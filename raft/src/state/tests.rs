@@ -854,5 +854,8 @@ fn commands_and_state_round_trip_through_json() {
     assert!(text.contains("\"server_exists\""), "{text}");
     // Display never shows payloads (they may hold secrets).
     assert_eq!(cmd.to_string(), "put_server");
-    assert!(ConfigSource::try_from("bogus".to_string()).is_err());
+    assert_eq!(
+        ConfigSource::try_from("bogus".to_string()),
+        Err(UnknownConfigSource("bogus".to_string()))
+    );
 }

@@ -21,10 +21,10 @@ use super::Db;
 use super::blocking;
 use super::rocks_err;
 use super::to_json;
-use crate::types::Entry;
-use crate::types::LogId;
-use crate::types::TypeConfig;
-use crate::types::Vote;
+use crate::typecfg::Entry;
+use crate::typecfg::LogId;
+use crate::typecfg::TypeConfig;
+use crate::typecfg::Vote;
 
 const KEY_VOTE: &[u8] = b"vote";
 const KEY_LAST_PURGED: &[u8] = b"last_purged";

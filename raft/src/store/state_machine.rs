@@ -26,12 +26,12 @@ use crate::state::ApplyCtx;
 use crate::state::Response;
 use crate::state::State;
 use crate::state::apply;
-use crate::types::LogId;
-use crate::types::Snapshot;
-use crate::types::SnapshotData;
-use crate::types::SnapshotMeta;
-use crate::types::StoredMembership;
-use crate::types::TypeConfig;
+use crate::typecfg::LogId;
+use crate::typecfg::Snapshot;
+use crate::typecfg::SnapshotData;
+use crate::typecfg::SnapshotMeta;
+use crate::typecfg::StoredMembership;
+use crate::typecfg::TypeConfig;
 
 const KEY_SNAPSHOT_META: &[u8] = b"snapshot_meta";
 const KEY_SNAPSHOT_DATA: &[u8] = b"snapshot_data";

@@ -14,10 +14,10 @@ use tempfile::TempDir;
 use super::*;
 use crate::state::Command;
 use crate::state::EventRecord;
-use crate::types::Entry;
-use crate::types::Proposal;
-use crate::types::TypeConfig;
-use crate::types::Vote;
+use crate::typecfg::Entry;
+use crate::typecfg::Proposal;
+use crate::typecfg::TypeConfig;
+use crate::typecfg::Vote;
 
 struct Builder;
 
@@ -38,9 +38,9 @@ async fn openraft_storage_suite() {
     Suite::test_all(Builder).await.expect("storage suite");
 }
 
-fn log_id(term: u64, index: u64) -> crate::types::LogId {
+fn log_id(term: u64, index: u64) -> crate::typecfg::LogId {
     let leader = openraft::impls::leader_id_adv::LeaderId { term, node_id: 1 };
-    crate::types::LogId::new(leader, index)
+    crate::typecfg::LogId::new(leader, index)
 }
 
 fn event_entry(term: u64, index: u64, kind: &str) -> Entry {

@@ -1,4 +1,13 @@
 //! [`RaftHandle`]: the one object the node uses — start, bootstrap, propose, read, membership.
+//!
+//! * `executor` — the leader side: `Core` (the internals all three share) and what runs an
+//!   operation on the leader;
+//! * `forward` — the forwarding client: routes an operation to the leader, with retries;
+//! * `service` — this node's gRPC service (peer messages, `Forward`, `ReadIndex`).
+
+mod executor;
+mod forward;
+mod service;
 
 use std::collections::BTreeMap;
 use std::collections::BTreeSet;
@@ -7,56 +16,36 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hangar_proto::raft::v1 as pb;
-use openraft::ChangeMembers;
-use openraft::ReadPolicy;
 use openraft::ServerState;
 use openraft::SnapshotPolicy;
-use openraft::errors::ClientWriteError;
-use openraft::errors::Fatal;
-use openraft::errors::ForwardToLeader;
 use openraft::errors::InitializeError;
-use openraft::errors::LinearizableReadError;
 use openraft::type_config::async_runtime::watch::WatchReceiver;
 use parking_lot::Mutex;
-use pb::raft_service_client::RaftServiceClient;
-use serde::Deserialize;
-use serde::Serialize;
 use tokio::sync::oneshot;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use crate::RaftError;
+use self::executor::Core;
+use self::executor::fatal_err;
+use self::forward::Forwarder;
+pub use self::forward::OPERATION_TIMEOUT;
+use crate::error::RaftError;
 use crate::network::APPEND_BUDGET_BYTES;
 use crate::network::ForwardOp;
-use crate::network::ForwardResult;
 use crate::network::NetworkFactory;
 use crate::network::PeerPool;
 use crate::state::Command;
 use crate::state::Response;
 use crate::state::State;
-use crate::store::SharedSm;
-use crate::types::Proposal;
-use crate::types::Raft;
-use crate::types::TypeConfig;
+use crate::types::ClusterStatus;
+use crate::types::NodeInfo;
+use crate::types::Role;
 
-/// How long `propose`, membership changes and linearizable reads keep trying (leader
-/// elections and forwarding included) before giving up.
-pub const OPERATION_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest encoded command accepted by [`RaftHandle::propose`].
 pub const MAX_COMMAND_BYTES: usize = APPEND_BUDGET_BYTES - 64 * 1024;
 /// How long `start` waits for the state machine to re-apply the committed log after a restart.
 const RECOVERY_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// A cluster member's addresses, stored in the Raft membership.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct NodeInfo {
-    /// `host:port` of the node's Raft/gRPC endpoint.
-    pub raft_addr: String,
-    /// `host:port` of the node's HTTP API (`/api`, `/mcp`).
-    pub api_addr: String,
-}
 
 /// Configuration of one Raft node.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -125,241 +114,6 @@ impl RaftConfig {
     }
 }
 
-/// A node's role in the cluster.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Role {
-    /// Decides and replicates.
-    Leader,
-    /// Voter following a leader.
-    Follower,
-    /// Voter campaigning.
-    Candidate,
-    /// Receives the log, does not vote (also: not yet initialized).
-    Learner,
-    /// Raft stopped.
-    Shutdown,
-}
-
-/// A point-in-time view of the cluster from this node.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ClusterStatus {
-    /// This node.
-    pub node_id: u64,
-    /// This node's role.
-    pub role: Role,
-    /// Current leader, if known.
-    pub leader_id: Option<u64>,
-    /// Current leader's addresses, if known.
-    pub leader: Option<NodeInfo>,
-    /// Current term.
-    pub term: u64,
-    /// Index of the last log entry.
-    pub last_log_index: Option<u64>,
-    /// Index of the last committed entry.
-    pub committed_index: Option<u64>,
-    /// Index of the last applied entry.
-    pub applied_index: Option<u64>,
-    /// Last index included in the latest snapshot.
-    pub snapshot_index: Option<u64>,
-    /// Last purged log index.
-    pub purged_index: Option<u64>,
-    /// Voters and their addresses (both configs while a joint change is in progress).
-    pub voters: BTreeMap<u64, NodeInfo>,
-    /// Learners and their addresses.
-    pub learners: BTreeMap<u64, NodeInfo>,
-    /// True while a joint-consensus membership change is in progress.
-    pub joint: bool,
-    /// On the leader: matched log index per follower/learner (`None` = nothing matched yet).
-    pub replication: Option<BTreeMap<u64, Option<u64>>>,
-    /// Why Raft stopped, if it did (storage failure or shutdown).
-    pub fatal: Option<String>,
-}
-
-/// The Raft node internals shared by the handle and the gRPC service.
-pub(crate) struct Core {
-    pub(crate) raft: Raft,
-    pub(crate) sm: Arc<SharedSm>,
-    pub(crate) pool: PeerPool,
-    pub(crate) node_id: u64,
-    /// Set to true when the node shuts down; long-lived server streams end on it.
-    pub(crate) stopping: watch::Sender<bool>,
-}
-
-fn fatal_err(e: &Fatal<TypeConfig>) -> RaftError {
-    match e {
-        Fatal::Stopped => RaftError::ShuttingDown,
-        Fatal::Panicked => RaftError::Storage {
-            message: "the Raft core panicked".to_string(),
-        },
-        Fatal::StorageError(s) => RaftError::Storage {
-            message: s.to_string(),
-        },
-    }
-}
-
-fn not_leader(f: &ForwardToLeader<TypeConfig>) -> RaftError {
-    RaftError::NotLeader {
-        leader_id: f.leader_id,
-        leader_api_addr: f.leader_node.as_ref().map(|n| n.api_addr.clone()),
-    }
-}
-
-fn write_err(
-    e: openraft::errors::RaftError<TypeConfig, ClientWriteError<TypeConfig>>,
-) -> RaftError {
-    match e {
-        openraft::errors::RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => {
-            not_leader(&f)
-        }
-        openraft::errors::RaftError::APIError(ClientWriteError::LogEntryDiscarded(f)) => {
-            RaftError::OutcomeUnknown {
-                message: format!("the entry was discarded when leadership changed ({f})"),
-            }
-        }
-        openraft::errors::RaftError::APIError(ClientWriteError::ChangeMembershipError(m)) => {
-            RaftError::Membership {
-                message: m.to_string(),
-            }
-        }
-        openraft::errors::RaftError::APIError(ClientWriteError::PreconditionFailed(p)) => {
-            RaftError::Membership {
-                message: p.to_string(),
-            }
-        }
-        openraft::errors::RaftError::Fatal(f) => fatal_err(&f),
-    }
-}
-
-impl Core {
-    fn metrics(&self) -> openraft::RaftMetrics<TypeConfig> {
-        self.raft.metrics().borrow_watched().clone()
-    }
-
-    fn node_info(&self, id: u64) -> Option<NodeInfo> {
-        self.raft
-            .metrics()
-            .borrow_watched()
-            .membership_config
-            .get_node(&id)
-            .cloned()
-    }
-
-    /// Execute an operation on this node, which must be the leader (else `NotLeader`).
-    pub(crate) async fn execute_local(&self, op: ForwardOp) -> Result<Option<Response>, RaftError> {
-        match op {
-            ForwardOp::Propose { cmd } => {
-                let proposal = Proposal {
-                    cmd,
-                    at_ms: crate::types::now_ms(),
-                };
-                let resp = self.raft.client_write(proposal).await.map_err(write_err)?;
-                Ok(Some(resp.data))
-            }
-            ForwardOp::AddLearner { id, info, blocking } => {
-                self.raft
-                    .add_learner(id, info, blocking)
-                    .await
-                    .map_err(write_err)?;
-                Ok(None)
-            }
-            ForwardOp::ChangeVoters { voters } => {
-                if voters.is_empty() {
-                    return Err(RaftError::Membership {
-                        message: "the voter set must not be empty".to_string(),
-                    });
-                }
-                self.raft
-                    .change_membership(ChangeMembers::ReplaceAllVoters(voters), true)
-                    .await
-                    .map_err(write_err)?;
-                Ok(None)
-            }
-            ForwardOp::RemoveNode { id } => {
-                let m = self.metrics();
-                let is_voter = m.membership_config.voter_ids().any(|v| v == id);
-                if is_voter {
-                    self.raft
-                        .change_membership(ChangeMembers::RemoveVoters(BTreeSet::from([id])), false)
-                        .await
-                        .map_err(write_err)?;
-                }
-                let still_member = self
-                    .metrics()
-                    .membership_config
-                    .nodes()
-                    .any(|(node, _)| *node == id);
-                if still_member {
-                    self.raft
-                        .change_membership(ChangeMembers::RemoveNodes(BTreeSet::from([id])), false)
-                        .await
-                        .map_err(write_err)?;
-                } else if !is_voter {
-                    return Err(RaftError::Membership {
-                        message: format!("node {id} is not a member of the cluster"),
-                    });
-                }
-                Ok(None)
-            }
-            ForwardOp::TransferLeader { to } => {
-                let m = self.metrics();
-                if m.current_leader != Some(self.node_id) {
-                    return Err(RaftError::NotLeader {
-                        leader_id: m.current_leader,
-                        leader_api_addr: m.current_leader.and_then(|l| {
-                            m.membership_config.get_node(&l).map(|n| n.api_addr.clone())
-                        }),
-                    });
-                }
-                if !m.membership_config.voter_ids().any(|v| v == to) {
-                    return Err(RaftError::Membership {
-                        message: format!("node {to} is not a voter; only voters can lead"),
-                    });
-                }
-                self.raft
-                    .trigger()
-                    .transfer_leader(to)
-                    .await
-                    .map_err(|e| fatal_err(&e))?;
-                Ok(None)
-            }
-        }
-    }
-
-    /// On the leader: a read index that, once applied locally, makes a read linearizable.
-    pub(crate) async fn read_index_local(&self) -> Result<u64, RaftError> {
-        match self.raft.get_read_log_id(ReadPolicy::ReadIndex).await {
-            Ok((read_log_id, _)) => Ok(read_log_id.index()),
-            Err(openraft::errors::RaftError::APIError(LinearizableReadError::ForwardToLeader(
-                f,
-            ))) => Err(not_leader(&f)),
-            Err(openraft::errors::RaftError::APIError(LinearizableReadError::QuorumNotEnough(
-                _,
-            ))) => Err(RaftError::NoLeader),
-            Err(openraft::errors::RaftError::Fatal(f)) => Err(fatal_err(&f)),
-        }
-    }
-}
-
-/// Outcome of one attempt to reach the leader.
-enum Attempt<T> {
-    Done(Result<T, RaftError>),
-    /// Safe to retry (the leader did not act on it); carries the error to return at the deadline.
-    Retry(RaftError),
-}
-
-/// True when a failed call provably never reached the server (connection not established).
-fn not_sent(status: &tonic::Status) -> bool {
-    let mut text = status.message().to_ascii_lowercase();
-    let mut source = std::error::Error::source(status);
-    while let Some(s) = source {
-        text.push(' ');
-        text.push_str(&s.to_string().to_ascii_lowercase());
-        source = s.source();
-    }
-    text.contains("connect") || text.contains("service was not ready")
-}
-
 /// Handle on this node's Raft: cheap to clone; every clone drives the same node.
 #[derive(Clone)]
 pub struct RaftHandle {
@@ -368,6 +122,8 @@ pub struct RaftHandle {
 
 struct Inner {
     core: Arc<Core>,
+    /// Routes writes, membership changes and read-index requests to the leader.
+    forward: Forwarder,
     local: NodeInfo,
     local_addr: SocketAddr,
     leader_rx: watch::Receiver<Option<u64>>,
@@ -462,7 +218,7 @@ impl RaftHandle {
                 let shutdown = async {
                     let _ = stop_rx.await;
                 };
-                if let Err(e) = crate::network::serve(core, listener, shutdown).await {
+                if let Err(e) = service::serve(core, listener, shutdown).await {
                     tracing::error!(error = %e, "Raft gRPC server failed");
                 }
             })
@@ -487,6 +243,7 @@ impl RaftHandle {
         };
         let handle = RaftHandle {
             inner: Arc::new(Inner {
+                forward: Forwarder::new(core.clone(), leader_rx.clone()),
                 core,
                 local,
                 local_addr,
@@ -579,7 +336,9 @@ impl RaftHandle {
                 limit: MAX_COMMAND_BYTES,
             });
         }
-        self.route(ForwardOp::Propose { cmd })
+        self.inner
+            .forward
+            .route(ForwardOp::Propose { cmd })
             .await?
             .ok_or_else(|| RaftError::internal("the leader returned no response for a proposal"))
     }
@@ -593,7 +352,7 @@ impl RaftHandle {
     /// this call (ReadIndex; works on followers by asking the leader for the index).
     pub async fn linearizable_read<R>(&self, f: impl FnOnce(&State) -> R) -> Result<R, RaftError> {
         let deadline = Instant::now() + OPERATION_TIMEOUT;
-        let index = self.read_index(deadline).await?;
+        let index = self.inner.forward.read_index(deadline).await?;
         let mut applied = self.core().sm.subscribe();
         let wait = applied.wait_for(|a| *a >= index);
         match tokio::time::timeout_at(deadline, wait).await {
@@ -670,7 +429,9 @@ impl RaftHandle {
         info: NodeInfo,
         blocking: bool,
     ) -> Result<(), RaftError> {
-        self.route(ForwardOp::AddLearner { id, info, blocking })
+        self.inner
+            .forward
+            .route(ForwardOp::AddLearner { id, info, blocking })
             .await
             .map(|_| ())
     }
@@ -678,7 +439,9 @@ impl RaftHandle {
     /// Make exactly `voters` the voters (they must be members already, e.g. learners); removed
     /// voters stay as learners until [`remove_node`](Self::remove_node).
     pub async fn change_voters(&self, voters: BTreeSet<u64>) -> Result<(), RaftError> {
-        self.route(ForwardOp::ChangeVoters { voters })
+        self.inner
+            .forward
+            .route(ForwardOp::ChangeVoters { voters })
             .await
             .map(|_| ())
     }
@@ -686,12 +449,18 @@ impl RaftHandle {
     /// Remove a node (voter or learner) from the cluster. The removed node keeps running until
     /// it is shut down; shut it down.
     pub async fn remove_node(&self, id: u64) -> Result<(), RaftError> {
-        self.route(ForwardOp::RemoveNode { id }).await.map(|_| ())
+        self.inner
+            .forward
+            .route(ForwardOp::RemoveNode { id })
+            .await
+            .map(|_| ())
     }
 
     /// Ask the leader to hand leadership to voter `to` (returns once requested).
     pub async fn transfer_leader(&self, to: u64) -> Result<(), RaftError> {
-        self.route(ForwardOp::TransferLeader { to })
+        self.inner
+            .forward
+            .route(ForwardOp::TransferLeader { to })
             .await
             .map(|_| ())
     }
@@ -784,174 +553,6 @@ impl RaftHandle {
                     });
                 }
             }
-        }
-    }
-
-    /// Wait (until `deadline`) for the leader to change from `seen`, or a short backoff.
-    async fn wait_leader_change(&self, seen: Option<u64>, deadline: Instant) {
-        let mut rx = self.inner.leader_rx.clone();
-        let wait = rx.wait_for(|l| *l != seen);
-        let backoff = Instant::now() + Duration::from_millis(100);
-        let _ = tokio::time::timeout_at(deadline.min(backoff), wait).await;
-    }
-
-    /// Run `op` on the leader, forwarding when this node is not the leader.
-    async fn route(&self, op: ForwardOp) -> Result<Option<Response>, RaftError> {
-        let deadline = Instant::now() + OPERATION_TIMEOUT;
-        loop {
-            let leader = *self.inner.leader_rx.borrow();
-            let attempt = match leader {
-                None => Attempt::Retry(RaftError::NoLeader),
-                Some(id) if id == self.node_id() => {
-                    match self.core().execute_local(op.clone()).await {
-                        Err(e @ RaftError::NotLeader { .. }) => Attempt::Retry(e),
-                        other => Attempt::Done(other),
-                    }
-                }
-                Some(id) => self.forward(id, &op, deadline).await,
-            };
-            match attempt {
-                Attempt::Done(result) => return result,
-                Attempt::Retry(e) if Instant::now() >= deadline => {
-                    return Err(match e {
-                        e @ (RaftError::NoLeader | RaftError::Unreachable { .. }) => e,
-                        other => {
-                            tracing::debug!(error = %other, "giving up after retries");
-                            RaftError::Timeout {
-                                what: "reaching the leader".to_string(),
-                                after_ms: OPERATION_TIMEOUT.as_millis() as u64,
-                            }
-                        }
-                    });
-                }
-                Attempt::Retry(_) => self.wait_leader_change(leader, deadline).await,
-            }
-        }
-    }
-
-    fn leader_client(
-        &self,
-        leader: u64,
-    ) -> Result<(RaftServiceClient<tonic::transport::Channel>, String), RaftError> {
-        let info = self.core().node_info(leader).ok_or(RaftError::NoLeader)?;
-        let client = self.core().pool.client(&info.raft_addr)?;
-        Ok((client, info.raft_addr))
-    }
-
-    async fn forward(
-        &self,
-        leader: u64,
-        op: &ForwardOp,
-        deadline: Instant,
-    ) -> Attempt<Option<Response>> {
-        let (mut client, addr) = match self.leader_client(leader) {
-            Ok(c) => c,
-            Err(e) => return Attempt::Retry(e),
-        };
-        let bytes = match serde_json::to_vec(op) {
-            Ok(b) => b,
-            Err(e) => return Attempt::Done(Err(RaftError::internal(e))),
-        };
-        let mut req = tonic::Request::new(pb::ForwardRequest {
-            format: pb::Format::Json as i32,
-            op: bytes,
-            from_node: self.node_id(),
-        });
-        req.set_timeout(
-            deadline
-                .saturating_duration_since(Instant::now())
-                .max(Duration::from_millis(100)),
-        );
-        let unreachable = |message: String| RaftError::Unreachable {
-            node_id: leader,
-            addr: addr.clone(),
-            message,
-        };
-        let result = client.forward(req).await;
-        if let Err(status) = &result {
-            self.core().pool.invalidate(&addr, status);
-        }
-        match result {
-            Ok(reply) => {
-                let reply = reply.into_inner();
-                match crate::network::decode_bytes::<ForwardResult>(reply.format, &reply.result) {
-                    Ok(ForwardResult::Done { response }) => Attempt::Done(Ok(response)),
-                    Ok(ForwardResult::Failed {
-                        error:
-                            e @ (RaftError::NotLeader { .. }
-                            | RaftError::NoLeader
-                            | RaftError::ShuttingDown),
-                    }) => Attempt::Retry(e),
-                    Ok(ForwardResult::Failed { error }) => Attempt::Done(Err(error)),
-                    Ok(ForwardResult::ReadIndex { .. }) => Attempt::Done(Err(RaftError::internal(
-                        "leader answered a forward with a read index",
-                    ))),
-                    Err(e) => Attempt::Done(Err(RaftError::internal(e))),
-                }
-            }
-            Err(status) if not_sent(&status) => {
-                Attempt::Retry(unreachable(status.message().to_string()))
-            }
-            Err(status) => match op {
-                ForwardOp::Propose { .. } => Attempt::Done(Err(RaftError::OutcomeUnknown {
-                    message: format!(
-                        "forwarding to leader {leader} at {addr} failed: {}",
-                        status.message()
-                    ),
-                })),
-                _ => Attempt::Done(Err(unreachable(status.message().to_string()))),
-            },
-        }
-    }
-
-    /// The leader's read index (asked over gRPC when this node is a follower).
-    async fn read_index(&self, deadline: Instant) -> Result<u64, RaftError> {
-        loop {
-            let leader = *self.inner.leader_rx.borrow();
-            let result = match leader {
-                None => Err(RaftError::NoLeader),
-                Some(id) if id == self.node_id() => self.core().read_index_local().await,
-                Some(id) => self.remote_read_index(id, deadline).await,
-            };
-            match result {
-                Ok(index) => return Ok(index),
-                Err(e) if !e.is_retryable() && !matches!(e, RaftError::ShuttingDown) => {
-                    return Err(e);
-                }
-                Err(e) if Instant::now() >= deadline => return Err(e),
-                Err(_) => self.wait_leader_change(leader, deadline).await,
-            }
-        }
-    }
-
-    async fn remote_read_index(&self, leader: u64, deadline: Instant) -> Result<u64, RaftError> {
-        let (mut client, addr) = self.leader_client(leader)?;
-        let mut req = tonic::Request::new(pb::ReadIndexRequest {
-            from_node: self.node_id(),
-        });
-        req.set_timeout(
-            deadline
-                .saturating_duration_since(Instant::now())
-                .max(Duration::from_millis(100)),
-        );
-        let reply = client
-            .read_index(req)
-            .await
-            .inspect_err(|s| self.core().pool.invalidate(&addr, s))
-            .map_err(|s| RaftError::Unreachable {
-                node_id: leader,
-                addr,
-                message: s.message().to_string(),
-            })?
-            .into_inner();
-        match crate::network::decode_bytes::<ForwardResult>(reply.format, &reply.result)
-            .map_err(RaftError::internal)?
-        {
-            ForwardResult::ReadIndex { index } => Ok(index),
-            ForwardResult::Failed { error } => Err(error),
-            ForwardResult::Done { .. } => Err(RaftError::internal(
-                "leader answered a read index with a write result",
-            )),
         }
     }
 }

@@ -1,5 +1,6 @@
-//! The gRPC server side: decodes peer messages and hands them to openraft, and serves the
-//! `Forward` / `ReadIndex` RPCs on the leader.
+//! This node's gRPC service (`hangar.raft.v1.RaftService`): decodes peer messages and hands
+//! them to openraft, and serves the `Forward` / `ReadIndex` RPCs with the leader-side
+//! executor. The wire format and the outgoing side live in `network`.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -21,18 +22,18 @@ use tonic::Status;
 use tonic::Streaming;
 use tonic::transport::server::TcpIncoming;
 
-use super::ForwardOp;
-use super::ForwardResult;
-use super::KEEPALIVE_INTERVAL;
-use super::KEEPALIVE_TIMEOUT;
-use super::decode;
-use super::decode_bytes;
-use super::encode;
-use crate::node::Core;
-use crate::types::Snapshot;
-use crate::types::SnapshotMeta;
-use crate::types::TypeConfig;
-use crate::types::Vote;
+use super::executor::Core;
+use crate::network::ForwardOp;
+use crate::network::ForwardResult;
+use crate::network::KEEPALIVE_INTERVAL;
+use crate::network::KEEPALIVE_TIMEOUT;
+use crate::network::decode;
+use crate::network::decode_bytes;
+use crate::network::encode;
+use crate::typecfg::Snapshot;
+use crate::typecfg::SnapshotMeta;
+use crate::typecfg::TypeConfig;
+use crate::typecfg::Vote;
 
 /// Largest snapshot we accept from a leader (the whole snapshot is held in memory).
 const MAX_SNAPSHOT_BYTES: u64 = 1 << 30;
@@ -41,8 +42,8 @@ struct Service {
     core: Arc<Core>,
 }
 
-fn bad_request(e: String) -> Status {
-    Status::invalid_argument(e)
+fn bad_request(e: impl std::fmt::Display) -> Status {
+    Status::invalid_argument(e.to_string())
 }
 
 fn fatal(e: Fatal<TypeConfig>) -> Status {
@@ -50,7 +51,9 @@ fn fatal(e: Fatal<TypeConfig>) -> Status {
 }
 
 fn encoded<T: serde::Serialize>(v: &T) -> Result<Response<pb::RaftMessage>, Status> {
-    encode(v).map(Response::new).map_err(Status::internal)
+    encode(v)
+        .map(Response::new)
+        .map_err(|e| Status::internal(e.to_string()))
 }
 
 fn forward_reply(result: &ForwardResult) -> Result<Response<pb::ForwardReply>, Status> {
@@ -138,7 +141,7 @@ impl RaftService for Service {
             .raft
             .stream_append(requests)
             .map(|item| match item {
-                Ok(result) => encode(&result).map_err(Status::internal),
+                Ok(result) => encode(&result).map_err(|e| Status::internal(e.to_string())),
                 Err(e) => Err(fatal(e)),
             })
             // End the stream when this node stops, so graceful server shutdown can finish.
@@ -157,9 +160,7 @@ impl RaftService for Service {
             })) => h,
             Some(Err(s)) => return Err(s),
             _ => {
-                return Err(bad_request(
-                    "snapshot stream must start with a header".into(),
-                ));
+                return Err(bad_request("snapshot stream must start with a header"));
             }
         };
         if header.total_bytes > MAX_SNAPSHOT_BYTES {
@@ -170,17 +171,17 @@ impl RaftService for Service {
         }
         let vote: Vote = decode_bytes(header.format, &header.vote).map_err(bad_request)?;
         let meta: SnapshotMeta = decode_bytes(header.format, &header.meta).map_err(bad_request)?;
-        let total = usize::try_from(header.total_bytes).map_err(|e| bad_request(e.to_string()))?;
+        let total = usize::try_from(header.total_bytes).map_err(bad_request)?;
         let mut data = Vec::with_capacity(total);
         while let Some(chunk) = chunks.next().await {
             match chunk?.payload {
                 Some(pb::snapshot_chunk::Payload::Data(bytes)) => {
                     if data.len() + bytes.len() > total {
-                        return Err(bad_request("snapshot data longer than announced".into()));
+                        return Err(bad_request("snapshot data longer than announced"));
                     }
                     data.extend_from_slice(&bytes);
                 }
-                _ => return Err(bad_request("unexpected header inside snapshot data".into())),
+                _ => return Err(bad_request("unexpected header inside snapshot data")),
             }
         }
         if data.len() != total {
