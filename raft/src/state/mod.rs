@@ -123,12 +123,14 @@ pub fn apply(state: &mut State, cmd: &Command, ctx: ApplyCtx) -> Response {
             if_version,
         } => put_server(
             state,
-            id,
-            spec,
-            *source,
-            file_hash.as_deref(),
-            *create_only,
-            *if_version,
+            PutServer {
+                id,
+                spec,
+                kind: *source,
+                file_hash: file_hash.as_deref(),
+                create_only: *create_only,
+                if_version: *if_version,
+            },
             now,
         ),
         Command::DeleteServer { id } => {
@@ -496,16 +498,25 @@ fn set_desired_config(
     }
 }
 
-fn put_server(
-    state: &mut State,
-    id: &str,
-    spec: &serde_json::Value,
+/// The fields of [`Command::PutServer`], borrowed.
+struct PutServer<'a> {
+    id: &'a str,
+    spec: &'a serde_json::Value,
     kind: ConfigSourceKind,
-    file_hash: Option<&str>,
+    file_hash: Option<&'a str>,
     create_only: bool,
     if_version: Option<u64>,
-    now: u64,
-) -> Response {
+}
+
+fn put_server(state: &mut State, put: PutServer<'_>, now: u64) -> Response {
+    let PutServer {
+        id,
+        spec,
+        kind,
+        file_hash,
+        create_only,
+        if_version,
+    } = put;
     if id.is_empty() {
         return Response::rejected(RejectCode::InvalidArgument, "server id must not be empty");
     }
