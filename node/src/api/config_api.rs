@@ -18,7 +18,7 @@ fn parse(body: &[u8]) -> Result<config::Config, ApiError> {
 }
 
 /// `POST /api/config/validate`: every problem with its path (200 with `valid: false`).
-pub async fn validate(body: axum::body::Bytes) -> ApiResult {
+pub(super) async fn validate(body: axum::body::Bytes) -> ApiResult {
     match parse(&body) {
         Ok(cfg) => Ok(axum::Json(json!({"valid": true, "problems": [],
             "mcp_servers": cfg.mcp_servers.len()}))
@@ -58,14 +58,14 @@ fn diff_against(st: &ApiState, cfg: &config::Config) -> config::ConfigDiff {
 }
 
 /// `POST /api/config/diff`: what applying the file would change.
-pub async fn diff(State(st): State<ApiState>, body: axum::body::Bytes) -> ApiResult {
+pub(super) async fn diff(State(st): State<ApiState>, body: axum::body::Bytes) -> ApiResult {
     let cfg = parse(&body)?;
     Ok(axum::Json(json!(diff_against(&st, &cfg))).into_response())
 }
 
 /// `POST /api/config/apply`: make the file the cluster's desired config (file-sourced
 /// servers are replaced; servers added through the API stay).
-pub async fn apply(State(st): State<ApiState>, body: axum::body::Bytes) -> ApiResult {
+pub(super) async fn apply(State(st): State<ApiState>, body: axum::body::Bytes) -> ApiResult {
     let cfg = parse(&body)?;
     let d = diff_against(&st, &cfg);
     let hash = config::sha256_hex(&body);
@@ -92,7 +92,7 @@ pub async fn apply(State(st): State<ApiState>, body: axum::body::Bytes) -> ApiRe
 
 /// `GET /api/config/export`: the desired servers as a config document (JSON, which is YAML),
 /// with `${VAR}` references as written and each server's source.
-pub async fn export(State(st): State<ApiState>) -> ApiResult {
+pub(super) async fn export(State(st): State<ApiState>) -> ApiResult {
     // Linearizable: an export right after a write on another node includes that write.
     st.cluster.catch_up().await?;
     let records = st.cluster.server_records();
@@ -113,7 +113,7 @@ pub async fn export(State(st): State<ApiState>) -> ApiResult {
 }
 
 /// `POST /api/config/reload`: reload the file this node was started with.
-pub async fn reload(State(st): State<ApiState>, body: axum::body::Bytes) -> ApiResult {
+pub(super) async fn reload(State(st): State<ApiState>, body: axum::body::Bytes) -> ApiResult {
     if !body.is_empty() {
         let v: Value = serde_json::from_slice(&body).map_err(|e| {
             ApiError::validation(

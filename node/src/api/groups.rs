@@ -12,8 +12,8 @@ use super::ApiState;
 use super::error::{ApiError, ApiResult};
 use crate::cluster::{ClusterError, MemberEdit, RejectCode};
 use crate::config;
-use crate::telemetry::events::DomainEvent;
 use crate::runtime::RuntimeError;
+use crate::telemetry::events::DomainEvent;
 
 fn group_json(st: &ApiState, id: &str) -> Result<Value, ApiError> {
     st.gateway
@@ -76,11 +76,9 @@ pub(super) async fn create_group(State(st): State<ApiState>, body: axum::body::B
     config::validate_server(&id, &v, &st.runtime().specs())
         .map_err(|p| ApiError::invalid_config("invalid group definition", &p.into()))?;
     st.cluster.put_server(&id, v, true, None).await?;
-    st.runtime()
-        .events()
-        .emit(DomainEvent::GroupCreated {
-            group_id: id.clone(),
-        });
+    st.runtime().events().emit(DomainEvent::GroupCreated {
+        group_id: id.clone(),
+    });
     Ok((
         StatusCode::CREATED,
         axum::Json(json!({"group_id": id, "created": true})),
@@ -94,11 +92,9 @@ pub(super) async fn delete_group(State(st): State<ApiState>, Path(id): Path<Stri
     }
     st.cluster.delete_server(&id).await?;
     st.gateway.router().rebalance(&id);
-    st.runtime()
-        .events()
-        .emit(DomainEvent::GroupDeleted {
-            group_id: id.clone(),
-        });
+    st.runtime().events().emit(DomainEvent::GroupDeleted {
+        group_id: id.clone(),
+    });
     Ok(axum::Json(json!({"deleted": true, "group_id": id})).into_response())
 }
 
@@ -201,12 +197,10 @@ pub(super) async fn remove_member(
     }
     let edit = MemberEdit::Remove { id: member.clone() };
     edit_members(&st, &id, &edit).await?;
-    st.runtime()
-        .events()
-        .emit(DomainEvent::GroupMemberRemoved {
-            group_id: id.clone(),
-            member_id: member.clone(),
-        });
+    st.runtime().events().emit(DomainEvent::GroupMemberRemoved {
+        group_id: id.clone(),
+        member_id: member.clone(),
+    });
     Ok(axum::Json(json!({"group_id": id, "member_id": member, "removed": true})).into_response())
 }
 

@@ -38,7 +38,7 @@ fn key_json(k: &ApiKeyRecord) -> Value {
 }
 
 /// `POST /api/auth/keys`.
-pub async fn create(State(st): State<ApiState>, body: axum::body::Bytes) -> ApiResult {
+pub(super) async fn create(State(st): State<ApiState>, body: axum::body::Bytes) -> ApiResult {
     let b: CreateBody = serde_json::from_slice(&body).map_err(|e| {
         ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
@@ -95,14 +95,14 @@ pub async fn create(State(st): State<ApiState>, body: axum::body::Bytes) -> ApiR
 }
 
 #[derive(Deserialize)]
-pub struct ListQuery {
+pub(super) struct ListQuery {
     principal_id: Option<String>,
     #[serde(default)]
     include_revoked: bool,
 }
 
 /// `GET /api/auth/keys`.
-pub async fn list(State(st): State<ApiState>, Query(q): Query<ListQuery>) -> ApiResult {
+pub(super) async fn list(State(st): State<ApiState>, Query(q): Query<ListQuery>) -> ApiResult {
     let keys: Vec<Value> = st.cluster.raft().read(|s| {
         s.keys
             .values()
@@ -115,7 +115,7 @@ pub async fn list(State(st): State<ApiState>, Query(q): Query<ListQuery>) -> Api
 }
 
 /// `DELETE /api/auth/keys/{key_id}`: revoke (the record stays, marked revoked).
-pub async fn revoke(State(st): State<ApiState>, Path(id): Path<String>) -> ApiResult {
+pub(super) async fn revoke(State(st): State<ApiState>, Path(id): Path<String>) -> ApiResult {
     st.cluster
         .propose(Command::RevokeApiKey { id: id.clone() })
         .await?;

@@ -10,11 +10,11 @@ use super::Problem;
 
 /// Collects problems while reading.
 #[derive(Default)]
-pub struct ProblemSink(RefCell<Vec<Problem>>);
+pub(super) struct ProblemSink(RefCell<Vec<Problem>>);
 
 impl ProblemSink {
     /// Record a problem.
-    pub fn push(&self, path: &str, message: impl Into<String>) {
+    pub(super) fn push(&self, path: &str, message: impl Into<String>) {
         self.0.borrow_mut().push(Problem {
             path: path.to_owned(),
             message: message.into(),
@@ -22,18 +22,18 @@ impl ProblemSink {
     }
 
     /// All problems so far.
-    pub fn take(self) -> Vec<Problem> {
+    pub(super) fn take(self) -> Vec<Problem> {
         self.0.into_inner()
     }
 
     /// Whether any problem was recorded.
-    pub fn is_empty(&self) -> bool {
+    pub(super) fn is_empty(&self) -> bool {
         self.0.borrow().is_empty()
     }
 }
 
 /// A mapping being read at `path`.
-pub struct Obj<'a> {
+pub(super) struct Obj<'a> {
     map: &'a Map<String, Value>,
     path: String,
     pub(super) p: &'a ProblemSink,
@@ -41,7 +41,7 @@ pub struct Obj<'a> {
 }
 
 /// Join a path and a key.
-pub fn join(path: &str, key: &str) -> String {
+pub(super) fn join(path: &str, key: &str) -> String {
     if path.is_empty() {
         key.to_owned()
     } else {
@@ -50,7 +50,7 @@ pub fn join(path: &str, key: &str) -> String {
 }
 
 /// JSON type name for messages.
-pub fn type_name(v: &Value) -> &'static str {
+pub(super) fn type_name(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",
@@ -63,7 +63,7 @@ pub fn type_name(v: &Value) -> &'static str {
 
 impl<'a> Obj<'a> {
     /// Read `v` at `path` as a mapping (reports a problem and returns None otherwise).
-    pub fn new(v: &'a Value, path: &str, p: &'a ProblemSink) -> Option<Obj<'a>> {
+    pub(super) fn new(v: &'a Value, path: &str, p: &'a ProblemSink) -> Option<Obj<'a>> {
         match v {
             Value::Object(map) => Some(Obj {
                 map,
@@ -79,17 +79,17 @@ impl<'a> Obj<'a> {
     }
 
     /// Path of this mapping.
-    pub fn path_str(&self) -> String {
+    pub(super) fn path_str(&self) -> String {
         self.path.clone()
     }
 
     /// Path of a key.
-    pub fn at(&self, key: &str) -> String {
+    pub(super) fn at(&self, key: &str) -> String {
         join(&self.path, key)
     }
 
     /// Raw value of a key (marks it known).
-    pub fn raw(&self, key: &'static str) -> Option<&'a Value> {
+    pub(super) fn raw(&self, key: &'static str) -> Option<&'a Value> {
         self.allowed.borrow_mut().insert(key);
         match self.map.get(key) {
             Some(Value::Null) | None => None,
@@ -98,17 +98,17 @@ impl<'a> Obj<'a> {
     }
 
     /// Mark keys as known without reading them.
-    pub fn allow(&self, keys: &[&'static str]) {
+    pub(super) fn allow(&self, keys: &[&'static str]) {
         self.allowed.borrow_mut().extend(keys.iter().copied());
     }
 
     /// Whether the key is present (and not null).
-    pub fn has(&self, key: &str) -> bool {
+    pub(super) fn has(&self, key: &str) -> bool {
         matches!(self.map.get(key), Some(v) if !v.is_null())
     }
 
     /// A string.
-    pub fn str(&self, key: &'static str) -> Option<String> {
+    pub(super) fn str(&self, key: &'static str) -> Option<String> {
         match self.raw(key)? {
             Value::String(s) => Some(s.clone()),
             Value::Number(n) => Some(n.to_string()),
@@ -123,7 +123,7 @@ impl<'a> Obj<'a> {
     }
 
     /// A required string.
-    pub fn req_str(&self, key: &'static str, what: &str) -> Option<String> {
+    pub(super) fn req_str(&self, key: &'static str, what: &str) -> Option<String> {
         let v = self.str(key);
         if v.is_none() && !self.has(key) {
             self.p.push(&self.at(key), format!("is required ({what})"));
@@ -132,7 +132,7 @@ impl<'a> Obj<'a> {
     }
 
     /// A boolean.
-    pub fn bool(&self, key: &'static str, default: bool) -> bool {
+    pub(super) fn bool(&self, key: &'static str, default: bool) -> bool {
         match self.raw(key) {
             None => default,
             Some(Value::Bool(b)) => *b,
@@ -160,7 +160,7 @@ impl<'a> Obj<'a> {
     }
 
     /// An integer within `[min, max]`.
-    pub fn int(&self, key: &'static str, default: u64, min: u64, max: u64) -> u64 {
+    pub(super) fn int(&self, key: &'static str, default: u64, min: u64, max: u64) -> u64 {
         let v = match self.raw(key) {
             None => return default,
             Some(Value::Number(n)) => n.as_u64().or_else(|| {
@@ -191,7 +191,7 @@ impl<'a> Obj<'a> {
     }
 
     /// A number within `[min, max]`.
-    pub fn num(&self, key: &'static str, default: f64, min: f64, max: f64) -> f64 {
+    pub(super) fn num(&self, key: &'static str, default: f64, min: f64, max: f64) -> f64 {
         let v = match self.raw(key) {
             None => return default,
             Some(Value::Number(n)) => n.as_f64(),
@@ -218,7 +218,7 @@ impl<'a> Obj<'a> {
     }
 
     /// A list of strings.
-    pub fn str_list(&self, key: &'static str) -> Option<Vec<String>> {
+    pub(super) fn str_list(&self, key: &'static str) -> Option<Vec<String>> {
         match self.raw(key)? {
             Value::Array(items) => {
                 let mut out = Vec::with_capacity(items.len());
@@ -253,7 +253,7 @@ impl<'a> Obj<'a> {
     }
 
     /// A mapping of string to string.
-    pub fn str_map(&self, key: &'static str) -> indexmap::IndexMap<String, String> {
+    pub(super) fn str_map(&self, key: &'static str) -> indexmap::IndexMap<String, String> {
         let mut out = indexmap::IndexMap::new();
         let Some(v) = self.raw(key) else { return out };
         let Value::Object(m) = v else {
@@ -287,13 +287,13 @@ impl<'a> Obj<'a> {
     }
 
     /// A nested mapping.
-    pub fn obj(&self, key: &'static str) -> Option<Obj<'a>> {
+    pub(super) fn obj(&self, key: &'static str) -> Option<Obj<'a>> {
         let v = self.raw(key)?;
         Obj::new(v, &self.at(key), self.p)
     }
 
     /// Report keys that were never read as unknown.
-    pub fn finish(&self) {
+    pub(super) fn finish(&self) {
         let allowed = self.allowed.borrow();
         for k in self.map.keys() {
             if allowed.contains(k.as_str()) {
@@ -311,7 +311,7 @@ impl<'a> Obj<'a> {
 }
 
 /// Levenshtein distance (small strings).
-pub fn edit_distance(a: &str, b: &str) -> usize {
+pub(super) fn edit_distance(a: &str, b: &str) -> usize {
     let a: Vec<char> = a.chars().collect();
     let b: Vec<char> = b.chars().collect();
     let mut prev: Vec<usize> = (0..=b.len()).collect();

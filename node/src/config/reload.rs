@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use indexmap::IndexMap;
 use serde::Serialize;
-use serde_json::{Value, json};
+use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
 use super::{Config, ConfigDiff, ConfigError, ServerSpec};
@@ -140,12 +140,11 @@ impl Reloader {
         let failed = |e: ReloadError| {
             let msg = e.to_string();
             tracing::error!(error = %msg, requested_by, "configuration_reload_failed (the previous configuration keeps serving)");
-            self.target
-                .publish(DomainEvent::ConfigurationReloadFailed {
-                    config_path: Some(shown.clone()),
-                    requested_by: requested_by.to_owned(),
-                    error: msg,
-                });
+            self.target.publish(DomainEvent::ConfigurationReloadFailed {
+                config_path: Some(shown.clone()),
+                requested_by: requested_by.to_owned(),
+                error: msg,
+            });
             *self.fingerprint.lock() = bytes.clone();
             Err(e)
         };

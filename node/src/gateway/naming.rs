@@ -93,7 +93,12 @@ impl Index {
     pub fn exposed_tools(&self) -> HashMap<(&str, &str), &str> {
         self.tools
             .iter()
-            .map(|(exposed, r)| ((r.target.as_str(), r.upstream_name.as_str()), exposed.as_str()))
+            .map(|(exposed, r)| {
+                (
+                    (r.target.as_str(), r.upstream_name.as_str()),
+                    exposed.as_str(),
+                )
+            })
             .collect()
     }
 

@@ -11,7 +11,7 @@
 pub use crate::supervisor::lifecycle::BreakerState;
 
 /// A state change to report (metrics and events).
-pub type Transition = (BreakerState, BreakerState);
+pub(super) type Transition = (BreakerState, BreakerState);
 
 /// The breaker of one group.
 #[derive(Debug, Clone)]

@@ -48,13 +48,13 @@ const EXIT_GRACE: Duration = Duration::from_millis(250);
 
 /// The bounded stderr ring.
 #[derive(Default)]
-pub struct Ring {
+pub(super) struct Ring {
     lines: Mutex<VecDeque<LogLine>>,
 }
 
 impl Ring {
     /// Append one line (truncated to 8192 bytes), dropping the oldest beyond 1000 lines.
-    pub fn push(&self, stream: &str, line: &[u8]) {
+    pub(super) fn push(&self, stream: &str, line: &[u8]) {
         let line = trim_eol(line);
         let line = &line[..line.len().min(RING_LINE_BYTES)];
         // Lossy decoding may cut a multi-byte character in half at the limit; that shows as U+FFFD.
@@ -79,7 +79,7 @@ impl Ring {
     }
 
     /// The last `n` lines, oldest first.
-    pub fn tail(&self, n: usize) -> Vec<LogLine> {
+    pub(super) fn tail(&self, n: usize) -> Vec<LogLine> {
         let lines = self.lines.lock();
         let skip = lines.len().saturating_sub(n);
         lines.iter().skip(skip).cloned().collect()

@@ -789,13 +789,7 @@ fn coverage_hangarctl_servers_add() {
     let t = ctl_ok(
         &node,
         &[
-            "servers",
-            "add",
-            "web",
-            "--mode",
-            "remote",
-            "--url",
-            &web.url,
+            "servers", "add", "web", "--mode", "remote", "--url", &web.url,
         ],
     );
     assert_eq!(t, "created web\n");

@@ -553,14 +553,16 @@ async fn the_get_stream_delivers_server_notifications() {
     // Dropping the Upstream (no shutdown) closes the GET stream too.
     drop(up);
     // Keep pushing: the server notices the closed stream on its next write.
-    hangar_wait::Wait::new("the GET stream to close with its Upstream", Duration::from_secs(10))
-        .step(Duration::from_millis(20))
-        .expect_async(async || {
-            let _ =
-                push.send(json!({"jsonrpc": "2.0", "method": "notifications/message"}).to_string());
-            (run.srv.get_closed.load(Ordering::SeqCst) > 0).then_some(())
-        })
-        .await;
+    hangar_wait::Wait::new(
+        "the GET stream to close with its Upstream",
+        Duration::from_secs(10),
+    )
+    .step(Duration::from_millis(20))
+    .expect_async(async || {
+        let _ = push.send(json!({"jsonrpc": "2.0", "method": "notifications/message"}).to_string());
+        (run.srv.get_closed.load(Ordering::SeqCst) > 0).then_some(())
+    })
+    .await;
 }
 
 #[tokio::test]

@@ -685,14 +685,15 @@ async fn dropping_the_connection_kills_the_process_group() {
     };
     let conn = StdioConn::spawn("dropper", &spec, notes).unwrap();
     let pid = conn.pid().unwrap();
-    let grandchild = hangar_wait::Wait::new("the grandchild pid on stderr", Duration::from_secs(10))
-        .step(Duration::from_millis(10))
-        .expect_async(async || {
-            conn.logs(1)
-                .first()
-                .and_then(|l| l.line.parse::<u32>().ok())
-        })
-        .await;
+    let grandchild =
+        hangar_wait::Wait::new("the grandchild pid on stderr", Duration::from_secs(10))
+            .step(Duration::from_millis(10))
+            .expect_async(async || {
+                conn.logs(1)
+                    .first()
+                    .and_then(|l| l.line.parse::<u32>().ok())
+            })
+            .await;
     assert!(!process_gone(grandchild));
     drop(conn);
     eventually("the process group to go with the drop", || {
