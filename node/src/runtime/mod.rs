@@ -309,6 +309,7 @@ impl Instance {
     /// decisions that the caller carries out (start, refuse, health check, …).
     fn step(&self, inner: &mut Inner, event: Event) -> Vec<Action> {
         let now = unix_now();
+        let failures_before = inner.life.consecutive_failures();
         let actions = inner.life.step(event, now, &mut jitter);
         let mut rest = Vec::new();
         for action in actions {
@@ -360,10 +361,13 @@ impl Instance {
                 other => rest.push(other),
             }
         }
-        self.metrics
-            .health_consecutive_failures
-            .with_label_values(&[&self.id])
-            .set(i64::from(inner.life.consecutive_failures()));
+        let failures = inner.life.consecutive_failures();
+        if failures != failures_before {
+            self.metrics
+                .health_consecutive_failures
+                .with_label_values(&[&self.id])
+                .set(i64::from(failures));
+        }
         rest
     }
 
