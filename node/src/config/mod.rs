@@ -5,10 +5,12 @@
 //! problems. Unknown keys are errors (with a "did you mean" hint).
 
 mod cluster;
+mod lower;
 mod reader;
 mod reload;
 
 pub use cluster::{ClusterConfig, ClusterOverrides, PeerSpec};
+pub use lower::transport_spec;
 pub use reload::{
     BoxFuture, ReloadError, ReloadReport, ReloadStatus, ReloadTarget, Reloader, Requester,
     TargetError,
