@@ -696,10 +696,10 @@ impl Router {
                 Ok(outcome)
             }
             Err(e) => {
-                inst.report_transport_failure(&conn, &e.to_string());
+                let lost = inst.report_transport_failure(&conn, &e);
                 Err(Attempt::Upstream {
                     error: e,
-                    alive: conn.is_alive(),
+                    alive: !lost,
                     generation,
                 })
             }

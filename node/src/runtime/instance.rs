@@ -603,7 +603,13 @@ impl Instance {
     /// Report that a call on `conn` failed in the transport. A dead connection is one lost
     /// connection (however many calls were on it); a failure on a connection that has since
     /// been replaced is not held against the new one.
-    pub fn report_transport_failure(&self, conn: &Arc<Upstream>, error: &str) {
+    ///
+    /// Returns whether the failure is the loss of the connection: it is no longer alive, or it
+    /// is a child process whose pipe closed (the calls in flight can learn of the exit before
+    /// the connection's own reader has marked it dead).
+    pub fn report_transport_failure(&self, conn: &Arc<Upstream>, error: &UpstreamError) -> bool {
+        let lost = !conn.is_alive()
+            || (conn.pid().is_some() && matches!(error, UpstreamError::Closed { .. }));
         let mut inner = self.inner.lock();
         let Some(generation) = inner
             .conn
@@ -611,14 +617,14 @@ impl Instance {
             .filter(|(c, _)| Arc::ptr_eq(c, conn))
             .map(|(_, g)| *g)
         else {
-            return;
+            return lost;
         };
-        if conn.is_alive() {
+        if !lost {
             self.step(
                 &mut inner,
                 Event::CallFailed {
                     generation,
-                    error: error.to_owned(),
+                    error: error.to_string(),
                 },
             );
         } else {
@@ -628,6 +634,7 @@ impl Instance {
                 "the upstream connection failed during a call",
             );
         }
+        lost
     }
 
     /// Report a successful call on `conn` (resets the consecutive-failure count).
