@@ -16,6 +16,8 @@
 //! (latency summary), [`cpu`] (CPU use of the processes involved), [`report`] (one JSON line
 //! per run, markdown tables) and [`cold`].
 
+#![warn(missing_docs, unreachable_pub)]
+
 pub mod cold;
 pub mod cpu;
 pub mod histogram;

@@ -2,6 +2,7 @@
 //! child processes on 127.0.0.1 with random ports and temporary directories, talks to them
 //! over HTTP, and kills every process it started when dropped. [`cluster`] is the harness of
 //! a multi-node cluster, shared with `hangar-bench`.
+#![warn(missing_docs, unreachable_pub)]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 pub mod cluster;
