@@ -171,10 +171,7 @@ pub(super) async fn start_server(State(st): State<ApiState>, Path(id): Path<Stri
     let inst = instance(&st, &id)?;
     match inst.ensure_ready().await {
         Ok(_) => {
-            let tools: Vec<String> = inst
-                .catalog()
-                .map(|c| c.tools.iter().map(|t| t.key.clone()).collect())
-                .unwrap_or_default();
+            let tools = inst.tool_names();
             Ok(axum::Json(
                 json!({"mcp_server": id, "state": inst.state().as_str(), "tools": tools}),
             )

@@ -281,10 +281,7 @@ impl Gateway {
                 };
                 match inst.ensure_ready().await {
                     Ok(_) => {
-                        let tools: Vec<String> = inst
-                            .catalog()
-                            .map(|c| c.tools.iter().map(|t| t.key.clone()).collect())
-                            .unwrap_or_default();
+                        let tools = inst.tool_names();
                         ok(
                             json!({"mcp_server": target, "state": inst.state().as_str(), "tools": tools}),
                         )
