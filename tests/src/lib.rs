@@ -346,6 +346,24 @@ pub async fn post_raw(
     }
 }
 
+/// POST a JSON body (no JSON-RPC framing): the status and the parsed body (`null` when the
+/// body is not JSON).
+pub async fn post_json(c: &reqwest::Client, url: &str, body: Value) -> (u16, Value) {
+    let a = post_raw(c, url, &body.to_string(), &[]).await;
+    (a.status, serde_json::from_str(&a.body).unwrap_or_default())
+}
+
+/// GET a text body (e.g. `/metrics`).
+pub async fn get_text(c: &reqwest::Client, url: &str) -> String {
+    c.get(url)
+        .send()
+        .await
+        .expect("GET")
+        .text()
+        .await
+        .expect("body")
+}
+
 /// Send one JSON-RPC request; returns the whole answer.
 pub async fn rpc(c: &reqwest::Client, url: &str, method: &str, params: Value) -> Answer {
     let body = json!({"jsonrpc": "2.0", "id": 1, "method": method, "params": params}).to_string();

@@ -57,13 +57,7 @@ fn matching<'a>(evs: &'a [Value], ty: &str, fields: &Value) -> Vec<&'a Value> {
 }
 
 async fn metrics(c: &reqwest::Client, node: &Node) -> String {
-    c.get(node.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
+    get_text(c, &node.url("/metrics")).await
 }
 
 /// Run a management tool; returns its structured result (with `isError` copied in).

@@ -165,21 +165,6 @@ fn row<'a>(list: &'a serde_json::Value, key: &str, id: &str) -> &'a serde_json::
         .unwrap_or_else(|| panic!("no {id} in {list}"))
 }
 
-async fn post(c: &reqwest::Client, url: &str, body: serde_json::Value) -> (u16, serde_json::Value) {
-    let r = c
-        .post(url)
-        .header("Content-Type", "application/json")
-        .body(body.to_string())
-        .send()
-        .await
-        .unwrap();
-    let s = r.status().as_u16();
-    (
-        s,
-        serde_json::from_str(&r.text().await.unwrap()).unwrap_or_default(),
-    )
-}
-
 /// REST and the `hangar_*` tools show one view: a failed server's health, and a group's
 /// state with a non-default `min_healthy` (inactive → partial → healthy) in `/api/groups/`,
 /// the group row of `/api/mcp_servers/` and `hangar_group_list`.
@@ -275,7 +260,7 @@ async fn rest_definitions_are_validated_with_paths_and_cluster_refusals_keep_the
         fixture_stdio_yaml("a", "")
     ));
     let c = client();
-    let (s, v) = post(
+    let (s, v) = post_json(
         &c,
         &node.url("/api/groups/"),
         json!({"group_id": "ng", "members": [{"id": "nope"}]}),
@@ -287,7 +272,7 @@ async fn rest_definitions_are_validated_with_paths_and_cluster_refusals_keep_the
         v["error"]["details"]["problems"][0]["path"], "mcp_servers.ng.members[0].id",
         "{v}"
     );
-    let (s, v) = post(
+    let (s, v) = post_json(
         &c,
         &node.url("/api/groups/"),
         json!({"group_id": "gg", "members": [{"id": "g"}]}),
@@ -301,14 +286,14 @@ async fn rest_definitions_are_validated_with_paths_and_cluster_refusals_keep_the
             .contains("groups cannot contain groups"),
         "{v}"
     );
-    let (s, v) = post(
+    let (s, v) = post_json(
         &c,
         &node.url("/api/groups/"),
         json!({"group_id": "bad id", "members": [{"id": "a"}]}),
     )
     .await;
     assert_eq!(s, 422, "{v}");
-    let (s, v) = post(
+    let (s, v) = post_json(
         &c,
         &node.url("/api/groups/"),
         json!({"group_id": "empty", "description": "later"}),
@@ -322,14 +307,14 @@ async fn rest_definitions_are_validated_with_paths_and_cluster_refusals_keep_the
         (&json!("inactive"), &json!(0), &json!("later")),
         "{v}"
     );
-    let (s, v) = post(
+    let (s, v) = post_json(
         &c,
         &node.url("/api/mcp_servers/"),
         json!({"mcp_server_id": "x", "mode": "group", "members": [{"id": "a"}]}),
     )
     .await;
     assert_eq!(s, 422, "{v}");
-    let (s, v) = post(
+    let (s, v) = post_json(
         &c,
         &node.url("/api/mcp_servers/"),
         json!({"mcp_server_id": "y", "mode": "subprocess"}),
@@ -342,7 +327,7 @@ async fn rest_definitions_are_validated_with_paths_and_cluster_refusals_keep_the
     );
 
     // Cluster refusals: typed in the cluster room, mapped once in the API.
-    let (s, v) = post(&c, &node.url("/api/cluster/members/99/promote"), json!({})).await;
+    let (s, v) = post_json(&c, &node.url("/api/cluster/members/99/promote"), json!({})).await;
     assert_eq!(
         (s, &v["error"]["code"]),
         (400, &json!("ValidationError")),
@@ -354,13 +339,13 @@ async fn rest_definitions_are_validated_with_paths_and_cluster_refusals_keep_the
         .await
         .unwrap();
     assert_eq!(r.status().as_u16(), 400);
-    let (s, v) = post(&c, &node.url("/api/cluster/init"), json!({})).await;
+    let (s, v) = post_json(&c, &node.url("/api/cluster/init"), json!({})).await;
     assert_eq!(
         (s, &v["error"]["code"]),
         (400, &json!("ValidationError")),
         "{v}"
     );
-    let (s, v) = post(
+    let (s, v) = post_json(
         &c,
         &node.url("/api/cluster/join"),
         json!({"seed": node.url("")}),

@@ -60,14 +60,7 @@ async fn ten_concurrent_first_calls_start_the_server_once() {
     });
     let answers = futures::future::join_all(calls).await;
     assert_eq!(answers.len(), 10);
-    let metrics = c
-        .get(node.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = get_text(&c, &node.url("/metrics")).await;
     assert!(
         metrics
             .contains(r#"mcp_hangar_mcp_server_starts_total{mcp_server="fx",result="success"} 1"#),

@@ -337,14 +337,7 @@ async fn alternating_member_kills_under_load_fail_no_call() {
             "{id} is blamed for the calls that died with it: {total} failures for 3 kills: {v}"
         );
     }
-    let metrics = c
-        .get(node.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = get_text(&c, &node.url("/metrics")).await;
     assert!(
         metrics.contains(r#"mcp_hangar_circuit_breaker_state{mcp_server="g",state="open"} 0"#)
             || !metrics.contains(r#"mcp_server="g",state="open""#),

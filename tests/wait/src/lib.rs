@@ -126,6 +126,8 @@ impl Wait {
             }
             let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
             match self.pause(left) {
+                // The pause between looks of this poll-with-deadline helper itself (the one
+                // place tests pause), cut at the deadline by `pause`.
                 Some(p) => std::thread::sleep(p),
                 None => return Ok(Err(self.timed_out())),
             }
@@ -162,6 +164,7 @@ impl Wait {
             }
             let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
             match self.pause(left) {
+                // As above: the pause between looks, never past the deadline.
                 Some(p) => tokio::time::sleep(p).await,
                 None => return Ok(Err(self.timed_out())),
             }
