@@ -7,15 +7,16 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context;
 use axum::Router;
 use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::{self, ApiState};
-use crate::cluster::Cluster;
-use crate::config::{BoxFuture, Config, ReloadTarget, Reloader, Requester, TargetError};
+use crate::cluster::{Cluster, ClusterError, StartError};
+use crate::config::{
+    BoxFuture, Config, ConfigError, ReloadTarget, Reloader, Requester, TargetError,
+};
 use crate::gateway::http::{self as front, FrontDoor, HostGuard};
 use crate::gateway::{Gateway, GatewayConfig};
 use crate::runtime::Runtime;
@@ -98,12 +99,53 @@ fn gateway_config(cfg: &Config) -> GatewayConfig {
     }
 }
 
+/// Why a node could not start; each names what to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// A command-line override does not fit the configuration.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The listen address is not `HOST:PORT`.
+    #[error("listen address '{0}' is not HOST:PORT (e.g. 127.0.0.1:8000)")]
+    ListenAddress(String),
+    /// The listener could not be bound.
+    #[error("cannot listen on {addr} (is another process using the port?)")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The Raft side (data directory, Raft listener) could not start.
+    #[error(transparent)]
+    Cluster(#[from] StartError),
+    /// The cluster could not be formed or joined.
+    #[error("initializing the cluster")]
+    Boot(#[from] hangar_raft::RaftError),
+    /// The configuration file could not be applied to the replicated state.
+    #[error("the configuration file could not be applied to the cluster")]
+    Apply(#[from] ClusterError),
+    /// A local file (ready file, socket address) could not be written or read.
+    #[error("{what}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// Why it failed.
+        source: std::io::Error,
+    },
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> NodeError {
+    let what = what.into();
+    move |source| NodeError::Io { what, source }
+}
+
 /// How long in-flight HTTP requests may run after a shutdown signal.
 const GRACE: Duration = Duration::from_secs(10);
 
 impl Node {
     /// Build every room, join or form the cluster, bind the listener (if any).
-    pub async fn start(opts: ServeOptions) -> anyhow::Result<Node> {
+    pub async fn start(opts: ServeOptions) -> Result<Node, NodeError> {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let mut cfg = opts.config;
         cfg.cluster.override_with(&opts.cluster)?;
@@ -129,23 +171,25 @@ impl Node {
         };
         let listener = match listen {
             Some(listen) => {
-                let addr: SocketAddr = listen.parse().with_context(|| {
-                    format!("listen address '{listen}' is not HOST:PORT (e.g. 127.0.0.1:8000)")
-                })?;
+                let addr: SocketAddr = listen
+                    .parse()
+                    .map_err(|_| NodeError::ListenAddress(listen.clone()))?;
                 Some(
                     TcpListener::bind(addr)
                         .await
-                        .with_context(|| format!("cannot listen on {addr}"))?,
+                        .map_err(|source| NodeError::Bind { addr, source })?,
                 )
             }
             None => None,
         };
         let api_addr = match &listener {
-            Some(l) => l.local_addr()?,
+            Some(l) => l
+                .local_addr()
+                .map_err(io("reading the listener's address"))?,
             None => SocketAddr::from(([127, 0, 0, 1], 0)),
         };
         let cluster = Cluster::start(cfg.cluster.clone(), api_addr, shutdown.clone()).await?;
-        cluster.boot().await.context("initializing the cluster")?;
+        cluster.boot().await?;
         let metrics = Arc::new(Metrics::new());
         let events = Arc::new(crate::telemetry::events::EventLog::new(&node_name, 10_000));
         // Servers come from the replicated state (the applier), never straight from the file.
@@ -164,7 +208,9 @@ impl Node {
         gateway.set_reloader(reloader.clone());
         let mut http = None;
         if let Some(listener) = listener {
-            let bound = listener.local_addr()?;
+            let bound = listener
+                .local_addr()
+                .map_err(io("reading the listener's address"))?;
             if !bound.ip().is_loopback() {
                 tracing::warn!(addr = %bound, "listening on a non-loopback address without authentication");
             }
@@ -201,10 +247,7 @@ impl Node {
             .config_path
             .as_ref()
             .and(cfg.file_hash.clone().map(|h| (cfg.raw_servers.clone(), h)));
-        cluster
-            .run(runtime.clone(), file)
-            .await
-            .context("the configuration file could not be applied to the cluster")?;
+        cluster.run(runtime.clone(), file).await?;
         if cfg.config_reload.enabled {
             let period = if cfg.config_reload.use_watchdog {
                 Duration::from_secs(1)
@@ -255,7 +298,7 @@ impl Node {
     }
 
     /// Serve until a shutdown signal (or stdin EOF in stdio mode), then shut down in order.
-    pub async fn run_until_shutdown(self: Arc<Self>) -> anyhow::Result<()> {
+    pub async fn run_until_shutdown(self: Arc<Self>) {
         let stdio_done = async {
             if self.stdio {
                 if let Err(e) = crate::gateway::stdio::serve(self.gateway.clone()).await {
@@ -289,7 +332,6 @@ impl Node {
             let _ = std::fs::remove_dir_all(dir);
         }
         tracing::info!("server_lifecycle_shutdown_complete");
-        Ok(())
     }
 }
 
@@ -297,12 +339,12 @@ fn write_ready_file(
     path: &std::path::Path,
     addr: SocketAddr,
     raft_addr: SocketAddr,
-) -> anyhow::Result<()> {
+) -> Result<(), NodeError> {
     let body = serde_json::json!({ "http_addr": addr.to_string(), "raft_addr": raft_addr.to_string(),
         "pid": std::process::id() });
     let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, body.to_string()).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
+    std::fs::write(&tmp, body.to_string()).map_err(io(format!("writing {}", tmp.display())))?;
+    std::fs::rename(&tmp, path).map_err(io(format!("writing {}", path.display())))?;
     Ok(())
 }
 

@@ -186,5 +186,6 @@ fn env_listen() -> Option<String> {
 async fn run(opts: ServeOptions) -> anyhow::Result<()> {
     let node = app::Node::start(opts).await.context("starting the node")?;
     let node = Arc::new(node);
-    node.run_until_shutdown().await
+    node.run_until_shutdown().await;
+    Ok(())
 }
