@@ -260,19 +260,10 @@ impl Node {
         if let (Some(path), Some((bound, _))) = (&opts.ready_file, &http) {
             write_ready_file(path, *bound, cluster.raft().local_addr())?;
         }
-        // auto_start: servers that ask for it, and members of groups that do (groups default
-        // to auto_start, as in MCP Hangar).
-        let group_members: std::collections::HashSet<String> = runtime
-            .groups()
-            .iter()
-            .map(|g| g.spec())
-            .filter(|g| g.auto_start)
-            .flat_map(|g| g.members.into_iter().map(|m| m.id))
-            .collect();
+        // auto_start: servers that ask for it, and members of groups that do, among those
+        // this node hosts (the others start where the leader places them).
         for inst in runtime.instances() {
-            if inst.spec().common().is_some_and(|c| c.auto_start)
-                || group_members.contains(inst.id())
-            {
+            if inst.host() == crate::runtime::Host::Here && runtime.wants_auto_start(&inst) {
                 tokio::spawn(async move {
                     if let Err(e) = inst.ensure_ready().await {
                         tracing::warn!(error = %e, "auto_start_failed");

@@ -15,6 +15,15 @@ pub mod raft {
     }
 }
 
+/// Node-to-node services of the gateway (package `hangar.node.v1`).
+pub mod node {
+    /// Version 1: call forwarding.
+    pub mod v1 {
+        #![allow(missing_docs, clippy::all, clippy::pedantic)]
+        tonic::include_proto!("hangar.node.v1");
+    }
+}
+
 /// Maximum size of one gRPC message on the Raft transport, in bytes, for both encoding and
 /// decoding on client and server.
 ///

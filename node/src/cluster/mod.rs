@@ -12,6 +12,11 @@
 //! Its REST surface (`/api/cluster/*`) is the API room's; this room exposes typed methods
 //! and a typed [`ClusterError`].
 
+mod forward;
+mod placement;
+
+pub use forward::{CallServer, Forwarder};
+
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -235,6 +240,8 @@ pub struct Cluster {
     events_notify: Notify,
     http: reqwest::Client,
     shutdown: CancellationToken,
+    /// The host side of call forwarding, served on the Raft listener.
+    calls: Arc<CallServer>,
 }
 
 impl Cluster {
@@ -265,7 +272,8 @@ impl Cluster {
         rc.election_max_ms = cfg.election_max_ms;
         rc.snapshot_logs_since_last = cfg.snapshot_every;
         rc.max_in_snapshot_log_to_keep = cfg.keep_logs;
-        let raft = RaftHandle::start(rc)
+        let calls = Arc::new(CallServer::default());
+        let raft = RaftHandle::start_with(rc, Some(calls.routes()))
             .await
             .map_err(|source| StartError::Raft {
                 dir: cfg.data_dir.clone(),
@@ -290,6 +298,7 @@ impl Cluster {
             events_notify: Notify::new(),
             http,
             shutdown,
+            calls,
         }))
     }
 
@@ -853,6 +862,16 @@ impl Cluster {
         file: Option<(BTreeMap<String, Value>, String)>,
     ) -> Result<(), ClusterError> {
         runtime.events().attach(self.clone());
+        // One gateway: single-instance servers run where the leader places them, and calls
+        // for them are forwarded there.
+        self.calls.attach(runtime.clone());
+        runtime.set_forward(Arc::new(Forwarder::new(
+            self.raft.clone(),
+            self.cfg.node_id,
+        )));
+        let placed = self.placements();
+        runtime.set_placements(self.cfg.node_id, placed);
+        tokio::spawn(self.clone().placement_loop(runtime.clone()));
         tokio::spawn(self.clone().applier(runtime.clone()));
         tokio::spawn(self.clone().event_flusher());
         tokio::spawn(self.clone().catalog_publisher(runtime));
@@ -905,12 +924,24 @@ impl Cluster {
         }
     }
 
+    /// The replicated placements: instance id → node id.
+    pub fn placements(&self) -> std::collections::HashMap<String, u64> {
+        self.raft.read(|st| {
+            st.placements
+                .iter()
+                .map(|(i, p)| (i.clone(), p.node_id))
+                .collect()
+        })
+    }
+
     async fn register(&self) {
         let info = self.node_info();
         let same = self.raft.read(|st| {
-            st.nodes
-                .get(&self.cfg.node_id)
-                .is_some_and(|n| n.api_addr == info.api_addr && n.raft_addr == info.raft_addr)
+            st.nodes.get(&self.cfg.node_id).is_some_and(|n| {
+                n.api_addr == info.api_addr
+                    && n.raft_addr == info.raft_addr
+                    && n.capacity == self.cfg.capacity
+            })
         });
         if same {
             return;
@@ -920,6 +951,7 @@ impl Cluster {
                 node_id: self.cfg.node_id,
                 api_addr: info.api_addr,
                 raft_addr: info.raft_addr,
+                capacity: self.cfg.capacity,
             })
             .await
         {
@@ -975,6 +1007,8 @@ impl Cluster {
                 running_version = Some(version);
                 self.applied_version.send_replace(version);
             }
+            // Where single-instance servers run.
+            runtime.set_placements(self.cfg.node_id, self.placements());
             // Catalogues learned anywhere.
             let current: BTreeMap<String, ReplicatedCatalog> =
                 self.raft.read(|st| st.catalog.clone());

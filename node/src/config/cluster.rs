@@ -56,6 +56,12 @@ pub struct ClusterConfig {
     pub keep_logs: u64,
     /// `/health/ready` fails when this node's applied index trails its commit index by more.
     pub max_ready_lag: u64,
+    /// Most local-mode (`replicas: 1`) instances the leader places on this node (`None` = no
+    /// limit).
+    pub capacity: Option<u32>,
+    /// A node that has not acknowledged the leader for this long is lost: the leader places
+    /// its instances on the other nodes.
+    pub node_loss_timeout: std::time::Duration,
 }
 
 impl Default for ClusterConfig {
@@ -75,6 +81,8 @@ impl Default for ClusterConfig {
             snapshot_every: 5000,
             keep_logs: 1000,
             max_ready_lag: 1000,
+            capacity: None,
+            node_loss_timeout: std::time::Duration::from_secs(10),
         }
     }
 }
@@ -244,6 +252,15 @@ pub(super) fn parse(o: &Obj<'_>, p: &ProblemSink) -> ClusterConfig {
         snapshot_every: o.int("snapshot_every", d.snapshot_every, 0, u64::MAX >> 1),
         keep_logs: o.int("keep_logs", d.keep_logs, 0, u64::MAX >> 1),
         max_ready_lag: o.int("max_ready_lag", d.max_ready_lag, 1, u64::MAX >> 1),
+        capacity: o
+            .has("capacity")
+            .then(|| o.int("capacity", 0, 0, 100_000) as u32),
+        node_loss_timeout: std::time::Duration::from_millis(o.int(
+            "node_loss_timeout_ms",
+            d.node_loss_timeout.as_millis() as u64,
+            election_max_ms,
+            3_600_000,
+        )),
     };
     o.allow(&["enabled"]);
     o.finish();

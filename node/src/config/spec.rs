@@ -72,6 +72,29 @@ pub struct SubprocessSpec {
     pub env: IndexMap<String, String>,
     /// Working directory.
     pub cwd: Option<PathBuf>,
+    /// Where in a cluster it runs.
+    pub placement: PlacementSpec,
+}
+
+/// How many copies of a local-mode server run in a cluster, and where.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Default)]
+pub struct PlacementSpec {
+    /// Number of copies.
+    pub replicas: Replicas,
+    /// Nodes allowed to run it (empty = any node).
+    pub nodes: Vec<u64>,
+}
+
+/// `placement.replicas`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Replicas {
+    /// Exactly one instance cluster-wide, on the node the leader chose (what a stateful server
+    /// needs): every node's calls go to it.
+    #[default]
+    One,
+    /// One instance on every node; each node calls its own copy.
+    All,
 }
 
 /// HTTP client settings for a remote server.

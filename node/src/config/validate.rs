@@ -337,6 +337,7 @@ const SERVER_KEYS: &[&str] = &[
     "capabilities",
     "tool_projection",
     "transport",
+    "placement",
 ];
 
 fn common(o: &Obj<'_>) -> CommonSpec {
@@ -461,6 +462,7 @@ pub(super) fn server_spec(v: &Value, path: &str, p: &ProblemSink) -> Option<Serv
             let env = o.str_map("env");
             let cwd = o.str("cwd").map(PathBuf::from);
             let c = common(&o);
+            let placement = placement(&o);
             for k in ["endpoint", "http", "auth", "tls"] {
                 if o.has(k) {
                     p.push(&o.at(k), format!("`{k}` applies to mode `remote` only"));
@@ -472,6 +474,7 @@ pub(super) fn server_spec(v: &Value, path: &str, p: &ProblemSink) -> Option<Serv
                 command,
                 env,
                 cwd,
+                placement,
             }))
         }
         "remote" => {
@@ -623,6 +626,52 @@ pub(super) fn server_spec(v: &Value, path: &str, p: &ProblemSink) -> Option<Serv
     };
     o.finish();
     spec
+}
+
+/// `placement: {replicas: 1 | all, nodes: [ids]}` of a local-mode server.
+fn placement(o: &Obj<'_>) -> PlacementSpec {
+    let Some(pl) = o.obj("placement") else {
+        return PlacementSpec::default();
+    };
+    let replicas = match pl.raw("replicas") {
+        None => Replicas::One,
+        Some(Value::String(s)) if s == "all" => Replicas::All,
+        Some(v) if v.as_u64() == Some(1) || v.as_str() == Some("1") => Replicas::One,
+        Some(v) => {
+            pl.p.push(
+                &pl.at("replicas"),
+                format!(
+                    "must be 1 (one instance cluster-wide, the default) or `all` (one on every node); \
+                     got {v} — a fixed count above 1 is not supported yet, use a group of servers instead"
+                ),
+            );
+            Replicas::One
+        }
+    };
+    let mut nodes = Vec::new();
+    match pl.raw("nodes") {
+        None => {}
+        Some(Value::Array(items)) => {
+            for (i, it) in items.iter().enumerate() {
+                match it
+                    .as_u64()
+                    .or_else(|| it.as_str().and_then(|s| s.parse().ok()))
+                {
+                    Some(n) if n > 0 => nodes.push(n),
+                    _ => pl.p.push(
+                        &format!("{}[{i}]", pl.at("nodes")),
+                        format!("must be a node id (a positive integer), got {it}"),
+                    ),
+                }
+            }
+        }
+        Some(other) => pl.p.push(
+            &pl.at("nodes"),
+            format!("must be a list of node ids, got {}", type_name(other)),
+        ),
+    }
+    pl.finish();
+    PlacementSpec { replicas, nodes }
 }
 
 fn check_url(u: &str, path: &str, p: &ProblemSink) {

@@ -461,7 +461,7 @@ impl Gateway {
                 .into_iter()
                 .find(|i| i.state() == ServerState::Cold)?;
             Some(async move {
-                if let Err(e) = first.ensure_ready().await {
+                if let Err(e) = self.router.start(&first).await {
                     tracing::warn!(mcp_server = first.id(), error = %e, "catalog_start_failed");
                 }
             })

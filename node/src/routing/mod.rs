@@ -14,7 +14,9 @@ use parking_lot::Mutex;
 use serde_json::value::RawValue;
 
 use crate::config::{GroupMember, ServerSpec, Strategy};
-use crate::runtime::{Group, Instance, Runtime, ServerState, StartError};
+use crate::runtime::{
+    ForwardError, Group, Host, Instance, PLACEMENT_WAIT, Runtime, ServerState, StartError,
+};
 use crate::supervisor::lifecycle::Generation;
 use crate::telemetry::events::DomainEvent;
 use crate::upstream::{CallSink, Outcome, Upstream, UpstreamError};
@@ -677,6 +679,23 @@ impl Router {
         inst: &Arc<Instance>,
         req: &RouteRequest<'_>,
     ) -> Result<Outcome, Attempt> {
+        let host = match inst.host() {
+            Host::Unplaced => inst.placed(req.timeout.min(PLACEMENT_WAIT)).await,
+            h => h,
+        };
+        match host {
+            Host::Node(_) => self.attempt_elsewhere(inst, req).await,
+            // Unplaced still: `ensure_ready` says so.
+            Host::Here | Host::Unplaced => self.attempt_here(inst, req).await,
+        }
+    }
+
+    /// One try on an instance this node hosts.
+    async fn attempt_here(
+        &self,
+        inst: &Arc<Instance>,
+        req: &RouteRequest<'_>,
+    ) -> Result<Outcome, Attempt> {
         let conn = inst.ensure_ready().await.map_err(Attempt::Start)?;
         let generation = inst.generation();
         if let Some(slot) = &req.slot {
@@ -704,6 +723,104 @@ impl Router {
                 })
             }
         }
+    }
+
+    /// One try on an instance hosted by another node (or not placed yet): wait a bounded
+    /// time for a placement, then forward. A placement that moved while the call was on its
+    /// way (nothing was sent) is followed once.
+    async fn attempt_elsewhere(
+        &self,
+        inst: &Arc<Instance>,
+        req: &RouteRequest<'_>,
+    ) -> Result<Outcome, Attempt> {
+        let deadline = tokio::time::Instant::now() + req.timeout.min(PLACEMENT_WAIT);
+        let mut placements = self.runtime.watch_placements();
+        let mut moved = false;
+        loop {
+            let node = match inst.host() {
+                Host::Here | Host::Unplaced => return self.attempt_here(inst, req).await,
+                Host::Node(n) => n,
+            };
+            let Some(fwd) = self.runtime.forward() else {
+                return Err(Attempt::Start(StartError::NotPlacedHere {
+                    server: inst.id().to_owned(),
+                    host: Host::Node(node),
+                }));
+            };
+            let r = fwd
+                .call(
+                    node,
+                    inst.id(),
+                    req.method,
+                    req.params.clone(),
+                    req.sink.clone(),
+                    req.timeout,
+                )
+                .await;
+            return match r {
+                Ok(o) => Ok(o),
+                Err(ForwardError::NotHostedThere { .. }) if !moved => {
+                    moved = true;
+                    // Nothing was sent: wait for this node to learn the new placement.
+                    placements.borrow_and_update();
+                    if inst.host() == Host::Node(node) {
+                        let _ = tokio::time::timeout_at(deadline, placements.changed()).await;
+                    }
+                    continue;
+                }
+                Err(e @ (ForwardError::NotHostedThere { .. } | ForwardError::Start { .. })) => {
+                    Err(Attempt::Start(StartError::Remote {
+                        server: inst.id().to_owned(),
+                        source: e,
+                    }))
+                }
+                Err(ForwardError::Upstream(error)) => Err(Attempt::Upstream {
+                    error,
+                    alive: true,
+                    generation: inst.generation(),
+                }),
+            };
+        }
+    }
+
+    /// Make sure `inst` runs where it is placed: started here, or (hosted elsewhere) started
+    /// by its host through a forwarded `ping`, waiting until its catalogue reached this node
+    /// (bounded).
+    pub async fn start(&self, inst: &Arc<Instance>) -> Result<(), StartError> {
+        let host = match inst.host() {
+            Host::Unplaced => inst.placed(PLACEMENT_WAIT).await,
+            h => h,
+        };
+        if !matches!(host, Host::Node(_)) {
+            return inst.ensure_ready().await.map(|_| ());
+        }
+        let mut events = self.runtime.subscribe();
+        let req = RouteRequest {
+            method: "ping",
+            params: None,
+            sink: None,
+            timeout: Duration::from_secs(60),
+            idempotent: true,
+            slot: None,
+        };
+        self.attempt_elsewhere(inst, &req)
+            .await
+            .map_err(|e| match e {
+                Attempt::Start(e) => e,
+                Attempt::Upstream { error, .. } => StartError::Upstream {
+                    server: inst.id().to_owned(),
+                    source: error,
+                },
+            })?;
+        let learned = async {
+            while self.runtime.catalog_of(inst).is_none() {
+                if events.recv().await.is_err() {
+                    return;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(5), learned).await;
+        Ok(())
     }
 
     /// Whether `tool` is declared idempotent for `target` (config `idempotent_tools` globs on

@@ -11,7 +11,7 @@ use parking_lot::{Mutex, RwLock};
 use serde::Serialize;
 use tokio::sync::broadcast;
 
-use super::{Catalog, RuntimeEvent, ServerState, StartError};
+use super::{Catalog, Host, RuntimeEvent, ServerState, StartError};
 use crate::config::ServerSpec;
 use crate::supervisor::lifecycle::{Action, BreakerState, Event, Generation, Lifecycle, Policy};
 use crate::telemetry::events::{DomainEvent, EventLog};
@@ -43,6 +43,7 @@ pub struct Instance {
     checking: AtomicBool,
     idling: AtomicBool,
     reviving: AtomicBool,
+    host: tokio::sync::watch::Sender<Host>,
 }
 
 /// A point-in-time view of an instance for REST and management tools.
@@ -82,6 +83,9 @@ pub struct InstanceStatus {
     pub last_state_change: f64,
 }
 
+/// How long a start waits for the leader to place an instance nobody hosts yet.
+pub const PLACEMENT_WAIT: Duration = Duration::from_secs(10);
+
 /// The lifecycle policy of a server spec.
 pub fn policy_of(spec: &ServerSpec) -> Policy {
     let defaults = Policy::default();
@@ -105,6 +109,7 @@ impl Instance {
     pub(super) fn new(
         id: String,
         spec: ServerSpec,
+        host: Host,
         metrics: Arc<Metrics>,
         events: broadcast::Sender<RuntimeEvent>,
         log: Arc<EventLog>,
@@ -129,6 +134,7 @@ impl Instance {
             checking: AtomicBool::new(false),
             idling: AtomicBool::new(false),
             reviving: AtomicBool::new(false),
+            host: tokio::sync::watch::channel(host).0,
         };
         let mode = inst.spec.read().mode_name();
         inst.metrics
@@ -143,6 +149,25 @@ impl Instance {
     /// READY again.
     pub(super) fn mark_removed(&self) {
         self.inner.lock().removed = true;
+    }
+
+    /// Where it runs in the cluster.
+    pub fn host(&self) -> Host {
+        *self.host.borrow()
+    }
+
+    /// Set where it runs; returns where it ran before.
+    pub(super) fn set_host(&self, host: Host) -> Host {
+        self.host.send_replace(host)
+    }
+
+    /// Where it runs, waiting up to `within` while it is not placed yet.
+    pub async fn placed(&self, within: Duration) -> Host {
+        let mut rx = self.host.subscribe();
+        match tokio::time::timeout(within, rx.wait_for(|h| *h != Host::Unplaced)).await {
+            Ok(Ok(h)) => *h,
+            _ => self.host(),
+        }
     }
 
     /// Server id.
@@ -321,6 +346,19 @@ impl Instance {
     /// Return a live connection, starting the server if needed. Concurrent callers share one
     /// start (single flight); they wait for it, bounded by the start timeout.
     pub async fn ensure_ready(self: &Arc<Self>) -> Result<Arc<Upstream>, StartError> {
+        // Right after a node starts, the leader may not have placed it yet.
+        if self.host() == Host::Unplaced {
+            let host = self.placed(PLACEMENT_WAIT).await;
+            if host == Host::Unplaced {
+                return Err(StartError::NotPlaced {
+                    server: self.id.clone(),
+                    detail: format!(
+                        "no node took it within {}s (is there a leader? see `hangarctl cluster status` and the leader's log)",
+                        PLACEMENT_WAIT.as_secs()
+                    ),
+                });
+            }
+        }
         if let Some(c) = self.fast_path()? {
             return Ok(c);
         }
@@ -370,6 +408,13 @@ impl Instance {
     /// A live READY connection without waiting, or `None` (then a start is needed). Notices
     /// a connection that died unnoticed and a server that was removed or whose circuit is open.
     fn fast_path(&self) -> Result<Option<Arc<Upstream>>, StartError> {
+        let host = self.host();
+        if host != Host::Here {
+            return Err(StartError::NotPlacedHere {
+                server: self.id.clone(),
+                host,
+            });
+        }
         let mut inner = self.inner.lock();
         if inner.removed {
             return Err(StartError::Removed {

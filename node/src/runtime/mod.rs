@@ -8,10 +8,12 @@
 
 mod catalog;
 mod instance;
+pub mod placement;
 pub mod view;
 
 pub use catalog::{Catalog, CatalogEntry};
-pub use instance::{HealthError, Instance, InstanceStatus, policy_of};
+pub use instance::{HealthError, Instance, InstanceStatus, PLACEMENT_WAIT, policy_of};
+pub use placement::{Forward, ForwardError, ForwardFuture, Host};
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -66,6 +68,31 @@ pub enum StartError {
     Removed {
         /// Server id.
         server: String,
+    },
+    /// The instance runs on another node (or nowhere yet): this node must not start it.
+    #[error("MCP server '{server}' is not placed on this node ({host:?})")]
+    NotPlacedHere {
+        /// Server id.
+        server: String,
+        /// Where it is placed.
+        host: Host,
+    },
+    /// The leader placed it on no node within the wait.
+    #[error("MCP server '{server}' is not placed on any node yet: {detail}")]
+    NotPlaced {
+        /// Server id.
+        server: String,
+        /// Why (what was waited for).
+        detail: String,
+    },
+    /// The hosting node could not start it.
+    #[error("MCP server '{server}' could not be started {source}")]
+    Remote {
+        /// Server id.
+        server: String,
+        /// What the host said.
+        #[source]
+        source: ForwardError,
     },
     /// The server is DEGRADED and its circuit is open until the next recovery attempt.
     #[error(
@@ -123,6 +150,12 @@ pub struct Runtime {
     /// Catalogues learned anywhere in the cluster (replicated), for servers this node has
     /// not started itself.
     shared_catalogs: RwLock<std::collections::HashMap<String, Arc<Catalog>>>,
+    /// The cluster's placements (`None` until a cluster attaches: every instance is here).
+    placements: RwLock<Option<placement::Table>>,
+    /// Bumped whenever placements change (routing waits on it for an unplaced instance).
+    placement_version: tokio::sync::watch::Sender<u64>,
+    /// Calls to instances hosted elsewhere.
+    forward: std::sync::OnceLock<Arc<dyn Forward>>,
 }
 
 /// Errors of runtime administration.
@@ -157,6 +190,9 @@ impl Runtime {
             node_id,
             started: Instant::now(),
             shared_catalogs: RwLock::new(std::collections::HashMap::new()),
+            placements: RwLock::new(None),
+            placement_version: tokio::sync::watch::channel(0).0,
+            forward: std::sync::OnceLock::new(),
         });
         for (id, spec) in &config.mcp_servers {
             rt.insert(id.clone(), spec.clone());
@@ -181,9 +217,11 @@ impl Runtime {
                 );
             }
             other => {
+                let host = self.host_for(&id, &other);
                 let inst = Arc::new(Instance::new(
                     id.clone(),
                     other,
+                    host,
                     self.metrics.clone(),
                     self.events.clone(),
                     self.log.clone(),
@@ -191,6 +229,79 @@ impl Runtime {
                 self.instances.write().insert(id, inst);
             }
         }
+    }
+
+    fn host_for(&self, id: &str, spec: &ServerSpec) -> Host {
+        match &*self.placements.read() {
+            Some(t) if placement::placed_by_leader(spec) => t.host_of(id),
+            _ => Host::Here,
+        }
+    }
+
+    /// From now on, single-instance servers run only where `table` (the replicated
+    /// placements, instance → node) puts them; this node is `me`. Instances placed elsewhere
+    /// are stopped here; those newly placed here start if they auto-start.
+    pub fn set_placements(&self, me: u64, map: std::collections::HashMap<String, u64>) {
+        let table = placement::Table { me, map };
+        let changed = {
+            let mut cur = self.placements.write();
+            let same = cur
+                .as_ref()
+                .is_some_and(|c| c.me == me && c.map == table.map);
+            *cur = Some(table.clone());
+            !same
+        };
+        for inst in self.instances() {
+            let host = if placement::placed_by_leader(&inst.spec()) {
+                table.host_of(inst.id())
+            } else {
+                Host::Here
+            };
+            let before = inst.set_host(host);
+            if before == host {
+                continue;
+            }
+            tracing::info!(server = inst.id(), ?before, now = ?host, "instance_placement_changed");
+            if before == Host::Here {
+                let i = inst.clone();
+                tokio::spawn(async move { i.stop("placed_elsewhere").await });
+            } else if host == Host::Here && self.wants_auto_start(&inst) {
+                let i = inst.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = i.ensure_ready().await {
+                        tracing::warn!(server = i.id(), error = %e, "auto_start_failed");
+                    }
+                });
+            }
+        }
+        if changed {
+            self.placement_version.send_modify(|v| *v += 1);
+        }
+    }
+
+    /// Watch placement changes (the value is a change counter).
+    pub fn watch_placements(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.placement_version.subscribe()
+    }
+
+    /// Install the port to other nodes' instances (once, by the cluster).
+    pub fn set_forward(&self, forward: Arc<dyn Forward>) {
+        let _ = self.forward.set(forward);
+    }
+
+    /// The port to other nodes' instances, when in a cluster.
+    pub fn forward(&self) -> Option<&Arc<dyn Forward>> {
+        self.forward.get()
+    }
+
+    /// Whether `inst` starts without waiting for a call: it asks for it, or it is a member of
+    /// a group that does (groups default to auto_start, as in MCP Hangar).
+    pub fn wants_auto_start(&self, inst: &Instance) -> bool {
+        inst.spec().common().is_some_and(|c| c.auto_start)
+            || self.groups().iter().any(|g| {
+                let spec = g.spec();
+                spec.auto_start && spec.members.iter().any(|m| m.id == inst.id())
+            })
     }
 
     /// The node id (stamped into events and relayed request ids).
@@ -376,6 +487,10 @@ impl crate::supervisor::Fleet for Runtime {
             .flat_map(|g| g.spec().members.into_iter().map(|m| m.id))
             .collect();
         for inst in self.instances() {
+            // Supervision of an instance belongs to the node that hosts it.
+            if inst.host() != Host::Here {
+                continue;
+            }
             let member = members.contains(inst.id());
             inst.tick(member);
         }

@@ -12,6 +12,7 @@
 //! run here.
 
 pub mod lifecycle;
+pub mod placement;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -113,6 +113,13 @@ pub(crate) struct PeerPool {
 impl PeerPool {
     /// A client for the peer at `addr` (`host:port`), reusing the cached channel.
     pub(crate) fn client(&self, addr: &str) -> Result<RaftServiceClient<Channel>, RaftError> {
+        Ok(RaftServiceClient::new(self.channel(addr)?)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES))
+    }
+
+    /// The cached channel to the peer at `addr` (`host:port`), created lazily.
+    pub(crate) fn channel(&self, addr: &str) -> Result<Channel, RaftError> {
         let channel = {
             let mut map = self.channels.lock();
             match map.get(addr) {
@@ -133,9 +140,7 @@ impl PeerPool {
                 }
             }
         };
-        Ok(RaftServiceClient::new(channel)
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES))
+        Ok(channel)
     }
 
     /// Forget the channel to `addr` after a transport failure, so the next call dials afresh

@@ -141,6 +141,15 @@ impl RaftHandle {
     /// On restart this recovers the state (latest snapshot + committed log) before returning.
     /// It never initializes a cluster; see [`initialize_single`](Self::initialize_single).
     pub async fn start(cfg: RaftConfig) -> Result<RaftHandle, RaftError> {
+        Self::start_with(cfg, None).await
+    }
+
+    /// [`RaftHandle::start`], also serving `extra` gRPC services (the gateway's call
+    /// forwarding) on the Raft listener.
+    pub async fn start_with(
+        cfg: RaftConfig,
+        extra: Option<tonic::service::Routes>,
+    ) -> Result<RaftHandle, RaftError> {
         let config = Arc::new(cfg.openraft_config()?);
         let listener = tokio::net::TcpListener::bind(cfg.raft_addr)
             .await
@@ -218,7 +227,7 @@ impl RaftHandle {
                 let shutdown = async {
                     let _ = stop_rx.await;
                 };
-                if let Err(e) = service::serve(core, listener, shutdown).await {
+                if let Err(e) = service::serve(core, listener, extra, shutdown).await {
                     tracing::error!(error = %e, "Raft gRPC server failed");
                 }
             })
@@ -363,6 +372,34 @@ impl RaftHandle {
                 after_ms: OPERATION_TIMEOUT.as_millis() as u64,
             }),
         }
+    }
+
+    /// A gRPC channel to the node whose Raft address is `addr`, shared with Raft's own
+    /// traffic (for the services served next to Raft, such as call forwarding).
+    pub fn peer_channel(&self, addr: &str) -> Result<tonic::transport::Channel, RaftError> {
+        self.core().pool.channel(addr)
+    }
+
+    /// A call on [`peer_channel`](Self::peer_channel) failed with `status`: drop the channel
+    /// if the transport is broken, so the next call dials afresh.
+    pub fn peer_failed(&self, addr: &str, status: &tonic::Status) {
+        self.core().pool.invalidate(addr, status);
+    }
+
+    /// On the leader: for each other member, how long ago it last acknowledged a heartbeat
+    /// or an append (`None` = not since this node became leader). `None` on a non-leader.
+    pub fn peer_ack_ages(&self) -> Option<BTreeMap<u64, Option<Duration>>> {
+        let m = self.core().raft.metrics();
+        let m = m.borrow_watched();
+        if m.state != ServerState::Leader {
+            return None;
+        }
+        m.heartbeat.as_ref().map(|h| {
+            h.iter()
+                .filter(|(id, _)| **id != self.core().node_id)
+                .map(|(id, t)| (*id, t.as_ref().map(|t| openraft::Instant::elapsed(&**t))))
+                .collect()
+        })
     }
 
     /// A snapshot of the cluster as this node sees it.

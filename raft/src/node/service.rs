@@ -249,15 +249,20 @@ impl RaftService for Service {
 pub(crate) async fn serve(
     core: Arc<Core>,
     listener: TcpListener,
+    extra: Option<tonic::service::Routes>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
     let svc = RaftServiceServer::new(Service { core })
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let routes = match extra {
+        Some(extra) => extra.add_service(svc),
+        None => tonic::service::Routes::new(svc),
+    };
     tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
-        .add_service(svc)
+        .add_routes(routes)
         // `serve_with_incoming*` ignores the builder's TCP settings: set them on the incoming
         // stream. Without TCP_NODELAY an append's answer can wait for the peer's delayed ACK
         // (40 ms on Linux) — that was the commit latency tail.

@@ -184,6 +184,9 @@ pub enum Command {
         api_addr: String,
         /// Address of its Raft/gRPC endpoint.
         raft_addr: String,
+        /// Most local-mode instances it may run (`None` = no limit).
+        #[serde(default)]
+        capacity: Option<u32>,
     },
     /// Forget a node's addresses.
     UnregisterNode {

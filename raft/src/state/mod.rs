@@ -346,12 +346,14 @@ pub fn apply(state: &mut State, cmd: &Command, ctx: ApplyCtx) -> Response {
             node_id,
             api_addr,
             raft_addr,
+            capacity,
         } => {
             state.nodes.insert(
                 *node_id,
                 NodeRecord {
                     api_addr: api_addr.clone(),
                     raft_addr: raft_addr.clone(),
+                    capacity: *capacity,
                 },
             );
             Response::Ok

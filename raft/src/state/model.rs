@@ -265,4 +265,7 @@ pub struct NodeRecord {
     pub api_addr: String,
     /// Raft/gRPC address.
     pub raft_addr: String,
+    /// Most local-mode instances it may run (`None` = no limit).
+    #[serde(default)]
+    pub capacity: Option<u32>,
 }

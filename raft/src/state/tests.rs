@@ -809,9 +809,11 @@ fn nodes_register_and_unregister() {
         node_id: 7,
         api_addr: "127.0.0.1:8080".into(),
         raft_addr: "127.0.0.1:9090".into(),
+        capacity: Some(2),
     };
     assert_eq!(run(&mut s, reg), Response::Ok);
     assert_eq!(s.nodes[&7].api_addr, "127.0.0.1:8080");
+    assert_eq!(s.nodes[&7].capacity, Some(2));
     assert_eq!(
         run(&mut s, Command::UnregisterNode { node_id: 7 }),
         Response::Ok

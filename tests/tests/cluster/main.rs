@@ -547,3 +547,129 @@ async fn single_node_default_keeps_its_data_across_restarts() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("data directory"), "{err}");
 }
+
+/// Live processes whose command line contains `marker` (the fixture's `--name`).
+fn processes_named(marker: &str) -> Vec<u32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<&[u8]> = cmd.split(|b| *b == 0).collect();
+        let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
+        // Zombies are gone already; only running processes count.
+        let state = stat
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .split_whitespace()
+            .next();
+        if state != Some("Z") && args.contains(&marker.as_bytes()) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+/// The parent pid of `pid`.
+fn parent_of(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit(')')
+        .next()?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// The pid the fixture reports from `whoami`, called through `m`.
+async fn whoami(c: &reqwest::Client, m: &Member, tool: &str) -> Option<u64> {
+    let r = call_tool(c, &m.url("/mcp"), tool, json!({})).await;
+    let text = r["result"]["content"][0]["text"].as_str()?;
+    serde_json::from_str::<Value>(text).ok()?["pid"].as_u64()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_instance_serves_every_node_and_moves_when_its_node_dies() {
+    let c = client();
+    let mut cl = cluster(3, &[]);
+    // A unique server id: it is also the fixture's --name, by which its processes are counted.
+    let id = format!("solo{}", std::process::id());
+    let tool = format!("{id}__whoami");
+    let cfg = cl.static_peers_config(
+        &format!("mcp_servers:\n{}", fixture_stdio_yaml(&id, "")),
+        "  node_loss_timeout_ms: 3000\n",
+    );
+    for n in cl.ids() {
+        cl.write_config(n, &cfg).unwrap();
+    }
+    cl.start_all().await.unwrap();
+    cl.wait_leader(Duration::from_secs(20)).await.unwrap();
+    for m in cl.members() {
+        wait_for("node ready", Duration::from_secs(20), || async {
+            (get_json(&c, &m.url("/health/ready")).await.0 == 200).then_some(())
+        })
+        .await;
+    }
+    // Every node serves the call; all reach the same process, and only one exists.
+    let mut seen = BTreeSet::new();
+    for m in cl.members() {
+        let pid = whoami(&c, m, &tool).await;
+        assert!(pid.is_some(), "call through node {} failed", m.id());
+        seen.insert(pid.unwrap());
+    }
+    assert_eq!(
+        seen.len(),
+        1,
+        "every node reached the same instance: {seen:?}"
+    );
+    let pid = *seen.first().unwrap() as u32;
+    assert_eq!(
+        processes_named(&id),
+        vec![pid],
+        "exactly one process machine-wide"
+    );
+    let host = cl
+        .members()
+        .iter()
+        .find(|m| m.pid() == parent_of(pid))
+        .map(Member::id)
+        .expect("the instance is a child of one of the nodes");
+
+    // The hosting node dies: survivors place the instance elsewhere and serve again.
+    cl.kill9(host).unwrap();
+    let survivors: Vec<u64> = cl.alive();
+    let new_pid = wait_for(
+        "calls served again after the host died",
+        Duration::from_secs(45),
+        || async {
+            let mut pids = BTreeSet::new();
+            for n in &survivors {
+                pids.insert(whoami(&c, cl.member(*n).unwrap(), &tool).await?);
+            }
+            (pids.len() == 1).then(|| *pids.first().unwrap())
+        },
+    )
+    .await as u32;
+    assert_ne!(new_pid, pid, "a new process serves");
+    let procs = wait_for(
+        "the dead node's child is gone",
+        Duration::from_secs(10),
+        || async {
+            let p = processes_named(&id);
+            (p.len() == 1).then_some(p)
+        },
+    )
+    .await;
+    assert_eq!(procs, vec![new_pid], "exactly one process after the move");
+    let new_host = parent_of(new_pid);
+    assert!(
+        survivors
+            .iter()
+            .any(|n| cl.member(*n).unwrap().pid() == new_host),
+        "the new instance runs on a survivor"
+    );
+}

@@ -1,0 +1,151 @@
+//! The leader's placement loop: it reads the replicated state, lets the pure
+//! [`crate::supervisor::placement::plan`] decide, and writes the decisions as Raft commands
+//! stamped with its term (the fencing token). Followers never decide; a deposed leader's
+//! writes are refused by the state machine.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hangar_raft::{Command, Role};
+
+use super::Cluster;
+use crate::config::ServerSpec;
+use crate::runtime::Runtime;
+use crate::runtime::placement::placed_by_leader;
+use crate::supervisor::placement::{Change, NodeView, Want, plan};
+
+/// How often the leader re-checks placements (also after every applied change).
+const EVERY: Duration = Duration::from_millis(500);
+
+impl Cluster {
+    /// Run the placement loop until shutdown (acts only while this node leads).
+    pub(super) async fn placement_loop(self: Arc<Self>, runtime: Arc<Runtime>) {
+        let mut applied = self.raft.subscribe_applied();
+        let mut leader_since: Option<(u64, Instant)> = None;
+        let mut last_unplaced: Vec<(String, String)> = Vec::new();
+        loop {
+            let status = self.raft.status();
+            if status.role == Role::Leader {
+                let since = match leader_since {
+                    Some((term, at)) if term == status.term => at,
+                    _ => {
+                        let now = Instant::now();
+                        leader_since = Some((status.term, now));
+                        now
+                    }
+                };
+                let unplaced = self.place_once(&runtime, status.term, since).await;
+                if unplaced != last_unplaced {
+                    for (id, why) in &unplaced {
+                        tracing::warn!(server = %id, reason = %why, "instance_not_placed");
+                    }
+                    last_unplaced = unplaced;
+                }
+            } else {
+                leader_since = None;
+            }
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                r = applied.changed() => if r.is_err() { return },
+                _ = tokio::time::sleep(EVERY) => {}
+            }
+            // Coalesce bursts of applied entries.
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+            }
+        }
+    }
+
+    /// One planning round as leader of `term` (leading since `since`); returns the servers
+    /// that fit nowhere.
+    async fn place_once(
+        &self,
+        runtime: &Runtime,
+        term: u64,
+        since: Instant,
+    ) -> Vec<(String, String)> {
+        let specs = runtime.specs();
+        let mut groups_of: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+        for (gid, spec) in &specs {
+            if let ServerSpec::Group(g) = spec {
+                for m in &g.members {
+                    groups_of
+                        .entry(m.id.as_str())
+                        .or_default()
+                        .push(gid.clone());
+                }
+            }
+        }
+        let wants: Vec<Want> = specs
+            .iter()
+            .filter_map(|(id, spec)| match spec {
+                ServerSpec::Subprocess(s) if placed_by_leader(spec) => Some(Want {
+                    id: id.clone(),
+                    nodes: s.placement.nodes.clone(),
+                    groups: groups_of.get(id.as_str()).cloned().unwrap_or_default(),
+                }),
+                _ => None,
+            })
+            .collect();
+        let status = self.raft.status();
+        let ages = self.raft.peer_ack_ages().unwrap_or_default();
+        let loss = self.cfg.node_loss_timeout;
+        let members: Vec<u64> = status
+            .voters
+            .keys()
+            .chain(status.learners.keys())
+            .copied()
+            .collect();
+        let (nodes, current) = self.raft.read(|st| {
+            let nodes: BTreeMap<u64, NodeView> = members
+                .iter()
+                .filter_map(|id| {
+                    let rec = st.nodes.get(id)?;
+                    let alive = *id == self.cfg.node_id
+                        || match ages.get(id) {
+                            Some(Some(age)) => *age < loss,
+                            // Not heard from since this node became leader.
+                            _ => since.elapsed() < loss,
+                        };
+                    Some((
+                        *id,
+                        NodeView {
+                            capacity: rec.capacity,
+                            alive,
+                        },
+                    ))
+                })
+                .collect();
+            let current: BTreeMap<String, u64> = st
+                .placements
+                .iter()
+                .map(|(i, p)| (i.clone(), p.node_id))
+                .collect();
+            (nodes, current)
+        });
+        let decided = plan(&wants, &nodes, &current);
+        for change in decided.changes {
+            let cmd = match &change {
+                Change::Place { id, node } => {
+                    tracing::info!(server = %id, node, from = ?current.get(id), term, "instance_placed");
+                    Command::SetPlacement {
+                        instance_id: id.clone(),
+                        node_id: *node,
+                        term,
+                    }
+                }
+                Change::Remove { id } => Command::RemovePlacement {
+                    instance_id: id.clone(),
+                    term,
+                },
+            };
+            if let Err(e) = self.propose(cmd).await {
+                tracing::warn!(error = %e, ?change, "placement_not_written");
+                break;
+            }
+        }
+        decided.unplaced
+    }
+}

@@ -1,0 +1,270 @@
+//! Placement: which node runs each single-instance (`replicas: 1`) local-mode server.
+//!
+//! A pure decision over the replicated state, taken by the leader only (DESIGN §7): keep every
+//! placement that is still valid, move only what must move (its node was lost, left, or is no
+//! longer allowed), place what is new on the least-loaded allowed node with room, spreading the
+//! members of one group over different nodes. The leader writes the result as Raft commands
+//! stamped with its term; nothing here does I/O.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+/// One server that needs exactly one instance somewhere.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Want {
+    /// Instance id (the server id).
+    pub id: String,
+    /// Nodes allowed to run it (empty = any).
+    pub nodes: Vec<u64>,
+    /// Groups it is a member of: members of one group go to different nodes when they can.
+    pub groups: Vec<String>,
+}
+
+/// A node as the leader sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NodeView {
+    /// Most instances it may run (`None` = no limit).
+    pub capacity: Option<u32>,
+    /// Reachable: acknowledged the leader within the node-loss timeout.
+    pub alive: bool,
+}
+
+/// A change the leader proposes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// Run `id` on `node` (new, or moved from a lost / disallowed node).
+    Place {
+        /// Instance id.
+        id: String,
+        /// Target node.
+        node: u64,
+    },
+    /// `id` is no longer configured: forget its placement.
+    Remove {
+        /// Instance id.
+        id: String,
+    },
+}
+
+/// The decision: changes to write, and servers that fit nowhere (with why).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Plan {
+    /// Changes, in a stable order (removals first, then placements by id).
+    pub changes: Vec<Change>,
+    /// Servers left unplaced, with the reason.
+    pub unplaced: Vec<(String, String)>,
+}
+
+/// Decide placements. `current` is the replicated instance → node map.
+pub fn plan(
+    wants: &[Want],
+    nodes: &BTreeMap<u64, NodeView>,
+    current: &BTreeMap<String, u64>,
+) -> Plan {
+    let mut out = Plan::default();
+    let wanted: BTreeSet<&str> = wants.iter().map(|w| w.id.as_str()).collect();
+    for id in current.keys() {
+        if !wanted.contains(id.as_str()) {
+            out.changes.push(Change::Remove { id: id.clone() });
+        }
+    }
+    let allowed = |w: &Want, n: u64| w.nodes.is_empty() || w.nodes.contains(&n);
+    // Load and group spread of the placements that stay.
+    let mut load: BTreeMap<u64, u32> = nodes.keys().map(|n| (*n, 0)).collect();
+    let mut group_nodes: BTreeMap<&str, BTreeMap<u64, u32>> = BTreeMap::new();
+    let mut to_place: Vec<&Want> = Vec::new();
+    for w in wants {
+        let keep = current
+            .get(&w.id)
+            .filter(|n| nodes.get(n).is_some_and(|v| v.alive) && allowed(w, **n));
+        match keep {
+            Some(n) => {
+                *load.entry(*n).or_default() += 1;
+                for g in &w.groups {
+                    *group_nodes.entry(g).or_default().entry(*n).or_default() += 1;
+                }
+            }
+            None => to_place.push(w),
+        }
+    }
+    for w in to_place {
+        let best = nodes
+            .iter()
+            .filter(|(n, v)| v.alive && allowed(w, **n) && v.capacity.is_none_or(|c| load[*n] < c))
+            .min_by_key(|(n, _)| {
+                let same_group: u32 = w
+                    .groups
+                    .iter()
+                    .map(|g| {
+                        group_nodes
+                            .get(g.as_str())
+                            .and_then(|m| m.get(n))
+                            .copied()
+                            .unwrap_or(0)
+                    })
+                    .sum();
+                (same_group, load[*n], **n)
+            })
+            .map(|(n, _)| *n);
+        match best {
+            Some(n) => {
+                *load.entry(n).or_default() += 1;
+                for g in &w.groups {
+                    *group_nodes.entry(g).or_default().entry(n).or_default() += 1;
+                }
+                if current.get(&w.id) != Some(&n) {
+                    out.changes.push(Change::Place {
+                        id: w.id.clone(),
+                        node: n,
+                    });
+                }
+            }
+            None => out.unplaced.push((w.id.clone(), why_unplaced(w, nodes))),
+        }
+    }
+    out
+}
+
+fn why_unplaced(w: &Want, nodes: &BTreeMap<u64, NodeView>) -> String {
+    let candidates: Vec<u64> = nodes
+        .keys()
+        .copied()
+        .filter(|n| w.nodes.is_empty() || w.nodes.contains(n))
+        .collect();
+    if candidates.is_empty() {
+        return format!(
+            "none of its allowed nodes {:?} is a member of the cluster; fix placement.nodes",
+            w.nodes
+        );
+    }
+    if candidates.iter().all(|n| !nodes[n].alive) {
+        return format!("every allowed node ({candidates:?}) is unreachable");
+    }
+    format!(
+        "every reachable allowed node ({candidates:?}) is at its cluster.capacity; raise it or add a node"
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn want(id: &str) -> Want {
+        Want {
+            id: id.into(),
+            nodes: vec![],
+            groups: vec![],
+        }
+    }
+
+    fn nodes(spec: &[(u64, Option<u32>, bool)]) -> BTreeMap<u64, NodeView> {
+        spec.iter()
+            .map(|(n, capacity, alive)| {
+                (
+                    *n,
+                    NodeView {
+                        capacity: *capacity,
+                        alive: *alive,
+                    },
+                )
+            })
+            .collect()
+    }
+
+    fn placed(p: &Plan) -> BTreeMap<String, u64> {
+        p.changes
+            .iter()
+            .filter_map(|c| match c {
+                Change::Place { id, node } => Some((id.clone(), *node)),
+                Change::Remove { .. } => None,
+            })
+            .collect()
+    }
+
+    fn current(pairs: &[(&str, u64)]) -> BTreeMap<String, u64> {
+        pairs.iter().map(|(i, n)| ((*i).to_owned(), *n)).collect()
+    }
+
+    #[test]
+    fn new_servers_spread_over_the_least_loaded_nodes() {
+        let n = nodes(&[(1, None, true), (2, None, true), (3, None, true)]);
+        let p = plan(
+            &[want("a"), want("b"), want("c"), want("d")],
+            &n,
+            &current(&[]),
+        );
+        assert_eq!(
+            placed(&p),
+            current(&[("a", 1), ("b", 2), ("c", 3), ("d", 1)])
+        );
+        assert!(p.unplaced.is_empty());
+    }
+
+    #[test]
+    fn valid_placements_stay_and_nothing_moves_when_a_node_joins() {
+        let n = nodes(&[(1, None, true), (2, None, true), (3, None, true)]);
+        let cur = current(&[("a", 1), ("b", 1), ("c", 1)]);
+        let p = plan(&[want("a"), want("b"), want("c")], &n, &cur);
+        assert!(p.changes.is_empty(), "{p:?}");
+        // A new server goes to an empty node.
+        let p = plan(&[want("a"), want("b"), want("c"), want("d")], &n, &cur);
+        assert_eq!(placed(&p), current(&[("d", 2)]));
+    }
+
+    #[test]
+    fn a_lost_nodes_instances_move_and_the_others_stay() {
+        let n = nodes(&[(1, None, true), (2, None, false), (3, None, true)]);
+        let cur = current(&[("a", 1), ("b", 2), ("c", 3)]);
+        let p = plan(&[want("a"), want("b"), want("c")], &n, &cur);
+        assert_eq!(placed(&p), current(&[("b", 1)]));
+    }
+
+    #[test]
+    fn removed_servers_are_forgotten() {
+        let n = nodes(&[(1, None, true)]);
+        let p = plan(&[want("a")], &n, &current(&[("a", 1), ("gone", 1)]));
+        assert_eq!(p.changes, vec![Change::Remove { id: "gone".into() }]);
+    }
+
+    #[test]
+    fn capacity_and_allowed_nodes_are_respected() {
+        let n = nodes(&[(1, Some(1), true), (2, Some(0), true), (3, None, true)]);
+        let mut only2 = want("x");
+        only2.nodes = vec![2];
+        let p = plan(&[want("a"), want("b"), only2], &n, &current(&[]));
+        assert_eq!(placed(&p), current(&[("a", 1), ("b", 3)]));
+        assert_eq!(p.unplaced.len(), 1);
+        assert!(p.unplaced[0].1.contains("capacity"), "{p:?}");
+        // A placement on a node that is no longer allowed moves.
+        let mut only3 = want("a");
+        only3.nodes = vec![3];
+        let p = plan(&[only3], &n, &current(&[("a", 1)]));
+        assert_eq!(placed(&p), current(&[("a", 3)]));
+    }
+
+    #[test]
+    fn group_members_go_to_different_nodes() {
+        let n = nodes(&[(1, None, true), (2, None, true)]);
+        let member = |id: &str| Want {
+            id: id.into(),
+            nodes: vec![],
+            groups: vec!["g".into()],
+        };
+        // `solo` loads node 1 first; the group still spreads.
+        let cur = current(&[("solo", 1)]);
+        let p = plan(&[want("solo"), member("m1"), member("m2")], &n, &cur);
+        let got = placed(&p);
+        assert_ne!(got["m1"], got["m2"], "{p:?}");
+    }
+
+    #[test]
+    fn nothing_reachable_leaves_servers_unplaced_with_a_reason() {
+        let n = nodes(&[(1, None, false)]);
+        let p = plan(&[want("a")], &n, &current(&[("a", 1)]));
+        assert!(p.changes.is_empty());
+        assert!(p.unplaced[0].1.contains("unreachable"), "{p:?}");
+        let mut far = want("b");
+        far.nodes = vec![9];
+        let p = plan(&[far], &nodes(&[(1, None, true)]), &current(&[]));
+        assert!(p.unplaced[0].1.contains("placement.nodes"), "{p:?}");
+    }
+}
