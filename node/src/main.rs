@@ -50,6 +50,17 @@ enum Command {
     },
     /// Print the version.
     Version,
+    /// Internal: how a node starts an MCP server child. Arms the parent-death signal (SIGKILL
+    /// when the node dies, even by SIGKILL) and becomes the server; not for direct use.
+    #[command(hide = true)]
+    ExecChild {
+        /// The node's pid (the child exits at once if its parent already changed).
+        #[arg(long)]
+        parent: i32,
+        /// The server's argv.
+        #[arg(last = true, required = true)]
+        argv: Vec<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -68,6 +79,7 @@ fn main() -> ExitCode {
             worker_threads,
             cluster,
         }) => serve(config, listen, stdio, ready_file, worker_threads, cluster),
+        Some(Command::ExecChild { parent, argv }) => exec_child(parent, &argv),
         None => {
             eprintln!(
                 "usage: hangar serve --config FILE | hangar validate FILE | hangar version (see --help)"
@@ -75,6 +87,28 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+/// Become `argv` with the parent-death signal armed: no MCP server outlives its node.
+fn exec_child(parent: i32, argv: &[String]) -> ExitCode {
+    use std::os::unix::process::CommandExt;
+    if let Err(e) =
+        rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL))
+    {
+        eprintln!("hangar exec-child: cannot arm the parent-death signal: {e}");
+        return ExitCode::from(126);
+    }
+    // The node may have died between the fork and the line above.
+    if rustix::process::Pid::as_raw(rustix::process::getppid()) != parent {
+        return ExitCode::from(1);
+    }
+    let Some((program, args)) = argv.split_first() else {
+        eprintln!("hangar exec-child: no program given");
+        return ExitCode::from(2);
+    };
+    let err = std::process::Command::new(program).args(args).exec();
+    eprintln!("hangar exec-child: cannot run '{program}': {err}");
+    ExitCode::from(127)
 }
 
 fn validate(file: &Path) -> ExitCode {

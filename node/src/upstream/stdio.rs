@@ -7,8 +7,9 @@
 //! when the connection is dropped). Process exit or stdout EOF fails every in-flight call at
 //! once.
 //!
-//! No orphans: the child runs in its own process group, and — when `/usr/bin/setpriv` exists —
-//! as `setpriv --pdeathsig KILL -- <argv>` so the kernel kills it if this process dies, even
+//! No orphans: the child runs in its own process group, started through `hangar exec-child`
+//! (the node's own binary; `/usr/bin/setpriv --pdeathsig KILL` when this code runs inside
+//! another program), which arms the parent-death signal so the kernel kills it if this process dies, even
 //! by SIGKILL. Linux delivers the parent-death signal when the *thread* that spawned the child
 //! exits, so spawn from a long-lived runtime worker (never from `spawn_blocking`).
 
@@ -245,13 +246,24 @@ impl StdioConn {
         // early exit, and the caller must learn that the request never left.
         resolve_program(program, spec)
             .map_err(|e| spawn_err(format!("cannot run '{program}': {e}")))?;
-        let setpriv = Path::new("/usr/bin/setpriv");
-        let mut cmd = if setpriv.is_file() {
-            let mut c = Command::new(setpriv);
-            c.args(["--pdeathsig", "KILL", "--"]).arg(program);
-            c
-        } else {
-            Command::new(program)
+        let mut cmd = match death_shim() {
+            Some(Shim::Hangar(exe)) => {
+                let mut c = Command::new(exe);
+                c.args([
+                    "exec-child",
+                    "--parent",
+                    &std::process::id().to_string(),
+                    "--",
+                ])
+                .arg(program);
+                c
+            }
+            Some(Shim::Setpriv(setpriv)) => {
+                let mut c = Command::new(setpriv);
+                c.args(["--pdeathsig", "KILL", "--"]).arg(program);
+                c
+            }
+            None => Command::new(program),
         };
         cmd.args(&spec.argv[1..])
             .envs(spec.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
@@ -1003,6 +1015,37 @@ fn response_id_prefix(prefix: &[u8]) -> Option<u64> {
 }
 
 /// Resolve argv[0] like the exec will (PATH of the child's environment, relative to its cwd).
+/// What arms the parent-death signal of a child before it becomes the server.
+enum Shim {
+    /// The `hangar` binary itself (`hangar exec-child`): always there when a node runs.
+    Hangar(PathBuf),
+    /// util-linux `setpriv` (when this code runs inside another program, e.g. a test).
+    Setpriv(&'static Path),
+}
+
+/// The shim to start children through; `None` only when neither exists (then a SIGKILLed
+/// node's children are not killed by the kernel, and a warning says so once).
+fn death_shim() -> Option<Shim> {
+    static HANGAR: std::sync::OnceLock<Option<PathBuf>> = std::sync::OnceLock::new();
+    let hangar = HANGAR.get_or_init(|| {
+        std::env::current_exe()
+            .ok()
+            .filter(|p| p.file_name().is_some_and(|n| n == "hangar"))
+    });
+    if let Some(exe) = hangar {
+        return Some(Shim::Hangar(exe.clone()));
+    }
+    let setpriv = Path::new("/usr/bin/setpriv");
+    if setpriv.is_file() {
+        return Some(Shim::Setpriv(setpriv));
+    }
+    static WARNED: std::sync::Once = std::sync::Once::new();
+    WARNED.call_once(|| {
+        tracing::warn!("neither the hangar binary nor /usr/bin/setpriv is available: child processes will outlive this process if it is killed");
+    });
+    None
+}
+
 fn resolve_program(program: &str, spec: &StdioSpec) -> std::io::Result<PathBuf> {
     use std::os::unix::fs::PermissionsExt;
     let check = |p: &Path| -> std::io::Result<()> {
