@@ -63,8 +63,10 @@ pub(super) async fn system(State(st): State<ApiState>) -> ApiResult {
         "instance": {
             "instance_id": rt.node_id(),
             "node_id": rt.node_id(),
-            "coordinates_with_peers": true,
-            "manages_fleet": true,
+            // True when other nodes are members: they share config, keys and placements.
+            "coordinates_with_peers": st.cluster.status().voters.len() + st.cluster.status().learners.len() > 1,
+            // The leader decides placements (and would run fleet-wide supervision).
+            "manages_fleet": st.cluster.status().role == hangar_raft::Role::Leader,
             "storage_is_shareable": false,
             "rate_limits_are_per_instance": true,
         },
@@ -121,12 +123,17 @@ pub(super) async fn ready(State(st): State<ApiState>) -> Response {
 }
 
 pub(super) async fn startup(State(st): State<ApiState>) -> Response {
-    axum::Json(json!({
-        "status": "healthy",
-        "startup_complete": true,
+    let done = st.cluster.startup_complete();
+    let body = axum::Json(json!({
+        "status": if done { "healthy" } else { "starting" },
+        "startup_complete": done,
         "uptime_seconds": st.runtime().uptime().as_secs_f64(),
-    }))
-    .into_response()
+    }));
+    if done {
+        body.into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, body).into_response()
+    }
 }
 
 pub(super) async fn metrics(State(st): State<ApiState>) -> Response {

@@ -242,6 +242,8 @@ pub struct Cluster {
     shutdown: CancellationToken,
     /// The host side of call forwarding, served on the Raft listener.
     calls: Arc<CallServer>,
+    /// The replicated configuration was applied here once (the node finished starting).
+    started: std::sync::atomic::AtomicBool,
 }
 
 impl Cluster {
@@ -299,6 +301,7 @@ impl Cluster {
             http,
             shutdown,
             calls,
+            started: std::sync::atomic::AtomicBool::new(false),
         }))
     }
 
@@ -361,6 +364,12 @@ impl Cluster {
             return Err(NotReady::Applying { want, running });
         }
         Ok(())
+    }
+
+    /// Whether the node finished starting: it joined a cluster and ran the replicated
+    /// configuration once.
+    pub fn startup_complete(&self) -> bool {
+        self.started.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// This node's own report of its indexes.
@@ -872,6 +881,7 @@ impl Cluster {
         let placed = self.placements();
         runtime.set_placements(self.cfg.node_id, placed);
         tokio::spawn(self.clone().placement_loop(runtime.clone()));
+        tokio::spawn(self.clone().status_reporter(runtime.clone()));
         tokio::spawn(self.clone().applier(runtime.clone()));
         tokio::spawn(self.clone().event_flusher());
         tokio::spawn(self.clone().catalog_publisher(runtime));
@@ -912,6 +922,9 @@ impl Cluster {
                 }
             }
         } else {
+            // Nothing more to start: the node waits for `hangarctl cluster init` or `join`.
+            self.started
+                .store(true, std::sync::atomic::Ordering::Relaxed);
             let me = self.clone();
             tokio::spawn(async move {
                 let mut init = me.raft.leader_watch();
@@ -1006,9 +1019,20 @@ impl Cluster {
                 }
                 running_version = Some(version);
                 self.applied_version.send_replace(version);
+                if self.raft.is_initialized() {
+                    self.started
+                        .store(true, std::sync::atomic::Ordering::Relaxed);
+                }
             }
-            // Where single-instance servers run.
+            // Where single-instance servers run, and what their hosts report.
             runtime.set_placements(self.cfg.node_id, self.placements());
+            let reported = self.raft.read(|st| {
+                st.status
+                    .iter()
+                    .map(|(id, s)| (id.clone(), (placement::local(s.state), s.node_id)))
+                    .collect()
+            });
+            runtime.set_reported_states(&reported);
             // Catalogues learned anywhere.
             let current: BTreeMap<String, ReplicatedCatalog> =
                 self.raft.read(|st| st.catalog.clone());

@@ -7,12 +7,13 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hangar_raft::{Command, Role};
+use hangar_raft::state::InstanceState;
+use hangar_raft::{Command, RejectCode, Role};
 
-use super::Cluster;
+use super::{Cluster, ClusterError};
 use crate::config::ServerSpec;
-use crate::runtime::Runtime;
 use crate::runtime::placement::placed_by_leader;
+use crate::runtime::{Host, Runtime, ServerState};
 use crate::supervisor::placement::{Change, NodeView, Want, plan};
 
 /// How often the leader re-checks placements (also after every applied change).
@@ -147,5 +148,79 @@ impl Cluster {
             }
         }
         decided.unplaced
+    }
+}
+
+/// The replicated form of a lifecycle state.
+fn replicated(s: ServerState) -> InstanceState {
+    match s {
+        ServerState::Cold => InstanceState::Cold,
+        ServerState::Initializing => InstanceState::Initializing,
+        ServerState::Ready => InstanceState::Ready,
+        ServerState::Degraded => InstanceState::Degraded,
+        ServerState::Dead => InstanceState::Dead,
+    }
+}
+
+/// The local form of a replicated lifecycle state.
+pub(super) fn local(s: InstanceState) -> ServerState {
+    match s {
+        InstanceState::Cold => ServerState::Cold,
+        InstanceState::Initializing => ServerState::Initializing,
+        InstanceState::Ready => ServerState::Ready,
+        InstanceState::Degraded => ServerState::Degraded,
+        InstanceState::Dead => ServerState::Dead,
+    }
+}
+
+impl Cluster {
+    /// Report the lifecycle transitions of the single-instance servers this node hosts, so
+    /// every node shows the same state (only transitions, never per-call data; one round of
+    /// reports per tick).
+    pub(super) async fn status_reporter(self: Arc<Self>, runtime: Arc<Runtime>) {
+        let me = self.cfg.node_id;
+        let mut refused: BTreeMap<String, ServerState> = BTreeMap::new();
+        loop {
+            for inst in runtime.instances() {
+                if inst.host() != Host::Here || !placed_by_leader(&inst.spec()) {
+                    continue;
+                }
+                let state = inst.state();
+                let known = self.raft.read(|st| {
+                    st.status
+                        .get(inst.id())
+                        .map(|s| (local(s.state), s.node_id))
+                });
+                if known == Some((state, me)) || refused.get(inst.id()) == Some(&state) {
+                    continue;
+                }
+                let cmd = Command::ReportStatus {
+                    instance_id: inst.id().to_owned(),
+                    node_id: me,
+                    state: replicated(state),
+                    reason: String::new(),
+                };
+                match self.propose(cmd).await {
+                    Err(ClusterError::Rejected {
+                        code: RejectCode::NotPlacedHere,
+                        ..
+                    }) => {
+                        // The placement moved on; the applier stops the instance here.
+                        refused.insert(inst.id().to_owned(), state);
+                    }
+                    Ok(_) => {
+                        refused.remove(inst.id());
+                    }
+                    Err(e) => {
+                        tracing::debug!(server = inst.id(), error = %e, "status_report_failed");
+                        break;
+                    }
+                }
+            }
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                _ = tokio::time::sleep(EVERY) => {}
+            }
+        }
     }
 }

@@ -254,7 +254,15 @@ impl Gateway {
                     let n = g_by_state.get(&k).and_then(Value::as_u64).unwrap_or(0) + 1;
                     g_by_state.insert(k, json!(n));
                 }
-                ok(json!({"status": "healthy",
+                // Healthy: every server is usable and every group at full strength; degraded:
+                // some server is DEGRADED/DEAD or a group is short of members.
+                let sick = self
+                    .runtime
+                    .instances()
+                    .iter()
+                    .any(|i| matches!(i.state(), ServerState::Degraded | ServerState::Dead))
+                    || groups.iter().any(|g| g["state"] != "healthy");
+                ok(json!({"status": if sick { "degraded" } else { "healthy" },
                           "mcp_servers": {"total": self.runtime.instances().len(), "by_state": by_state},
                           "groups": {"total": groups.len(), "by_state": g_by_state,
                                      "total_members": groups.iter().map(|g| g["total_members"].as_u64().unwrap_or(0)).sum::<u64>(),

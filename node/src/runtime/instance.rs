@@ -44,6 +44,10 @@ pub struct Instance {
     idling: AtomicBool,
     reviving: AtomicBool,
     host: tokio::sync::watch::Sender<Host>,
+    /// The cluster node that runs it (0 = not known: unplaced, or no cluster).
+    node: AtomicU64,
+    /// The state its host last reported through the cluster: (state, reporting node).
+    reported: Mutex<Option<(ServerState, u64)>>,
 }
 
 /// A point-in-time view of an instance for REST and management tools.
@@ -51,8 +55,10 @@ pub struct Instance {
 pub struct InstanceStatus {
     /// Server id.
     pub id: String,
-    /// Lifecycle state.
+    /// Lifecycle state (as reported by its host when it runs on another node).
     pub state: ServerState,
+    /// The cluster node that runs it (`None`: not placed yet).
+    pub node: Option<u64>,
     /// `subprocess` or `remote`.
     pub mode: &'static str,
     /// Connection alive.
@@ -135,6 +141,8 @@ impl Instance {
             idling: AtomicBool::new(false),
             reviving: AtomicBool::new(false),
             host: tokio::sync::watch::channel(host).0,
+            node: AtomicU64::new(0),
+            reported: Mutex::new(None),
         };
         let mode = inst.spec.read().mode_name();
         inst.metrics
@@ -157,8 +165,19 @@ impl Instance {
     }
 
     /// Set where it runs; returns where it ran before.
-    pub(super) fn set_host(&self, host: Host) -> Host {
+    pub(super) fn set_host(&self, host: Host, node: Option<u64>) -> Host {
+        self.node.store(node.unwrap_or(0), Ordering::Relaxed);
         self.host.send_replace(host)
+    }
+
+    /// The cluster node that runs it, when known.
+    pub fn node(&self) -> Option<u64> {
+        Some(self.node.load(Ordering::Relaxed)).filter(|n| *n != 0)
+    }
+
+    /// The state its host reported through the cluster (for an instance on another node).
+    pub(super) fn set_reported(&self, reported: Option<(ServerState, u64)>) {
+        *self.reported.lock() = reported;
     }
 
     /// Where it runs, waiting up to `within` while it is not placed yet.
@@ -231,11 +250,23 @@ impl Instance {
             (None, None) => (0, false),
         };
         let conn = inner.conn.as_ref().map(|(c, _)| c);
+        // Hosted elsewhere: the state its host reported (COLD until it reports).
+        let (state, alive) = match self.host() {
+            Host::Node(n) => {
+                let st = match *self.reported.lock() {
+                    Some((st, by)) if by == n => st,
+                    _ => ServerState::Cold,
+                };
+                (st, st == ServerState::Ready)
+            }
+            _ => (inner.life.state(), conn.is_some_and(|c| c.is_alive())),
+        };
         InstanceStatus {
             id: self.id.clone(),
-            state: inner.life.state(),
+            state,
+            node: self.node(),
             mode: spec.mode_name(),
-            alive: conn.is_some_and(|c| c.is_alive()),
+            alive,
             tools_count,
             tools_predefined,
             description: common.and_then(|c| c.description.clone()),

@@ -257,7 +257,12 @@ impl Runtime {
             } else {
                 Host::Here
             };
-            let before = inst.set_host(host);
+            let node = match host {
+                Host::Here => Some(me),
+                Host::Node(n) => Some(n),
+                Host::Unplaced => None,
+            };
+            let before = inst.set_host(host, node);
             if before == host {
                 continue;
             }
@@ -276,6 +281,16 @@ impl Runtime {
         }
         if changed {
             self.placement_version.send_modify(|v| *v += 1);
+        }
+    }
+
+    /// The lifecycle states hosts reported through the cluster: instance → (state, node).
+    pub fn set_reported_states(
+        &self,
+        reported: &std::collections::HashMap<String, (ServerState, u64)>,
+    ) {
+        for inst in self.instances() {
+            inst.set_reported(reported.get(inst.id()).copied());
         }
     }
 

@@ -50,6 +50,9 @@ pub struct ServerRow {
     pub state: &'static str,
     /// `subprocess`, `remote`, ….
     pub mode: &'static str,
+    /// The cluster node that runs it (`null`: not placed yet; every node for `replicas: all`
+    /// and remote servers, shown as this node).
+    pub node: Option<u64>,
     /// Whether a connection is up.
     pub alive: bool,
     /// Tools known.
@@ -69,6 +72,7 @@ impl ServerRow {
             mcp_server: s.id.clone(),
             state: s.state.as_str(),
             mode: s.mode,
+            node: s.node,
             alive: s.alive,
             tools_count: s.tools_count,
             health_status: HealthStatus::of(s.state),

@@ -673,3 +673,124 @@ async fn one_instance_serves_every_node_and_moves_when_its_node_dies() {
         "the new instance runs on a survivor"
     );
 }
+
+/// `/api/mcp_servers/` rows of `m` by id: (node, state).
+async fn placements_seen(
+    c: &reqwest::Client,
+    m: &Member,
+) -> Option<BTreeMap<String, (u64, String)>> {
+    let (code, v) = get_json(c, &m.url("/api/mcp_servers/")).await;
+    if code != 200 {
+        return None;
+    }
+    Some(
+        v["mcp_servers"]
+            .as_array()?
+            .iter()
+            .filter_map(|r| {
+                Some((
+                    r["mcp_server"].as_str()?.to_owned(),
+                    (r["node"].as_u64()?, r["state"].as_str()?.to_owned()),
+                ))
+            })
+            .collect(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_spread_over_nodes_fails_no_call_when_a_node_dies() {
+    let c = client();
+    let mut cl = cluster(3, &[]);
+    let tag = std::process::id();
+    let (a, b) = (format!("ga{tag}"), format!("gb{tag}"));
+    let member = |id: &str| fixture_stdio_yaml(id, "    idempotent_tools: [whoami]\n");
+    let head = format!(
+        "mcp_servers:\n{}{}  g:\n    mode: group\n    strategy: round_robin\n    members:\n      - id: {a}\n      - id: {b}\n",
+        member(&a),
+        member(&b)
+    );
+    let cfg = cl.static_peers_config(&head, "  node_loss_timeout_ms: 3000\n");
+    for n in cl.ids() {
+        cl.write_config(n, &cfg).unwrap();
+    }
+    cl.start_all().await.unwrap();
+    cl.wait_leader(Duration::from_secs(20)).await.unwrap();
+    // Both members run (the group auto-starts them), on two different nodes, and every node
+    // shows the same placement and state.
+    let views = wait_for(
+        "members ready everywhere",
+        Duration::from_secs(30),
+        || async {
+            let mut views = Vec::new();
+            for m in cl.members() {
+                let v = placements_seen(&c, m).await?;
+                let (na, sa) = v.get(&a)?;
+                let (nb, sb) = v.get(&b)?;
+                (sa == "ready" && sb == "ready").then_some(())?;
+                views.push((*na, *nb));
+            }
+            Some(views)
+        },
+    )
+    .await;
+    assert!(
+        views.windows(2).all(|w| w[0] == w[1]),
+        "same view on every node: {views:?}"
+    );
+    let (na, nb) = views[0];
+    assert_ne!(na, nb, "members on different nodes");
+    // Kill the node of member a while clients call the group through the other nodes.
+    let callers: Vec<String> = cl
+        .members()
+        .iter()
+        .filter(|m| m.id() != na)
+        .map(|m| m.url("/mcp"))
+        .collect();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for (i, url) in callers.iter().cycle().take(4).enumerate() {
+        let (c, url, stop) = (c.clone(), url.clone(), stop.clone());
+        tasks.push(tokio::spawn(async move {
+            let (mut ok, mut failed) = (0u32, Vec::new());
+            // Bounded: at most 100 000 calls per client (the test stops it far earlier).
+            for _ in 0..100_000 {
+                if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
+                let r = call_tool(&c, &url, "g__whoami", json!({})).await;
+                if r["result"]["content"][0]["text"].is_string() && r["result"]["isError"] != true {
+                    ok += 1;
+                } else {
+                    failed.push(format!("client {i}: {r}"));
+                }
+            }
+            (ok, failed)
+        }));
+    }
+    wait_for("calls flowing", Duration::from_secs(10), || async {
+        let m = cl.member(nb).unwrap();
+        placements_seen(&c, m).await.map(|_| ())
+    })
+    .await;
+    cl.kill9(na).unwrap();
+    // Traffic continues while the leader notices the loss and re-places member a.
+    let survivor = cl.member(nb).unwrap();
+    wait_for(
+        "member a re-placed and ready",
+        Duration::from_secs(45),
+        || async {
+            let v = placements_seen(&c, survivor).await?;
+            let (n, s) = v.get(&a)?;
+            (*n != na && s == "ready").then_some(())
+        },
+    )
+    .await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut total = 0;
+    for t in tasks {
+        let (ok, failed) = t.await.unwrap();
+        assert!(failed.is_empty(), "failed calls: {failed:?}");
+        total += ok;
+    }
+    assert!(total > 20, "calls were made during the kill ({total})");
+}
