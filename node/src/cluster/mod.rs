@@ -893,7 +893,23 @@ impl Cluster {
             me.register().await;
             if let Some((raw, hash)) = file {
                 let current = me.raft.read(|st| st.config_file_hash.clone());
-                if current.as_deref() != Some(hash.as_str()) {
+                let status = me.raft.status();
+                let alone = status.voters.len() + status.learners.len() <= 1;
+                // A member of a multi-node cluster that already runs a file's configuration
+                // does not replace it with its own file at start (the last node to start
+                // would otherwise win silently); the operator asks for it explicitly.
+                let differs = current.as_deref() != Some(hash.as_str());
+                if differs && current.is_some() && !alone && !me.cfg.apply_config_at_boot {
+                    tracing::warn!(
+                        file_hash = %hash,
+                        cluster_file_hash = current.as_deref().unwrap_or(""),
+                        "config_file_not_applied: this node's configuration file differs from the one the cluster runs; \
+                         the cluster's is kept. Apply this file with `hangarctl config apply FILE`, SIGHUP to this node, \
+                         or restart it with --apply-config"
+                    );
+                    let v = me.raft.read(|st| st.config_version);
+                    let _ = me.wait_applied(v).await;
+                } else if differs {
                     match me.apply_file_config(&raw, &hash).await {
                         Ok(_) => tracing::info!(file_hash = %hash, "config_file_proposed"),
                         Err(e) => {

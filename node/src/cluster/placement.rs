@@ -126,6 +126,12 @@ impl Cluster {
                 .collect();
             (nodes, current)
         });
+        // Members that have not registered their addresses yet cannot be placed on (nothing
+        // could forward to them); right after an election, wait for them rather than crowd the
+        // instances onto the early ones (nothing moves later without need).
+        if nodes.len() < members.len() && since.elapsed() < loss {
+            return Vec::new();
+        }
         let decided = plan(&wants, &nodes, &current);
         for change in decided.changes {
             let cmd = match &change {

@@ -62,6 +62,8 @@ pub struct ClusterConfig {
     /// A node that has not acknowledged the leader for this long is lost: the leader places
     /// its instances on the other nodes.
     pub node_loss_timeout: std::time::Duration,
+    /// `--apply-config`: this node's file replaces the cluster's file configuration at start.
+    pub apply_config_at_boot: bool,
 }
 
 impl Default for ClusterConfig {
@@ -83,6 +85,7 @@ impl Default for ClusterConfig {
             max_ready_lag: 1000,
             capacity: None,
             node_loss_timeout: std::time::Duration::from_secs(10),
+            apply_config_at_boot: false,
         }
     }
 }
@@ -110,6 +113,11 @@ pub struct ClusterOverrides {
     /// `hangarctl cluster init` or `cluster join`.
     #[arg(long)]
     pub no_bootstrap: bool,
+    /// Apply this node's configuration file to the cluster at start even when the cluster
+    /// already runs a configuration from another file (by default a joining or restarting
+    /// member of a multi-node cluster does not override it).
+    #[arg(long, env = "HANGAR_APPLY_CONFIG")]
+    pub apply_config: bool,
 }
 
 impl ClusterConfig {
@@ -132,6 +140,9 @@ impl ClusterConfig {
         }
         if o.no_bootstrap {
             self.bootstrap = false;
+        }
+        if o.apply_config {
+            self.apply_config_at_boot = true;
         }
         let p = ProblemSink::default();
         if self.node_id == 0 {
@@ -261,6 +272,7 @@ pub(super) fn parse(o: &Obj<'_>, p: &ProblemSink) -> ClusterConfig {
             election_max_ms,
             3_600_000,
         )),
+        apply_config_at_boot: false,
     };
     o.allow(&["enabled"]);
     o.finish();

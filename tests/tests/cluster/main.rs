@@ -639,6 +639,29 @@ async fn one_instance_serves_every_node_and_moves_when_its_node_dies() {
         .map(Member::id)
         .expect("the instance is a child of one of the nodes");
 
+    // Progress notifications of a call forwarded across nodes reach the caller in order,
+    // with its own token, before the answer.
+    let other = cl.members().iter().find(|m| m.id() != host).unwrap();
+    let body = json!({"jsonrpc": "2.0", "id": 9, "method": "tools/call", "params": {
+        "name": format!("{id}__progress"), "arguments": {"steps": 3, "ms": 5},
+        "_meta": {"progressToken": "fwd-token"}}})
+    .to_string();
+    let r = post_raw(&c, &other.url("/mcp"), &body, &[]).await;
+    assert!(r.content_type.starts_with("text/event-stream"), "{r:?}");
+    let msgs = r.messages();
+    let progress: Vec<&Value> = msgs
+        .iter()
+        .filter(|m| m["method"] == "notifications/progress")
+        .collect();
+    assert_eq!(progress.len(), 3, "{msgs:?}");
+    assert!(
+        progress
+            .iter()
+            .all(|p| p["params"]["progressToken"] == "fwd-token"),
+        "{msgs:?}"
+    );
+    assert_eq!(text_of(msgs.last().unwrap()), "done 3");
+
     // The hosting node dies: survivors place the instance elsewhere and serve again.
     cl.kill9(host).unwrap();
     let survivors: Vec<u64> = cl.alive();
@@ -793,4 +816,23 @@ async fn a_group_spread_over_nodes_fails_no_call_when_a_node_dies() {
         total += ok;
     }
     assert!(total > 20, "calls were made during the kill ({total})");
+
+    // A member that restarts with a different configuration file does not replace the
+    // cluster's configuration (the last node to start used to win silently).
+    let r = nb;
+    let other_cfg = cl.static_peers_config("mcp_servers: {}\n", "  node_loss_timeout_ms: 3000\n");
+    cl.write_config(r, &other_cfg).unwrap();
+    cl.terminate(r).await.unwrap();
+    cl.restart(r).await.unwrap();
+    let m = cl.member(r).unwrap();
+    wait_for("restarted node ready", Duration::from_secs(30), || async {
+        (get_json(&c, &m.url("/health/ready")).await.0 == 200).then_some(())
+    })
+    .await;
+    let ids = server_ids(&c, m).await.unwrap();
+    assert!(ids.contains(&a) && ids.contains("g"), "{ids:?}");
+    assert!(
+        m.log().contains("config_file_not_applied"),
+        "the node says why"
+    );
 }
