@@ -11,7 +11,10 @@
 #                        default timings, fsync on every log append): commit latency and writes/s of
 #                        API-key writes sent to the leader and to a follower; then leader failover,
 #                        kill -9 → first write acknowledged through a survivor, BENCH_RAFT_KILLS times.
-#   bench/run.sh all     all three.
+#   bench/run.sh forward any-node forwarding on a 3-node cluster of hangar processes: `echo` on the
+#                        fixture, placed on node 1, called through node 1 (local) and through node 2
+#                        (forwarded over gRPC to node 1), in the same run, at each concurrency level.
+#   bench/run.sh all     load, cold and raft.
 # Prints a markdown report and writes it to bench/results/latest.md.tmp (+ latest.jsonl.tmp).
 #
 # Environment (all optional):
@@ -42,7 +45,7 @@ ARGS='{"message":"hello from hangar-bench"}'
 say() { echo "bench: $*" >&2; }
 die() { echo "bench: ERROR: $*" >&2; exit 1; }
 
-[[ "$WHAT" =~ ^(load|cold|raft|all)$ ]] || die "usage: bench/run.sh [load|cold|raft|all] (got '$WHAT')"
+[[ "$WHAT" =~ ^(load|cold|raft|forward|all)$ ]] || die "usage: bench/run.sh [load|cold|raft|forward|all] (got '$WHAT')"
 [[ "$DURATION" =~ ^[1-9][0-9]*$ ]] || die "BENCH_DURATION must be a whole number of seconds (got '$DURATION')"
 [[ "$WARMUP" =~ ^[0-9]+$ ]] || die "BENCH_WARMUP must be a whole number of seconds (got '$WARMUP')"
 [[ "$CONCURRENCY" =~ ^[1-9][0-9]*(,[1-9][0-9]*)*$ ]] || die "BENCH_CONCURRENCY must look like 1,8 (got '$CONCURRENCY')"
@@ -56,12 +59,13 @@ done
 # The MCP upstreams and the single Hangar node are needed by load and cold only.
 UPSTREAM_RUNS=1
 [ "$WHAT" = raft ] && UPSTREAM_RUNS=0
+[ "$WHAT" = forward ] && UPSTREAM_RUNS=0
 
 # ---- build ----
 say "building release binaries (CARGO_TARGET_DIR=$CARGO_TARGET_DIR)"
 PACKAGES=(-p hangar-node -p hangar-bench)
 BINARIES=(hangar hangar-bench)
-if [ "$UPSTREAM_RUNS" = 1 ]; then
+if [ "$UPSTREAM_RUNS" = 1 ] || [ "$WHAT" = forward ]; then
     PACKAGES+=(-p hangar-fixture)
     BINARIES+=(hangar-fixture)
 fi
@@ -87,8 +91,15 @@ fi
 # ---- scratch space and cleanup of everything we start ----
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/hangar-bench.XXXXXX")"
 HANGAR_PID=""
+FORWARD_PIDS=()
 cleanup() {
     local rc=$?
+    # The forward bench's nodes (their children die with them: parent-death signal).
+    for p in "${FORWARD_PIDS[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+    for p in "${FORWARD_PIDS[@]}"; do
+        for _ in $(seq 50); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
+        kill -KILL "$p" 2>/dev/null || true
+    done
     if [ -n "$HANGAR_PID" ] && kill -0 "$HANGAR_PID" 2>/dev/null; then
         # Hangar's own children (the upstream servers): stop them too if Hangar leaves them behind.
         local kids
@@ -201,6 +212,53 @@ if [ "$WHAT" = raft ] || [ "$WHAT" = all ]; then
     RAFT_LOADAVG_FAILOVER="$(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null || echo '?')"
 fi
 
+if [ "$WHAT" = forward ]; then
+    cat >"$WORK/forward.yaml" <<EOF
+logging:
+  level: WARNING
+mcp_servers:
+  fixture:
+    mode: subprocess
+    command: ["$BIN/hangar-fixture", "stdio"]
+    idle_ttl_s: 3600
+    placement: {nodes: [1]}
+EOF
+    "$BIN/hangar" validate "$WORK/forward.yaml" >&2 || die "the generated forward config is invalid"
+    # start_node ID [ARGS…]: start a node and wait for its ready file.
+    start_node() {
+        local id=$1
+        shift
+        "$BIN/hangar" serve --config "$WORK/forward.yaml" --listen 127.0.0.1:0 --node-id "$id" \
+            --data-dir "$WORK/node$id" --ready-file "$WORK/ready$id.json" "$@" >"$WORK/node$id.log" 2>&1 &
+        FORWARD_PIDS+=($!)
+        for _ in $(seq 300); do
+            [ -s "$WORK/ready$id.json" ] && break
+            kill -0 "${FORWARD_PIDS[-1]}" 2>/dev/null || die "node $id exited during startup: $(tail -5 "$WORK/node$id.log")"
+            sleep 0.1
+        done
+        [ -s "$WORK/ready$id.json" ] || die "node $id did not write its ready file within 30 s"
+    }
+    addr_of() { sed -n 's/.*"http_addr" *: *"\([^"]*\)".*/\1/p' "$WORK/ready$1.json"; }
+    say "forward: starting a 3-node cluster"
+    start_node 1
+    A1="$(addr_of 1)"
+    start_node 2 --join "http://$A1"
+    start_node 3 --join "http://$A1"
+    A2="$(addr_of 2)"
+    for _ in $(seq 300); do
+        curl -fsS "http://$A2/health/ready" >/dev/null 2>&1 && break
+        sleep 0.1
+    done
+    curl -fsS "http://$A2/health/ready" >/dev/null 2>&1 || die "node 2 is not ready after 30 s"
+    say "forward: local (through node 1, which hosts the fixture) vs forwarded (through node 2): c=$CONCURRENCY"
+    timeout --kill-after=5 "$LIMIT" "$BIN/hangar-bench" http --url "http://$A1/mcp" \
+        --server-pid "${FORWARD_PIDS[0]}" --tool fixture__echo --label local-fixture "${LOAD[@]}" \
+        >/dev/null || die "local run failed"
+    timeout --kill-after=5 "$LIMIT" "$BIN/hangar-bench" http --url "http://$A2/mcp" \
+        --server-pid "${FORWARD_PIDS[0]}" --server-pid "${FORWARD_PIDS[1]}" --tool fixture__echo \
+        --label forward-fixture "${LOAD[@]}" >/dev/null || die "forwarded run failed"
+fi
+
 # ---- report ----
 mkdir -p "$(dirname "$OUT_MD")"
 CHECK_FLAG=()
@@ -218,7 +276,14 @@ REPORT_RC=0
         echo "- raft: 3 \`hangar serve\` processes on 127.0.0.1 (static peers, default timings: heartbeat 50 ms, election 250–500 ms; the Raft log's RocksDB WAL is fsynced before an append is acknowledged); writes = \`POST /api/auth/keys\`; load average (1, 5, 15 min) right after raft-commit: $RAFT_LOADAVG_COMMIT, after raft-failover: $RAFT_LOADAVG_FAILOVER"
     fi
     echo
-    if [ -s "$WORK/runs.jsonl" ]; then
+    if [ "$WHAT" = forward ]; then
+        echo "- forward: 3 \`hangar serve\` processes on 127.0.0.1 (joined, default timings); \`fixture\` placed on node 1; local = calls through node 1, forward = calls through node 2 (a gRPC stream to node 1); server CPU = node 1 (local) or nodes 1 + 2 (forward), with their children"
+        echo
+        "$BIN/hangar-bench" report "$WORK/runs.jsonl" --baseline local-fixture \
+            --candidate forward-fixture >"$WORK/report-forward.md" || REPORT_RC=$?
+        sed 's/^### /#### /' "$WORK/report-forward.md"
+        echo
+    elif [ -s "$WORK/runs.jsonl" ]; then
         for u in $UPSTREAMS; do
             echo "### Upstream \`$u\`"
             echo

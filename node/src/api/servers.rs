@@ -169,11 +169,11 @@ pub(super) async fn start_server(State(st): State<ApiState>, Path(id): Path<Stri
         return Err(RuntimeError::IsGroup(id).into());
     }
     let inst = instance(&st, &id)?;
-    match inst.ensure_ready().await {
-        Ok(_) => {
-            let tools = inst.tool_names();
+    match st.gateway.router().start(&inst).await {
+        Ok(()) => {
+            let tools = st.runtime().tool_names(&inst);
             Ok(axum::Json(
-                json!({"mcp_server": id, "state": inst.state().as_str(), "tools": tools}),
+                json!({"mcp_server": id, "state": inst.status().state.as_str(), "tools": tools}),
             )
             .into_response())
         }

@@ -18,6 +18,9 @@ use crate::supervisor::placement::{Change, NodeView, Want, plan};
 
 /// How often the leader re-checks placements (also after every applied change).
 const EVERY: Duration = Duration::from_millis(500);
+/// How often a node compares its instances' states with what it last reported (a report is a
+/// Raft write, made only when a state changed).
+const REPORT_EVERY: Duration = Duration::from_millis(200);
 
 impl Cluster {
     /// Run the placement loop until shutdown (acts only while this node leads).
@@ -225,7 +228,7 @@ impl Cluster {
             }
             tokio::select! {
                 _ = self.shutdown.cancelled() => return,
-                _ = tokio::time::sleep(EVERY) => {}
+                _ = tokio::time::sleep(REPORT_EVERY) => {}
             }
         }
     }

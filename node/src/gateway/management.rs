@@ -275,7 +275,7 @@ impl Gateway {
                     let mut started = 0;
                     for m in &members {
                         if let Some(i) = self.runtime.instance(&m.id) {
-                            started += usize::from(i.ensure_ready().await.is_ok());
+                            started += usize::from(self.router.start(&i).await.is_ok());
                         }
                     }
                     let row = self.group_row(target).unwrap_or(Value::Null);
@@ -287,11 +287,11 @@ impl Gateway {
                 let Some(inst) = self.runtime.instance(target) else {
                     return tool_error(format!("unknown_mcp_server: {target}"));
                 };
-                match inst.ensure_ready().await {
-                    Ok(_) => {
-                        let tools = inst.tool_names();
+                match self.router.start(&inst).await {
+                    Ok(()) => {
+                        let tools = self.runtime.tool_names(&inst);
                         ok(
-                            json!({"mcp_server": target, "state": inst.state().as_str(), "tools": tools}),
+                            json!({"mcp_server": target, "state": inst.status().state.as_str(), "tools": tools}),
                         )
                     }
                     Err(e) => tool_error(e.to_string()),

@@ -214,13 +214,6 @@ impl Instance {
         self.inner.lock().catalog.clone()
     }
 
-    /// Names of the tools it has learned (empty before its first start).
-    pub fn tool_names(&self) -> Vec<String> {
-        self.catalog()
-            .map(|c| c.tools.iter().map(|t| t.key.clone()).collect())
-            .unwrap_or_default()
-    }
-
     /// The live connection if READY.
     pub fn connection(&self) -> Option<Arc<Upstream>> {
         let inner = self.inner.lock();

@@ -428,6 +428,13 @@ impl Runtime {
             .or_else(|| self.shared_catalogs.read().get(inst.id()).cloned())
     }
 
+    /// The names of the tools a server offers (learned here or anywhere in the cluster).
+    pub fn tool_names(&self, inst: &Instance) -> Vec<String> {
+        self.catalog_of(inst)
+            .map(|c| c.tools.iter().map(|t| t.key.clone()).collect())
+            .unwrap_or_default()
+    }
+
     /// The current servers and groups as configuration specs.
     pub fn specs(&self) -> IndexMap<String, ServerSpec> {
         let mut out: IndexMap<String, ServerSpec> = self

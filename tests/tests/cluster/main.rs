@@ -225,11 +225,13 @@ async fn a_cluster_forms_from_nothing_replicates_and_survives_twenty_leader_kill
         .filter_map(|t| t["name"].as_str().map(str::to_owned))
         .collect();
     assert_eq!(names, on_one, "every node lists the same tools");
+    // fx runs once, where the leader placed it; node 3 shows that instance and never
+    // started one of its own to list the tools.
     let (_, fx3) = get_json(&c, &ms[2].url("/api/mcp_servers/fx")).await;
-    assert_eq!(
-        fx3["state"], "cold",
-        "node 3 did not start fx to list it: {fx3}"
-    );
+    let host = fx3["node"].as_u64().expect("fx is placed");
+    assert_ne!(host, 3, "{fx3}");
+    assert_eq!(fx3["health"]["starts"], 0, "node 3 did not start fx: {fx3}");
+    assert_eq!(fx3["pid"], Value::Null, "{fx3}");
 
     // Events are the same on every node (same sequence numbers and ids).
     let ev1 = wait_for(
@@ -661,6 +663,29 @@ async fn one_instance_serves_every_node_and_moves_when_its_node_dies() {
         "{msgs:?}"
     );
     assert_eq!(text_of(msgs.last().unwrap()), "done 3");
+    // Starting it through the REST API of a node that does not host it reaches the host
+    // (no second process) and lists its tools.
+    let r = c
+        .post(other.url(&format!("/api/mcp_servers/{id}/start")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let v: Value = serde_json::from_str(&r.text().await.unwrap()).unwrap();
+    assert!(v["tools"].as_array().is_some_and(|t| !t.is_empty()), "{v}");
+    // Every node shows where it runs and the state its host reported.
+    for m in cl.members() {
+        wait_for(
+            "the host's report on every node",
+            Duration::from_secs(10),
+            || async {
+                let (n, s) = placements_seen(&c, m).await?.get(&id)?.clone();
+                (n == host && s == "ready").then_some(())
+            },
+        )
+        .await;
+    }
+    assert_eq!(processes_named(&id), vec![pid], "still one process");
 
     // The hosting node dies: survivors place the instance elsewhere and serve again.
     cl.kill9(host).unwrap();
