@@ -350,7 +350,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     let rows = v["mcp_servers"].as_array().cloned().unwrap_or_default();
                     table(
                         &rows,
-                        &["mcp_server", "mode", "state", "tools_count", "description"],
+                        &[
+                            "mcp_server",
+                            "mode",
+                            "node",
+                            "state",
+                            "tools_count",
+                            "description",
+                        ],
                     )
                 });
             }

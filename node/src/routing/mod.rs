@@ -608,7 +608,9 @@ impl Router {
             candidates.into_iter().map(|i| (i, false)).collect();
         let mut failures: Vec<String> = Vec::new();
         while let Some((inst, restarted)) = queue.pop_front() {
-            let err = match self.attempt(&inst, &req).await {
+            // A lone server waits for its instance to be re-placed when its host is
+            // unreachable; a group member gives way to the next member at once.
+            let err = match self.attempt(&inst, &req, group.is_none()).await {
                 Ok(outcome) => {
                     if let Some(g) = group {
                         self.member_record(g, inst.id(), true, None);
@@ -678,13 +680,14 @@ impl Router {
         &self,
         inst: &Arc<Instance>,
         req: &RouteRequest<'_>,
+        patient: bool,
     ) -> Result<Outcome, Attempt> {
         let host = match inst.host() {
             Host::Unplaced => inst.placed(req.timeout.min(PLACEMENT_WAIT)).await,
             h => h,
         };
         match host {
-            Host::Node(_) => self.attempt_elsewhere(inst, req).await,
+            Host::Node(_) => self.attempt_elsewhere(inst, req, patient).await,
             // Unplaced still: `ensure_ready` says so.
             Host::Here | Host::Unplaced => self.attempt_here(inst, req).await,
         }
@@ -732,10 +735,12 @@ impl Router {
         &self,
         inst: &Arc<Instance>,
         req: &RouteRequest<'_>,
+        patient: bool,
     ) -> Result<Outcome, Attempt> {
-        let deadline = tokio::time::Instant::now() + req.timeout.min(PLACEMENT_WAIT);
-        let mut placements = self.runtime.watch_placements();
-        let mut moved = false;
+        let started = tokio::time::Instant::now();
+        let left = || req.timeout.saturating_sub(started.elapsed());
+        // Bounded: a placement that moves more often than this during one call is not followed.
+        let mut moves_left = 3;
         loop {
             let node = match inst.host() {
                 Host::Here | Host::Unplaced => return self.attempt_here(inst, req).await,
@@ -759,12 +764,24 @@ impl Router {
                 .await;
             return match r {
                 Ok(o) => Ok(o),
-                Err(ForwardError::NotHostedThere { .. }) if !moved => {
-                    moved = true;
-                    // Nothing was sent: wait for this node to learn the new placement.
-                    placements.borrow_and_update();
-                    if inst.host() == Host::Node(node) {
-                        let _ = tokio::time::timeout_at(deadline, placements.changed()).await;
+                // Nothing was sent: the placement moved (wait for this node to learn where),
+                // or — for a lone server — its host is unreachable (wait for the leader to
+                // re-place it), then send it there within the same request.
+                Err(ForwardError::NotHostedThere { .. }) if moves_left > 0 => {
+                    moves_left -= 1;
+                    inst.host_changed(Host::Node(node), left().min(PLACEMENT_WAIT))
+                        .await;
+                    continue;
+                }
+                Err(ForwardError::Upstream(e)) if patient && e.before_send() && moves_left > 0 => {
+                    moves_left -= 1;
+                    tracing::info!(server = inst.id(), node, error = %e, "host_unreachable_waiting_for_new_placement");
+                    if inst.host_changed(Host::Node(node), left()).await == Host::Node(node) {
+                        return Err(Attempt::Upstream {
+                            error: e,
+                            alive: true,
+                            generation: inst.generation(),
+                        });
                     }
                     continue;
                 }
@@ -803,7 +820,7 @@ impl Router {
             idempotent: true,
             slot: None,
         };
-        self.attempt_elsewhere(inst, &req)
+        self.attempt_elsewhere(inst, &req, true)
             .await
             .map_err(|e| match e {
                 Attempt::Start(e) => e,

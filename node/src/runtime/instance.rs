@@ -25,6 +25,10 @@ struct Inner {
     conn: Option<(Arc<Upstream>, Generation)>,
     catalog: Option<Arc<Catalog>>,
     started_at: Option<f64>,
+    /// The last connection that went away: its log ring keeps what its reader still drains
+    /// (a crash's last stderr lines can arrive after the loss was noticed).
+    dead_conn: Option<Arc<Upstream>>,
+    /// Hangar's own lines about that connection's end.
     dead_logs: Vec<LogLine>,
     removed: bool,
 }
@@ -128,6 +132,7 @@ impl Instance {
                 conn: None,
                 catalog: None,
                 started_at: None,
+                dead_conn: None,
                 dead_logs: Vec::new(),
                 removed: false,
             }),
@@ -182,11 +187,15 @@ impl Instance {
 
     /// Where it runs, waiting up to `within` while it is not placed yet.
     pub async fn placed(&self, within: Duration) -> Host {
+        self.host_changed(Host::Unplaced, within).await
+    }
+
+    /// Where it runs once that is no longer `from`, waiting up to `within` (then: where it
+    /// runs, possibly still `from`).
+    pub async fn host_changed(&self, from: Host, within: Duration) -> Host {
         let mut rx = self.host.subscribe();
-        match tokio::time::timeout(within, rx.wait_for(|h| *h != Host::Unplaced)).await {
-            Ok(Ok(h)) => *h,
-            _ => self.host(),
-        }
+        let _ = tokio::time::timeout(within, rx.wait_for(|h| *h != from)).await;
+        self.host()
     }
 
     /// Server id.
@@ -279,7 +288,12 @@ impl Instance {
     /// diagnosed after the restart), followed by the live process's.
     pub fn logs(&self, n: usize) -> Vec<LogLine> {
         let inner = self.inner.lock();
-        let mut all = inner.dead_logs.clone();
+        let mut all = inner
+            .dead_conn
+            .as_ref()
+            .map(|c| c.logs(n))
+            .unwrap_or_default();
+        all.extend(inner.dead_logs.iter().cloned());
         if let Some((c, _)) = &inner.conn {
             all.extend(c.logs(n));
         }
@@ -333,7 +347,8 @@ impl Instance {
                 }
                 Action::Disconnect => {
                     if let Some((c, _)) = inner.conn.take() {
-                        inner.dead_logs = c.logs(1000);
+                        inner.dead_conn = Some(c.clone());
+                        inner.dead_logs.clear();
                         tokio::spawn(async move { c.shutdown().await });
                     }
                 }
@@ -476,7 +491,8 @@ impl Instance {
             return;
         }
         if let Some((c, _)) = inner.conn.take() {
-            inner.dead_logs = c.logs(1000);
+            inner.dead_conn = Some(c);
+            inner.dead_logs.clear();
         }
         inner.dead_logs.push(LogLine {
             timestamp: unix_now(),
@@ -658,7 +674,8 @@ impl Instance {
             let mut inner = self.inner.lock();
             let conn = inner.conn.take().map(|(c, _)| c);
             if let Some(c) = &conn {
-                inner.dead_logs = c.logs(1000);
+                inner.dead_conn = Some(c.clone());
+                inner.dead_logs.clear();
             }
             conn
         };

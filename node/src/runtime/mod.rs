@@ -152,8 +152,6 @@ pub struct Runtime {
     shared_catalogs: RwLock<std::collections::HashMap<String, Arc<Catalog>>>,
     /// The cluster's placements (`None` until a cluster attaches: every instance is here).
     placements: RwLock<Option<placement::Table>>,
-    /// Bumped whenever placements change (routing waits on it for an unplaced instance).
-    placement_version: tokio::sync::watch::Sender<u64>,
     /// Calls to instances hosted elsewhere.
     forward: std::sync::OnceLock<Arc<dyn Forward>>,
 }
@@ -191,7 +189,6 @@ impl Runtime {
             started: Instant::now(),
             shared_catalogs: RwLock::new(std::collections::HashMap::new()),
             placements: RwLock::new(None),
-            placement_version: tokio::sync::watch::channel(0).0,
             forward: std::sync::OnceLock::new(),
         });
         for (id, spec) in &config.mcp_servers {
@@ -243,14 +240,7 @@ impl Runtime {
     /// are stopped here; those newly placed here start if they auto-start.
     pub fn set_placements(&self, me: u64, map: std::collections::HashMap<String, u64>) {
         let table = placement::Table { me, map };
-        let changed = {
-            let mut cur = self.placements.write();
-            let same = cur
-                .as_ref()
-                .is_some_and(|c| c.me == me && c.map == table.map);
-            *cur = Some(table.clone());
-            !same
-        };
+        *self.placements.write() = Some(table.clone());
         for inst in self.instances() {
             let host = if placement::placed_by_leader(&inst.spec()) {
                 table.host_of(inst.id())
@@ -279,9 +269,6 @@ impl Runtime {
                 });
             }
         }
-        if changed {
-            self.placement_version.send_modify(|v| *v += 1);
-        }
     }
 
     /// The lifecycle states hosts reported through the cluster: instance → (state, node).
@@ -292,11 +279,6 @@ impl Runtime {
         for inst in self.instances() {
             inst.set_reported(reported.get(inst.id()).copied());
         }
-    }
-
-    /// Watch placement changes (the value is a change counter).
-    pub fn watch_placements(&self) -> tokio::sync::watch::Receiver<u64> {
-        self.placement_version.subscribe()
     }
 
     /// Install the port to other nodes' instances (once, by the cluster).

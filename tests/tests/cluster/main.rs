@@ -685,6 +685,14 @@ async fn one_instance_serves_every_node_and_moves_when_its_node_dies() {
         )
         .await;
     }
+    let t = ctl_ok(&other.base(), &["servers", "list"]);
+    let row: Vec<&str> = t
+        .lines()
+        .find(|l| l.starts_with(&id))
+        .unwrap_or_else(|| panic!("{t}"))
+        .split_whitespace()
+        .collect();
+    assert_eq!(row[2], host.to_string(), "the NODE column: {t}");
     assert_eq!(processes_named(&id), vec![pid], "still one process");
 
     // The hosting node dies: survivors place the instance elsewhere and serve again.
@@ -860,4 +868,66 @@ async fn a_group_spread_over_nodes_fails_no_call_when_a_node_dies() {
         m.log().contains("config_file_not_applied"),
         "the node says why"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_kill_restarts_no_instance_on_a_survivor() {
+    let c = client();
+    let mut cl = cluster(3, &[]);
+    let cfg = cl.static_peers_config("mcp_servers: {}\n", "  node_loss_timeout_ms: 3000\n");
+    for n in cl.ids() {
+        cl.write_config(n, &cfg).unwrap();
+    }
+    cl.start_all().await.unwrap();
+    let leader = cl.wait_leader(Duration::from_secs(20)).await.unwrap();
+    let host = cl.ids().into_iter().find(|n| *n != leader).unwrap();
+    // A server placed on a node that is not the leader, added through the API.
+    let id = format!("keep{}", std::process::id());
+    let tool = format!("{id}__whoami");
+    let body = json!({"mcp_server_id": id, "mode": "subprocess",
+        "command": [bin("hangar-fixture").display().to_string(), "stdio", "--name", id],
+        "placement": {"nodes": [host]}});
+    let r = c
+        .post(cl.member(leader).unwrap().url("/api/mcp_servers/"))
+        .header("Content-Type", "application/json")
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.text().await.unwrap());
+    let pid = wait_for("served from its host", Duration::from_secs(20), || async {
+        whoami(&c, cl.member(leader).unwrap(), &tool).await
+    })
+    .await as u32;
+    assert_eq!(
+        parent_of(pid),
+        cl.member(host).unwrap().pid(),
+        "runs on node {host}"
+    );
+
+    // The leader dies: a new one takes over from the replicated placements and the instance
+    // on the surviving node keeps running (same process) and serving.
+    cl.kill9(leader).unwrap();
+    let survivors = cl.alive();
+    let new_leader = cl.wait_leader(Duration::from_secs(20)).await.unwrap();
+    assert_ne!(new_leader, leader);
+    // Longer than node_loss_timeout: a new leader that misjudged the host as lost would have
+    // moved the instance by then. Bounded: one call per node per round, 20 000 rounds at most.
+    let until = std::time::Instant::now() + Duration::from_secs(5);
+    let mut rounds = 0;
+    for _ in 0..20_000 {
+        if std::time::Instant::now() > until {
+            break;
+        }
+        for n in &survivors {
+            let got = whoami(&c, cl.member(*n).unwrap(), &tool).await;
+            assert_eq!(got, Some(u64::from(pid)), "call through node {n}");
+        }
+        rounds += 1;
+    }
+    assert!(
+        std::time::Instant::now() > until,
+        "the check covered the node-loss window ({rounds} rounds)"
+    );
+    assert_eq!(processes_named(&id), vec![pid], "the same single process");
 }

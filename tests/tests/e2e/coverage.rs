@@ -607,7 +607,14 @@ fn coverage_hangarctl_servers_tools_and_call_against_a_real_node() {
     let header: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
     assert_eq!(
         header,
-        ["MCP_SERVER", "MODE", "STATE", "TOOLS_COUNT", "DESCRIPTION"],
+        [
+            "MCP_SERVER",
+            "MODE",
+            "NODE",
+            "STATE",
+            "TOOLS_COUNT",
+            "DESCRIPTION"
+        ],
         "{t}"
     );
     let row = lines.next().unwrap();
@@ -615,6 +622,12 @@ fn coverage_hangarctl_servers_tools_and_call_against_a_real_node() {
         row.starts_with("fx ") && row.contains("cold") && row.ends_with("the fixture"),
         "{t}"
     );
+    // The NODE column: once the leader (this node) placed them, node 1 hosts everything.
+    poll_until("NODE column says 1", Duration::from_secs(10), || {
+        let t = ctl_ok(&node, &["servers", "list"]);
+        let row = t.lines().nth(1)?.to_owned();
+        (row.split_whitespace().nth(2) == Some("1")).then_some(())
+    });
     let (code, _, err) = ctl(&node, &["servers", "list", "--state", "sleepy"]);
     assert_eq!(code, 1);
     assert!(err.contains("state must be one of"), "{err}");
