@@ -281,6 +281,21 @@ pub struct Answer {
     pub body: String,
 }
 
+/// Assert that `msgs` hold exactly `n` `notifications/progress`, all carrying `token`.
+pub fn assert_progress(msgs: &[Value], n: usize, token: &str) {
+    let progress: Vec<&Value> = msgs
+        .iter()
+        .filter(|m| m["method"] == "notifications/progress")
+        .collect();
+    assert_eq!(progress.len(), n, "{msgs:?}");
+    assert!(
+        progress
+            .iter()
+            .all(|p| p["params"]["progressToken"] == token),
+        "{msgs:?}"
+    );
+}
+
 impl Answer {
     /// The JSON-RPC messages in the body (one JSON body, or every SSE `data:`).
     pub fn messages(&self) -> Vec<Value> {

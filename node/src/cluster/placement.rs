@@ -70,6 +70,17 @@ impl Cluster {
         term: u64,
         since: Instant,
     ) -> Vec<(String, String)> {
+        // The plan is made from this node's running specs: a leader that could not apply the
+        // replicated configuration (say, a variable missing here) would plan from stale
+        // specs and could unplace servers it does not know. It decides nothing then.
+        if let Some(e) = self.apply_error() {
+            return vec![(
+                "*".to_owned(),
+                format!(
+                    "this leader cannot apply the replicated configuration ({e}); placements are left as they are"
+                ),
+            )];
+        }
         let specs = runtime.specs();
         let mut groups_of: BTreeMap<&str, Vec<String>> = BTreeMap::new();
         for (gid, spec) in &specs {

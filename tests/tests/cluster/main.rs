@@ -651,17 +651,7 @@ async fn one_instance_serves_every_node_and_moves_when_its_node_dies() {
     let r = post_raw(&c, &other.url("/mcp"), &body, &[]).await;
     assert!(r.content_type.starts_with("text/event-stream"), "{r:?}");
     let msgs = r.messages();
-    let progress: Vec<&Value> = msgs
-        .iter()
-        .filter(|m| m["method"] == "notifications/progress")
-        .collect();
-    assert_eq!(progress.len(), 3, "{msgs:?}");
-    assert!(
-        progress
-            .iter()
-            .all(|p| p["params"]["progressToken"] == "fwd-token"),
-        "{msgs:?}"
-    );
+    assert_progress(&msgs, 3, "fwd-token");
     assert_eq!(text_of(msgs.last().unwrap()), "done 3");
     // Starting it through the REST API of a node that does not host it reaches the host
     // (no second process) and lists its tools.

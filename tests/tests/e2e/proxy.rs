@@ -364,16 +364,7 @@ async fn progress_streams_as_sse_with_the_callers_token() {
     let r = post_raw(&c, &node.url("/mcp"), &body, &[]).await;
     assert!(r.content_type.starts_with("text/event-stream"), "{r:?}");
     let msgs = r.messages();
-    let progress: Vec<&Value> = msgs
-        .iter()
-        .filter(|m| m["method"] == "notifications/progress")
-        .collect();
-    assert_eq!(progress.len(), 3, "{msgs:?}");
-    assert!(
-        progress
-            .iter()
-            .all(|p| p["params"]["progressToken"] == "my-token")
-    );
+    assert_progress(&msgs, 3, "my-token");
     assert_eq!(msgs.last().unwrap()["id"], 9);
     assert_eq!(text_of(msgs.last().unwrap()), "done 3");
     // A JSON-only client gets one JSON answer.

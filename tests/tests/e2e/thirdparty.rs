@@ -145,16 +145,7 @@ async fn everything_progress_streams_through_sse() {
     assert_eq!(a.status, 200, "{a:?}");
     assert!(a.content_type.starts_with("text/event-stream"), "{a:?}");
     let msgs = a.messages();
-    let progress: Vec<&Value> = msgs
-        .iter()
-        .filter(|m| m["method"] == "notifications/progress")
-        .collect();
-    assert_eq!(progress.len(), 3, "{msgs:?}");
-    assert!(
-        progress
-            .iter()
-            .all(|m| m["params"]["progressToken"] == "tok-1")
-    );
+    assert_progress(&msgs, 3, "tok-1");
     let last = msgs.last().unwrap();
     assert_eq!(last["id"], 7);
     assert!(last["result"]["content"].is_array(), "{last}");
