@@ -8,6 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::process::Command;
 use std::time::Duration;
 
+use futures::StreamExt;
 use hangar_tests::cluster::{Cluster, Member};
 use hangar_tests::*;
 use serde_json::{Value, json};
@@ -653,6 +654,63 @@ async fn one_instance_serves_every_node_and_moves_when_its_node_dies() {
     let msgs = r.messages();
     assert_progress(&msgs, 3, "fwd-token");
     assert_eq!(text_of(msgs.last().unwrap()), "done 3");
+
+    // A client that goes away cancels the call on the host, across the forward: read the
+    // stream until the upstream reports progress (it is working on the call), then drop it.
+    let long = json!({"jsonrpc": "2.0", "id": 10, "method": "tools/call", "params": {
+        "name": format!("{id}__progress"), "arguments": {"steps": 1000, "ms": 20},
+        "_meta": {"progressToken": "leaver"}}})
+    .to_string();
+    let resp = c
+        .post(other.url("/mcp"))
+        .header("Content-Type", "application/json")
+        .header("Accept", "application/json, text/event-stream")
+        .body(long)
+        .send()
+        .await
+        .unwrap();
+    let mut stream = resp.bytes_stream();
+    let mut seen = String::new();
+    // Bounded: at most 1000 chunks, 20 s.
+    let first = tokio::time::timeout(Duration::from_secs(20), async {
+        for _ in 0..1000 {
+            match stream.next().await {
+                Some(Ok(b)) => {
+                    seen.push_str(&String::from_utf8_lossy(&b));
+                    if seen.contains("notifications/progress") {
+                        return true;
+                    }
+                }
+                _ => return false,
+            }
+        }
+        false
+    })
+    .await;
+    assert_eq!(first, Ok(true), "progress before the client leaves: {seen}");
+    drop(stream);
+    let host_m = cl.member(host).unwrap();
+    wait_for(
+        "notifications/cancelled on the host",
+        Duration::from_secs(10),
+        || async {
+            let (_, logs) = get_json(
+                &c,
+                &host_m.url(&format!("/api/mcp_servers/{id}/logs?lines=1000")),
+            )
+            .await;
+            logs["logs"]
+                .as_array()?
+                .iter()
+                .any(|l| {
+                    l["line"]
+                        .as_str()
+                        .is_some_and(|s| s.contains("notifications/cancelled"))
+                })
+                .then_some(())
+        },
+    )
+    .await;
     // Starting it through the REST API of a node that does not host it reaches the host
     // (no second process) and lists its tools.
     let r = c
