@@ -43,6 +43,17 @@ pub enum ClusterCmd {
         /// Node id.
         node_id: u64,
     },
+    /// Move every MCP server instance off a node (before maintenance); it takes none until
+    /// `undrain`.
+    Drain {
+        /// Node id.
+        node_id: u64,
+    },
+    /// Let a drained node take instances again (nothing moves back by itself).
+    Undrain {
+        /// Node id.
+        node_id: u64,
+    },
     /// Remove a node from the cluster (then stop it).
     Remove {
         /// Node id.
@@ -194,6 +205,25 @@ pub async fn cluster(c: &Client, out: Output, cmd: ClusterCmd) -> anyhow::Result
                 )
                 .await?;
             print(out, &v, |_| format!("node {node_id} is a voter\n"));
+        }
+        ClusterCmd::Drain { node_id } => {
+            let v = c
+                .post(&format!("/api/cluster/members/{node_id}/drain"), json!({}))
+                .await?;
+            print(out, &v, |_| {
+                format!("node {node_id} is draining: its instances move to the other nodes\n")
+            });
+        }
+        ClusterCmd::Undrain { node_id } => {
+            let v = c
+                .post(
+                    &format!("/api/cluster/members/{node_id}/undrain"),
+                    json!({}),
+                )
+                .await?;
+            print(out, &v, |_| {
+                format!("node {node_id} takes instances again\n")
+            })
         }
         ClusterCmd::Remove { node_id } => {
             let v = c

@@ -25,6 +25,8 @@ pub(super) fn routes(cluster: Arc<Cluster>) -> Router {
         .route("/api/cluster/members", post(add_member))
         .route("/api/cluster/members/{id}", delete(remove_member))
         .route("/api/cluster/members/{id}/promote", post(promote))
+        .route("/api/cluster/members/{id}/drain", post(drain))
+        .route("/api/cluster/members/{id}/undrain", post(undrain))
         .route("/api/cluster/transfer-leader", post(transfer_leader))
         .route("/api/cluster/snapshot", post(snapshot))
         .with_state(cluster)
@@ -71,6 +73,13 @@ async fn status(State(c): State<Arc<Cluster>>, Query(q): Query<StatusQuery>) -> 
         "joint": s.joint,
         "fatal": s.fatal,
         "config_version": c.config_version().0,
+        "draining": c.raft().read(|st| {
+            st.nodes
+                .iter()
+                .filter(|(_, n)| n.draining)
+                .map(|(id, _)| *id)
+                .collect::<Vec<u64>>()
+        }),
         "ready": c.readiness().is_ok(),
         "not_ready_reason": c.readiness().err().map(|r| r.to_string()),
     });
@@ -238,6 +247,21 @@ async fn promote(State(c): State<Arc<Cluster>>, Path(id): Path<String>) -> ApiRe
     let id = parse_id(&id)?;
     c.promote(id).await?;
     Ok(axum::Json(json!({"node_id": id, "role": "voter"})).into_response())
+}
+
+/// Move every instance off a node before maintenance: the leader places nothing on it and
+/// re-places what it runs on the other nodes.
+async fn drain(State(c): State<Arc<Cluster>>, Path(id): Path<String>) -> ApiResult {
+    let id = parse_id(&id)?;
+    c.set_drain(id, true).await?;
+    Ok(axum::Json(json!({"node_id": id, "draining": true})).into_response())
+}
+
+/// Let the leader place instances on a node again (nothing moves back by itself).
+async fn undrain(State(c): State<Arc<Cluster>>, Path(id): Path<String>) -> ApiResult {
+    let id = parse_id(&id)?;
+    c.set_drain(id, false).await?;
+    Ok(axum::Json(json!({"node_id": id, "draining": false})).into_response())
 }
 
 async fn remove_member(State(c): State<Arc<Cluster>>, Path(id): Path<String>) -> ApiResult {

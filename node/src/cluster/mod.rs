@@ -953,6 +953,14 @@ impl Cluster {
         }
     }
 
+    /// Drain a node (`true`: the leader places nothing on it and moves its instances away) or
+    /// lift the drain.
+    pub async fn set_drain(&self, node_id: u64, draining: bool) -> Result<(), ClusterError> {
+        self.propose(Command::SetNodeDrain { node_id, draining })
+            .await
+            .map(|_| ())
+    }
+
     /// The replicated placements: instance id → node id.
     pub fn placements(&self) -> std::collections::HashMap<String, u64> {
         self.raft.read(|st| {

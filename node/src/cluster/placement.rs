@@ -129,6 +129,7 @@ impl Cluster {
                         NodeView {
                             capacity: rec.capacity,
                             alive,
+                            draining: rec.draining,
                         },
                     ))
                 })

@@ -26,6 +26,15 @@ pub struct NodeView {
     pub capacity: Option<u32>,
     /// Reachable: acknowledged the leader within the node-loss timeout.
     pub alive: bool,
+    /// Draining (`hangarctl cluster drain`): takes nothing, and what it runs moves away.
+    pub draining: bool,
+}
+
+impl NodeView {
+    /// Whether instances may run on it.
+    fn usable(&self) -> bool {
+        self.alive && !self.draining
+    }
 }
 
 /// A change the leader proposes.
@@ -75,7 +84,7 @@ pub fn plan(
     for w in wants {
         let keep = current
             .get(&w.id)
-            .filter(|n| nodes.get(n).is_some_and(|v| v.alive) && allowed(w, **n));
+            .filter(|n| nodes.get(n).is_some_and(NodeView::usable) && allowed(w, **n));
         match keep {
             Some(n) => {
                 *load.entry(*n).or_default() += 1;
@@ -89,7 +98,9 @@ pub fn plan(
     for w in to_place {
         let best = nodes
             .iter()
-            .filter(|(n, v)| v.alive && allowed(w, **n) && v.capacity.is_none_or(|c| load[*n] < c))
+            .filter(|(n, v)| {
+                v.usable() && allowed(w, **n) && v.capacity.is_none_or(|c| load[*n] < c)
+            })
             .min_by_key(|(n, _)| {
                 let same_group: u32 = w
                     .groups
@@ -139,6 +150,11 @@ fn why_unplaced(w: &Want, nodes: &BTreeMap<u64, NodeView>) -> String {
     if candidates.iter().all(|n| !nodes[n].alive) {
         return format!("every allowed node ({candidates:?}) is unreachable");
     }
+    if candidates.iter().all(|n| !nodes[n].usable()) {
+        return format!(
+            "every allowed node ({candidates:?}) is unreachable or draining; undrain one or add a node"
+        );
+    }
     format!(
         "every reachable allowed node ({candidates:?}) is at its cluster.capacity; raise it or add a node"
     )
@@ -164,6 +180,7 @@ mod tests {
                     NodeView {
                         capacity: *capacity,
                         alive: *alive,
+                        draining: false,
                     },
                 )
             })
@@ -216,6 +233,22 @@ mod tests {
         let cur = current(&[("a", 1), ("b", 2), ("c", 3)]);
         let p = plan(&[want("a"), want("b"), want("c")], &n, &cur);
         assert_eq!(placed(&p), current(&[("b", 1)]));
+    }
+
+    #[test]
+    fn a_draining_node_takes_nothing_and_its_instances_move() {
+        let mut n = nodes(&[(1, None, true), (2, None, true), (3, None, true)]);
+        if let Some(v) = n.get_mut(&2) {
+            v.draining = true;
+        }
+        let cur = current(&[("a", 1), ("b", 2)]);
+        let p = plan(&[want("a"), want("b"), want("c")], &n, &cur);
+        // b leaves node 2 for the least-loaded usable node; c does not land on node 2.
+        assert_eq!(placed(&p), current(&[("b", 3), ("c", 1)]));
+        let mut only2 = want("x");
+        only2.nodes = vec![2];
+        let p = plan(&[only2], &n, &current(&[]));
+        assert!(p.unplaced[0].1.contains("draining"), "{p:?}");
     }
 
     #[test]

@@ -188,6 +188,14 @@ pub enum Command {
         #[serde(default)]
         capacity: Option<u32>,
     },
+    /// Mark a node as draining (the leader places nothing on it and moves its instances
+    /// away) or not.
+    SetNodeDrain {
+        /// Node id.
+        node_id: u64,
+        /// Draining or not.
+        draining: bool,
+    },
     /// Forget a node's addresses.
     UnregisterNode {
         /// Node id.
@@ -221,6 +229,7 @@ impl Command {
             Command::AppendEvents { .. } => "append_events",
             Command::SetEventRetention { .. } => "set_event_retention",
             Command::RegisterNode { .. } => "register_node",
+            Command::SetNodeDrain { .. } => "set_node_drain",
             Command::UnregisterNode { .. } => "unregister_node",
         }
     }

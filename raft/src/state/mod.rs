@@ -354,10 +354,22 @@ pub fn apply(state: &mut State, cmd: &Command, ctx: ApplyCtx) -> Response {
                     api_addr: api_addr.clone(),
                     raft_addr: raft_addr.clone(),
                     capacity: *capacity,
+                    // Re-registering (a restart) keeps an operator's drain.
+                    draining: state.nodes.get(node_id).is_some_and(|n| n.draining),
                 },
             );
             Response::Ok
         }
+        Command::SetNodeDrain { node_id, draining } => match state.nodes.get_mut(node_id) {
+            Some(n) => {
+                n.draining = *draining;
+                Response::Ok
+            }
+            None => Response::rejected(
+                RejectCode::NotFound,
+                format!("node {node_id} is not registered; see `hangarctl cluster status`"),
+            ),
+        },
         Command::UnregisterNode { node_id } => match state.nodes.remove(node_id) {
             Some(_) => Response::Ok,
             None => Response::rejected(

@@ -268,4 +268,7 @@ pub struct NodeRecord {
     /// Most local-mode instances it may run (`None` = no limit).
     #[serde(default)]
     pub capacity: Option<u32>,
+    /// Draining: the leader places nothing on it and moves its instances away.
+    #[serde(default)]
+    pub draining: bool,
 }

@@ -814,6 +814,33 @@ fn nodes_register_and_unregister() {
     assert_eq!(run(&mut s, reg), Response::Ok);
     assert_eq!(s.nodes[&7].api_addr, "127.0.0.1:8080");
     assert_eq!(s.nodes[&7].capacity, Some(2));
+    let drain = |draining| Command::SetNodeDrain {
+        node_id: 7,
+        draining,
+    };
+    assert_eq!(run(&mut s, drain(true)), Response::Ok);
+    assert!(s.nodes[&7].draining);
+    // A restart re-registers; the drain stays until an operator lifts it.
+    let again = Command::RegisterNode {
+        node_id: 7,
+        api_addr: "127.0.0.1:8081".into(),
+        raft_addr: "127.0.0.1:9090".into(),
+        capacity: None,
+    };
+    assert_eq!(run(&mut s, again), Response::Ok);
+    assert!(s.nodes[&7].draining);
+    assert_eq!(run(&mut s, drain(false)), Response::Ok);
+    assert!(!s.nodes[&7].draining);
+    assert_rejected(
+        &run(
+            &mut s,
+            Command::SetNodeDrain {
+                node_id: 99,
+                draining: true,
+            },
+        ),
+        RejectCode::NotFound,
+    );
     assert_eq!(
         run(&mut s, Command::UnregisterNode { node_id: 7 }),
         Response::Ok

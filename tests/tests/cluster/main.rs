@@ -979,3 +979,59 @@ async fn a_leader_kill_restarts_no_instance_on_a_survivor() {
     );
     assert_eq!(processes_named(&id), vec![pid], "the same single process");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_moves_instances_off_a_node_and_undrain_moves_nothing_back() {
+    let c = client();
+    let mut cl = cluster(3, &[]);
+    let id = format!("drn{}", std::process::id());
+    let tool = format!("{id}__whoami");
+    let cfg = cl.static_peers_config(
+        &format!("mcp_servers:\n{}", fixture_stdio_yaml(&id, "")),
+        "",
+    );
+    for n in cl.ids() {
+        cl.write_config(n, &cfg).unwrap();
+    }
+    cl.start_all().await.unwrap();
+    cl.wait_leader(Duration::from_secs(20)).await.unwrap();
+    let any = &cl.members()[0];
+    let pid = wait_for("served", Duration::from_secs(20), || async {
+        whoami(&c, any, &tool).await
+    })
+    .await as u32;
+    let host = cl
+        .members()
+        .iter()
+        .find(|m| m.pid() == parent_of(pid))
+        .map(Member::id)
+        .unwrap();
+    let out = ctl_ok(&any.base(), &["cluster", "drain", &host.to_string()]);
+    assert!(out.contains("draining"), "{out}");
+    let (_, st) = get_json(&c, &any.url("/api/cluster/status")).await;
+    assert_eq!(st["draining"], json!([host]), "{st}");
+    // The instance moves: a new process on another node serves, the old one is gone.
+    let moved = wait_for(
+        "the instance moved off the drained node",
+        Duration::from_secs(30),
+        || async {
+            let p = whoami(&c, any, &tool).await? as u32;
+            let parent = parent_of(p)?;
+            let on = cl.members().iter().find(|m| m.pid() == Some(parent))?.id();
+            (p != pid && on != host && processes_named(&id) == vec![p]).then_some(p)
+        },
+    )
+    .await;
+    // Undrain: the node may take instances again, but nothing moves back by itself.
+    ctl_ok(&any.base(), &["cluster", "undrain", &host.to_string()]);
+    let (_, st) = get_json(&c, &any.url("/api/cluster/status")).await;
+    assert_eq!(st["draining"], json!([]), "{st}");
+    for m in cl.members() {
+        assert_eq!(
+            whoami(&c, m, &tool).await,
+            Some(u64::from(moved)),
+            "via node {}",
+            m.id()
+        );
+    }
+}
