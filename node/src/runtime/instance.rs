@@ -52,6 +52,8 @@ pub struct Instance {
     node: AtomicU64,
     /// The state its host last reported through the cluster: (state, reporting node).
     reported: Mutex<Option<(ServerState, u64)>>,
+    /// Times a host elsewhere reported it READY anew (its proofs of health, as seen here).
+    remote_proofs: AtomicU64,
 }
 
 /// A point-in-time view of an instance for REST and management tools.
@@ -148,6 +150,7 @@ impl Instance {
             host: tokio::sync::watch::channel(host).0,
             node: AtomicU64::new(0),
             reported: Mutex::new(None),
+            remote_proofs: AtomicU64::new(0),
         };
         let mode = inst.spec.read().mode_name();
         inst.metrics
@@ -182,7 +185,26 @@ impl Instance {
 
     /// The state its host reported through the cluster (for an instance on another node).
     pub(super) fn set_reported(&self, reported: Option<(ServerState, u64)>) {
-        *self.reported.lock() = reported;
+        let before = std::mem::replace(&mut *self.reported.lock(), reported);
+        // Hosted elsewhere and newly READY there: that counts as it proving itself healthy
+        // (a group member out of rotation on this node comes back on it).
+        if let (Host::Node(n), Some((ServerState::Ready, by))) = (self.host(), reported)
+            && by == n
+            && before != reported
+        {
+            self.remote_proofs.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// The state its host reported, when it runs on another node (COLD until it reports).
+    fn remote_state(&self) -> Option<ServerState> {
+        match self.host() {
+            Host::Node(n) => Some(match *self.reported.lock() {
+                Some((st, by)) if by == n => st,
+                _ => ServerState::Cold,
+            }),
+            _ => None,
+        }
     }
 
     /// Where it runs, waiting up to `within` while it is not placed yet.
@@ -213,9 +235,10 @@ impl Instance {
         self.spec.read().mode_name()
     }
 
-    /// Current state.
+    /// Current state (as its host reported it, when it runs on another node).
     pub fn state(&self) -> ServerState {
-        self.inner.lock().life.state()
+        self.remote_state()
+            .unwrap_or_else(|| self.inner.lock().life.state())
     }
 
     /// The learned catalogue, if the server has been started at least once.
@@ -253,15 +276,9 @@ impl Instance {
         };
         let conn = inner.conn.as_ref().map(|(c, _)| c);
         // Hosted elsewhere: the state its host reported (COLD until it reports).
-        let (state, alive) = match self.host() {
-            Host::Node(n) => {
-                let st = match *self.reported.lock() {
-                    Some((st, by)) if by == n => st,
-                    _ => ServerState::Cold,
-                };
-                (st, st == ServerState::Ready)
-            }
-            _ => (inner.life.state(), conn.is_some_and(|c| c.is_alive())),
+        let (state, alive) = match self.remote_state() {
+            Some(st) => (st, st == ServerState::Ready),
+            None => (inner.life.state(), conn.is_some_and(|c| c.is_alive())),
         };
         InstanceStatus {
             id: self.id.clone(),
@@ -760,7 +777,7 @@ impl Instance {
     /// How many times this instance proved itself healthy (successful starts and passed
     /// health checks); only ever grows.
     pub fn proven(&self) -> u64 {
-        self.inner.lock().life.proven()
+        self.inner.lock().life.proven() + self.remote_proofs.load(Ordering::Relaxed)
     }
 
     /// Seconds since the last use.

@@ -897,6 +897,25 @@ async fn a_group_spread_over_nodes_fails_no_call_when_a_node_dies() {
         total += ok;
     }
     assert!(total > 20, "calls were made during the kill ({total})");
+    // Member a, READY again on its new node, is back in rotation on every surviving node:
+    // the group's calls reach both members' processes again.
+    for n in cl.alive() {
+        let m = cl.member(n).unwrap();
+        wait_for(
+            "both members in rotation again",
+            Duration::from_secs(20),
+            || async {
+                let mut pids = BTreeSet::new();
+                for _ in 0..6 {
+                    let r = call_tool(&c, &m.url("/mcp"), "g__whoami", json!({})).await;
+                    let text = r["result"]["content"][0]["text"].as_str()?.to_owned();
+                    pids.insert(serde_json::from_str::<Value>(&text).ok()?["pid"].as_u64()?);
+                }
+                (pids.len() == 2).then_some(())
+            },
+        )
+        .await;
+    }
 
     // A member that restarts with a different configuration file does not replace the
     // cluster's configuration (the last node to start used to win silently).
