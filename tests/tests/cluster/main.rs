@@ -655,6 +655,37 @@ async fn one_instance_serves_every_node_and_moves_when_its_node_dies() {
     assert_progress(&msgs, 3, "fwd-token");
     assert_eq!(text_of(msgs.last().unwrap()), "done 3");
 
+    // An upstream's own tool-list change on the host reaches the GET /mcp stream of a node
+    // that does not host it (through the replicated catalogue).
+    let mut listener = Listener::open(&c, &other.url("/mcp")).await;
+    let r = call_tool(
+        &c,
+        &other.url("/mcp"),
+        &format!("{id}__change_tools"),
+        json!({}),
+    )
+    .await;
+    assert_eq!(text_of(&r), "extra tool added");
+    let extra = format!("{id}__extra");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        listener
+            .expect(
+                "notifications/tools/list_changed",
+                deadline.saturating_duration_since(std::time::Instant::now()),
+            )
+            .await;
+        let a = rpc(&c, &other.url("/mcp"), "tools/list", json!({})).await;
+        let tools = a.response()["result"]["tools"].clone();
+        if tools
+            .as_array()
+            .is_some_and(|t| t.iter().any(|t| t["name"] == extra.as_str()))
+        {
+            break;
+        }
+    }
+    drop(listener);
+
     // A client that goes away cancels the call on the host, across the forward: read the
     // stream until the upstream reports progress (it is working on the call), then drop it.
     let long = json!({"jsonrpc": "2.0", "id": 10, "method": "tools/call", "params": {

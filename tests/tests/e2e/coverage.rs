@@ -6,7 +6,6 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
 use hangar_tests::*;
 use serde_json::{Value, json};
 
@@ -54,71 +53,6 @@ async fn member(c: &reqwest::Client, node: &Node, group: &str, id: &str) -> Valu
         .find(|m| m["id"] == id)
         .unwrap_or_else(|| panic!("no member {id} in {v}"))
         .clone()
-}
-
-/// An open `GET /mcp` notification stream.
-struct Listener {
-    stream: futures::stream::BoxStream<'static, reqwest::Result<Vec<u8>>>,
-    buf: String,
-}
-
-impl Listener {
-    /// Open the stream at `url` (`/mcp` or `/servers/{id}/mcp`); returns once the node has
-    /// answered with the SSE headers, i.e. once it is subscribed.
-    async fn open(c: &reqwest::Client, url: &str) -> Listener {
-        let resp = c
-            .get(url)
-            .header("Accept", "text/event-stream")
-            .timeout(Duration::from_secs(600))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(resp.status().as_u16(), 200);
-        let ct = resp.headers()["content-type"].to_str().unwrap().to_owned();
-        assert!(ct.starts_with("text/event-stream"), "{ct}");
-        let stream = resp.bytes_stream().map(|r| r.map(|b| b.to_vec())).boxed();
-        Listener {
-            stream,
-            buf: String::new(),
-        }
-    }
-
-    /// The next JSON-RPC message on the stream, or `None` when none arrives in `within`.
-    async fn next(&mut self, within: Duration) -> Option<Value> {
-        let deadline = tokio::time::Instant::now() + within;
-        loop {
-            while let Some(end) = self.buf.find("\n\n") {
-                let ev: String = self.buf.drain(..end + 2).collect();
-                let data: Vec<&str> = ev
-                    .lines()
-                    .filter_map(|l| l.strip_prefix("data:"))
-                    .map(|d| d.strip_prefix(' ').unwrap_or(d))
-                    .collect();
-                if !data.is_empty() {
-                    return Some(serde_json::from_str(&data.join("\n")).unwrap());
-                }
-            }
-            let chunk = tokio::time::timeout_at(deadline, self.stream.next())
-                .await
-                .ok()??
-                .unwrap();
-            self.buf.push_str(&String::from_utf8_lossy(&chunk));
-        }
-    }
-
-    /// Wait for a message with this `method`; panics after `within`.
-    async fn expect(&mut self, method: &str, within: Duration) -> Value {
-        let deadline = Instant::now() + within;
-        let mut seen = Vec::new();
-        while Instant::now() < deadline {
-            match self.next(deadline - Instant::now()).await {
-                Some(m) if m["method"] == method => return m,
-                Some(m) => seen.push(m),
-                None => break,
-            }
-        }
-        panic!("no {method} on the stream within {within:?}; saw {seen:?}");
-    }
 }
 
 // ---------------------------------------------------------------------------------------------
