@@ -236,16 +236,11 @@ impl Forwarder {
         sink: Option<CallSink>,
         timeout: Duration,
     ) -> Result<Outcome, ForwardError> {
-        let connect = |message: String| {
-            ForwardError::Upstream(UpstreamError::Connect {
-                server: instance.to_owned(),
-                message,
-            })
-        };
+        let connect = |message: String| ForwardError::Unreachable { node, message };
         let addr = self
             .raft
             .read(|st| st.nodes.get(&node).map(|n| n.raft_addr.clone()))
-            .ok_or_else(|| connect(format!("node {node} has no registered address")))?;
+            .ok_or_else(|| connect("it has no registered address".to_owned()))?;
         let channel = self
             .raft
             .peer_channel(&addr)
@@ -357,10 +352,10 @@ fn status_error(instance: &str, node: u64, status: &Status) -> ForwardError {
     let unreachable = status.code() == tonic::Code::Unavailable
         && (msg.contains("connect") || msg.contains("still starting"));
     if unreachable {
-        ForwardError::Upstream(UpstreamError::Connect {
-            server: instance.to_owned(),
-            message: format!("node {node} is unreachable: {}", status.message()),
-        })
+        ForwardError::Unreachable {
+            node,
+            message: status.message().to_owned(),
+        }
     } else {
         ForwardError::Upstream(UpstreamError::Closed {
             server: instance.to_owned(),

@@ -728,9 +728,9 @@ impl Router {
         }
     }
 
-    /// One try on an instance hosted by another node (or not placed yet): wait a bounded
-    /// time for a placement, then forward. A placement that moved while the call was on its
-    /// way (nothing was sent) is followed once.
+    /// One try on an instance hosted by another node: forward it. When nothing was sent, it
+    /// follows a placement that moved and — for a lone server — waits for the instance of an
+    /// unreachable host to be re-placed, within the call's timeout and at most 3 moves.
     async fn attempt_elsewhere(
         &self,
         inst: &Arc<Instance>,
@@ -759,7 +759,7 @@ impl Router {
                     req.method,
                     req.params.clone(),
                     req.sink.clone(),
-                    req.timeout,
+                    left().max(Duration::from_millis(1)),
                 )
                 .await;
             return match r {
@@ -773,18 +773,16 @@ impl Router {
                         .await;
                     continue;
                 }
-                Err(ForwardError::Upstream(e)) if patient && e.before_send() && moves_left > 0 => {
+                Err(e @ ForwardError::Unreachable { .. }) if patient && moves_left > 0 => {
                     moves_left -= 1;
-                    tracing::info!(server = inst.id(), node, error = %e, "host_unreachable_waiting_for_new_placement");
+                    tracing::info!(server = inst.id(), error = %e, "host_unreachable_waiting_for_new_placement");
                     if inst.host_changed(Host::Node(node), left()).await == Host::Node(node) {
-                        return Err(Attempt::Upstream {
-                            error: e,
-                            alive: true,
-                            generation: inst.generation(),
-                        });
+                        return Err(unreachable(inst, e));
                     }
                     continue;
                 }
+                // A group member gives way to the next member at once.
+                Err(e @ ForwardError::Unreachable { .. }) => Err(unreachable(inst, e)),
                 Err(e @ (ForwardError::NotHostedThere { .. } | ForwardError::Start { .. })) => {
                     Err(Attempt::Start(StartError::Remote {
                         server: inst.id().to_owned(),
@@ -860,6 +858,18 @@ impl Router {
                 });
         }
         false
+    }
+}
+
+/// An unreachable host as the attempt's error (nothing was sent: safe to try elsewhere).
+fn unreachable(inst: &Instance, e: ForwardError) -> Attempt {
+    Attempt::Upstream {
+        error: UpstreamError::Connect {
+            server: inst.id().to_owned(),
+            message: e.to_string(),
+        },
+        alive: true,
+        generation: inst.generation(),
     }
 }
 

@@ -72,7 +72,15 @@ pub enum ForwardError {
         /// Instance.
         instance: String,
     },
-    /// The transport to the node, or the upstream behind it, failed.
+    /// The node could not be reached: the request was not sent.
+    #[error("node {node} is unreachable: {message}")]
+    Unreachable {
+        /// Node asked.
+        node: u64,
+        /// Why.
+        message: String,
+    },
+    /// The transport to the node broke during the call, or the upstream behind it failed.
     #[error(transparent)]
     Upstream(#[from] UpstreamError),
 }
