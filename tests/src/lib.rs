@@ -317,6 +317,17 @@ pub struct Answer {
     pub body: String,
 }
 
+/// Whether a server's log ring, read from `logs_url` (`…/api/mcp_servers/{id}/logs`), has a
+/// line containing `needle` (`Some(())`, for polling).
+pub async fn logs_contain(c: &reqwest::Client, logs_url: &str, needle: &str) -> Option<()> {
+    let (_, logs) = get_json(c, &format!("{logs_url}?lines=1000")).await;
+    logs["logs"]
+        .as_array()?
+        .iter()
+        .any(|l| l["line"].as_str().is_some_and(|s| s.contains(needle)))
+        .then_some(())
+}
+
 /// Assert that `msgs` hold exactly `n` `notifications/progress`, all carrying `token`.
 pub fn assert_progress(msgs: &[Value], n: usize, token: &str) {
     let progress: Vec<&Value> = msgs

@@ -327,16 +327,12 @@ async fn a_caller_that_goes_away_cancels_its_call_upstream_and_leaves_nothing_be
         "notifications/cancelled upstream",
         Duration::from_secs(10),
         || async {
-            let (_, logs) = get_json(&c, &node.url("/api/mcp_servers/fx/logs?lines=1000")).await;
-            logs["logs"]
-                .as_array()?
-                .iter()
-                .any(|l| {
-                    l["line"]
-                        .as_str()
-                        .is_some_and(|s| s.contains("notifications/cancelled"))
-                })
-                .then_some(())
+            logs_contain(
+                &c,
+                &node.url("/api/mcp_servers/fx/logs"),
+                "notifications/cancelled",
+            )
+            .await
         },
     )
     .await;
