@@ -25,6 +25,17 @@ fn cluster(n: u64, args: &[&str]) -> Cluster {
     cl
 }
 
+/// Give every member of `cl` one static-peers config (`head`: top-level keys; `cluster_extra`:
+/// indented keys under `cluster:`), start them all and wait for a leader; returns its id.
+async fn start_static(cl: &mut Cluster, head: &str, cluster_extra: &str) -> u64 {
+    let cfg = cl.static_peers_config(head, cluster_extra);
+    for n in cl.ids() {
+        cl.write_config(n, &cfg).unwrap();
+    }
+    cl.start_all().await.unwrap();
+    cl.wait_leader(Duration::from_secs(20)).await.unwrap()
+}
+
 fn hangarctl(endpoint: &str, args: &[&str]) -> (bool, String, String) {
     let out = Command::new(bin("hangarctl"))
         .arg("--endpoint")
@@ -391,15 +402,12 @@ async fn lagging_nodes_catch_up_by_snapshot_and_membership_changes_work() {
     // Static peers: the lowest id bootstraps; small snapshot interval so a lagging node
     // must be sent a snapshot.
     let mut cl = cluster(3, &[]);
-    let cfg = cl.static_peers_config(
+    let leader = start_static(
+        &mut cl,
         "mcp_servers: {}\n",
         "  snapshot_every: 20\n  keep_logs: 5\n",
-    );
-    for id in cl.ids() {
-        cl.write_config(id, &cfg).unwrap();
-    }
-    cl.start_all().await.unwrap();
-    let leader = cl.wait_leader(Duration::from_secs(20)).await.unwrap();
+    )
+    .await;
     // Take node 3 (or another non-leader) down, write a lot, snapshot and purge.
     let lag = cl.ids().into_iter().find(|&id| id != leader).unwrap();
     cl.kill9(lag).unwrap();
@@ -602,15 +610,12 @@ async fn one_instance_serves_every_node_and_moves_when_its_node_dies() {
     // A unique server id: it is also the fixture's --name, by which its processes are counted.
     let id = format!("solo{}", std::process::id());
     let tool = format!("{id}__whoami");
-    let cfg = cl.static_peers_config(
+    start_static(
+        &mut cl,
         &format!("mcp_servers:\n{}", fixture_stdio_yaml(&id, "")),
         "  node_loss_timeout_ms: 3000\n",
-    );
-    for n in cl.ids() {
-        cl.write_config(n, &cfg).unwrap();
-    }
-    cl.start_all().await.unwrap();
-    cl.wait_leader(Duration::from_secs(20)).await.unwrap();
+    )
+    .await;
     for m in cl.members() {
         wait_for("node ready", Duration::from_secs(20), || async {
             (get_json(&c, &m.url("/health/ready")).await.0 == 200).then_some(())
@@ -836,12 +841,7 @@ async fn a_group_spread_over_nodes_fails_no_call_when_a_node_dies() {
         member(&a),
         member(&b)
     );
-    let cfg = cl.static_peers_config(&head, "  node_loss_timeout_ms: 3000\n");
-    for n in cl.ids() {
-        cl.write_config(n, &cfg).unwrap();
-    }
-    cl.start_all().await.unwrap();
-    cl.wait_leader(Duration::from_secs(20)).await.unwrap();
+    start_static(&mut cl, &head, "  node_loss_timeout_ms: 3000\n").await;
     // Both members run (the group auto-starts them), on two different nodes, and every node
     // shows the same placement and state.
     let views = wait_for(
@@ -964,12 +964,12 @@ async fn a_group_spread_over_nodes_fails_no_call_when_a_node_dies() {
 async fn a_leader_kill_restarts_no_instance_on_a_survivor() {
     let c = client();
     let mut cl = cluster(3, &[]);
-    let cfg = cl.static_peers_config("mcp_servers: {}\n", "  node_loss_timeout_ms: 3000\n");
-    for n in cl.ids() {
-        cl.write_config(n, &cfg).unwrap();
-    }
-    cl.start_all().await.unwrap();
-    let leader = cl.wait_leader(Duration::from_secs(20)).await.unwrap();
+    let leader = start_static(
+        &mut cl,
+        "mcp_servers: {}\n",
+        "  node_loss_timeout_ms: 3000\n",
+    )
+    .await;
     let host = cl.ids().into_iter().find(|n| *n != leader).unwrap();
     // A server placed on a node that is not the leader, added through the API.
     let id = format!("keep{}", std::process::id());
@@ -1028,15 +1028,12 @@ async fn drain_moves_instances_off_a_node_and_undrain_moves_nothing_back() {
     let mut cl = cluster(3, &[]);
     let id = format!("drn{}", std::process::id());
     let tool = format!("{id}__whoami");
-    let cfg = cl.static_peers_config(
+    start_static(
+        &mut cl,
         &format!("mcp_servers:\n{}", fixture_stdio_yaml(&id, "")),
         "",
-    );
-    for n in cl.ids() {
-        cl.write_config(n, &cfg).unwrap();
-    }
-    cl.start_all().await.unwrap();
-    cl.wait_leader(Duration::from_secs(20)).await.unwrap();
+    )
+    .await;
     let any = &cl.members()[0];
     let pid = wait_for("served", Duration::from_secs(20), || async {
         whoami(&c, any, &tool).await
@@ -1092,12 +1089,7 @@ async fn a_stateful_third_party_server_shares_its_state_through_every_node() {
         memory_js.display().to_string(),
         store.display().to_string(),
     );
-    let cfg = cl.static_peers_config(&head, "");
-    for n in cl.ids() {
-        cl.write_config(n, &cfg).unwrap();
-    }
-    cl.start_all().await.unwrap();
-    cl.wait_leader(Duration::from_secs(20)).await.unwrap();
+    start_static(&mut cl, &head, "").await;
     let ms = cl.members();
     let entity = format!("hangar-{}", std::process::id());
     // Written through node 1 ...
