@@ -17,7 +17,7 @@ pub mod raft {
 
 /// Node-to-node services of the gateway (package `hangar.node.v1`).
 pub mod node {
-    /// Version 1: call forwarding.
+    /// Version 1: call forwarding, relayed answers and placement leases.
     pub mod v1 {
         #![allow(missing_docs, clippy::all, clippy::pedantic)]
         tonic::include_proto!("hangar.node.v1");

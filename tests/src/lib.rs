@@ -408,6 +408,60 @@ pub async fn post_raw(
     }
 }
 
+/// Call `tool` through `url` and read the SSE response incrementally, answering each relayed
+/// request (sampling, elicitation, roots) with `answer(request)` POSTed to `answer_url` (another
+/// node of a cluster, as a load balancer may do); returns the final answer.
+pub async fn relay_roundtrip(
+    c: &reqwest::Client,
+    url: &str,
+    answer_url: &str,
+    tool: &str,
+    answer: impl Fn(&Value) -> Value,
+) -> Value {
+    let body = json!({"jsonrpc": "2.0", "id": 77, "method": "tools/call", "params": {"name": tool, "arguments": {"prompt": "p", "message": "m"}}});
+    let resp = c
+        .post(url)
+        .header("Content-Type", "application/json")
+        .header("Accept", "application/json, text/event-stream")
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap();
+    let mut stream = resp.bytes_stream();
+    let mut buf = String::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        let Some(chunk) = stream.next().await else {
+            break;
+        };
+        buf.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
+        while let Some(end) = buf.find("\n\n") {
+            let ev: String = buf.drain(..end + 2).collect();
+            let data: Vec<&str> = ev
+                .lines()
+                .filter_map(|l| l.strip_prefix("data: "))
+                .collect();
+            if data.is_empty() {
+                continue;
+            }
+            let msg: Value = serde_json::from_str(&data.join("\n")).unwrap();
+            if msg.get("method").is_some() && msg.get("id").is_some() {
+                let id = msg["id"].clone();
+                assert!(
+                    id.as_str().unwrap().starts_with("hgr/"),
+                    "relayed ids name their node: {id}"
+                );
+                let reply = json!({"jsonrpc": "2.0", "id": id, "result": answer(&msg)});
+                let r = post_raw(c, answer_url, &reply.to_string(), &[]).await;
+                assert_eq!(r.status, 202);
+            } else if msg["id"] == 77 {
+                return msg;
+            }
+        }
+    }
+    panic!("no final answer in time; got {buf}");
+}
+
 /// POST a JSON body (no JSON-RPC framing): the status and the parsed body (`null` when the
 /// body is not JSON).
 pub async fn post_json(c: &reqwest::Client, url: &str, body: Value) -> (u16, Value) {

@@ -2,9 +2,14 @@
 //! [`Forward`] port the router uses to reach an instance on another node (the caller side).
 //!
 //! A call travels as one request and comes back as a stream: the call's notifications
-//! (progress, log messages) in order, then exactly one answer or failure. Dropping the
-//! caller's stream (client gone, deadline) drops the host's upstream call, which sends
-//! `notifications/cancelled` upstream.
+//! (progress, log messages) and the upstream's requests to the client (sampling, elicitation,
+//! roots) in order, then exactly one answer or failure. Dropping the caller's stream (client
+//! gone, deadline) drops the host's upstream call, which sends `notifications/cancelled`
+//! upstream.
+//!
+//! The upstream's requests are registered in the host's relay table before they leave, so
+//! their ids (`hgr/<host>/<seq>`) name the host: the client's answer, wherever the balancer
+//! delivers it, comes back to the host through `Answer`.
 
 use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
@@ -20,15 +25,18 @@ use serde_json::value::RawValue;
 use tokio::sync::mpsc;
 use tonic::{Request, Response, Status};
 
-use crate::jsonrpc::{Message, RpcError};
+use crate::jsonrpc::{Id, Message, RpcError};
+use crate::runtime::relay::Relays;
 use crate::runtime::{Forward, ForwardError, ForwardFuture, Host, Runtime, StartError};
-use crate::upstream::{CallEvent, CallSink, Outcome, UpstreamError};
+use crate::upstream::{CallEvent, CallSink, Outcome, Upstream, UpstreamError};
 
 /// Longest deadline a forwarded call may ask for.
 const MAX_TIMEOUT: Duration = Duration::from_secs(3600);
 /// Extra time the caller gives the host beyond the call's own deadline (the host enforces
 /// the deadline and answers `timeout` itself).
 const DEADLINE_SLACK: Duration = Duration::from_secs(2);
+/// Deadline of delivering a client's answer to the node that holds the request.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Failure kinds on the wire.
 mod kind {
@@ -91,6 +99,39 @@ impl CallService for CallServer {
             tokio_stream::wrappers::ReceiverStream::new(rx),
         )))
     }
+
+    async fn answer(
+        &self,
+        request: Request<pb::RelayAnswer>,
+    ) -> Result<Response<pb::AnswerReply>, Status> {
+        let runtime = self
+            .runtime
+            .get()
+            .cloned()
+            .ok_or_else(|| Status::unavailable("this node is still starting"))?;
+        let a = request.into_inner();
+        let id = Id::Str(a.relay_id);
+        let mut msg = Message::response(id.clone(), crate::jsonrpc::empty_object());
+        if !a.rpc_error.is_empty() {
+            let e: RpcError = serde_json::from_slice(&a.rpc_error).map_err(|_| {
+                Status::invalid_argument("rpc_error is not a JSON-RPC error object")
+            })?;
+            msg.result = None;
+            msg.error = Some(e);
+        } else {
+            let raw = String::from_utf8(a.result)
+                .ok()
+                .and_then(|t| RawValue::from_string(t).ok())
+                .ok_or_else(|| Status::invalid_argument("result is not JSON text"))?;
+            msg.result = Some(raw);
+        }
+        let delivered = runtime
+            .relays()
+            .answer(&id, msg)
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        Ok(Response::new(pb::AnswerReply { delivered }))
+    }
 }
 
 /// Run one forwarded call and stream its frames to `tx`.
@@ -150,20 +191,30 @@ async fn serve_call(
         }
         Err(e) => return answer(failure(e.to_string(), kind::START_FAILED, true)).await,
     };
+    let relays = runtime.relays();
+    let relay = Relayer {
+        relays,
+        call: relays.next_call(),
+        conn: &conn,
+        client_answers: req.client_answers,
+        tx: &tx,
+    };
+    // The client's answers to this call's requests are not awaited after it ends.
+    let _forget = relays.call_guard(relay.call);
     let (sink, mut events) = mpsc::channel::<CallEvent>(64);
     let call = conn.request(&req.method, params, Some(sink), Some(timeout));
     tokio::pin!(call);
     let result = loop {
         tokio::select! {
             r = &mut call => break r,
-            Some(ev) = events.recv() => relay_event(&conn, ev, &tx).await,
+            Some(ev) = events.recv() => relay.event(ev).await,
             // The caller went away: dropping the call cancels it upstream.
             _ = tx.closed() => return,
         }
     };
     // Notifications sent before the answer go first.
     while let Ok(ev) = events.try_recv() {
-        relay_event(&conn, ev, &tx).await;
+        relay.event(ev).await;
     }
     let frame = match result {
         Ok(Outcome::Result(r)) => {
@@ -187,31 +238,44 @@ async fn serve_call(
     answer(pb::CallFrame { frame: Some(frame) }).await;
 }
 
-/// A call event on the host: notifications go to the caller; requests from the upstream to
-/// the client (sampling, elicitation, roots) are answered with an error, because the answer
-/// cannot yet travel back across nodes.
-async fn relay_event(
-    conn: &crate::upstream::Upstream,
-    ev: CallEvent,
-    tx: &mpsc::Sender<Result<pb::CallFrame, Status>>,
-) {
-    match ev {
-        CallEvent::Notification(m) => {
-            let _ = tx
-                .send(Ok(pb::CallFrame {
-                    frame: Some(Frame::Notification(m.to_json().into_bytes())),
-                }))
-                .await;
-        }
-        CallEvent::Request(m) => {
-            if let Some(id) = m.id {
-                let err = RpcError::new(
-                    crate::jsonrpc::METHOD_NOT_FOUND,
-                    "the client is connected to another Hangar node; requests from a server to the client are not relayed across nodes yet",
-                );
-                let _ = conn.respond(id, Outcome::Error(err)).await;
+/// Sends a forwarded call's events to the caller.
+struct Relayer<'a> {
+    relays: &'a Relays,
+    call: u64,
+    conn: &'a Arc<Upstream>,
+    client_answers: bool,
+    tx: &'a mpsc::Sender<Result<pb::CallFrame, Status>>,
+}
+
+impl Relayer<'_> {
+    /// A call event on the host: notifications go to the caller as they are; requests from
+    /// the upstream to the client (sampling, elicitation, roots) get a relayed id naming this
+    /// node first, so the client's answer finds its way back here.
+    async fn event(&self, ev: CallEvent) {
+        let frame = match ev {
+            CallEvent::Notification(m) | CallEvent::Relayed(m) => {
+                Frame::Notification(m.to_json().into_bytes())
             }
-        }
+            CallEvent::Request(mut m) => {
+                let Some(upstream_id) = m.id.take() else {
+                    return;
+                };
+                if !self.client_answers {
+                    let err = RpcError::new(
+                        crate::jsonrpc::INTERNAL_ERROR,
+                        "the client cannot receive requests from the server (it did not accept an event stream for this call)",
+                    );
+                    let _ = self.conn.respond(upstream_id, Outcome::Error(err)).await;
+                    return;
+                }
+                m.id = Some(
+                    self.relays
+                        .register(self.conn.clone(), upstream_id, self.call),
+                );
+                Frame::Request(m.to_json().into_bytes())
+            }
+        };
+        let _ = self.tx.send(Ok(pb::CallFrame { frame: Some(frame) })).await;
     }
 }
 
@@ -263,6 +327,7 @@ impl Forwarder {
                 .map(|p| p.get().as_bytes().to_vec())
                 .unwrap_or_default(),
             timeout_ms: timeout.as_millis() as u64,
+            client_answers: sink.is_some(),
         };
         let mut stream = match tokio::time::timeout_at(deadline, client.call(req)).await {
             Err(_) => return Err(timed_out()),
@@ -302,6 +367,11 @@ impl Forwarder {
                 Some(Frame::Notification(b)) => {
                     if let (Some(sink), Ok(m)) = (&sink, serde_json::from_slice::<Message>(&b)) {
                         let _ = sink.send(CallEvent::Notification(m)).await;
+                    }
+                }
+                Some(Frame::Request(b)) => {
+                    if let (Some(sink), Ok(m)) = (&sink, serde_json::from_slice::<Message>(&b)) {
+                        let _ = sink.send(CallEvent::Relayed(m)).await;
                     }
                 }
                 Some(Frame::Result(b)) => {
@@ -365,7 +435,61 @@ fn status_error(instance: &str, node: u64, status: &Status) -> ForwardError {
     }
 }
 
+impl Forwarder {
+    async fn deliver(&self, node: u64, relay_id: &Id, msg: Message) -> Result<bool, ForwardError> {
+        let Id::Str(relay_id) = relay_id else {
+            return Ok(false);
+        };
+        let unreachable = |message: String| ForwardError::Unreachable { node, message };
+        let addr = self
+            .raft
+            .read(|st| st.nodes.get(&node).map(|n| n.raft_addr.clone()))
+            .ok_or_else(|| unreachable("it has no registered address".to_owned()))?;
+        let channel = self
+            .raft
+            .peer_channel(&addr)
+            .map_err(|e| unreachable(e.to_string()))?;
+        let mut client = CallServiceClient::new(channel)
+            .max_decoding_message_size(hangar_proto::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(hangar_proto::MAX_MESSAGE_BYTES);
+        let (result, rpc_error) = match (msg.result, msg.error) {
+            (Some(r), _) => (r.get().as_bytes().to_vec(), Vec::new()),
+            (None, Some(e)) => (Vec::new(), serde_json::to_vec(&e).unwrap_or_default()),
+            (None, None) => (
+                Vec::new(),
+                serde_json::to_vec(&RpcError::new(
+                    crate::jsonrpc::INTERNAL_ERROR,
+                    "empty answer from client",
+                ))
+                .unwrap_or_default(),
+            ),
+        };
+        let mut req = Request::new(pb::RelayAnswer {
+            relay_id: relay_id.clone(),
+            result,
+            rpc_error,
+        });
+        req.set_timeout(ANSWER_TIMEOUT);
+        match client.answer(req).await {
+            Ok(r) => Ok(r.into_inner().delivered),
+            Err(status) => {
+                self.raft.peer_failed(&addr, &status);
+                Err(unreachable(status.message().to_owned()))
+            }
+        }
+    }
+}
+
 impl Forward for Forwarder {
+    fn answer<'a>(
+        &'a self,
+        node: u64,
+        relay_id: &'a Id,
+        msg: Message,
+    ) -> Pin<Box<dyn std::future::Future<Output = Result<bool, ForwardError>> + Send + 'a>> {
+        Box::pin(self.deliver(node, relay_id, msg))
+    }
+
     fn call<'a>(
         &'a self,
         node: u64,

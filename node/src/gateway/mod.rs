@@ -9,12 +9,10 @@ pub mod http;
 pub mod management;
 pub mod naming;
 pub mod protocol;
-pub mod relay;
 pub mod stdio;
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use parking_lot::{Mutex, RwLock};
@@ -29,10 +27,10 @@ use crate::jsonrpc::{
     raw_object,
 };
 use crate::routing::{RouteError, RouteRequest, Router, ServingSlot};
+use crate::runtime::relay::Home;
 use crate::runtime::{Instance, Runtime, RuntimeEvent, ServerState};
 use crate::upstream::{CallEvent, Outcome, UpstreamError};
 use naming::{Index, Route};
-use relay::{Home, Relays};
 
 /// Gateway settings taken from the configuration.
 #[derive(Debug, Clone)]
@@ -81,13 +79,11 @@ pub struct Gateway {
     config: RwLock<GatewayConfig>,
     index: RwLock<Option<Arc<Index>>>,
     index_build: tokio::sync::Mutex<()>,
-    relays: Relays,
     listeners: broadcast::Sender<Broadcast>,
     /// Calls in flight by (session key, client request id) → (call number, cancel token), for
     /// `notifications/cancelled`. Entries are removed by [`InflightEntry`] when the call ends
     /// or its future is dropped.
     inflight: Mutex<HashMap<(String, Id), (u64, CancellationToken)>>,
-    call_seq: AtomicU64,
     reloader: RwLock<Option<Arc<dyn management::ConfigReloader>>>,
 }
 
@@ -97,14 +93,12 @@ impl Gateway {
         let (listeners, _) = broadcast::channel(1024);
         let gw = Arc::new(Gateway {
             router: Router::new(runtime.clone()),
-            relays: Relays::new(runtime.node_id()),
             runtime,
             config: RwLock::new(config),
             index: RwLock::new(None),
             index_build: tokio::sync::Mutex::new(()),
             listeners,
             inflight: Mutex::new(HashMap::new()),
-            call_seq: AtomicU64::new(1),
             reloader: RwLock::new(None),
         });
         let weak = Arc::downgrade(&gw);
@@ -161,7 +155,7 @@ impl Gateway {
 
     /// Number of server→client requests relayed and not yet answered.
     pub fn pending_relays(&self) -> usize {
-        self.relays.len()
+        self.runtime.relays().len()
     }
 
     fn on_runtime_event(&self, ev: RuntimeEvent) {
@@ -633,7 +627,7 @@ impl Gateway {
         idempotent: bool,
         client_id: &Id,
     ) -> Result<(Arc<Instance>, Outcome), (&'static str, RpcError)> {
-        let call = self.call_seq.fetch_add(1, Ordering::Relaxed);
+        let call = self.runtime.relays().next_call();
         let (sink, mut rx) = match &ctx.out {
             Some(_) => {
                 let (tx, rx) = mpsc::channel(64);
@@ -691,13 +685,14 @@ impl Gateway {
     async fn pump(&self, ctx: &Ctx, ev: CallEvent, slot: &ServingSlot, call: u64) {
         let Some(out) = &ctx.out else { return };
         let msg = match ev {
-            CallEvent::Notification(m) => m,
+            // Relayed: already registered by the node hosting the instance.
+            CallEvent::Notification(m) | CallEvent::Relayed(m) => m,
             CallEvent::Request(mut m) => {
                 let conn = slot.lock().clone();
                 let (Some(conn), Some(upstream_id)) = (conn, m.id.take()) else {
                     return;
                 };
-                m.id = Some(self.relays.register(conn, upstream_id, call));
+                m.id = Some(self.runtime.relays().register(conn, upstream_id, call));
                 m
             }
         };
@@ -942,26 +937,27 @@ impl Gateway {
     }
 
     async fn handle_client_response(&self, msg: Message) {
-        let Some(id) = msg.id else { return };
-        match self.relays.home(&id) {
-            Home::Local => {
-                let Some(p) = self.relays.take(&id) else {
-                    tracing::warn!(id = %id, "relay_answer_for_unknown_request");
+        let Some(id) = msg.id.clone() else { return };
+        let relays = self.runtime.relays();
+        match relays.home(&id) {
+            Home::Local => match relays.answer(&id, msg).await {
+                Ok(true) => {}
+                Ok(false) => tracing::warn!(id = %id, "relay_answer_for_unknown_request"),
+                Err(e) => tracing::warn!(error = %e, "relay_answer_delivery_failed"),
+            },
+            Home::Node(node) => {
+                let (Ok(node), Some(forward)) = (node.parse::<u64>(), self.runtime.forward())
+                else {
+                    tracing::warn!(id = %id, node, "relay_answer_for_unknown_node");
                     return;
                 };
-                let outcome = match (msg.result, msg.error) {
-                    (Some(r), _) => Outcome::Result(r),
-                    (None, Some(e)) => Outcome::Error(e),
-                    (None, None) => {
-                        Outcome::Error(RpcError::new(INTERNAL_ERROR, "empty answer from client"))
+                match forward.answer(node, &id, msg).await {
+                    Ok(true) => {}
+                    Ok(false) => tracing::warn!(id = %id, node, "relay_answer_for_unknown_request"),
+                    Err(e) => {
+                        tracing::warn!(id = %id, node, error = %e, "relay_answer_delivery_failed");
                     }
-                };
-                if let Err(e) = p.conn.respond(p.upstream_id, outcome).await {
-                    tracing::warn!(error = %e, "relay_answer_delivery_failed");
                 }
-            }
-            Home::Node(node) => {
-                tracing::warn!(id = %id, node, "relay_answer_for_other_node_dropped (cluster forwarding not available)");
             }
             Home::Foreign => tracing::debug!(id = %id, "client_response_ignored"),
         }
@@ -999,7 +995,7 @@ impl Drop for InflightEntry<'_> {
                 map.remove(&self.key);
             }
         }
-        self.gateway.relays.forget_call(self.call);
+        self.gateway.runtime.relays().forget_call(self.call);
     }
 }
 

@@ -9,6 +9,7 @@
 mod catalog;
 mod instance;
 pub mod placement;
+pub mod relay;
 pub mod view;
 
 pub use catalog::{Catalog, CatalogEntry};
@@ -154,6 +155,8 @@ pub struct Runtime {
     placements: RwLock<Option<placement::Table>>,
     /// Calls to instances hosted elsewhere.
     forward: std::sync::OnceLock<Arc<dyn Forward>>,
+    /// Server→client requests relayed during calls, waiting for the client's answer.
+    relays: relay::Relays,
 }
 
 /// Errors of runtime administration.
@@ -185,11 +188,12 @@ impl Runtime {
             metrics,
             log,
             events,
-            node_id,
             started: Instant::now(),
             shared_catalogs: RwLock::new(std::collections::HashMap::new()),
             placements: RwLock::new(None),
             forward: std::sync::OnceLock::new(),
+            relays: relay::Relays::new(&node_id),
+            node_id,
         });
         for (id, spec) in &config.mcp_servers {
             rt.insert(id.clone(), spec.clone());
@@ -299,6 +303,11 @@ impl Runtime {
                 let spec = g.spec();
                 spec.auto_start && spec.members.iter().any(|m| m.id == inst.id())
             })
+    }
+
+    /// Server→client requests relayed during calls on this node's instances.
+    pub fn relays(&self) -> &relay::Relays {
+        &self.relays
     }
 
     /// The node id (stamped into events and relayed request ids).

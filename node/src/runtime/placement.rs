@@ -14,6 +14,7 @@ use serde::Serialize;
 use serde_json::value::RawValue;
 
 use crate::config::{Replicas, ServerSpec};
+use crate::jsonrpc::{Id, Message};
 use crate::upstream::{CallSink, Outcome, UpstreamError};
 
 /// Where an instance runs, as this node knows it.
@@ -102,4 +103,13 @@ pub trait Forward: Send + Sync + 'static {
         sink: Option<CallSink>,
         timeout: Duration,
     ) -> ForwardFuture<'a>;
+
+    /// Deliver a client's answer (`msg`) to the request relayed as `relay_id`, pending on
+    /// `node`. `Ok(false)`: nothing is pending there under that id.
+    fn answer<'a>(
+        &'a self,
+        node: u64,
+        relay_id: &'a Id,
+        msg: Message,
+    ) -> Pin<Box<dyn Future<Output = Result<bool, ForwardError>> + Send + 'a>>;
 }

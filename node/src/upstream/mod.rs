@@ -143,6 +143,9 @@ pub enum CallEvent {
     /// A request from the upstream to the client (sampling, elicitation, roots); `id` is the
     /// upstream's id — answer with [`Upstream::respond`].
     Request(Message),
+    /// A request from an upstream on another node, already registered there: its id is the
+    /// relayed id (`hgr/<node>/<seq>`) to show the client unchanged; the answer goes home.
+    Relayed(Message),
 }
 
 /// Where call events go.

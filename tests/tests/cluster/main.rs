@@ -660,6 +660,50 @@ async fn one_instance_serves_every_node_and_moves_when_its_node_dies() {
     assert_progress(&msgs, 3, "fwd-token");
     assert_eq!(text_of(msgs.last().unwrap()), "done 3");
 
+    // Sampling and elicitation from the upstream reach a client of another node; the
+    // client's answers, posted to the third node (as a balancer may deliver them), go home.
+    let third = cl
+        .members()
+        .iter()
+        .find(|m| m.id() != host && m.id() != other.id())
+        .unwrap();
+    let home = format!("hgr/{host}/");
+    let r = relay_roundtrip(
+        &c,
+        &other.url("/mcp"),
+        &third.url("/mcp"),
+        &format!("{id}__sample"),
+        |m| {
+            assert_eq!(m["method"], "sampling/createMessage");
+            assert!(m["id"].as_str().unwrap().starts_with(&home), "{m}");
+            json!({"role": "assistant",
+                "content": {"type": "text", "text": "answered via a third node"}, "model": "m"})
+        },
+    )
+    .await;
+    assert_eq!(text_of(&r), "sampled: answered via a third node");
+    let r = relay_roundtrip(
+        &c,
+        &other.url("/mcp"),
+        &third.url("/mcp"),
+        &format!("{id}__elicit"),
+        |m| {
+            assert_eq!(m["method"], "elicitation/create");
+            json!({"action": "accept", "content": {"answer": "42"}})
+        },
+    )
+    .await;
+    assert!(text_of(&r).contains("42"), "{r}");
+    for m in cl.members() {
+        let (_, sys) = get_json(&c, &m.url("/api/system")).await;
+        assert_eq!(
+            sys["system"]["gateway"]["pending_relays"],
+            0,
+            "node {}: {sys}",
+            m.id()
+        );
+    }
+
     // An upstream's own tool-list change on the host reaches the GET /mcp stream of a node
     // that does not host it (through the replicated catalogue).
     let mut listener = Listener::open(&c, &other.url("/mcp")).await;

@@ -2,7 +2,6 @@
 
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
 use hangar_tests::*;
 use serde_json::{Value, json};
 
@@ -435,57 +434,6 @@ async fn expired_upstream_session_is_reinitialized_transparently() {
     assert_eq!(stats["counts"]["initialize"], 2, "{stats}");
 }
 
-/// Read an SSE response incrementally, answering relayed requests as they arrive.
-async fn relay_roundtrip(
-    c: &reqwest::Client,
-    url: &str,
-    tool: &str,
-    answer: impl Fn(&Value) -> Value,
-) -> Value {
-    let body = json!({"jsonrpc": "2.0", "id": 77, "method": "tools/call", "params": {"name": tool, "arguments": {"prompt": "p", "message": "m"}}});
-    let resp = c
-        .post(url)
-        .header("Content-Type", "application/json")
-        .header("Accept", "application/json, text/event-stream")
-        .body(body.to_string())
-        .send()
-        .await
-        .unwrap();
-    let mut stream = resp.bytes_stream();
-    let mut buf = String::new();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while Instant::now() < deadline {
-        let Some(chunk) = stream.next().await else {
-            break;
-        };
-        buf.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
-        while let Some(end) = buf.find("\n\n") {
-            let ev: String = buf.drain(..end + 2).collect();
-            let data: Vec<&str> = ev
-                .lines()
-                .filter_map(|l| l.strip_prefix("data: "))
-                .collect();
-            if data.is_empty() {
-                continue;
-            }
-            let msg: Value = serde_json::from_str(&data.join("\n")).unwrap();
-            if msg.get("method").is_some() && msg.get("id").is_some() {
-                let id = msg["id"].clone();
-                assert!(
-                    id.as_str().unwrap().starts_with("hgr/"),
-                    "relayed ids name their node: {id}"
-                );
-                let reply = json!({"jsonrpc": "2.0", "id": id, "result": answer(&msg)});
-                let r = post_raw(c, url, &reply.to_string(), &[]).await;
-                assert_eq!(r.status, 202);
-            } else if msg["id"] == 77 {
-                return msg;
-            }
-        }
-    }
-    panic!("no final answer in time; got {buf}");
-}
-
 #[tokio::test]
 async fn sampling_elicitation_and_roots_are_relayed_to_the_client() {
     let web = FixtureHttp::start("web");
@@ -497,13 +445,13 @@ async fn sampling_elicitation_and_roots_are_relayed_to_the_client() {
     let c = client();
     let url = node.url("/mcp");
     for server in ["fx", "web"] {
-        let r = relay_roundtrip(&c, &url, &format!("{server}__sample"), |_| {
+        let r = relay_roundtrip(&c, &url, &url, &format!("{server}__sample"), |_| {
             json!({"role": "assistant",
             "content": {"type": "text", "text": "from the client"}, "model": "m"})
         })
         .await;
         assert_eq!(text_of(&r), "sampled: from the client", "{server}");
-        let r = relay_roundtrip(&c, &url, &format!("{server}__elicit"), |m| {
+        let r = relay_roundtrip(&c, &url, &url, &format!("{server}__elicit"), |m| {
             assert_eq!(m["method"], "elicitation/create");
             json!({"action": "accept", "content": {"answer": "42"}})
         })
@@ -511,6 +459,7 @@ async fn sampling_elicitation_and_roots_are_relayed_to_the_client() {
         assert!(text_of(&r).contains("42"), "{r}");
         let r = relay_roundtrip(
             &c,
+            &url,
             &url,
             &format!("{server}__roots"),
             |_| json!({"roots": [{"uri": "file:///w", "name": "w"}]}),

@@ -1,7 +1,10 @@
 //! Requests an upstream sends to the client during a call (sampling, elicitation, roots),
 //! relayed to the client with a gateway-chosen id. The id encodes the node that holds the
 //! pending upstream request (`hgr/<node>/<seq>`), so an answer that a load balancer delivers
-//! to another node can be routed home once there is a cluster.
+//! to another node is sent home (over `CallService/Answer`).
+//!
+//! One table per node, shared by the front door (calls served here) and the host side of
+//! forwarded calls (calls another node received for an instance hosted here).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -9,8 +12,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use parking_lot::Mutex;
 
-use crate::jsonrpc::Id;
-use crate::upstream::Upstream;
+use crate::jsonrpc::{INTERNAL_ERROR, Id, Message, RpcError};
+use crate::upstream::{Outcome, Upstream, UpstreamError};
 
 /// Prefix of relayed request ids.
 pub const PREFIX: &str = "hgr/";
@@ -29,6 +32,7 @@ pub struct Pending {
 pub struct Relays {
     node_id: String,
     seq: AtomicU64,
+    calls: AtomicU64,
     pending: Mutex<HashMap<String, Pending>>,
 }
 
@@ -37,7 +41,7 @@ pub struct Relays {
 pub enum Home<'a> {
     /// Held by this node.
     Local,
-    /// Held by another node (forwarding arrives with the cluster).
+    /// Held by another node (the answer is sent there).
     Node(&'a str),
     /// Not an id we issued.
     Foreign,
@@ -49,8 +53,14 @@ impl Relays {
         Relays {
             node_id: node_id.to_owned(),
             seq: AtomicU64::new(1),
+            calls: AtomicU64::new(1),
             pending: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// A number for a new call, unique on this node (the key of [`forget_call`](Self::forget_call)).
+    pub fn next_call(&self) -> u64 {
+        self.calls.fetch_add(1, Ordering::Relaxed)
     }
 
     /// Register a relayed request; returns the id to show the client.
@@ -76,18 +86,35 @@ impl Relays {
         }
     }
 
+    /// Deliver the client's answer (`msg`, a JSON-RPC response) to the upstream that asked.
+    /// `Ok(false)`: nothing is pending under this id (the call ended, or the id is not ours).
+    pub async fn answer(&self, id: &Id, msg: Message) -> Result<bool, UpstreamError> {
+        let Some(p) = self.take(id) else {
+            return Ok(false);
+        };
+        p.conn.respond(p.upstream_id, answer_outcome(msg)).await?;
+        Ok(true)
+    }
+
     /// Which node holds this id.
     pub fn home<'a>(&self, id: &'a Id) -> Home<'a> {
         let Id::Str(s) = id else { return Home::Foreign };
         let Some(rest) = s.strip_prefix(PREFIX) else {
             return Home::Foreign;
         };
-        let node = rest.rsplit_once('/').map(|(n, _)| n).unwrap_or_default();
+        let Some((node, _)) = rest.rsplit_once('/').filter(|(n, _)| !n.is_empty()) else {
+            return Home::Foreign;
+        };
         if node == self.node_id {
             Home::Local
         } else {
             Home::Node(node)
         }
+    }
+
+    /// A guard that forgets `call`'s relays when dropped (the call ended or its future went away).
+    pub fn call_guard(&self, call: u64) -> CallRelays<'_> {
+        CallRelays { relays: self, call }
     }
 
     /// Forget every relay of a finished call.
@@ -106,6 +133,27 @@ impl Relays {
     }
 }
 
+/// Forgets one call's pending relays on drop.
+pub struct CallRelays<'a> {
+    relays: &'a Relays,
+    call: u64,
+}
+
+impl Drop for CallRelays<'_> {
+    fn drop(&mut self) {
+        self.relays.forget_call(self.call);
+    }
+}
+
+/// A client's JSON-RPC response as the outcome handed to the upstream.
+pub fn answer_outcome(msg: Message) -> Outcome {
+    match (msg.result, msg.error) {
+        (Some(r), _) => Outcome::Result(r),
+        (None, Some(e)) => Outcome::Error(e),
+        (None, None) => Outcome::Error(RpcError::new(INTERNAL_ERROR, "empty answer from client")),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -120,5 +168,14 @@ mod tests {
         );
         assert_eq!(r.home(&Id::Num(3)), Home::Foreign);
         assert_eq!(r.home(&Id::Str("other".into())), Home::Foreign);
+        assert_eq!(r.home(&Id::Str("hgr/".into())), Home::Foreign);
+        assert_eq!(r.home(&Id::Str("hgr//3".into())), Home::Foreign);
+    }
+
+    #[test]
+    fn call_numbers_are_unique() {
+        let r = Relays::new("1");
+        let a = r.next_call();
+        assert_ne!(a, r.next_call());
     }
 }
