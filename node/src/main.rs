@@ -57,6 +57,10 @@ enum Command {
         /// The node's pid (the child exits at once if its parent already changed).
         #[arg(long)]
         parent: i32,
+        /// Run the server under the placement lease read from this fd of the parent: stay
+        /// the server's parent and kill it when the lease lapses (see `upstream/lease.rs`).
+        #[arg(long)]
+        lease_fd: Option<i32>,
         /// The server's argv.
         #[arg(last = true, required = true)]
         argv: Vec<String>,
@@ -79,7 +83,11 @@ fn main() -> ExitCode {
             worker_threads,
             cluster,
         }) => serve(config, listen, stdio, ready_file, worker_threads, cluster),
-        Some(Command::ExecChild { parent, argv }) => exec_child(parent, &argv),
+        Some(Command::ExecChild {
+            parent,
+            lease_fd,
+            argv,
+        }) => exec_child(parent, lease_fd, &argv),
         None => {
             eprintln!(
                 "usage: hangar serve --config FILE | hangar validate FILE | hangar version (see --help)"
@@ -89,8 +97,9 @@ fn main() -> ExitCode {
     }
 }
 
-/// Become `argv` with the parent-death signal armed: no MCP server outlives its node.
-fn exec_child(parent: i32, argv: &[String]) -> ExitCode {
+/// Become `argv` with the parent-death signal armed: no MCP server outlives its node. Under a
+/// placement lease, stay as the server's parent instead and end it when the lease lapses.
+fn exec_child(parent: i32, lease_fd: Option<i32>, argv: &[String]) -> ExitCode {
     use std::os::unix::process::CommandExt;
     if let Err(e) =
         rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL))
@@ -106,6 +115,9 @@ fn exec_child(parent: i32, argv: &[String]) -> ExitCode {
         eprintln!("hangar exec-child: no program given");
         return ExitCode::from(2);
     };
+    if let Some(fd) = lease_fd {
+        return hangar_node::upstream::lease::supervise(parent, fd, program, args);
+    }
     let err = std::process::Command::new(program).args(args).exec();
     eprintln!("hangar exec-child: cannot run '{program}': {err}");
     ExitCode::from(127)

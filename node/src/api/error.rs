@@ -221,7 +221,7 @@ impl From<ClusterError> for ApiError {
                 msg,
                 Value::Null,
             ),
-            ClusterError::PeerUnreachable { .. } => {
+            ClusterError::PeerUnreachable { .. } | ClusterError::PeerRpc { .. } => {
                 ApiError::new(StatusCode::BAD_GATEWAY, "PeerError", msg, Value::Null)
             }
             ClusterError::PeerRefused { status, code, .. } => ApiError::new(

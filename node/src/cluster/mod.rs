@@ -13,9 +13,11 @@
 //! and a typed [`ClusterError`].
 
 mod forward;
+mod lease;
 mod placement;
 
 pub use forward::{CallServer, Forwarder};
+pub use lease::{LeaseServer, Leases};
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::SocketAddr;
@@ -96,6 +98,14 @@ pub enum ClusterError {
         /// The transport error.
         #[source]
         source: reqwest::Error,
+    },
+    /// A peer node's gRPC service refused or could not be reached.
+    #[error("node {node}: {message}")]
+    PeerRpc {
+        /// The node called.
+        node: u64,
+        /// What went wrong.
+        message: String,
     },
     /// A peer node refused.
     #[error("{url} answered {status}: {message}")]
@@ -242,6 +252,10 @@ pub struct Cluster {
     shutdown: CancellationToken,
     /// The host side of call forwarding, served on the Raft listener.
     calls: Arc<CallServer>,
+    /// Placement leases: the renewals this node granted while leading.
+    leases: Arc<Leases>,
+    /// Placements up to this log index are in effect in the local runtime.
+    placements_applied: std::sync::atomic::AtomicU64,
     /// The replicated configuration was applied here once (the node finished starting).
     started: std::sync::atomic::AtomicBool,
 }
@@ -275,12 +289,15 @@ impl Cluster {
         rc.snapshot_logs_since_last = cfg.snapshot_every;
         rc.max_in_snapshot_log_to_keep = cfg.keep_logs;
         let calls = Arc::new(CallServer::default());
-        let raft = RaftHandle::start_with(rc, Some(calls.routes()))
+        let leases = Arc::new(Leases::default());
+        let routes = calls.routes().add_service(leases.service());
+        let raft = RaftHandle::start_with(rc, Some(routes))
             .await
             .map_err(|source| StartError::Raft {
                 dir: cfg.data_dir.clone(),
                 source,
             })?;
+        leases.attach(raft.clone());
         tracing::info!(node_id = cfg.node_id, raft_addr = %raft.local_addr(), data_dir = %cfg.data_dir.display(), "raft_started");
         let (applied_version, _) = watch::channel(0);
         let http = reqwest::Client::builder()
@@ -301,6 +318,8 @@ impl Cluster {
             http,
             shutdown,
             calls,
+            leases,
+            placements_applied: std::sync::atomic::AtomicU64::new(0),
             started: std::sync::atomic::AtomicBool::new(false),
         }))
     }
@@ -878,8 +897,10 @@ impl Cluster {
             self.raft.clone(),
             self.cfg.node_id,
         )));
-        let placed = self.placements();
-        runtime.set_placements(self.cfg.node_id, placed);
+        // From now on a single-instance server runs here only under a placement lease.
+        runtime.set_lease(crate::runtime::Lease::Until(0));
+        self.apply_placements(&runtime);
+        tokio::spawn(self.clone().lease_loop(runtime.clone()));
         tokio::spawn(self.clone().placement_loop(runtime.clone()));
         tokio::spawn(self.clone().status_reporter(runtime.clone()));
         tokio::spawn(self.clone().applier(runtime.clone()));
@@ -971,6 +992,16 @@ impl Cluster {
         })
     }
 
+    /// Put the replicated placements into effect in `runtime`, and note up to which log index
+    /// they are (reported with lease renewals).
+    fn apply_placements(&self, runtime: &Runtime) {
+        // The index first: the placements read after it are at least that recent.
+        let index = self.raft.applied_index();
+        runtime.set_placements(self.cfg.node_id, self.placements());
+        self.placements_applied
+            .fetch_max(index, std::sync::atomic::Ordering::AcqRel);
+    }
+
     async fn register(&self) {
         let info = self.node_info();
         let same = self.raft.read(|st| {
@@ -1049,7 +1080,7 @@ impl Cluster {
                 }
             }
             // Where single-instance servers run, and what their hosts report.
-            runtime.set_placements(self.cfg.node_id, self.placements());
+            self.apply_placements(&runtime);
             let reported = self.raft.read(|st| {
                 st.status
                     .iter()

@@ -1,7 +1,9 @@
 //! The leader's placement loop: it reads the replicated state, lets the pure
 //! [`crate::supervisor::placement::plan`] decide, and writes the decisions as Raft commands
-//! stamped with its term (the fencing token). Followers never decide; a deposed leader's
-//! writes are refused by the state machine.
+//! stamped with its term. Followers never decide; a deposed leader's writes are refused by
+//! the state machine. A node counts as lost only once every placement lease it may hold has
+//! lapsed (`lease.rs`), and an instance starts on a new node only once no live node reports
+//! a process of it: a move off a live node is two steps (unplace, then place).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -26,28 +28,34 @@ impl Cluster {
     /// Run the placement loop until shutdown (acts only while this node leads).
     pub(super) async fn placement_loop(self: Arc<Self>, runtime: Arc<Runtime>) {
         let mut applied = self.raft.subscribe_applied();
-        let mut leader_since: Option<(u64, Instant)> = None;
+        let mut term_state: Option<Term> = None;
         let mut last_unplaced: Vec<(String, String)> = Vec::new();
         loop {
             let status = self.raft.status();
             if status.role == Role::Leader {
-                let since = match leader_since {
-                    Some((term, at)) if term == status.term => at,
-                    _ => {
-                        let now = Instant::now();
-                        leader_since = Some((status.term, now));
-                        now
+                if term_state.as_ref().is_none_or(|t| t.term != status.term) {
+                    term_state = Some(Term {
+                        term: status.term,
+                        since: Instant::now(),
+                        // Every placement an earlier leader wrote is in this log.
+                        start_index: status.last_log_index.unwrap_or(0),
+                        handoffs: BTreeMap::new(),
+                        waiting: Default::default(),
+                    });
+                    self.leases
+                        .require_applied(status.last_log_index.unwrap_or(0));
+                }
+                if let Some(t) = term_state.as_mut() {
+                    let unplaced = self.place_once(&runtime, t).await;
+                    if unplaced != last_unplaced {
+                        for (id, why) in &unplaced {
+                            tracing::warn!(server = %id, reason = %why, "instance_not_placed");
+                        }
+                        last_unplaced = unplaced;
                     }
-                };
-                let unplaced = self.place_once(&runtime, status.term, since).await;
-                if unplaced != last_unplaced {
-                    for (id, why) in &unplaced {
-                        tracing::warn!(server = %id, reason = %why, "instance_not_placed");
-                    }
-                    last_unplaced = unplaced;
                 }
             } else {
-                leader_since = None;
+                term_state = None;
             }
             tokio::select! {
                 _ = self.shutdown.cancelled() => return,
@@ -62,14 +70,9 @@ impl Cluster {
         }
     }
 
-    /// One planning round as leader of `term` (leading since `since`); returns the servers
-    /// that fit nowhere.
-    async fn place_once(
-        &self,
-        runtime: &Runtime,
-        term: u64,
-        since: Instant,
-    ) -> Vec<(String, String)> {
+    /// One planning round as leader of `t`; returns the servers that fit nowhere.
+    async fn place_once(&self, runtime: &Runtime, t: &mut Term) -> Vec<(String, String)> {
+        let (term, since) = (t.term, t.since);
         // The plan is made from this node's running specs: a leader that could not apply the
         // replicated configuration (say, a variable missing here) would plan from stale
         // specs and could unplace servers it does not know. It decides nothing then.
@@ -105,7 +108,6 @@ impl Cluster {
             })
             .collect();
         let status = self.raft.status();
-        let ages = self.raft.peer_ack_ages().unwrap_or_default();
         let loss = self.cfg.node_loss_timeout;
         let members: Vec<u64> = status
             .voters
@@ -118,12 +120,8 @@ impl Cluster {
                 .iter()
                 .filter_map(|id| {
                     let rec = st.nodes.get(id)?;
-                    let alive = *id == self.cfg.node_id
-                        || match ages.get(id) {
-                            Some(Some(age)) => *age < loss,
-                            // Not heard from since this node became leader.
-                            _ => since.elapsed() < loss,
-                        };
+                    // Alive while it may hold a placement lease.
+                    let alive = *id == self.cfg.node_id || self.leases.may_hold(*id, since, loss);
                     Some((
                         *id,
                         NodeView {
@@ -149,27 +147,100 @@ impl Cluster {
         }
         let decided = plan(&wants, &nodes, &current);
         for change in decided.changes {
-            let cmd = match &change {
+            let (cmd, handoff) = match &change {
                 Change::Place { id, node } => {
-                    tracing::info!(server = %id, node, from = ?current.get(id), term, "instance_placed");
-                    Command::SetPlacement {
-                        instance_id: id.clone(),
-                        node_id: *node,
-                        term,
+                    let from = current.get(id).copied().filter(|f| f != node);
+                    if let Some(old) = from.filter(|o| nodes.get(o).is_some_and(|v| v.alive)) {
+                        // Its host is alive: it stops first, the new host starts after.
+                        tracing::info!(server = %id, from = old, to = node, term, "instance_moving");
+                        let cmd = Command::RemovePlacement {
+                            instance_id: id.clone(),
+                            term,
+                        };
+                        (cmd, Some(id.clone()))
+                    } else {
+                        let must_have_applied =
+                            t.handoffs.get(id).copied().unwrap_or(0).max(t.start_index);
+                        if let Some((b, why)) =
+                            self.still_running(id, *node, &nodes, must_have_applied)
+                        {
+                            let key = (id.clone(), b, why.clone());
+                            if t.waiting.insert(key) {
+                                tracing::info!(server = %id, node, waiting_for = b, why = %why, "placement_waits_for_a_stop");
+                            }
+                            continue;
+                        }
+                        tracing::info!(server = %id, node, from = ?current.get(id), term, "instance_placed");
+                        let cmd = Command::SetPlacement {
+                            instance_id: id.clone(),
+                            node_id: *node,
+                            term,
+                        };
+                        (cmd, None)
                     }
                 }
-                Change::Remove { id } => Command::RemovePlacement {
-                    instance_id: id.clone(),
-                    term,
-                },
+                Change::Remove { id } => (
+                    Command::RemovePlacement {
+                        instance_id: id.clone(),
+                        term,
+                    },
+                    None,
+                ),
             };
             if let Err(e) = self.propose(cmd).await {
                 tracing::warn!(error = %e, ?change, "placement_not_written");
                 break;
             }
+            let index = self.raft.status().last_log_index.unwrap_or(0);
+            self.leases.require_applied(index);
+            if let Some(id) = handoff {
+                t.handoffs.insert(id, index);
+            }
         }
         decided.unplaced
     }
+
+    /// A live node other than `target` that may still run `id`, and why: it has not
+    /// reported (with a renewal) placements applied up to `must_have_applied`, or it reports a
+    /// process of it.
+    fn still_running(
+        &self,
+        id: &str,
+        target: u64,
+        nodes: &BTreeMap<u64, NodeView>,
+        must_have_applied: u64,
+    ) -> Option<(u64, String)> {
+        nodes
+            .iter()
+            .filter(|(n, v)| **n != target && v.alive)
+            .find_map(|(n, _)| {
+                let why = match self.leases.report(*n) {
+                    None => "it has not renewed its lease with this leader yet".to_owned(),
+                    Some(r) if r.applied < must_have_applied => format!(
+                        "it has applied placements up to index {} of {must_have_applied}",
+                        r.applied
+                    ),
+                    Some(r) if r.running.contains(id) => "it still runs it".to_owned(),
+                    Some(_) => return None,
+                };
+                Some((*n, why))
+            })
+    }
+}
+
+/// What the leader keeps for its current term.
+struct Term {
+    term: u64,
+    /// When this node saw itself lead in this term (later than any grant of an earlier
+    /// leader).
+    since: Instant,
+    /// The last log index when the term began: every placement of earlier leaders is at or
+    /// below it.
+    start_index: u64,
+    /// Instances being moved off a live node → the log index of their unplacement.
+    handoffs: BTreeMap<String, u64>,
+    /// What placements were seen waiting for (logged once each).
+    waiting: std::collections::BTreeSet<(String, u64, String)>,
 }
 
 /// The replicated form of a lifecycle state.

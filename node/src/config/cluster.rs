@@ -62,6 +62,10 @@ pub struct ClusterConfig {
     /// A node that has not acknowledged the leader for this long is lost: the leader places
     /// its instances on the other nodes.
     pub node_loss_timeout: std::time::Duration,
+    /// How long a placement lease lasts: a node runs its single-instance servers only while
+    /// it holds one, renewed by the leader. Shorter than `node_loss_timeout`, so a node cut
+    /// off from the leader has stopped them before the leader places them elsewhere.
+    pub placement_lease: std::time::Duration,
     /// `--apply-config`: this node's file replaces the cluster's file configuration at start.
     pub apply_config_at_boot: bool,
 }
@@ -85,6 +89,7 @@ impl Default for ClusterConfig {
             max_ready_lag: 1000,
             capacity: None,
             node_loss_timeout: std::time::Duration::from_secs(10),
+            placement_lease: std::time::Duration::from_secs(7),
             apply_config_at_boot: false,
         }
     }
@@ -184,6 +189,10 @@ fn check_url(u: &str) -> Result<(), &'static str> {
     Ok(())
 }
 
+/// Least gap between a placement lease and the node-loss timeout, ms: the time a node has to
+/// kill its instances after its lease lapsed, before the leader may start them elsewhere.
+pub(super) const LEASE_MARGIN_MS: u64 = 500;
+
 /// Parse `cluster:`.
 pub(super) fn parse(o: &Obj<'_>, p: &ProblemSink) -> ClusterConfig {
     let d = ClusterConfig::default();
@@ -248,6 +257,24 @@ pub(super) fn parse(o: &Obj<'_>, p: &ProblemSink) -> ClusterConfig {
             ),
         );
     }
+    let node_loss_ms = o.int(
+        "node_loss_timeout_ms",
+        d.node_loss_timeout.as_millis() as u64,
+        election_max_ms,
+        3_600_000,
+    );
+    // Default: 70 % of the node-loss timeout (7 s of 10 s).
+    let lease_ms = o.int("placement_lease_ms", node_loss_ms * 7 / 10, 1, 3_600_000);
+    let min_lease = 2 * election_max_ms;
+    if lease_ms < min_lease || lease_ms + LEASE_MARGIN_MS > node_loss_ms {
+        p.push(
+            &o.at("placement_lease_ms"),
+            format!(
+                "must be at least 2 × election_max_ms ({min_lease}, so a lease outlives a leader election) and at most node_loss_timeout_ms − {LEASE_MARGIN_MS} ({}, so a node cut off from the leader stops its instances before the leader places them elsewhere); got {lease_ms}",
+                node_loss_ms.saturating_sub(LEASE_MARGIN_MS)
+            ),
+        );
+    }
     let c = ClusterConfig {
         node_id,
         raft_addr,
@@ -266,12 +293,8 @@ pub(super) fn parse(o: &Obj<'_>, p: &ProblemSink) -> ClusterConfig {
         capacity: o
             .has("capacity")
             .then(|| o.int("capacity", 0, 0, 100_000) as u32),
-        node_loss_timeout: std::time::Duration::from_millis(o.int(
-            "node_loss_timeout_ms",
-            d.node_loss_timeout.as_millis() as u64,
-            election_max_ms,
-            3_600_000,
-        )),
+        node_loss_timeout: std::time::Duration::from_millis(node_loss_ms),
+        placement_lease: std::time::Duration::from_millis(lease_ms),
         apply_config_at_boot: false,
     };
     o.allow(&["enabled"]);

@@ -302,3 +302,35 @@ fn validate_server_checks_one_definition_against_what_exists() {
     let e: ConfigError = g(serde_json::json!({"mode": "group"})).unwrap_err().into();
     assert_eq!(e.problems()[0].path, "mcp_servers.h.members");
 }
+
+#[test]
+fn the_placement_lease_defaults_below_the_node_loss_timeout_and_is_checked() {
+    let c = load("mcp_servers: {}\n").unwrap();
+    assert_eq!(c.cluster.node_loss_timeout, Duration::from_secs(10));
+    assert_eq!(c.cluster.placement_lease, Duration::from_secs(7));
+    // The default follows a shorter node-loss timeout.
+    let c = load("mcp_servers: {}\ncluster:\n  node_loss_timeout_ms: 3000\n").unwrap();
+    assert_eq!(c.cluster.placement_lease, Duration::from_millis(2100));
+    let c = load(
+        "mcp_servers: {}\ncluster:\n  node_loss_timeout_ms: 3000\n  placement_lease_ms: 2500\n",
+    )
+    .unwrap();
+    assert_eq!(c.cluster.placement_lease, Duration::from_millis(2500));
+    // Too close to the node-loss timeout: the node might still run it when it is placed
+    // elsewhere.
+    let p = problems(
+        "mcp_servers: {}\ncluster:\n  node_loss_timeout_ms: 3000\n  placement_lease_ms: 2600\n",
+    );
+    assert!(
+        p.iter().any(|m| m.contains("cluster.placement_lease_ms")
+            && m.contains("at most node_loss_timeout_ms − 500 (2500")),
+        "{p:?}"
+    );
+    // Shorter than an election: leases would lapse whenever the leader changes.
+    let p = problems("mcp_servers: {}\ncluster:\n  placement_lease_ms: 900\n");
+    assert!(
+        p.iter()
+            .any(|m| m.contains("at least 2 × election_max_ms (1000")),
+        "{p:?}"
+    );
+}

@@ -752,16 +752,40 @@ impl Router {
                     host: Host::Node(node),
                 }));
             };
-            let r = fwd
-                .call(
-                    node,
-                    inst.id(),
-                    req.method,
-                    req.params.clone(),
-                    req.sink.clone(),
-                    left().max(Duration::from_millis(1)),
-                )
-                .await;
+            let call = fwd.call(
+                node,
+                inst.id(),
+                req.method,
+                req.params.clone(),
+                req.sink.clone(),
+                left().max(Duration::from_millis(1)),
+            );
+            // The leader moves an instance off a node only once that node stopped it or lost
+            // its lease (its lease shim killed it): a call still out there will not come back.
+            let moved = async {
+                let h = inst.host_changed(Host::Node(node), left()).await;
+                if h == Host::Node(node) {
+                    std::future::pending::<()>().await;
+                }
+                h
+            };
+            let r = tokio::select! {
+                r = call => r,
+                h = moved => {
+                    tracing::info!(server = inst.id(), from = node, now = ?h, "instance_moved_during_forwarded_call");
+                    return Err(Attempt::Upstream {
+                        error: UpstreamError::Closed {
+                            server: inst.id().to_owned(),
+                            message: format!(
+                                "the instance moved off node {node} during the call (that node stopped it or was lost)"
+                            ),
+                            before_send: false,
+                        },
+                        alive: true,
+                        generation: inst.generation(),
+                    });
+                }
+            };
             return match r {
                 Ok(o) => Ok(o),
                 // Nothing was sent: the placement moved (wait for this node to learn where),

@@ -11,11 +11,13 @@ use parking_lot::{Mutex, RwLock};
 use serde::Serialize;
 use tokio::sync::broadcast;
 
+use super::placement::placed_by_leader;
 use super::{Catalog, Host, RuntimeEvent, ServerState, StartError};
 use crate::config::ServerSpec;
 use crate::supervisor::lifecycle::{Action, BreakerState, Event, Generation, Lifecycle, Policy};
 use crate::telemetry::events::{DomainEvent, EventLog};
 use crate::telemetry::{Metrics, unix_now};
+use crate::upstream::lease::LeaseWatch;
 use crate::upstream::{ConnectOptions, LogLine, Outcome, Upstream, UpstreamError};
 
 struct Inner {
@@ -54,6 +56,8 @@ pub struct Instance {
     reported: Mutex<Option<(ServerState, u64)>>,
     /// Times a host elsewhere reported it READY anew (its proofs of health, as seen here).
     remote_proofs: AtomicU64,
+    /// This node's placement lease: a single-instance server runs here only while it holds.
+    lease: LeaseWatch,
 }
 
 /// A point-in-time view of an instance for REST and management tools.
@@ -122,6 +126,7 @@ impl Instance {
         id: String,
         spec: ServerSpec,
         host: Host,
+        lease: LeaseWatch,
         metrics: Arc<Metrics>,
         events: broadcast::Sender<RuntimeEvent>,
         log: Arc<EventLog>,
@@ -151,6 +156,7 @@ impl Instance {
             node: AtomicU64::new(0),
             reported: Mutex::new(None),
             remote_proofs: AtomicU64::new(0),
+            lease,
         };
         let mode = inst.spec.read().mode_name();
         inst.metrics
@@ -415,6 +421,9 @@ impl Instance {
                 });
             }
         }
+        if self.host() == Host::Here && self.lease_bound() && !self.lease.borrow().held() {
+            self.wait_for_lease().await?;
+        }
         if let Some(c) = self.fast_path()? {
             return Ok(c);
         }
@@ -424,6 +433,32 @@ impl Instance {
         }
         let actions = self.step(&mut self.inner.lock(), Event::StartRequested);
         self.carry_out_start(actions).await
+    }
+
+    /// Whether it runs here only under this node's placement lease (a single-instance server).
+    fn lease_bound(&self) -> bool {
+        placed_by_leader(&self.spec.read())
+    }
+
+    /// Wait (bounded) until this node holds a placement lease again.
+    async fn wait_for_lease(&self) -> Result<(), StartError> {
+        let mut rx = self.lease.clone();
+        match tokio::time::timeout(PLACEMENT_WAIT, rx.wait_for(|l| l.held())).await {
+            Ok(Ok(_)) => Ok(()),
+            _ => Err(StartError::NoLease {
+                server: self.id.clone(),
+                detail: format!(
+                    "this node has held no placement lease for {}s: it cannot reach the cluster's leader (see `hangarctl cluster status`)",
+                    PLACEMENT_WAIT.as_secs()
+                ),
+            }),
+        }
+    }
+
+    /// Whether this node may have a process of it right now: connected, or a start or a stop
+    /// in progress.
+    pub fn holds_process(&self) -> bool {
+        self.start_lock.try_lock().is_err() || self.inner.lock().conn.is_some()
     }
 
     /// Under the start lock: run the start the lifecycle asked for, or refuse.
@@ -539,7 +574,8 @@ impl Instance {
             .with_label_values(&id)
             .set(1);
         let t0 = Instant::now();
-        let result = connect(&self.id, &spec).await;
+        let lease = placed_by_leader(&spec).then(|| self.lease.clone());
+        let result = connect(&self.id, &spec, lease).await;
         self.metrics
             .cold_start_in_progress
             .with_label_values(&id)
@@ -984,7 +1020,11 @@ async fn probe(conn: &Upstream) -> Result<Duration, HealthError> {
 }
 
 /// Build the transport spec for a server and connect (spawn + MCP handshake).
-async fn connect(id: &str, spec: &ServerSpec) -> Result<Arc<Upstream>, UpstreamError> {
+async fn connect(
+    id: &str,
+    spec: &ServerSpec,
+    lease: Option<LeaseWatch>,
+) -> Result<Arc<Upstream>, UpstreamError> {
     let transport = crate::config::transport_spec(spec);
     let opts = ConnectOptions {
         server_id: id.to_owned(),
@@ -997,6 +1037,7 @@ async fn connect(id: &str, spec: &ServerSpec) -> Result<Arc<Upstream>, UpstreamE
             "sampling": {},
             "elicitation": {}
         }),
+        lease,
     };
     Upstream::connect(&transport, opts).await
 }

@@ -12,6 +12,7 @@ pub mod placement;
 pub mod relay;
 pub mod view;
 
+pub use crate::upstream::lease::Lease;
 pub use catalog::{Catalog, CatalogEntry};
 pub use instance::{HealthError, Instance, InstanceStatus, PLACEMENT_WAIT, policy_of};
 pub use placement::{Forward, ForwardError, ForwardFuture, Host};
@@ -77,6 +78,14 @@ pub enum StartError {
         server: String,
         /// Where it is placed.
         host: Host,
+    },
+    /// It is placed here, but this node holds no placement lease (cut off from the leader).
+    #[error("MCP server '{server}' cannot run on this node now: {detail}")]
+    NoLease {
+        /// Server id.
+        server: String,
+        /// Why (what was waited for).
+        detail: String,
     },
     /// The leader placed it on no node within the wait.
     #[error("MCP server '{server}' is not placed on any node yet: {detail}")]
@@ -157,6 +166,8 @@ pub struct Runtime {
     forward: std::sync::OnceLock<Arc<dyn Forward>>,
     /// Server→client requests relayed during calls, waiting for the client's answer.
     relays: relay::Relays,
+    /// This node's placement lease (renewed by the cluster; not required outside one).
+    lease: tokio::sync::watch::Sender<Lease>,
 }
 
 /// Errors of runtime administration.
@@ -194,6 +205,7 @@ impl Runtime {
             forward: std::sync::OnceLock::new(),
             relays: relay::Relays::new(&node_id),
             node_id,
+            lease: tokio::sync::watch::channel(Lease::NotRequired).0,
         });
         for (id, spec) in &config.mcp_servers {
             rt.insert(id.clone(), spec.clone());
@@ -223,6 +235,7 @@ impl Runtime {
                     id.clone(),
                     other,
                     host,
+                    self.lease.subscribe(),
                     self.metrics.clone(),
                     self.events.clone(),
                     self.log.clone(),
@@ -303,6 +316,36 @@ impl Runtime {
                 let spec = g.spec();
                 spec.auto_start && spec.members.iter().any(|m| m.id == inst.id())
             })
+    }
+
+    /// This node's placement lease from now on (set by the cluster's renewal loop).
+    pub fn set_lease(&self, lease: Lease) {
+        self.lease.send_replace(lease);
+    }
+
+    /// The single-instance servers this node may have a process of (connected, starting or
+    /// stopping), whatever their placement says: what it tells the leader with each renewal.
+    pub fn single_instances_running(&self) -> Vec<String> {
+        self.instances()
+            .into_iter()
+            .filter(|i| placement::placed_by_leader(&i.spec()) && i.holds_process())
+            .map(|i| i.id().to_owned())
+            .collect()
+    }
+
+    /// The placement lease lapsed: stop every single-instance server running here (the lease
+    /// shim of each child has killed it already if this node was frozen).
+    pub async fn lease_lapsed(&self) {
+        let running: Vec<Arc<Instance>> = self
+            .instances()
+            .into_iter()
+            .filter(|i| placement::placed_by_leader(&i.spec()) && i.holds_process())
+            .collect();
+        if !running.is_empty() {
+            let ids: Vec<&str> = running.iter().map(|i| i.id()).collect();
+            tracing::warn!(servers = ?ids, "placement_lease_lapsed_stopping_instances");
+        }
+        futures::future::join_all(running.iter().map(|i| i.stop("placement_lease_lapsed"))).await;
     }
 
     /// Server→client requests relayed during calls on this node's instances.

@@ -14,6 +14,7 @@
 //! * everything else → [`Upstream::subscribe`].
 
 mod http;
+pub mod lease;
 mod sse;
 mod stdio;
 
@@ -123,6 +124,9 @@ pub struct ConnectOptions {
     pub init_timeout: Duration,
     /// Capabilities advertised upstream.
     pub client_capabilities: serde_json::Value,
+    /// The placement lease a stdio child runs under (single-instance servers in a cluster):
+    /// the child is killed when it lapses, even if this process is frozen.
+    pub lease: Option<lease::LeaseWatch>,
 }
 
 /// What the handshake produced.
@@ -293,7 +297,7 @@ impl Upstream {
         };
         let (transport, init, default_timeout) = match spec {
             TransportSpec::Stdio(s) => {
-                let conn = stdio::StdioConn::spawn(&server, s, notes.clone())?;
+                let conn = stdio::StdioConn::spawn(&server, s, notes.clone(), opts.lease.as_ref())?;
                 let handshake = async {
                     let outcome = conn
                         .call("initialize", Some(params), None, None, opts.init_timeout)

@@ -29,6 +29,7 @@ use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
+use super::lease::{Lease, LeasePipe, LeaseWatch};
 use super::{CallEvent, CallSink, LogLine, Outcome, StdioSpec, UpstreamError};
 use crate::jsonrpc::{INTERNAL_ERROR, Id, Kind, Message, RpcError, raw_from_object, raw_object};
 use crate::lines::read_line_capped;
@@ -232,6 +233,7 @@ impl StdioConn {
         server_id: &str,
         spec: &StdioSpec,
         notes: broadcast::Sender<Arc<Message>>,
+        lease: Option<&LeaseWatch>,
     ) -> Result<Arc<StdioConn>, UpstreamError> {
         let spawn_err = |message: String| UpstreamError::Spawn {
             server: server_id.to_owned(),
@@ -246,16 +248,38 @@ impl StdioConn {
         // early exit, and the caller must learn that the request never left.
         resolve_program(program, spec)
             .map_err(|e| spawn_err(format!("cannot run '{program}': {e}")))?;
-        let mut cmd = match death_shim() {
+        let shim = death_shim();
+        let lease = match (lease, &shim) {
+            (Some(rx), Some(Shim::Hangar(_))) => match *rx.borrow() {
+                Lease::NotRequired => None,
+                Lease::Until(deadline) => {
+                    if !Lease::Until(deadline).held() {
+                        return Err(spawn_err(
+                            "this node holds no placement lease (it lost contact with the cluster's leader)".into(),
+                        ));
+                    }
+                    let pipe = LeasePipe::new(deadline)
+                        .map_err(|e| spawn_err(format!("cannot make the lease pipe: {e}")))?;
+                    Some((pipe, rx.clone()))
+                }
+            },
+            (Some(_), _) => {
+                static WARNED: std::sync::Once = std::sync::Once::new();
+                WARNED.call_once(|| {
+                    tracing::warn!("not running as the hangar binary: placement leases are enforced by the node only, not by a process-level shim");
+                });
+                None
+            }
+            (None, _) => None,
+        };
+        let mut cmd = match shim {
             Some(Shim::Hangar(exe)) => {
                 let mut c = Command::new(exe);
-                c.args([
-                    "exec-child",
-                    "--parent",
-                    &std::process::id().to_string(),
-                    "--",
-                ])
-                .arg(program);
+                c.args(["exec-child", "--parent", &std::process::id().to_string()]);
+                if let Some((pipe, _)) = &lease {
+                    c.args(["--lease-fd", &pipe.read_fd().to_string()]);
+                }
+                c.arg("--").arg(program);
                 c
             }
             Some(Shim::Setpriv(setpriv)) => {
@@ -302,6 +326,9 @@ impl StdioConn {
         let stdin_close = CancellationToken::new();
         let kill = CancellationToken::new();
 
+        if let Some((pipe, rx)) = lease {
+            pipe.feed(rx, shared.exited.clone());
+        }
         tokio::spawn(write_loop(shared.clone(), stdin, wrx, stdin_close.clone()));
         tokio::spawn(stderr_loop(shared.clone(), stderr));
         tokio::spawn(wait_loop(

@@ -374,6 +374,16 @@ impl RaftHandle {
         }
     }
 
+    /// On the leader: confirm with a quorum that this node still leads (a heartbeat round, as
+    /// for a ReadIndex) and return its term. A deposed leader that has not heard of its
+    /// successor fails here, so it cannot vouch for anything after it lost the majority.
+    pub async fn confirm_leadership(&self) -> Result<u64, RaftError> {
+        let term = self.status().term;
+        self.core().read_index_local().await?;
+        // The quorum confirmed `term` (a later term would have failed the round).
+        Ok(term)
+    }
+
     /// A gRPC channel to the node whose Raft address is `addr`, shared with Raft's own
     /// traffic (for the services served next to Raft, such as call forwarding).
     pub fn peer_channel(&self, addr: &str) -> Result<tonic::transport::Channel, RaftError> {
@@ -452,6 +462,12 @@ impl RaftHandle {
     /// Watch the applied log index.
     pub fn subscribe_applied(&self) -> watch::Receiver<u64> {
         self.core().sm.subscribe()
+    }
+
+    /// The index of the last entry applied to the local state (what [`read`](Self::read)
+    /// sees at least).
+    pub fn applied_index(&self) -> u64 {
+        self.core().sm.applied_index()
     }
 
     /// Watch the current leader id (`None` while unknown).

@@ -578,7 +578,10 @@ fn processes_named(marker: &str) -> Vec<u32> {
             .unwrap_or("")
             .split_whitespace()
             .next();
-        if state != Some("Z") && args.contains(&marker.as_bytes()) {
+        // A lease shim (`hangar exec-child --lease-fd`) carries the server's argv too; it is
+        // not the server.
+        let shim = args.contains(&b"exec-child".as_slice());
+        if state != Some("Z") && !shim && args.contains(&marker.as_bytes()) {
             out.push(pid);
         }
     }
@@ -586,7 +589,7 @@ fn processes_named(marker: &str) -> Vec<u32> {
 }
 
 /// The parent pid of `pid`.
-fn parent_of(pid: u32) -> Option<u32> {
+fn ppid(pid: u32) -> Option<u32> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     stat.rsplit(')')
         .next()?
@@ -594,6 +597,18 @@ fn parent_of(pid: u32) -> Option<u32> {
         .nth(1)?
         .parse()
         .ok()
+}
+
+/// Whether `pid` is a lease shim (`hangar exec-child`).
+fn is_shim(pid: u32) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .is_ok_and(|c| c.split(|b| *b == 0).any(|a| a == b"exec-child"))
+}
+
+/// The pid of the node that runs server process `pid` (its parent, or its lease shim's).
+fn parent_of(pid: u32) -> Option<u32> {
+    let p = ppid(pid)?;
+    if is_shim(p) { ppid(p) } else { Some(p) }
 }
 
 /// The pid the fixture reports from `whoami`, called through `m`.
@@ -1163,5 +1178,155 @@ async fn a_stateful_third_party_server_shares_its_state_through_every_node() {
         memory_procs.len(),
         1,
         "one server-memory process machine-wide: {memory_procs:?}"
+    );
+}
+
+/// Now on `CLOCK_MONOTONIC`, in nanoseconds (the clock the lease shims log).
+fn mono_ns() -> u64 {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
+    t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
+}
+
+/// Send `sig` to process `pid`.
+fn signal(pid: u32, sig: rustix::process::Signal) {
+    let pid = rustix::process::Pid::from_raw(pid as i32).unwrap();
+    rustix::process::kill_process(pid, sig).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_host_stops_its_instance_before_another_node_starts_it() {
+    let c = client();
+    let mut cl = cluster(3, &[]);
+    let id = format!("frozen{}", std::process::id());
+    let tool = format!("{id}__whoami");
+    // It may run on node 2 or 3; node 1 only forwards (and its calls are what we watch).
+    let server = fixture_stdio_yaml(&id, "    placement: {nodes: [2, 3]}\n");
+    start_static(
+        &mut cl,
+        &format!("mcp_servers:\n{server}"),
+        "  node_loss_timeout_ms: 3000\n  placement_lease_ms: 2000\n",
+    )
+    .await;
+    let via = cl.member(1).unwrap();
+    let pid = wait_for("served through node 1", Duration::from_secs(20), || async {
+        whoami(&c, via, &tool).await
+    })
+    .await as u32;
+    let host = cl
+        .members()
+        .iter()
+        .find(|m| m.pid() == parent_of(pid))
+        .map(Member::id)
+        .expect("the instance runs on a node");
+    let host_pid = cl.member(host).unwrap().pid().unwrap();
+
+    // Watch the server's processes machine-wide, every 10 ms, until told to stop (at most
+    // 120 s): (CLOCK_MONOTONIC ns, pids).
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = {
+        let stop = stop.clone();
+        let id = id.clone();
+        std::thread::spawn(move || {
+            let mut samples: Vec<(u64, Vec<u32>)> = Vec::new();
+            let until = std::time::Instant::now() + Duration::from_secs(120);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed)
+                && std::time::Instant::now() < until
+            {
+                samples.push((mono_ns(), processes_named(&id)));
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            samples
+        })
+    };
+
+    // Freeze the host (as a long pause or a hung machine would): it can stop nothing itself.
+    signal(host_pid, rustix::process::Signal::STOP);
+    let frozen_at = mono_ns();
+    let new_pid = wait_for(
+        "another node serves after the host froze",
+        Duration::from_secs(40),
+        || async {
+            let p = whoami(&c, via, &tool).await? as u32;
+            (p != pid).then_some(p)
+        },
+    )
+    .await;
+    let new_host = parent_of(new_pid);
+    assert!(
+        new_host.is_some() && new_host != Some(host_pid),
+        "the new instance runs on another node"
+    );
+    // Still frozen, and its server is gone: its lease shim killed it.
+    assert!(!pid_alive(pid), "the frozen node's server was killed");
+    assert_eq!(processes_named(&id), vec![new_pid]);
+
+    // Thaw it: it learns where the instance went and starts nothing of its own.
+    signal(host_pid, rustix::process::Signal::CONT);
+    let thawed = cl.member(host).unwrap();
+    wait_for(
+        "the thawed node forwards to the new host",
+        Duration::from_secs(30),
+        || async { (whoami(&c, thawed, &tool).await? == u64::from(new_pid)).then_some(()) },
+    )
+    .await;
+    let lapse_line = wait_for(
+        "the shim's lease line in the old instance's logs",
+        Duration::from_secs(20),
+        || async {
+            let (_, v) = get_json(&c, &thawed.url(&format!("/api/mcp_servers/{id}/logs"))).await;
+            v["logs"]
+                .as_array()?
+                .iter()
+                .filter_map(|l| l["line"].as_str())
+                .find(|l| l.contains("placement lease lapsed"))
+                .map(str::to_owned)
+        },
+    )
+    .await;
+    let lapsed_at: u64 = lapse_line
+        .split("CLOCK_MONOTONIC ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no timestamp in {lapse_line}"));
+    assert_eq!(
+        processes_named(&id),
+        vec![new_pid],
+        "one process after the thaw"
+    );
+    for m in cl.members() {
+        assert_eq!(
+            whoami(&c, m, &tool).await,
+            Some(u64::from(new_pid)),
+            "via node {}",
+            m.id()
+        );
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let samples = sampler.join().unwrap();
+
+    // Never two processes at once; the old one was last seen before the new one was first seen,
+    // and the shim killed it before that.
+    let both: Vec<&(u64, Vec<u32>)> = samples.iter().filter(|(_, p)| p.len() > 1).collect();
+    assert!(both.is_empty(), "two live processes at once: {both:?}");
+    let last_old = samples
+        .iter()
+        .filter(|(_, p)| p.contains(&pid))
+        .map(|(t, _)| *t)
+        .max()
+        .unwrap();
+    let first_new = samples
+        .iter()
+        .filter(|(_, p)| p.contains(&new_pid))
+        .map(|(t, _)| *t)
+        .min()
+        .expect("the sampler saw the new process");
+    assert!(
+        last_old < first_new,
+        "the old process outlived the start of the new one"
+    );
+    assert!(
+        frozen_at < lapsed_at && lapsed_at < first_new,
+        "the lease lapsed after the freeze ({frozen_at}) and before the new process ({first_new}): {lapse_line}"
     );
 }

@@ -290,6 +290,7 @@ fn opts() -> ConnectOptions {
         protocol_version: "2025-11-25".into(),
         init_timeout: Duration::from_secs(5),
         client_capabilities: json!({"sampling": {}}),
+        lease: None,
     }
 }
 

@@ -133,6 +133,7 @@ fn opts() -> ConnectOptions {
         protocol_version: "2025-11-25".into(),
         init_timeout: Duration::from_secs(10),
         client_capabilities: json!({"sampling": {}, "roots": {"listChanged": true}}),
+        lease: None,
     }
 }
 
@@ -654,7 +655,7 @@ async fn shutdown_escalates_to_sigterm_then_sigkill() {
         env: vec![],
         cwd: None,
     };
-    let conn = StdioConn::spawn("stubborn", &spec, notes).unwrap();
+    let conn = StdioConn::spawn("stubborn", &spec, notes, None).unwrap();
     let pid = conn.pid().unwrap();
     let started = Instant::now();
     conn.shutdown().await;
@@ -683,7 +684,7 @@ async fn dropping_the_connection_kills_the_process_group() {
         env: vec![],
         cwd: None,
     };
-    let conn = StdioConn::spawn("dropper", &spec, notes).unwrap();
+    let conn = StdioConn::spawn("dropper", &spec, notes, None).unwrap();
     let pid = conn.pid().unwrap();
     let grandchild =
         hangar_wait::Wait::new("the grandchild pid on stderr", Duration::from_secs(10))
@@ -732,7 +733,7 @@ fn orphan_helper() {
             env: vec![],
             cwd: None,
         };
-        let conn = StdioConn::spawn("orphan", &spec, notes).unwrap();
+        let conn = StdioConn::spawn("orphan", &spec, notes, None).unwrap();
         println!("ORPHAN-PID {}", conn.pid().unwrap());
         std::io::stdout().flush().unwrap();
         std::future::pending::<()>().await;
