@@ -13,7 +13,9 @@
 #                        kill -9 → first write acknowledged through a survivor, BENCH_RAFT_KILLS times.
 #   bench/run.sh forward any-node forwarding on a 3-node cluster of hangar processes: `echo` on the
 #                        fixture, placed on node 1, called through node 1 (local) and through node 2
-#                        (forwarded over gRPC to node 1), in the same run, at each concurrency level.
+#                        (forwarded over gRPC to node 1), in the same run, at each concurrency level;
+#                        then, on a fresh cluster, kill -9 of the node hosting a single-instance
+#                        server → first successful call through a survivor, BENCH_MOVE_KILLS times.
 #   bench/run.sh all     load, cold and raft.
 # Prints a markdown report and writes it to bench/results/latest.md.tmp (+ latest.jsonl.tmp).
 #
@@ -22,6 +24,7 @@
 #   BENCH_CONCURRENCY=1,8  concurrency levels            BENCH_COLD_REPS=20  cold-start repetitions
 #   BENCH_UPSTREAMS="everything fixture"                 which upstreams to measure
 #   BENCH_RAFT_CONCURRENCY=1,16   raft-commit levels    BENCH_RAFT_KILLS=20  raft-failover leader kills
+#   BENCH_MOVE_KILLS=5     instance-failover host kills   BENCH_NODE_LOSS_MS=10000  their node_loss_timeout_ms
 #   BENCH_CHECK=0          1 = exit 1 when a load or Raft target is missed
 #   CARGO_TARGET_DIR=$HOME/.cache/hangar/target   HANGAR_DEPS=$HOME/.cache/hangar/deps   NODE=node
 set -euo pipefail
@@ -37,6 +40,8 @@ COLD_REPS="${BENCH_COLD_REPS:-20}"
 UPSTREAMS="${BENCH_UPSTREAMS:-everything fixture}"
 RAFT_CONCURRENCY="${BENCH_RAFT_CONCURRENCY:-1,16}"
 RAFT_KILLS="${BENCH_RAFT_KILLS:-20}"
+MOVE_KILLS="${BENCH_MOVE_KILLS:-5}"
+NODE_LOSS_MS="${BENCH_NODE_LOSS_MS:-10000}"
 CHECK="${BENCH_CHECK:-0}"
 OUT_MD="$ROOT/bench/results/latest.md.tmp"
 OUT_JSONL="$ROOT/bench/results/latest.jsonl.tmp"
@@ -52,6 +57,8 @@ die() { echo "bench: ERROR: $*" >&2; exit 1; }
 [[ "$COLD_REPS" =~ ^[1-9][0-9]*$ ]] || die "BENCH_COLD_REPS must be a positive whole number (got '$COLD_REPS')"
 [[ "$RAFT_CONCURRENCY" =~ ^[1-9][0-9]*(,[1-9][0-9]*)*$ ]] || die "BENCH_RAFT_CONCURRENCY must look like 1,16 (got '$RAFT_CONCURRENCY')"
 [[ "$RAFT_KILLS" =~ ^[1-9][0-9]*$ ]] || die "BENCH_RAFT_KILLS must be a positive whole number (got '$RAFT_KILLS')"
+[[ "$MOVE_KILLS" =~ ^[1-9][0-9]*$ ]] || die "BENCH_MOVE_KILLS must be a positive whole number (got '$MOVE_KILLS')"
+[[ "$NODE_LOSS_MS" =~ ^[1-9][0-9]*$ ]] || die "BENCH_NODE_LOSS_MS must be a whole number of milliseconds (got '$NODE_LOSS_MS')"
 for u in $UPSTREAMS; do
     [[ "$u" =~ ^(everything|fixture)$ ]] || die "BENCH_UPSTREAMS: unknown upstream '$u' (everything, fixture)"
 done
@@ -257,6 +264,17 @@ EOF
     timeout --kill-after=5 "$LIMIT" "$BIN/hangar-bench" http --url "http://$A2/mcp" \
         --server-pid "${FORWARD_PIDS[0]}" --server-pid "${FORWARD_PIDS[1]}" --tool fixture__echo \
         --label forward-fixture "${LOAD[@]}" >/dev/null || die "forwarded run failed"
+    say "forward: stopping the cluster; instance failover on a fresh one: $MOVE_KILLS host kills"
+    for p in "${FORWARD_PIDS[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+    for p in "${FORWARD_PIDS[@]}"; do
+        for _ in $(seq 50); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
+        kill -KILL "$p" 2>/dev/null || true
+    done
+    FORWARD_PIDS=()
+    timeout --kill-after=5 "$(( MOVE_KILLS * 150 + 120 ))" "$BIN/hangar-bench" instance-failover \
+        --hangar "$BIN/hangar" --fixture "$BIN/hangar-fixture" --kills "$MOVE_KILLS" \
+        --node-loss-ms "$NODE_LOSS_MS" --json-out "$WORK/move.jsonl" >/dev/null \
+        || die "instance-failover failed"
 fi
 
 # ---- report ----
@@ -267,7 +285,7 @@ REPORT_RC=0
 {
     echo "## Hangar benchmark ($WHAT)"
     echo
-    echo "- command: \`BENCH_DURATION=$DURATION BENCH_WARMUP=$WARMUP BENCH_CONCURRENCY=$CONCURRENCY BENCH_COLD_REPS=$COLD_REPS BENCH_UPSTREAMS='$UPSTREAMS' BENCH_RAFT_CONCURRENCY=$RAFT_CONCURRENCY BENCH_RAFT_KILLS=$RAFT_KILLS bench/run.sh $WHAT\`"
+    echo "- command: \`BENCH_DURATION=$DURATION BENCH_WARMUP=$WARMUP BENCH_CONCURRENCY=$CONCURRENCY BENCH_COLD_REPS=$COLD_REPS BENCH_UPSTREAMS='$UPSTREAMS' BENCH_RAFT_CONCURRENCY=$RAFT_CONCURRENCY BENCH_RAFT_KILLS=$RAFT_KILLS BENCH_MOVE_KILLS=$MOVE_KILLS BENCH_NODE_LOSS_MS=$NODE_LOSS_MS bench/run.sh $WHAT\`"
     echo "- date: $(date -u +%Y-%m-%dT%H:%M:%SZ); commit: $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')$(git -C "$ROOT" diff --quiet HEAD 2>/dev/null || echo ' (dirty)')"
     echo "- machine: $(nproc) CPUs, $(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1); load average before the runs: $LOADAVG"
     if [ "$UPSTREAM_RUNS" = 1 ]; then echo "- upstreams: \`everything\` = @modelcontextprotocol/server-everything $EVERYTHING_VERSION on Node $("$NODE" --version); \`fixture\` = \`hangar-fixture stdio\` (Rust); tool \`echo\` (direct) or \`<server>__echo\` (through Hangar), arguments \`$ARGS\`"; fi
@@ -283,6 +301,9 @@ REPORT_RC=0
             --candidate forward-fixture >"$WORK/report-forward.md" || REPORT_RC=$?
         sed 's/^### /#### /' "$WORK/report-forward.md"
         echo
+        echo "- instance failover: a fresh 3-node cluster (static peers, \`node_loss_timeout_ms: $NODE_LOSS_MS\`, placement lease 70 % of it), one \`replicas: 1\` fixture server; kill -9 of its host, then \`tools/call\` probes round robin through the survivors (2 s limit each) until one succeeds; the killed node is restarted between rounds"
+        echo
+        "$BIN/hangar-bench" report "$WORK/move.jsonl" || REPORT_RC=$?
     elif [ -s "$WORK/runs.jsonl" ]; then
         for u in $UPSTREAMS; do
             echo "### Upstream \`$u\`"

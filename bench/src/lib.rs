@@ -22,6 +22,7 @@ pub mod cold;
 pub mod cpu;
 pub mod histogram;
 pub mod http1;
+pub mod instance;
 pub mod load;
 pub mod raft;
 pub mod report;

@@ -9,6 +9,7 @@ use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 use hangar_bench::cold::{self, ColdRecord};
 use hangar_bench::http1::{HttpTarget, RawClient, parse_url};
+use hangar_bench::instance::{self, InstanceFailoverArgs, InstanceFailoverRecord};
 use hangar_bench::load::{self, Caller, Plan};
 use hangar_bench::raft::{
     self, CommitArgs, CommitPlan, FailoverArgs, FailoverPlan, FailoverRecord,
@@ -98,6 +99,9 @@ enum Command {
     /// Raft leader failover: on a 3-node cluster with a background writer, kill -9 the leader
     /// --kills times; time the first write acknowledged through a survivor.
     RaftFailover(FailoverArgs),
+    /// Instance failover: on a 3-node cluster running one single-instance fixture server, kill
+    /// -9 its host --kills times; time the first call that succeeds through a survivor.
+    InstanceFailover(InstanceFailoverArgs),
     /// Read JSON-line results and print a markdown comparison of two labels with target checks
     /// (and the Raft tables when the files hold raft-commit / raft-failover results).
     Report {
@@ -192,7 +196,8 @@ fn main() -> ExitCode {
         Command::Report { .. }
         | Command::Cold { .. }
         | Command::RaftCommit(_)
-        | Command::RaftFailover(_) => 1,
+        | Command::RaftFailover(_)
+        | Command::InstanceFailover(_) => 1,
     };
     let rt = if threads == 1 {
         tokio::runtime::Builder::new_current_thread()
@@ -328,6 +333,19 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             print_line(&serde_json::to_string(&rec)?, a.json_out.as_ref())?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::InstanceFailover(a) => {
+            let rec = tokio::select! {
+                r = instance::failover(&a) => r?,
+                sig = raft::interrupted() => bail!("interrupted by {sig}; the cluster was stopped"),
+            };
+            let f = &rec.first_call;
+            eprintln!(
+                "instance-failover: {} kills, node_loss_timeout {} ms; kill -9 → first call: p50 {:.1} ms, p90 {:.1} ms, max {:.1} ms",
+                rec.kills, rec.node_loss_timeout_ms, f.p50_ms, f.p90_ms, f.max_ms
+            );
+            print_line(&serde_json::to_string(&rec)?, a.json_out.as_ref())?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Report {
             files,
             baseline,
@@ -341,6 +359,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let mut colds: Vec<ColdRecord> = Vec::new();
             let mut raft_commits: Vec<RunRecord> = Vec::new();
             let mut failovers: Vec<FailoverRecord> = Vec::new();
+            let mut moves: Vec<InstanceFailoverRecord> = Vec::new();
             for f in &files {
                 let text = std::fs::read_to_string(f)
                     .with_context(|| format!("cannot read {}", f.display()))?;
@@ -358,6 +377,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         }
                         Some("raft-failover") => {
                             failovers.push(serde_json::from_value(v).with_context(where_)?);
+                        }
+                        Some("instance-failover") => {
+                            moves.push(serde_json::from_value(v).with_context(where_)?);
                         }
                         _ => records.push(serde_json::from_value(v).with_context(where_)?),
                     }
@@ -378,6 +400,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             if !colds.is_empty() {
                 print!("{}", report::cold_markdown(&colds));
+            }
+            if !moves.is_empty() {
+                print!("{}", instance::markdown(&moves));
             }
             if !raft_commits.is_empty() || !failovers.is_empty() {
                 let (md, met) =
