@@ -107,6 +107,7 @@ pub struct Member {
     raft: String,
     dir: PathBuf,
     args: Vec<String>,
+    env: Vec<(String, String)>,
     child: Option<Child>,
     starts: u32,
 }
@@ -237,6 +238,14 @@ impl Cluster {
         })
     }
 
+    /// Run member `id` with this environment variable too (from its next start; it wins over
+    /// [`Cluster::env`]).
+    pub fn member_env(&mut self, id: u64, key: &str, value: &str) -> Result<()> {
+        let i = self.index(id)?;
+        self.members[i].env.push((key.to_owned(), value.to_owned()));
+        Ok(())
+    }
+
     /// Run every node with this environment variable too.
     #[must_use]
     pub fn env(mut self, key: &str, value: &str) -> Self {
@@ -269,6 +278,7 @@ impl Cluster {
             raft: format!("127.0.0.1:{}", ports[1]),
             dir,
             args: args.iter().map(|s| (*s).to_owned()).collect(),
+            env: Vec::new(),
             child: None,
             starts: 0,
         });
@@ -393,6 +403,7 @@ impl Cluster {
             .arg(&ready)
             .args(&m.args)
             .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .envs(m.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log2)

@@ -40,6 +40,7 @@ impl Cluster {
                         // Every placement an earlier leader wrote is in this log.
                         start_index: status.last_log_index.unwrap_or(0),
                         handoffs: BTreeMap::new(),
+                        failed_on: BTreeMap::new(),
                         waiting: Default::default(),
                     });
                     self.leases
@@ -96,13 +97,14 @@ impl Cluster {
                 }
             }
         }
-        let wants: Vec<Want> = specs
+        let mut wants: Vec<Want> = specs
             .iter()
             .filter_map(|(id, spec)| match spec {
                 ServerSpec::Subprocess(s) if placed_by_leader(spec) => Some(Want {
                     id: id.clone(),
                     nodes: s.placement.nodes.clone(),
                     groups: groups_of.get(id.as_str()).cloned().unwrap_or_default(),
+                    avoid: Default::default(),
                 }),
                 _ => None,
             })
@@ -139,6 +141,32 @@ impl Cluster {
                 .collect();
             (nodes, current)
         });
+        // Recovery by moving: an instance its host reports DEGRADED or DEAD (it kept failing
+        // there) goes to a node it has not failed on, when there is one; once it is READY
+        // somewhere, its past failures are forgotten.
+        let reports = self.raft.read(|st| {
+            st.status
+                .iter()
+                .map(|(i, s)| (i.clone(), (local(s.state), s.node_id)))
+                .collect::<Vec<_>>()
+        });
+        for (id, (state, node)) in reports {
+            match state {
+                ServerState::Degraded | ServerState::Dead
+                    if current.get(&id) == Some(&node)
+                        && t.failed_on.entry(id.clone()).or_default().insert(node) =>
+                {
+                    tracing::warn!(server = %id, node, state = ?state, "instance_failing_on_its_node (placing it elsewhere if another node can take it)");
+                }
+                ServerState::Ready => {
+                    t.failed_on.remove(&id);
+                }
+                _ => {}
+            }
+        }
+        for w in &mut wants {
+            w.avoid = t.failed_on.get(&w.id).cloned().unwrap_or_default();
+        }
         // Members that have not registered their addresses yet cannot be placed on (nothing
         // could forward to them); right after an election, wait for them rather than crowd the
         // instances onto the early ones (nothing moves later without need).
@@ -239,6 +267,9 @@ struct Term {
     start_index: u64,
     /// Instances being moved off a live node → the log index of their unplacement.
     handoffs: BTreeMap<String, u64>,
+    /// Nodes each instance kept failing on (reported DEGRADED or DEAD there) since it was
+    /// last READY.
+    failed_on: BTreeMap<String, std::collections::BTreeSet<u64>>,
     /// What placements were seen waiting for (logged once each).
     waiting: std::collections::BTreeSet<(String, u64, String)>,
 }

@@ -2,9 +2,10 @@
 //!
 //! A pure decision over the replicated state, taken by the leader only (DESIGN §7): keep every
 //! placement that is still valid, move only what must move (its node was lost, left, or is no
-//! longer allowed), place what is new on the least-loaded allowed node with room, spreading the
-//! members of one group over different nodes. The leader writes the result as Raft commands
-//! stamped with its term; nothing here does I/O.
+//! longer allowed, or the instance kept failing there while another node can take it), place
+//! what is new on the least-loaded allowed node with room, spreading the members of one group
+//! over different nodes. The leader writes the result as Raft commands stamped with its term;
+//! nothing here does I/O.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -17,6 +18,9 @@ pub struct Want {
     pub nodes: Vec<u64>,
     /// Groups it is a member of: members of one group go to different nodes when they can.
     pub groups: Vec<String>,
+    /// Nodes where it kept failing (its host reported it DEGRADED or DEAD): it moves off
+    /// them, and is placed on them, only when no other node can take it.
+    pub avoid: BTreeSet<u64>,
 }
 
 /// A node as the leader sees it.
@@ -81,10 +85,21 @@ pub fn plan(
     let mut load: BTreeMap<u64, u32> = nodes.keys().map(|n| (*n, 0)).collect();
     let mut group_nodes: BTreeMap<&str, BTreeMap<u64, u32>> = BTreeMap::new();
     let mut to_place: Vec<&Want> = Vec::new();
+    let takes = |w: &Want, n: u64, v: &NodeView| v.usable() && allowed(w, n);
     for w in wants {
-        let keep = current
-            .get(&w.id)
-            .filter(|n| nodes.get(n).is_some_and(NodeView::usable) && allowed(w, **n));
+        // A node it kept failing on is kept only when no other node could take it.
+        let elsewhere = |here: u64| {
+            nodes.iter().any(|(n, v)| {
+                *n != here
+                    && !w.avoid.contains(n)
+                    && takes(w, *n, v)
+                    && v.capacity.is_none_or(|c| c > 0)
+            })
+        };
+        let keep = current.get(&w.id).filter(|n| {
+            nodes.get(n).is_some_and(|v| takes(w, **n, v))
+                && !(w.avoid.contains(n) && elsewhere(**n))
+        });
         match keep {
             Some(n) => {
                 *load.entry(*n).or_default() += 1;
@@ -98,9 +113,7 @@ pub fn plan(
     for w in to_place {
         let best = nodes
             .iter()
-            .filter(|(n, v)| {
-                v.usable() && allowed(w, **n) && v.capacity.is_none_or(|c| load[*n] < c)
-            })
+            .filter(|(n, v)| takes(w, **n, v) && v.capacity.is_none_or(|c| load[*n] < c))
             .min_by_key(|(n, _)| {
                 let same_group: u32 = w
                     .groups
@@ -113,7 +126,7 @@ pub fn plan(
                             .unwrap_or(0)
                     })
                     .sum();
-                (same_group, load[*n], **n)
+                (w.avoid.contains(n), same_group, load[*n], **n)
             })
             .map(|(n, _)| *n);
         match best {
@@ -169,6 +182,7 @@ mod tests {
             id: id.into(),
             nodes: vec![],
             groups: vec![],
+            avoid: BTreeSet::new(),
         }
     }
 
@@ -281,12 +295,37 @@ mod tests {
             id: id.into(),
             nodes: vec![],
             groups: vec!["g".into()],
+            avoid: BTreeSet::new(),
         };
         // `solo` loads node 1 first; the group still spreads.
         let cur = current(&[("solo", 1)]);
         let p = plan(&[want("solo"), member("m1"), member("m2")], &n, &cur);
         let got = placed(&p);
         assert_ne!(got["m1"], got["m2"], "{p:?}");
+    }
+
+    #[test]
+    fn an_instance_that_keeps_failing_moves_to_a_node_it_did_not_fail_on() {
+        let n = nodes(&[(1, None, true), (2, None, true), (3, None, true)]);
+        let mut a = want("a");
+        a.avoid = BTreeSet::from([1]);
+        // Moves off node 1, to the least-loaded other node.
+        let p = plan(&[a.clone(), want("b")], &n, &current(&[("a", 1), ("b", 2)]));
+        assert_eq!(placed(&p), current(&[("a", 3)]));
+        // It failed on 1 and 3: node 2 it is, even though it is busier.
+        a.avoid = BTreeSet::from([1, 3]);
+        let p = plan(&[a.clone(), want("b")], &n, &current(&[("a", 3), ("b", 2)]));
+        assert_eq!(placed(&p), current(&[("a", 2)]));
+        // Failed everywhere it may run: it stays where it is (no bouncing around).
+        a.avoid = BTreeSet::from([1, 2, 3]);
+        let p = plan(&[a.clone()], &n, &current(&[("a", 2)]));
+        assert!(p.changes.is_empty(), "{p:?}");
+        // Only allowed on the node it fails on: it stays.
+        let mut only1 = want("x");
+        only1.nodes = vec![1];
+        only1.avoid = BTreeSet::from([1]);
+        let p = plan(&[only1], &n, &current(&[("x", 1)]));
+        assert!(p.changes.is_empty(), "{p:?}");
     }
 
     #[test]

@@ -1330,3 +1330,64 @@ async fn a_frozen_host_stops_its_instance_before_another_node_starts_it() {
         "the lease lapsed after the freeze ({frozen_at}) and before the new process ({first_new}): {lapse_line}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_that_keeps_failing_on_its_node_is_placed_on_another() {
+    let c = client();
+    let mut cl = cluster(3, &[]);
+    let id = format!("flaky{}", std::process::id());
+    let tool = format!("{id}__whoami");
+    // The command comes from each node's environment: node 1 cannot run it.
+    let fixture = bin("hangar-fixture").display().to_string();
+    cl.member_env(1, "FLAKY_BIN", "/nonexistent/hangar-fixture")
+        .unwrap();
+    cl.member_env(2, "FLAKY_BIN", &fixture).unwrap();
+    cl.member_env(3, "FLAKY_BIN", &fixture).unwrap();
+    let server = format!(
+        "  {id}:\n    mode: subprocess\n    command: [\"${{FLAKY_BIN}}\", stdio, --name, {id}]\n    max_consecutive_failures: 1\n    placement: {{nodes: [1, 2]}}\n"
+    );
+    start_static(
+        &mut cl,
+        &format!("mcp_servers:\n{server}"),
+        "  node_loss_timeout_ms: 3000\n",
+    )
+    .await;
+    // Nothing runs yet: the leader places it on the least-loaded allowed node, node 1.
+    let via = cl.member(3).unwrap();
+    wait_for("placed on node 1", Duration::from_secs(20), || async {
+        let (n, _) = placements_seen(&c, via).await?.get(&id)?.clone();
+        (n == 1).then_some(())
+    })
+    .await;
+    // Calls fail there (the start fails; it goes DEGRADED), until the leader moves it.
+    let pid = wait_for(
+        "served after the leader moved it off the node it fails on",
+        Duration::from_secs(30),
+        || async { whoami(&c, via, &tool).await },
+    )
+    .await as u32;
+    assert_eq!(
+        parent_of(pid),
+        cl.member(2).unwrap().pid(),
+        "it runs on node 2 now"
+    );
+    for m in cl.members() {
+        wait_for(
+            "every node shows it on node 2",
+            Duration::from_secs(10),
+            || async {
+                let (n, s) = placements_seen(&c, m).await?.get(&id)?.clone();
+                (n == 2 && s == "ready").then_some(())
+            },
+        )
+        .await;
+    }
+    assert!(
+        cl.member(1)
+            .unwrap()
+            .log()
+            .contains("mcp_server_start_failed"),
+        "it was tried on node 1 first"
+    );
+    assert_eq!(processes_named(&id), vec![pid]);
+}
