@@ -87,6 +87,13 @@ impl Leases {
             .raft
             .get()
             .ok_or(ClusterError::Raft(hangar_raft::RaftError::NoLeader))?;
+        let status = raft.status();
+        if !status.voters.contains_key(&report.node_id)
+            && !status.learners.contains_key(&report.node_id)
+        {
+            // A removed node must stop what it runs: the leader placed it elsewhere.
+            return Err(ClusterError::NotAMember(report.node_id));
+        }
         let min = self.min_applied.load(Ordering::Acquire);
         if report.applied_index < min {
             return Err(ClusterError::PeerRpc {

@@ -95,6 +95,10 @@ pub enum Replicas {
     One,
     /// One instance on every node; each node calls its own copy.
     All,
+    /// This many (2 or more) interchangeable instances on different nodes; calls are balanced
+    /// over them. Lowered to a group (round robin) of single-instance members `<id>.1` …
+    /// `<id>.N` (see `validate::expand_replicas`), so the runtime never sees it.
+    Count(u32),
 }
 
 /// HTTP client settings for a remote server.

@@ -334,3 +334,41 @@ fn the_placement_lease_defaults_below_the_node_loss_timeout_and_is_checked() {
         "{p:?}"
     );
 }
+
+#[test]
+fn replicas_n_becomes_a_group_of_single_instance_members() {
+    let c = load("mcp_servers:\n  web:\n    command: [srv]\n    auto_start: true\n    placement: {replicas: 3, nodes: [1, 2, 3]}\n")
+        .unwrap();
+    let ServerSpec::Group(g) = &c.mcp_servers["web"] else {
+        panic!("{:?}", c.mcp_servers["web"])
+    };
+    let ids: Vec<&str> = g.members.iter().map(|m| m.id.as_str()).collect();
+    assert_eq!(ids, ["web.1", "web.2", "web.3"]);
+    assert!(g.auto_start);
+    for id in ids {
+        let ServerSpec::Subprocess(s) = &c.mcp_servers[id] else {
+            panic!()
+        };
+        assert_eq!(s.placement.replicas, Replicas::One);
+        assert_eq!(s.placement.nodes, vec![1, 2, 3]);
+        assert_eq!(s.command, vec!["srv"]);
+    }
+    for bad in ["0", "65", "many"] {
+        let p = problems(&format!(
+            "mcp_servers:\n  web:\n    command: [srv]\n    placement: {{replicas: {bad}}}\n"
+        ));
+        assert!(
+            p.iter()
+                .any(|m| m.contains("placement.replicas") && m.contains("from 2 to 64")),
+            "{bad}: {p:?}"
+        );
+    }
+    let p = problems(
+        "mcp_servers:\n  web:\n    command: [srv]\n    placement: {replicas: 3, nodes: [1, 2]}\n",
+    );
+    assert!(
+        p.iter()
+            .any(|m| m.contains("needs at least 3 allowed nodes")),
+        "{p:?}"
+    );
+}

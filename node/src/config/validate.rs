@@ -211,7 +211,7 @@ pub(super) fn build(doc: &Value, p: &ProblemSink, allow_missing_servers: bool) -
                     continue;
                 }
                 if let Some(spec) = server_spec(v, &sp, p) {
-                    servers.insert(id.clone(), spec);
+                    expand_replicas(id, spec, &sp, &mut servers, p);
                 }
             }
             for (id, v) in groups {
@@ -293,6 +293,68 @@ fn fallback() -> Config {
         raw_servers: Default::default(),
         file_hash: None,
     }
+}
+
+/// Insert server `id`; a server with `replicas: N` (N ≥ 2) becomes a round-robin group `id`
+/// of N single-instance members `id.1` … `id.N` (ids with a `.`, which no configured server
+/// can have), which the leader spreads over different nodes like any group's members.
+fn expand_replicas(
+    id: &str,
+    spec: ServerSpec,
+    path: &str,
+    servers: &mut IndexMap<String, ServerSpec>,
+    p: &ProblemSink,
+) {
+    let ServerSpec::Subprocess(s) = &spec else {
+        servers.insert(id.to_owned(), spec);
+        return;
+    };
+    let Replicas::Count(n) = s.placement.replicas else {
+        servers.insert(id.to_owned(), spec);
+        return;
+    };
+    if !s.placement.nodes.is_empty() && s.placement.nodes.len() < n as usize {
+        p.push(
+            &format!("{path}.placement"),
+            format!(
+                "replicas: {n} needs at least {n} allowed nodes, but placement.nodes lists {}",
+                s.placement.nodes.len()
+            ),
+        );
+    }
+    let mut member = s.clone();
+    member.placement.replicas = Replicas::One;
+    let members: Vec<GroupMember> = (1..=n)
+        .map(|k| {
+            let mid = format!("{id}.{k}");
+            servers.insert(mid.clone(), ServerSpec::Subprocess(member.clone()));
+            GroupMember {
+                id: mid,
+                weight: 1,
+                priority: 1,
+                tools: None,
+            }
+        })
+        .collect();
+    servers.insert(
+        id.to_owned(),
+        ServerSpec::Group(GroupSpec {
+            description: s.common.description.clone(),
+            strategy: Strategy::RoundRobin,
+            min_healthy: 1,
+            auto_start: s.common.auto_start,
+            health: GroupHealth {
+                unhealthy_threshold: 2,
+                healthy_threshold: 1,
+            },
+            circuit_breaker: GroupBreaker {
+                failure_threshold: 10,
+                reset_timeout: Duration::from_secs(60),
+            },
+            tools: None,
+            members,
+        }),
+    );
 }
 
 pub(super) fn check_id(id: &str, path: &str, p: &ProblemSink) {
@@ -628,7 +690,10 @@ pub(super) fn server_spec(v: &Value, path: &str, p: &ProblemSink) -> Option<Serv
     spec
 }
 
-/// `placement: {replicas: 1 | all, nodes: [ids]}` of a local-mode server.
+/// Most replicas of one server.
+const MAX_REPLICAS: u64 = 64;
+
+/// `placement: {replicas: 1 | N | all, nodes: [ids]}` of a local-mode server.
 fn placement(o: &Obj<'_>) -> PlacementSpec {
     let Some(pl) = o.obj("placement") else {
         return PlacementSpec::default();
@@ -636,17 +701,22 @@ fn placement(o: &Obj<'_>) -> PlacementSpec {
     let replicas = match pl.raw("replicas") {
         None => Replicas::One,
         Some(Value::String(s)) if s == "all" => Replicas::All,
-        Some(v) if v.as_u64() == Some(1) || v.as_str() == Some("1") => Replicas::One,
-        Some(v) => {
-            pl.p.push(
-                &pl.at("replicas"),
-                format!(
-                    "must be 1 (one instance cluster-wide, the default) or `all` (one on every node); \
-                     got {v} — a fixed count above 1 is not supported yet, use a group of servers instead"
-                ),
-            );
-            Replicas::One
-        }
+        Some(v) => match v
+            .as_u64()
+            .or_else(|| v.as_str().and_then(|s| s.parse().ok()))
+        {
+            Some(1) => Replicas::One,
+            Some(n) if (2..=MAX_REPLICAS).contains(&n) => Replicas::Count(n as u32),
+            _ => {
+                pl.p.push(
+                    &pl.at("replicas"),
+                    format!(
+                        "must be 1 (one instance cluster-wide, the default), a count from 2 to {MAX_REPLICAS} (that many interchangeable instances on different nodes) or `all` (one on every node); got {v}"
+                    ),
+                );
+                Replicas::One
+            }
+        },
     };
     let mut nodes = Vec::new();
     match pl.raw("nodes") {

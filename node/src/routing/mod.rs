@@ -603,9 +603,17 @@ impl Router {
                 detail: "the group has no members".to_owned(),
             });
         }
+        // Members not placed on any node right now (moving between nodes) come last: the
+        // others serve without waiting for the move.
+        let (placed, moving): (Vec<_>, Vec<_>) = candidates
+            .into_iter()
+            .partition(|i| group.is_none() || i.host() != Host::Unplaced);
         // (instance, whether it already had its one restart after a dead connection)
-        let mut queue: VecDeque<(Arc<Instance>, bool)> =
-            candidates.into_iter().map(|i| (i, false)).collect();
+        let mut queue: VecDeque<(Arc<Instance>, bool)> = placed
+            .into_iter()
+            .chain(moving)
+            .map(|i| (i, false))
+            .collect();
         let mut failures: Vec<String> = Vec::new();
         while let Some((inst, restarted)) = queue.pop_front() {
             // A lone server waits for its instance to be re-placed when its host is
@@ -752,40 +760,19 @@ impl Router {
                     host: Host::Node(node),
                 }));
             };
-            let call = fwd.call(
-                node,
-                inst.id(),
-                req.method,
-                req.params.clone(),
-                req.sink.clone(),
-                left().max(Duration::from_millis(1)),
-            );
-            // The leader moves an instance off a node only once that node stopped it or lost
-            // its lease (its lease shim killed it): a call still out there will not come back.
-            let moved = async {
-                let h = inst.host_changed(Host::Node(node), left()).await;
-                if h == Host::Node(node) {
-                    std::future::pending::<()>().await;
-                }
-                h
-            };
-            let r = tokio::select! {
-                r = call => r,
-                h = moved => {
-                    tracing::info!(server = inst.id(), from = node, now = ?h, "instance_moved_during_forwarded_call");
-                    return Err(Attempt::Upstream {
-                        error: UpstreamError::Closed {
-                            server: inst.id().to_owned(),
-                            message: format!(
-                                "the instance moved off node {node} during the call (that node stopped it or was lost)"
-                            ),
-                            before_send: false,
-                        },
-                        alive: true,
-                        generation: inst.generation(),
-                    });
-                }
-            };
+            // A host that dies or freezes mid-call breaks the stream (connection reset, or
+            // no answer to HTTP/2 keepalive pings within about 2 s); a host that stops the
+            // instance for a planned move finishes the calls in flight first.
+            let r = fwd
+                .call(
+                    node,
+                    inst.id(),
+                    req.method,
+                    req.params.clone(),
+                    req.sink.clone(),
+                    left().max(Duration::from_millis(1)),
+                )
+                .await;
             return match r {
                 Ok(o) => Ok(o),
                 // Nothing was sent: the placement moved (wait for this node to learn where),

@@ -720,6 +720,14 @@ impl Instance {
         }
     }
 
+    /// Wait until no call is in flight on the live connection, at most `limit`.
+    pub async fn drain_calls(&self, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        while self.in_flight() > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Stop the instance (→ COLD). `reason` is reported in metrics and logs.
     pub async fn stop(&self, reason: &str) {
         let _guard = self.start_lock.lock().await;

@@ -148,6 +148,9 @@ impl Group {
     }
 }
 
+/// How long an instance that moves to another node may finish its calls in flight here.
+const MOVE_DRAIN: Duration = Duration::from_secs(10);
+
 /// All instances and groups on this node.
 pub struct Runtime {
     instances: RwLock<IndexMap<String, Arc<Instance>>>,
@@ -275,8 +278,13 @@ impl Runtime {
             }
             tracing::info!(server = inst.id(), ?before, now = ?host, "instance_placement_changed");
             if before == Host::Here {
+                // New calls go elsewhere from now on; those in flight here finish first
+                // (bounded), so a planned move fails no call.
                 let i = inst.clone();
-                tokio::spawn(async move { i.stop("placed_elsewhere").await });
+                tokio::spawn(async move {
+                    i.drain_calls(MOVE_DRAIN).await;
+                    i.stop("placed_elsewhere").await;
+                });
             } else if host == Host::Here && self.wants_auto_start(&inst) {
                 let i = inst.clone();
                 tokio::spawn(async move {

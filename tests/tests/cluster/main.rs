@@ -1391,3 +1391,98 @@ async fn an_instance_that_keeps_failing_on_its_node_is_placed_on_another() {
     );
     assert_eq!(processes_named(&id), vec![pid]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_run_on_different_nodes_and_a_drain_under_traffic_fails_no_call() {
+    let c = client();
+    let mut cl = cluster(3, &[]);
+    let id = format!("rep{}", std::process::id());
+    let tool = format!("{id}__whoami");
+    let server = fixture_stdio_yaml(&id, "    auto_start: true\n    placement: {replicas: 2}\n");
+    start_static(
+        &mut cl,
+        &format!("mcp_servers:\n{server}"),
+        "  node_loss_timeout_ms: 3000\n",
+    )
+    .await;
+    let (m1, m2) = (format!("{id}.1"), format!("{id}.2"));
+    // Two instances, on two different nodes, both ready, as every node shows.
+    let hosts = |v: &BTreeMap<String, (u64, String)>| -> Option<(u64, u64)> {
+        let (a, sa) = v.get(&m1)?;
+        let (b, sb) = v.get(&m2)?;
+        (a != b && sa == "ready" && sb == "ready").then_some((*a, *b))
+    };
+    let mut placed = None;
+    for m in cl.members() {
+        placed = Some(
+            wait_for(
+                "two ready replicas on two nodes",
+                Duration::from_secs(30),
+                || async { hosts(&placements_seen(&c, m).await?) },
+            )
+            .await,
+        );
+    }
+    let (h1, _h2) = placed.unwrap();
+    let procs = processes_named(&id);
+    assert_eq!(procs.len(), 2, "{procs:?}");
+    assert_ne!(parent_of(procs[0]), parent_of(procs[1]), "on two nodes");
+    // Calls through any node are balanced over both.
+    for m in cl.members() {
+        let mut seen = BTreeSet::new();
+        for _ in 0..6 {
+            seen.insert(whoami(&c, m, &tool).await.expect("a call"));
+        }
+        assert_eq!(seen.len(), 2, "via node {}: {seen:?}", m.id());
+    }
+
+    // Drain the node of the first replica while a client calls through another node.
+    let via = cl.members().iter().find(|m| m.id() != h1).unwrap();
+    let url = via.url("/mcp");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let traffic = {
+        let (c, stop, tool) = (c.clone(), stop.clone(), tool.clone());
+        tokio::spawn(async move {
+            let (mut ok, mut failed) = (0u32, Vec::new());
+            // Bounded: at most 20 000 calls.
+            for _ in 0..20_000 {
+                if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
+                let r = call_tool(&c, &url, &tool, json!({})).await;
+                if r["result"]["content"][0]["text"].is_string() && r["result"]["isError"] != true {
+                    ok += 1;
+                } else {
+                    failed.push(r.to_string());
+                }
+            }
+            (ok, failed)
+        })
+    };
+    let base = cl.members()[0].base();
+    ctl_ok(&base, &["cluster", "drain", &h1.to_string()]);
+    for m in cl.members() {
+        wait_for(
+            "both replicas ready off the drained node",
+            Duration::from_secs(40),
+            || async {
+                let (a, b) = hosts(&placements_seen(&c, m).await?)?;
+                (a != h1 && b != h1).then_some(())
+            },
+        )
+        .await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (ok, failed) = traffic.await.unwrap();
+    assert!(
+        failed.is_empty(),
+        "{} of {} calls failed: {:?}",
+        failed.len(),
+        ok as usize + failed.len(),
+        &failed[..failed.len().min(3)]
+    );
+    eprintln!("replicas drain: {ok} calls, none failed");
+    assert!(ok > 20, "traffic ran ({ok} calls)");
+    assert_eq!(processes_named(&id).len(), 2, "still two replicas");
+    ctl_ok(&base, &["cluster", "undrain", &h1.to_string()]);
+}
