@@ -80,6 +80,14 @@ async fn status(State(c): State<Arc<Cluster>>, Query(q): Query<StatusQuery>) -> 
                 .map(|(id, _)| *id)
                 .collect::<Vec<u64>>()
         }),
+        // Nodes with labels (`cluster.labels`), matched by `placement.labels`.
+        "labels": c.raft().read(|st| {
+            st.nodes
+                .iter()
+                .filter(|(_, n)| !n.labels.is_empty())
+                .map(|(id, n)| (id.to_string(), n.labels.clone()))
+                .collect::<std::collections::BTreeMap<String, _>>()
+        }),
         "ready": c.readiness().is_ok(),
         "not_ready_reason": c.readiness().err().map(|r| r.to_string()),
     });

@@ -36,9 +36,15 @@ pub(super) async fn system(State(st): State<ApiState>) -> ApiResult {
         by_state.insert(s.into(), json!(0));
     }
     let mut total_tools = 0;
+    // Where each single-instance server runs and the state its host reported (the same on
+    // every node).
+    let mut instances = Vec::new();
     for i in rt.instances() {
         let s = i.status();
         total_tools += s.tools_count;
+        if crate::runtime::placement::placed_by_leader(&i.spec()) {
+            instances.push(json!({"mcp_server": s.id, "node": s.node, "state": s.state.as_str()}));
+        }
         if let Some(Value::Number(n)) = by_state.get(s.state.as_str()) {
             let next = n.as_u64().unwrap_or(0) + 1;
             by_state.insert(s.state.as_str().into(), json!(next));
@@ -71,6 +77,7 @@ pub(super) async fn system(State(st): State<ApiState>) -> ApiResult {
             "rate_limits_are_per_instance": true,
         },
         "cluster": cluster_summary(&st.cluster),
+        "placements": instances,
         "gateway": {
             "calls_in_flight": st.gateway.calls_in_flight(),
             "pending_relays": st.gateway.pending_relays(),

@@ -1009,6 +1009,7 @@ impl Cluster {
                 n.api_addr == info.api_addr
                     && n.raft_addr == info.raft_addr
                     && n.capacity == self.cfg.capacity
+                    && n.labels == self.cfg.labels
             })
         });
         if same {
@@ -1020,6 +1021,7 @@ impl Cluster {
                 api_addr: info.api_addr,
                 raft_addr: info.raft_addr,
                 capacity: self.cfg.capacity,
+                labels: self.cfg.labels.clone(),
             })
             .await
         {

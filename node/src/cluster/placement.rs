@@ -103,6 +103,7 @@ impl Cluster {
                 ServerSpec::Subprocess(s) if placed_by_leader(spec) => Some(Want {
                     id: id.clone(),
                     nodes: s.placement.nodes.clone(),
+                    labels: s.placement.labels.clone(),
                     groups: groups_of.get(id.as_str()).cloned().unwrap_or_default(),
                     avoid: Default::default(),
                 }),
@@ -130,6 +131,7 @@ impl Cluster {
                             capacity: rec.capacity,
                             alive,
                             draining: rec.draining,
+                            labels: rec.labels.clone(),
                         },
                     ))
                 })

@@ -59,6 +59,9 @@ pub struct ClusterConfig {
     /// Most local-mode (`replicas: 1`) instances the leader places on this node (`None` = no
     /// limit).
     pub capacity: Option<u32>,
+    /// Labels of this node (`cluster.labels: {zone: a}`), matched by a server's
+    /// `placement.labels`.
+    pub labels: std::collections::BTreeMap<String, String>,
     /// A node that has not acknowledged the leader for this long is lost: the leader places
     /// its instances on the other nodes.
     pub node_loss_timeout: std::time::Duration,
@@ -88,6 +91,7 @@ impl Default for ClusterConfig {
             keep_logs: 1000,
             max_ready_lag: 1000,
             capacity: None,
+            labels: Default::default(),
             node_loss_timeout: std::time::Duration::from_secs(10),
             placement_lease: std::time::Duration::from_secs(7),
             apply_config_at_boot: false,
@@ -293,6 +297,7 @@ pub(super) fn parse(o: &Obj<'_>, p: &ProblemSink) -> ClusterConfig {
         capacity: o
             .has("capacity")
             .then(|| o.int("capacity", 0, 0, 100_000) as u32),
+        labels: super::validate::labels(o.raw("labels"), &o.at("labels"), p),
         node_loss_timeout: std::time::Duration::from_millis(node_loss_ms),
         placement_lease: std::time::Duration::from_millis(lease_ms),
         apply_config_at_boot: false,

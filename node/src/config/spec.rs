@@ -83,6 +83,8 @@ pub struct PlacementSpec {
     pub replicas: Replicas,
     /// Nodes allowed to run it (empty = any node).
     pub nodes: Vec<u64>,
+    /// Labels a node must carry (all of them, `cluster.labels`) to run it.
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 /// `placement.replicas`.

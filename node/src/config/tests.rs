@@ -372,3 +372,24 @@ fn replicas_n_becomes_a_group_of_single_instance_members() {
         "{p:?}"
     );
 }
+
+#[test]
+fn node_labels_and_placement_labels() {
+    let c = load("mcp_servers:\n  s:\n    command: [srv]\n    placement: {labels: {zone: eu-1, gpu: true}}\ncluster:\n  labels: {zone: eu-1, rack: 7}\n")
+        .unwrap();
+    let ServerSpec::Subprocess(s) = &c.mcp_servers["s"] else {
+        panic!()
+    };
+    assert_eq!(s.placement.labels["zone"], "eu-1");
+    assert_eq!(s.placement.labels["gpu"], "true");
+    assert_eq!(c.cluster.labels["rack"], "7");
+    let p = problems("mcp_servers:\n  s:\n    command: [srv]\n    placement: {labels: [zone]}\n");
+    assert!(
+        p.iter()
+            .any(|m| m.contains("mcp_servers.s.placement.labels")
+                && m.contains("mapping of label names")),
+        "{p:?}"
+    );
+    let p = problems("mcp_servers: {}\ncluster:\n  labels: {zone: ''}\n");
+    assert!(p.iter().any(|m| m.contains("cluster.labels.zone")), "{p:?}");
+}

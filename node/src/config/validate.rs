@@ -740,8 +740,53 @@ fn placement(o: &Obj<'_>) -> PlacementSpec {
             format!("must be a list of node ids, got {}", type_name(other)),
         ),
     }
+    let labels = labels(pl.raw("labels"), &pl.at("labels"), pl.p);
     pl.finish();
-    PlacementSpec { replicas, nodes }
+    PlacementSpec {
+        replicas,
+        nodes,
+        labels,
+    }
+}
+
+/// A `{key: value}` map of node labels (`cluster.labels`, `placement.labels`): keys and
+/// values are non-empty strings (numbers and booleans are taken as text).
+pub(super) fn labels(
+    v: Option<&Value>,
+    path: &str,
+    p: &ProblemSink,
+) -> std::collections::BTreeMap<String, String> {
+    let mut out = std::collections::BTreeMap::new();
+    match v {
+        None => {}
+        Some(Value::Object(m)) => {
+            for (k, v) in m {
+                let text = match v {
+                    Value::String(s) => Some(s.clone()),
+                    Value::Number(n) => Some(n.to_string()),
+                    Value::Bool(b) => Some(b.to_string()),
+                    _ => None,
+                };
+                match text {
+                    Some(t) if !k.is_empty() && !t.is_empty() => {
+                        out.insert(k.clone(), t);
+                    }
+                    _ => p.push(
+                        &join(path, k),
+                        format!("a label must be a non-empty text value, got {v}"),
+                    ),
+                }
+            }
+        }
+        Some(other) => p.push(
+            path,
+            format!(
+                "must be a mapping of label names to values, e.g. {{zone: eu-1}}; got {}",
+                type_name(other)
+            ),
+        ),
+    }
+    out
 }
 
 fn check_url(u: &str, path: &str, p: &ProblemSink) {

@@ -16,6 +16,8 @@ pub struct Want {
     pub id: String,
     /// Nodes allowed to run it (empty = any).
     pub nodes: Vec<u64>,
+    /// Labels a node must carry, all of them, to run it (empty = any).
+    pub labels: BTreeMap<String, String>,
     /// Groups it is a member of: members of one group go to different nodes when they can.
     pub groups: Vec<String>,
     /// Nodes where it kept failing (its host reported it DEGRADED or DEAD): it moves off
@@ -24,7 +26,7 @@ pub struct Want {
 }
 
 /// A node as the leader sees it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct NodeView {
     /// Most instances it may run (`None` = no limit).
     pub capacity: Option<u32>,
@@ -32,6 +34,8 @@ pub struct NodeView {
     pub alive: bool,
     /// Draining (`hangarctl cluster drain`): takes nothing, and what it runs moves away.
     pub draining: bool,
+    /// Its labels (`cluster.labels`).
+    pub labels: BTreeMap<String, String>,
 }
 
 impl NodeView {
@@ -80,7 +84,12 @@ pub fn plan(
             out.changes.push(Change::Remove { id: id.clone() });
         }
     }
-    let allowed = |w: &Want, n: u64| w.nodes.is_empty() || w.nodes.contains(&n);
+    let allowed = |w: &Want, n: u64| {
+        (w.nodes.is_empty() || w.nodes.contains(&n))
+            && nodes
+                .get(&n)
+                .is_some_and(|v| w.labels.iter().all(|(k, val)| v.labels.get(k) == Some(val)))
+    };
     // Load and group spread of the placements that stay.
     let mut load: BTreeMap<u64, u32> = nodes.keys().map(|n| (*n, 0)).collect();
     let mut group_nodes: BTreeMap<&str, BTreeMap<u64, u32>> = BTreeMap::new();
@@ -150,15 +159,30 @@ pub fn plan(
 
 fn why_unplaced(w: &Want, nodes: &BTreeMap<u64, NodeView>) -> String {
     let candidates: Vec<u64> = nodes
-        .keys()
-        .copied()
-        .filter(|n| w.nodes.is_empty() || w.nodes.contains(n))
+        .iter()
+        .filter(|(n, v)| {
+            (w.nodes.is_empty() || w.nodes.contains(n))
+                && w.labels.iter().all(|(k, val)| v.labels.get(k) == Some(val))
+        })
+        .map(|(n, _)| *n)
         .collect();
     if candidates.is_empty() {
-        return format!(
-            "none of its allowed nodes {:?} is a member of the cluster; fix placement.nodes",
-            w.nodes
-        );
+        return if w.labels.is_empty() {
+            format!(
+                "none of its allowed nodes {:?} is a member of the cluster; fix placement.nodes",
+                w.nodes
+            )
+        } else {
+            format!(
+                "no member of the cluster carries the labels {:?}{}; fix placement.labels or a node's cluster.labels",
+                w.labels,
+                if w.nodes.is_empty() {
+                    String::new()
+                } else {
+                    format!(" among nodes {:?}", w.nodes)
+                }
+            )
+        };
     }
     if candidates.iter().all(|n| !nodes[n].alive) {
         return format!("every allowed node ({candidates:?}) is unreachable");
@@ -181,6 +205,7 @@ mod tests {
         Want {
             id: id.into(),
             nodes: vec![],
+            labels: BTreeMap::new(),
             groups: vec![],
             avoid: BTreeSet::new(),
         }
@@ -195,6 +220,7 @@ mod tests {
                         capacity: *capacity,
                         alive: *alive,
                         draining: false,
+                        labels: BTreeMap::new(),
                     },
                 )
             })
@@ -294,6 +320,7 @@ mod tests {
         let member = |id: &str| Want {
             id: id.into(),
             nodes: vec![],
+            labels: BTreeMap::new(),
             groups: vec!["g".into()],
             avoid: BTreeSet::new(),
         };
@@ -326,6 +353,27 @@ mod tests {
         only1.avoid = BTreeSet::from([1]);
         let p = plan(&[only1], &n, &current(&[("x", 1)]));
         assert!(p.changes.is_empty(), "{p:?}");
+    }
+
+    #[test]
+    fn labels_select_the_nodes_that_may_run_a_server() {
+        let mut n = nodes(&[(1, None, true), (2, None, true), (3, None, true)]);
+        let zone = |z: &str| BTreeMap::from([("zone".to_owned(), z.to_owned())]);
+        n.get_mut(&1).unwrap().labels = zone("a");
+        n.get_mut(&2).unwrap().labels = zone("b");
+        n.get_mut(&3).unwrap().labels = zone("b");
+        let mut x = want("x");
+        x.labels = zone("b");
+        let p = plan(&[want("a"), x.clone()], &n, &current(&[("a", 2)]));
+        // Node 2 is busier: the other `zone: b` node takes it.
+        assert_eq!(placed(&p), current(&[("x", 3)]));
+        // A placement on a node whose labels no longer match moves.
+        let p = plan(&[x.clone()], &n, &current(&[("x", 1)]));
+        assert_eq!(placed(&p), current(&[("x", 2)]));
+        // Nobody carries the labels: unplaced, and the reason names them.
+        x.labels = zone("c");
+        let p = plan(&[x], &n, &current(&[]));
+        assert!(p.unplaced[0].1.contains("labels"), "{p:?}");
     }
 
     #[test]

@@ -187,6 +187,9 @@ pub enum Command {
         /// Most local-mode instances it may run (`None` = no limit).
         #[serde(default)]
         capacity: Option<u32>,
+        /// Its labels (`cluster.labels`), matched by `placement.labels`.
+        #[serde(default)]
+        labels: std::collections::BTreeMap<String, String>,
     },
     /// Mark a node as draining (the leader places nothing on it and moves its instances
     /// away) or not.

@@ -347,6 +347,7 @@ pub fn apply(state: &mut State, cmd: &Command, ctx: ApplyCtx) -> Response {
             api_addr,
             raft_addr,
             capacity,
+            labels,
         } => {
             state.nodes.insert(
                 *node_id,
@@ -354,6 +355,7 @@ pub fn apply(state: &mut State, cmd: &Command, ctx: ApplyCtx) -> Response {
                     api_addr: api_addr.clone(),
                     raft_addr: raft_addr.clone(),
                     capacity: *capacity,
+                    labels: labels.clone(),
                     // Re-registering (a restart) keeps an operator's drain.
                     draining: state.nodes.get(node_id).is_some_and(|n| n.draining),
                 },

@@ -271,4 +271,7 @@ pub struct NodeRecord {
     /// Draining: the leader places nothing on it and moves its instances away.
     #[serde(default)]
     pub draining: bool,
+    /// Its labels (`cluster.labels`), matched by `placement.labels`.
+    #[serde(default)]
+    pub labels: std::collections::BTreeMap<String, String>,
 }

@@ -810,10 +810,12 @@ fn nodes_register_and_unregister() {
         api_addr: "127.0.0.1:8080".into(),
         raft_addr: "127.0.0.1:9090".into(),
         capacity: Some(2),
+        labels: [("zone".to_owned(), "a".to_owned())].into(),
     };
     assert_eq!(run(&mut s, reg), Response::Ok);
     assert_eq!(s.nodes[&7].api_addr, "127.0.0.1:8080");
     assert_eq!(s.nodes[&7].capacity, Some(2));
+    assert_eq!(s.nodes[&7].labels["zone"], "a");
     let drain = |draining| Command::SetNodeDrain {
         node_id: 7,
         draining,
@@ -826,6 +828,7 @@ fn nodes_register_and_unregister() {
         api_addr: "127.0.0.1:8081".into(),
         raft_addr: "127.0.0.1:9090".into(),
         capacity: None,
+        labels: Default::default(),
     };
     assert_eq!(run(&mut s, again), Response::Ok);
     assert!(s.nodes[&7].draining);

@@ -820,6 +820,15 @@ async fn one_instance_serves_every_node_and_moves_when_its_node_dies() {
         )
         .await;
     }
+    for m in cl.members() {
+        let (_, sys) = get_json(&c, &m.url("/api/system")).await;
+        assert_eq!(
+            sys["system"]["placements"],
+            json!([{"mcp_server": id, "node": host, "state": "ready"}]),
+            "/api/system/ on node {}",
+            m.id()
+        );
+    }
     let t = ctl_ok(&other.base(), &["servers", "list"]);
     let row: Vec<&str> = t
         .lines()
