@@ -36,6 +36,8 @@ pub struct ServeOptions {
     pub ready_file: Option<PathBuf>,
     /// Cluster settings from flags and environment (override `cluster:` in the file).
     pub cluster: crate::config::ClusterOverrides,
+    /// `--unsafe-no-auth`: listen on a non-loopback address without authentication.
+    pub unsafe_no_auth: bool,
 }
 
 /// A running node.
@@ -62,6 +64,9 @@ struct ReloadWiring {
     runtime: Arc<Runtime>,
     gateway: Arc<Gateway>,
     cluster: Arc<Cluster>,
+    auth: Arc<crate::auth::Auth>,
+    /// The listener is on loopback (or `--unsafe-no-auth`): a reload may turn auth off.
+    auth_may_be_off: bool,
 }
 
 impl ReloadTarget for ReloadWiring {
@@ -85,6 +90,13 @@ impl ReloadTarget for ReloadWiring {
 
     fn settings(&self, cfg: &Config) {
         self.gateway.set_config(gateway_config(cfg));
+        if cfg.auth.enabled || self.auth_may_be_off {
+            self.auth.set_config(cfg.auth.clone());
+        } else {
+            tracing::error!(
+                "config_reload_kept_auth_on: this node listens on a non-loopback address; turning auth off needs a restart with --unsafe-no-auth"
+            );
+        }
     }
 
     fn publish(&self, event: crate::telemetry::events::DomainEvent) {
@@ -125,6 +137,11 @@ pub enum NodeError {
     /// The configuration file could not be applied to the replicated state.
     #[error("the configuration file could not be applied to the cluster")]
     Apply(#[from] ClusterError),
+    /// A non-loopback listener without authentication, not explicitly allowed.
+    #[error(
+        "refusing to listen on {0} without authentication: anyone who can reach it could call every tool and change the configuration. Enable `auth: {{enabled: true}}` (with API keys, and a first admin key from `auth.api_key.bootstrap_key: ${{HANGAR_BOOTSTRAP_KEY}}`), listen on 127.0.0.1, or pass --unsafe-no-auth if something in front of Hangar authenticates"
+    )]
+    Unauthenticated(SocketAddr),
     /// A local file (ready file, socket address) could not be written or read.
     #[error("{what}")]
     Io {
@@ -174,6 +191,9 @@ impl Node {
                 let addr: SocketAddr = listen
                     .parse()
                     .map_err(|_| NodeError::ListenAddress(listen.clone()))?;
+                if !addr.ip().is_loopback() && !cfg.auth.enabled && !opts.unsafe_no_auth {
+                    return Err(NodeError::Unauthenticated(addr));
+                }
                 Some(
                     TcpListener::bind(addr)
                         .await
@@ -189,6 +209,7 @@ impl Node {
             None => SocketAddr::from(([127, 0, 0, 1], 0)),
         };
         let cluster = Cluster::start(cfg.cluster.clone(), api_addr, shutdown.clone()).await?;
+        cluster.set_peer_key(cfg.auth.api_key.bootstrap_key.clone());
         cluster.boot().await?;
         let metrics = Arc::new(Metrics::new());
         let events = Arc::new(crate::telemetry::events::EventLog::new(&node_name, 10_000));
@@ -197,12 +218,15 @@ impl Node {
         boot_cfg.mcp_servers.clear();
         let runtime = Runtime::new(&boot_cfg, metrics, events, node_name.clone());
         let gateway = Gateway::new(runtime.clone(), gateway_config(&cfg));
+        let auth = crate::auth::Auth::new(cfg.auth.clone(), cluster.clone());
         let reloader = Arc::new(Reloader::new(
             opts.config_path.clone(),
             Arc::new(ReloadWiring {
                 runtime: runtime.clone(),
                 gateway: gateway.clone(),
                 cluster: cluster.clone(),
+                auth: auth.clone(),
+                auth_may_be_off: api_addr.ip().is_loopback() || opts.unsafe_no_auth,
             }),
         ));
         gateway.set_reloader(reloader.clone());
@@ -211,8 +235,8 @@ impl Node {
             let bound = listener
                 .local_addr()
                 .map_err(io("reading the listener's address"))?;
-            if !bound.ip().is_loopback() {
-                tracing::warn!(addr = %bound, "listening on a non-loopback address without authentication");
+            if !bound.ip().is_loopback() && !cfg.auth.enabled {
+                tracing::warn!(addr = %bound, "listening on a non-loopback address without authentication (--unsafe-no-auth)");
             }
             let guard = Arc::new(HostGuard::new(
                 bound,
@@ -229,6 +253,10 @@ impl Node {
                     reloader: Some(reloader.clone()),
                     cluster: cluster.clone(),
                 }))
+                .layer(axum::middleware::from_fn_with_state(
+                    auth.clone(),
+                    crate::auth::middleware,
+                ))
                 .layer(axum::middleware::from_fn_with_state(guard, front::guard));
             let token = shutdown.clone();
             let task = tokio::spawn(async move {
@@ -248,6 +276,9 @@ impl Node {
             .as_ref()
             .and(cfg.file_hash.clone().map(|h| (cfg.raw_servers.clone(), h)));
         cluster.run(runtime.clone(), file).await?;
+        if let Some(key) = &cfg.auth.api_key.bootstrap_key {
+            cluster.ensure_bootstrap_key(key).await?;
+        }
         if cfg.config_reload.enabled {
             let period = if cfg.config_reload.use_watchdog {
                 Duration::from_secs(1)

@@ -42,6 +42,10 @@ enum Command {
         worker_threads: Option<u16>,
         #[command(flatten)]
         cluster: config::ClusterOverrides,
+        /// Listen on a non-loopback address even with `auth` disabled (only when something in
+        /// front of Hangar authenticates every caller).
+        #[arg(long, env = "HANGAR_UNSAFE_NO_AUTH")]
+        unsafe_no_auth: bool,
     },
     /// Validate a configuration file: exit 0 valid, 1 invalid, 2 unreadable.
     Validate {
@@ -82,7 +86,16 @@ fn main() -> ExitCode {
             ready_file,
             worker_threads,
             cluster,
-        }) => serve(config, listen, stdio, ready_file, worker_threads, cluster),
+            unsafe_no_auth,
+        }) => serve(
+            config,
+            listen,
+            stdio,
+            ready_file,
+            worker_threads,
+            cluster,
+            unsafe_no_auth,
+        ),
         Some(Command::ExecChild {
             parent,
             lease_fd,
@@ -164,6 +177,7 @@ fn serve(
     ready_file: Option<PathBuf>,
     worker_threads: Option<u16>,
     cluster: config::ClusterOverrides,
+    unsafe_no_auth: bool,
 ) -> ExitCode {
     let config_path = config_path.or_else(|| {
         let default = PathBuf::from("config.yaml");
@@ -193,6 +207,7 @@ fn serve(
         stdio,
         ready_file,
         cluster,
+        unsafe_no_auth,
     };
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     if let Some(n) = worker_threads {

@@ -76,6 +76,9 @@ pub enum ClusterError {
     /// The HTTP client could not be built.
     #[error("cannot build an HTTP client: {0}")]
     Client(#[source] reqwest::Error),
+    /// An API key that cannot be sent as a header.
+    #[error("the API key is not a valid header value: {0}")]
+    BadApiKey(String),
 }
 
 type Result<T, E = ClusterError> = std::result::Result<T, E>;
@@ -244,6 +247,20 @@ impl Cluster {
         let i = self.index(id)?;
         self.members[i].env.push((key.to_owned(), value.to_owned()));
         Ok(())
+    }
+
+    /// Send this API key (X-API-Key) with the harness's own requests (status polls), for a
+    /// cluster with `auth` on.
+    pub fn api_key(mut self, key: &str) -> Result<Self> {
+        let mut headers = reqwest::header::HeaderMap::new();
+        let v = reqwest::header::HeaderValue::from_str(key)
+            .map_err(|e| ClusterError::BadApiKey(e.to_string()))?;
+        headers.insert("x-api-key", v);
+        self.client = reqwest::Client::builder()
+            .default_headers(headers)
+            .build()
+            .map_err(ClusterError::Client)?;
+        Ok(self)
     }
 
     /// Run every node with this environment variable too.

@@ -1,8 +1,8 @@
 //! `/api/auth/keys`: API keys in MCP Hangar's shapes, stored through Raft as SHA-256 hashes
 //! only (the raw key is returned once, at creation, and never stored or logged).
 //!
-//! Keys are replicated to every node now; checking them on requests is the auth room's job
-//! (a later issue) — until then the responses say so in `warning`.
+//! Keys are replicated to every node; the auth room checks them on every `/api` and MCP
+//! request when `auth.enabled` (a key works on every node once its write is acknowledged).
 
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
@@ -16,7 +16,7 @@ use super::ApiState;
 use super::error::{ApiError, ApiResult};
 use crate::telemetry::events::DomainEvent;
 
-const NOT_ENFORCED: &str = "Store the raw key now: it is shown once. This Hangar version replicates API keys but does not yet require them on requests.";
+const SHOWN_ONCE: &str = "Store the raw key now: it is shown once and never stored.";
 
 #[derive(Deserialize)]
 struct CreateBody {
@@ -88,7 +88,7 @@ pub(super) async fn create(State(st): State<ApiState>, body: axum::body::Bytes) 
         StatusCode::CREATED,
         axum::Json(
             json!({"key_id": id, "raw_key": raw_key, "principal_id": b.principal_id,
-            "name": b.name, "expires_at": b.expires_at, "warning": NOT_ENFORCED}),
+            "name": b.name, "expires_at": b.expires_at, "warning": SHOWN_ONCE}),
         ),
     )
         .into_response())
@@ -119,8 +119,22 @@ pub(super) async fn revoke(State(st): State<ApiState>, Path(id): Path<String>) -
     st.cluster
         .propose(Command::RevokeApiKey { id: id.clone() })
         .await?;
+    // Acknowledge once every member refuses the key (bounded; a member that did not confirm
+    // in time is named).
+    let index = st.cluster.raft().applied_index();
+    let lagging = st
+        .cluster
+        .wait_applied_everywhere(index, std::time::Duration::from_secs(5))
+        .await;
     st.runtime()
         .events()
         .emit(DomainEvent::KeyRevoked { key_id: id.clone() });
-    Ok(axum::Json(json!({"key_id": id, "revoked": true})).into_response())
+    let mut body = json!({"key_id": id, "revoked": true});
+    if !lagging.is_empty() {
+        body["not_yet_applied_on"] = json!(lagging);
+        body["warning"] = json!(
+            "these members did not confirm the revocation within 5 s (unreachable?); they refuse the key once they catch up"
+        );
+    }
+    Ok(axum::Json(body).into_response())
 }

@@ -48,6 +48,21 @@ const EVENT_FLUSH_EVERY: Duration = Duration::from_millis(100);
 /// Events kept while the cluster cannot take them (oldest dropped beyond this, and counted).
 const EVENT_QUEUE_CAP: usize = 100_000;
 
+impl crate::auth::KeyStore for Cluster {
+    fn catch_up(&self) -> futures::future::BoxFuture<'_, bool> {
+        Box::pin(async move { self.raft.linearizable_read(|_| ()).await.is_ok() })
+    }
+
+    fn find(&self, sha256_hex: &str) -> Option<hangar_raft::state::ApiKeyRecord> {
+        self.raft.read(|st| {
+            st.keys
+                .values()
+                .find(|k| crate::auth::constant_time_eq(&k.sha256_hex, sha256_hex))
+                .cloned()
+        })
+    }
+}
+
 /// Errors of cluster operations, each with what to do about it.
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
@@ -254,6 +269,9 @@ pub struct Cluster {
     calls: Arc<CallServer>,
     /// Placement leases: the renewals this node granted while leading.
     leases: Arc<Leases>,
+    /// The API key this node sends to other members' REST API (join, status) when they
+    /// require one: `auth.api_key.bootstrap_key`.
+    peer_key: Mutex<Option<crate::config::Secret>>,
     /// Placements up to this log index are in effect in the local runtime.
     placements_applied: std::sync::atomic::AtomicU64,
     /// The replicated configuration was applied here once (the node finished starting).
@@ -319,6 +337,7 @@ impl Cluster {
             shutdown,
             calls,
             leases,
+            peer_key: Mutex::new(None),
             placements_applied: std::sync::atomic::AtomicU64::new(0),
             started: std::sync::atomic::AtomicBool::new(false),
         }))
@@ -417,7 +436,12 @@ impl Cluster {
             return Some(self.local_report());
         }
         let url = format!("http://{}/api/cluster/status?local=true", info.api_addr);
-        let r = self.http.get(&url).timeout(within).send().await.ok()?;
+        let r = self
+            .with_peer_key(self.http.get(&url))
+            .timeout(within)
+            .send()
+            .await
+            .ok()?;
         serde_json::from_str(&r.text().await.ok()?).ok()
     }
 
@@ -514,8 +538,7 @@ impl Cluster {
         let body = json!({"node_id": self.cfg.node_id, "raft_addr": info.raft_addr,
             "api_addr": info.api_addr, "role": if voter { "voter" } else { "learner" }});
         let resp = self
-            .http
-            .post(&url)
+            .with_peer_key(self.http.post(&url))
             .header("Content-Type", "application/json")
             .body(body.to_string())
             .send()
@@ -990,6 +1013,87 @@ impl Cluster {
                 .map(|(i, p)| (i.clone(), p.node_id))
                 .collect()
         })
+    }
+
+    /// Send `key` to other members' REST API (join, status) from now on.
+    pub fn set_peer_key(&self, key: Option<crate::config::Secret>) {
+        *self.peer_key.lock() = key;
+    }
+
+    fn with_peer_key(&self, rb: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        match &*self.peer_key.lock() {
+            Some(k) => rb.header("X-API-Key", k.expose()),
+            None => rb,
+        }
+    }
+
+    /// Wait (at most `within`) until every member has applied the log up to `index`; returns
+    /// the members that did not confirm it in time.
+    pub async fn wait_applied_everywhere(&self, index: u64, within: Duration) -> Vec<u64> {
+        let deadline = tokio::time::Instant::now() + within;
+        let status = self.status();
+        let mut left: BTreeMap<u64, NodeInfo> =
+            status.voters.into_iter().chain(status.learners).collect();
+        loop {
+            let reports = futures::future::join_all(left.iter().map(|(id, info)| async move {
+                let r = self
+                    .member_report(*id, info, Duration::from_millis(500))
+                    .await;
+                (
+                    *id,
+                    r.and_then(|r| r.applied_index).is_some_and(|a| a >= index),
+                )
+            }))
+            .await;
+            for (id, done) in reports {
+                if done {
+                    left.remove(&id);
+                }
+            }
+            if left.is_empty() || tokio::time::Instant::now() >= deadline {
+                return left.into_keys().collect();
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Make sure the cluster knows the bootstrap admin key (`auth.api_key.bootstrap_key`), by
+    /// its hash: created once, as principal `admin`; never logged or stored in clear.
+    pub async fn ensure_bootstrap_key(
+        &self,
+        key: &crate::config::Secret,
+    ) -> Result<(), ClusterError> {
+        let sha = crate::config::sha256_hex(key.expose().as_bytes());
+        let known = self.raft.read(|st| {
+            st.keys
+                .values()
+                .any(|k| crate::auth::constant_time_eq(&k.sha256_hex, &sha))
+        });
+        if known {
+            return Ok(());
+        }
+        let id = format!("key_bootstrap_{}", &sha[..12]);
+        let record = hangar_raft::state::ApiKeyRecord {
+            id: id.clone(),
+            principal: "admin".to_owned(),
+            name: "bootstrap-admin".to_owned(),
+            sha256_hex: sha,
+            created_at_ms: 0,
+            expires_at_ms: None,
+            revoked: false,
+        };
+        match self.propose(Command::CreateApiKey { key: record }).await {
+            Ok(_) => {
+                tracing::info!(key_id = %id, "bootstrap_admin_key_registered");
+                Ok(())
+            }
+            // Another node registered it first.
+            Err(ClusterError::Rejected {
+                code: RejectCode::KeyExists | RejectCode::KeyHashExists,
+                ..
+            }) => Ok(()),
+            Err(e) => Err(e),
+        }
     }
 
     /// Put the replicated placements into effect in `runtime`, and note up to which log index

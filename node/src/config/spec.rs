@@ -383,6 +383,40 @@ pub struct ServerConfig {
     pub request_timeout: Duration,
 }
 
+/// `auth:` — who may call `/api` and `/mcp`.
+#[derive(Debug, Clone, PartialEq, Serialize, Default)]
+pub struct AuthConfig {
+    /// Require credentials (API keys) on `/api` and `/mcp`.
+    pub enabled: bool,
+    /// Callers without credentials are let through as `anonymous`.
+    pub allow_anonymous: bool,
+    /// API keys.
+    pub api_key: ApiKeyConfig,
+}
+
+/// `auth.api_key`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ApiKeyConfig {
+    /// Accept API keys.
+    pub enabled: bool,
+    /// The header that carries one (`Authorization: Bearer mcp_…` is accepted too).
+    pub header_name: String,
+    /// A first admin key, from `${VAR}`: the node makes sure the cluster knows it (by its
+    /// hash; the key itself is never stored, logged or replicated).
+    #[serde(skip)]
+    pub bootstrap_key: Option<Secret>,
+}
+
+impl Default for ApiKeyConfig {
+    fn default() -> Self {
+        ApiKeyConfig {
+            enabled: true,
+            header_name: "X-API-Key".to_owned(),
+            bootstrap_key: None,
+        }
+    }
+}
+
 /// The whole configuration.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Config {
@@ -400,6 +434,8 @@ pub struct Config {
     pub server: ServerConfig,
     /// This node in the Raft cluster.
     pub cluster: ClusterConfig,
+    /// Authentication of `/api` and `/mcp` callers.
+    pub auth: AuthConfig,
     /// `mcp_servers` as written, before `${VAR}` interpolation: what the cluster replicates
     /// (each node interpolates with its own environment, so secrets passed as variables
     /// never enter the replicated state).

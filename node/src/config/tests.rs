@@ -176,12 +176,47 @@ fn group_validation() {
 
 #[test]
 fn unsupported_sections_refused_unless_disabled() {
-    assert!(load("mcp_servers: {}\nauth: {enabled: false}\n").is_ok());
-    let p = problems("mcp_servers: {}\nauth: {enabled: true}\n");
+    assert!(load("mcp_servers: {}\napprovals: {enabled: false}\n").is_ok());
+    let p = problems("mcp_servers: {}\napprovals: {enabled: true}\n");
     assert!(
-        p[0].starts_with("auth: authentication (`auth`) is not supported"),
+        p[0].starts_with("approvals: approval gates (`approvals`) is not supported"),
         "{p:?}"
     );
+}
+
+#[test]
+fn auth_with_api_keys() {
+    let c = load("mcp_servers: {}\n").unwrap();
+    assert!(!c.auth.enabled);
+    assert_eq!(c.auth.api_key.header_name, "X-API-Key");
+    let key = format!("mcp_{}", "ab".repeat(16));
+    let c = load(&format!(
+        "mcp_servers: {{}}\nauth:\n  enabled: true\n  storage: {{driver: sqlite}}\n  api_key: {{header_name: X-Key, bootstrap_key: {key}}}\n"
+    ))
+    .unwrap();
+    assert!(c.auth.enabled && !c.auth.allow_anonymous);
+    assert_eq!(c.auth.api_key.header_name, "X-Key");
+    assert_eq!(
+        c.auth.api_key.bootstrap_key.as_ref().map(|k| k.expose()),
+        Some(key.as_str())
+    );
+    // The key never shows in debug output.
+    assert!(!format!("{c:?}").contains(&key));
+    let p =
+        problems("mcp_servers: {}\nauth:\n  enabled: true\n  api_key: {bootstrap_key: hunter2}\n");
+    assert!(
+        p.iter()
+            .any(|m| m.contains("auth.api_key.bootstrap_key") && !m.contains("hunter2")),
+        "{p:?}"
+    );
+    let p = problems("mcp_servers: {}\nauth:\n  enabled: true\n  oidc: {issuer: x}\n");
+    assert!(
+        p.iter()
+            .any(|m| m.contains("auth.oidc") && m.contains("not supported")),
+        "{p:?}"
+    );
+    let p = problems("mcp_servers: {}\nauth:\n  enabled: true\n  api_key: {enabled: false}\n");
+    assert!(p.iter().any(|m| m.contains("no authenticator")), "{p:?}");
 }
 
 #[test]

@@ -14,7 +14,6 @@ use super::*;
 /// Sections MCP Hangar knows that Hangar does not implement yet, and how a present section
 /// is judged: accepted only when it does not ask for behaviour Hangar lacks.
 const NOT_YET: &[(&str, &str)] = &[
-    ("auth", "authentication"),
     ("rate_limit", "rate limiting"),
     ("approvals", "approval gates"),
     ("coordination", "multi-replica coordination"),
@@ -238,6 +237,7 @@ pub(super) fn build(doc: &Value, p: &ProblemSink, allow_missing_servers: bool) -
         Some(o) => cluster::parse(&o, p),
         None => ClusterConfig::default(),
     };
+    let auth = root.obj("auth").map(|o| auth(&o)).unwrap_or_default();
     root.finish();
     Config {
         mcp_servers: servers,
@@ -247,6 +247,7 @@ pub(super) fn build(doc: &Value, p: &ProblemSink, allow_missing_servers: bool) -
         config_reload,
         server,
         cluster,
+        auth,
         raw_servers: Default::default(),
         file_hash: None,
     }
@@ -290,6 +291,7 @@ fn fallback() -> Config {
         },
         server: default_server(),
         cluster: ClusterConfig::default(),
+        auth: AuthConfig::default(),
         raw_servers: Default::default(),
         file_hash: None,
     }
@@ -688,6 +690,76 @@ pub(super) fn server_spec(v: &Value, path: &str, p: &ProblemSink) -> Option<Serv
     };
     o.finish();
     spec
+}
+
+/// `auth:`: API keys now; JWT/OIDC, OPA and role assignments are refused with a clear error
+/// until they exist.
+fn auth(o: &Obj<'_>) -> AuthConfig {
+    for (key, what) in [
+        ("oidc", "OIDC / JWT authentication"),
+        ("jwt", "JWT authentication"),
+        ("opa", "OPA authorization"),
+        ("role_assignments", "role assignments"),
+        ("rate_limit", "failed-attempt lockout"),
+    ] {
+        if o.has(key) {
+            o.p.push(
+                &o.at(key),
+                format!("{what} is not supported by this Hangar version yet; remove `{key}` (API keys work: auth.api_key)"),
+            );
+        }
+    }
+    // Keys live in the cluster's replicated state whatever MCP Hangar's `storage` says.
+    o.allow(&[
+        "oidc",
+        "jwt",
+        "opa",
+        "role_assignments",
+        "rate_limit",
+        "storage",
+    ]);
+    let api_key = match o.obj("api_key") {
+        Some(k) => {
+            let d = ApiKeyConfig::default();
+            let header_name = k.str("header_name").unwrap_or(d.header_name);
+            if axum::http::HeaderName::from_bytes(header_name.as_bytes()).is_err() {
+                k.p.push(
+                    &k.at("header_name"),
+                    format!("`{header_name}` is not a valid HTTP header name"),
+                );
+            }
+            let bootstrap_key = k.str("bootstrap_key").map(Secret::new);
+            if let Some(key) = bootstrap_key.as_ref().map(Secret::expose)
+                && (!key.starts_with("mcp_") || key.len() < 36 || key.len() > 256)
+            {
+                k.p.push(
+                    &k.at("bootstrap_key"),
+                    "must be an API key: `mcp_` followed by at least 32 random characters (pass it as ${VAR}, e.g. HANGAR_BOOTSTRAP_KEY=mcp_$(openssl rand -hex 32))",
+                );
+            }
+            let c = ApiKeyConfig {
+                enabled: k.bool("enabled", d.enabled),
+                header_name,
+                bootstrap_key,
+            };
+            k.finish();
+            c
+        }
+        None => ApiKeyConfig::default(),
+    };
+    let c = AuthConfig {
+        enabled: o.bool("enabled", false),
+        allow_anonymous: o.bool("allow_anonymous", false),
+        api_key,
+    };
+    if c.enabled && !c.api_key.enabled && !c.allow_anonymous {
+        o.p.push(
+            &o.path_str(),
+            "auth is enabled but no authenticator is: enable auth.api_key (JWT is not supported yet) or allow_anonymous",
+        );
+    }
+    o.finish();
+    c
 }
 
 /// Most replicas of one server.

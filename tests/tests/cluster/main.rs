@@ -557,6 +557,21 @@ async fn single_node_default_keeps_its_data_across_restarts() {
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("data directory"), "{err}");
+    // A non-loopback listener without auth is refused before anything is bound.
+    let out = Command::new(bin("hangar"))
+        .args(["serve", "--listen", "0.0.0.0:0", "--data-dir"])
+        .arg(root.path().join("open"))
+        .arg("--config")
+        .arg(m.config_path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("refusing to listen on 0.0.0.0:0 without authentication")
+            && err.contains("--unsafe-no-auth"),
+        "{err}"
+    );
 }
 
 /// Live processes whose command line contains `marker` (the fixture's `--name`).
@@ -1494,4 +1509,184 @@ async fn replicas_run_on_different_nodes_and_a_drain_under_traffic_fails_no_call
     assert!(ok > 20, "traffic ran ({ok} calls)");
     assert_eq!(processes_named(&id).len(), 2, "still two replicas");
     ctl_ok(&base, &["cluster", "undrain", &h1.to_string()]);
+}
+
+/// A fresh API key for a test (`mcp_` + 64 hex characters).
+fn test_key(salt: u64) -> String {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!(
+        "mcp_{:032x}{:016x}{:016x}",
+        t,
+        u64::from(std::process::id()),
+        salt
+    )
+}
+
+/// Status of a GET through `m` with an optional API key, with the answer's
+/// `WWW-Authenticate` and body.
+async fn get_with_key(c: &reqwest::Client, url: &str, key: Option<&str>) -> (u16, String, Value) {
+    let mut rb = c.get(url);
+    if let Some(k) = key {
+        rb = rb.header("X-API-Key", k);
+    }
+    let r = rb.send().await.unwrap();
+    let status = r.status().as_u16();
+    let www = r
+        .headers()
+        .get("www-authenticate")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
+    let body = serde_json::from_str(&r.text().await.unwrap()).unwrap_or_default();
+    (status, www, body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_keys_are_required_and_take_effect_on_every_node_once_acknowledged() {
+    let c = client();
+    let admin = test_key(1);
+    let mut cl = cluster(3, &[])
+        .env("HANGAR_BOOTSTRAP_KEY", &admin)
+        .api_key(&admin)
+        .unwrap();
+    let id = format!("locked{}", std::process::id());
+    let head = format!(
+        "auth:\n  enabled: true\n  api_key:\n    bootstrap_key: ${{HANGAR_BOOTSTRAP_KEY}}\nmcp_servers:\n{}",
+        fixture_stdio_yaml(&id, "")
+    );
+    start_static(&mut cl, &head, "").await;
+    let mcp_list = json!({"jsonrpc": "2.0", "id": 1, "method": "tools/list"}).to_string();
+    for m in cl.members() {
+        let url = m.url("/api/mcp_servers/");
+        // No key, a bogus key, a key that is not a key: 401 with the flat body and the header.
+        for key in [None, Some("mcp_bogus"), Some("hunter2")] {
+            let (status, www, body) = get_with_key(&c, &url, key).await;
+            assert_eq!(status, 401, "node {} key {key:?}: {body}", m.id());
+            assert_eq!(www, "Bearer, ApiKey");
+            assert_eq!(body["error"], "authentication_failed", "{body}");
+        }
+        let r = post_raw(&c, &m.url("/mcp"), &mcp_list, &[]).await;
+        assert_eq!(r.status, 401, "MCP without a key on node {}", m.id());
+        // Probes stay open.
+        assert_eq!(get_with_key(&c, &m.url("/health/ready"), None).await.0, 200);
+        // The bootstrap admin key works everywhere, on REST and MCP.
+        wait_for(
+            "the bootstrap key works",
+            Duration::from_secs(20),
+            || async { (get_with_key(&c, &url, Some(&admin)).await.0 == 200).then_some(()) },
+        )
+        .await;
+        let r = post_raw(&c, &m.url("/mcp"), &mcp_list, &[("X-API-Key", &admin)]).await;
+        assert_eq!(r.status, 200, "{r:?}");
+        let bearer = format!("Bearer {admin}");
+        let r = post_raw(&c, &m.url("/mcp"), &mcp_list, &[("Authorization", &bearer)]).await;
+        assert_eq!(r.status, 200, "{r:?}");
+    }
+    let (n1, n3) = (cl.member(1).unwrap(), cl.member(3).unwrap());
+    // A key created through node 1 works on node 3 as soon as the create is answered.
+    let created = c
+        .post(n1.url("/api/auth/keys"))
+        .header("X-API-Key", &admin)
+        .header("Content-Type", "application/json")
+        .body(json!({"principal_id": "svc", "name": "ci"}).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status().as_u16(), 201, "create");
+    let created: Value = serde_json::from_str(&created.text().await.unwrap()).unwrap();
+    let key = created["raw_key"]
+        .as_str()
+        .expect("the raw key, once")
+        .to_owned();
+    let key_id = created["key_id"].as_str().unwrap().to_owned();
+    assert_eq!(
+        get_with_key(&c, &n3.url("/api/mcp_servers/"), Some(&key))
+            .await
+            .0,
+        200,
+        "the new key on node 3 right away"
+    );
+    // Revoked through node 3: refused on node 1 as soon as the revoke is answered.
+    let r = c
+        .delete(n3.url(&format!("/api/auth/keys/{key_id}")))
+        .header("X-API-Key", &key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let body: Value = serde_json::from_str(&r.text().await.unwrap()).unwrap();
+    assert!(body.get("not_yet_applied_on").is_none(), "{body}");
+    for m in cl.members() {
+        let (status, _, body) = get_with_key(&c, &m.url("/api/mcp_servers/"), Some(&key)).await;
+        assert_eq!(status, 401, "revoked key on node {}", m.id());
+        assert!(
+            body["message"].as_str().unwrap().contains("revoked"),
+            "{body}"
+        );
+    }
+    // An expired key: refused (created with an expiry a second ahead).
+    let soon = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+        + 1.0;
+    let r = c
+        .post(n1.url("/api/auth/keys"))
+        .header("X-API-Key", &admin)
+        .header("Content-Type", "application/json")
+        .body(json!({"principal_id": "svc", "name": "short", "expires_at": soon}).to_string())
+        .send()
+        .await
+        .unwrap();
+    let short: Value = serde_json::from_str(&r.text().await.unwrap()).unwrap();
+    let short = short["raw_key"].as_str().unwrap().to_owned();
+    wait_for(
+        "the short-lived key expires",
+        Duration::from_secs(10),
+        || async {
+            let (status, _, body) =
+                get_with_key(&c, &n3.url("/api/mcp_servers/"), Some(&short)).await;
+            (status == 401 && body["message"].as_str()?.contains("expired")).then_some(())
+        },
+    )
+    .await;
+    // No raw key anywhere on disk: data directories and logs.
+    for n in cl.ids() {
+        cl.terminate(n).await.unwrap();
+    }
+    for secret in [&admin, &key, &short] {
+        let hits = grep_dir(cl.root(), secret);
+        assert!(hits.is_empty(), "a raw key is written in {hits:?}");
+    }
+}
+
+/// Files under `dir` (recursively) whose bytes contain `needle`.
+fn grep_dir(dir: &std::path::Path, needle: &str) -> Vec<std::path::PathBuf> {
+    let mut hits = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    // Bounded: at most 100 000 entries.
+    let mut budget = 100_000;
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            budget -= 1;
+            if budget == 0 {
+                return hits;
+            }
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if std::fs::read(&p)
+                .is_ok_and(|b| b.windows(needle.len()).any(|w| w == needle.as_bytes()))
+            {
+                hits.push(p);
+            }
+        }
+    }
+    hits
 }

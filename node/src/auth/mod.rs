@@ -1,0 +1,399 @@
+//! Auth room: who is calling. The front door (`/mcp`, `/servers/{id}/mcp`) and the REST API
+//! (`/api/*`) pass every request through [`middleware`]; handlers never check credentials
+//! themselves. Probes (`/health/*`) and `/metrics` stay open.
+//!
+//! Today: API keys (`mcp_` + 256 random bits, created by `POST /api/auth/keys`). Only the
+//! SHA-256 of a key is stored, in the cluster's replicated state, so a key created through
+//! any node works on every node as soon as its write is acknowledged, and a revocation is
+//! refused everywhere just as soon. A key is looked up by the hash of what the caller sent,
+//! compared in constant time. SHA-256 (not a slow password hash) is right here because the
+//! secret has 256 bits of entropy: nothing can be guessed, and the check costs a microsecond.
+//!
+//! Not yet: JWT/OIDC, roles and permissions (RBAC), tool access policies, failed-attempt
+//! lockout (they are refused by config validation until they exist).
+
+use std::sync::Arc;
+
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use hangar_raft::state::ApiKeyRecord;
+use parking_lot::RwLock;
+
+use crate::config::AuthConfig;
+
+/// Longest credential accepted.
+const MAX_KEY_LEN: usize = 256;
+
+/// Who made a request (in the request's extensions once authenticated).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Principal {
+    /// No credentials, and `auth.allow_anonymous` (or auth is off).
+    Anonymous,
+    /// An API key.
+    ApiKey {
+        /// The key's id (public).
+        key_id: String,
+        /// The principal it authenticates as.
+        principal: String,
+    },
+}
+
+/// Why a request is not authenticated (the message never contains the credential).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    /// Nothing was sent.
+    #[error(
+        "No valid credentials provided: send an API key in the {header} header (or Authorization: Bearer mcp_…)"
+    )]
+    Missing {
+        /// The configured header.
+        header: String,
+    },
+    /// Not an API key at all.
+    #[error("Invalid API key format: keys start with mcp_ and are at most 256 characters")]
+    Malformed,
+    /// No such key.
+    #[error("Invalid API key")]
+    Unknown,
+    /// The key expired.
+    #[error("API key {key_id} has expired")]
+    Expired {
+        /// Key id.
+        key_id: String,
+    },
+    /// The key was revoked.
+    #[error("API key {key_id} has been revoked")]
+    Revoked {
+        /// Key id.
+        key_id: String,
+    },
+}
+
+/// Where API keys are looked up (the cluster's replicated state).
+pub trait KeyStore: Send + Sync + 'static {
+    /// The key whose SHA-256 (hex) is `sha256_hex`.
+    fn find(&self, sha256_hex: &str) -> Option<ApiKeyRecord>;
+    /// Catch up with every write the cluster acknowledged so far (a ReadIndex round);
+    /// `false` when that is not possible now (no leader).
+    fn catch_up(&self) -> futures::future::BoxFuture<'_, bool>;
+}
+
+/// Authentication settings and the key store, shared by every request.
+pub struct Auth {
+    cfg: RwLock<AuthConfig>,
+    keys: Arc<dyn KeyStore>,
+}
+
+impl Auth {
+    /// Authenticate against `keys` with `cfg`.
+    pub fn new(cfg: AuthConfig, keys: Arc<dyn KeyStore>) -> Arc<Self> {
+        Arc::new(Auth {
+            cfg: RwLock::new(cfg),
+            keys,
+        })
+    }
+
+    /// New settings (config reload).
+    pub fn set_config(&self, cfg: AuthConfig) {
+        *self.cfg.write() = cfg;
+    }
+
+    /// Whether requests must authenticate.
+    pub fn enabled(&self) -> bool {
+        self.cfg.read().enabled
+    }
+
+    /// Who sent `headers`, at `now_ms` (Unix ms).
+    pub fn authenticate(&self, headers: &HeaderMap, now_ms: u64) -> Result<Principal, AuthError> {
+        let cfg = self.cfg.read().clone();
+        if !cfg.enabled {
+            return Ok(Principal::Anonymous);
+        }
+        let sent = cfg
+            .api_key
+            .enabled
+            .then(|| credential(headers, &cfg.api_key.header_name))
+            .flatten();
+        let Some(key) = sent else {
+            return if cfg.allow_anonymous {
+                Ok(Principal::Anonymous)
+            } else {
+                Err(AuthError::Missing {
+                    header: cfg.api_key.header_name.clone(),
+                })
+            };
+        };
+        if !key.starts_with("mcp_") || key.len() > MAX_KEY_LEN {
+            return Err(AuthError::Malformed);
+        }
+        let sha = crate::config::sha256_hex(key.as_bytes());
+        match self.keys.find(&sha) {
+            Some(record) => check(&record, now_ms),
+            // This node's own bootstrap key, before the cluster registered it (a node that
+            // is not initialized yet, `cluster init`, a join): an admin key. Once registered,
+            // the replicated record decides (it can be revoked).
+            None if cfg.api_key.bootstrap_key.as_ref().is_some_and(|b| {
+                constant_time_eq(&crate::config::sha256_hex(b.expose().as_bytes()), &sha)
+            }) =>
+            {
+                Ok(Principal::ApiKey {
+                    key_id: format!("key_bootstrap_{}", &sha[..12]),
+                    principal: "admin".to_owned(),
+                })
+            }
+            None => Err(AuthError::Unknown),
+        }
+    }
+}
+
+/// A found key's verdict at `now_ms`.
+fn check(record: &ApiKeyRecord, now_ms: u64) -> Result<Principal, AuthError> {
+    if record.revoked {
+        return Err(AuthError::Revoked {
+            key_id: record.id.clone(),
+        });
+    }
+    if record.expires_at_ms.is_some_and(|t| t <= now_ms) {
+        return Err(AuthError::Expired {
+            key_id: record.id.clone(),
+        });
+    }
+    Ok(Principal::ApiKey {
+        key_id: record.id.clone(),
+        principal: record.principal.clone(),
+    })
+}
+
+/// The credential a request carries: the API-key header, else `Authorization: Bearer …`.
+fn credential<'a>(headers: &'a HeaderMap, header_name: &str) -> Option<&'a str> {
+    if let Some(v) = headers.get(header_name) {
+        return v.to_str().ok().map(str::trim).filter(|s| !s.is_empty());
+    }
+    let auth = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = auth.trim().split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|t| !t.is_empty())
+}
+
+/// Equal, in time independent of where two strings differ.
+pub fn constant_time_eq(a: &str, b: &str) -> bool {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Middleware: authenticate every `/api` and MCP request; 401 with MCP Hangar's flat body and
+/// `WWW-Authenticate` when that fails.
+pub async fn middleware(State(auth): State<Arc<Auth>>, mut req: Request, next: Next) -> Response {
+    let path = req.uri().path();
+    if path.starts_with("/health/") || path == "/metrics" || !auth.enabled() {
+        return next.run(req).await;
+    }
+    let now_ms = (crate::telemetry::unix_now() * 1000.0) as u64;
+    let mut verdict = auth.authenticate(req.headers(), now_ms);
+    if verdict == Err(AuthError::Unknown) && auth.keys.catch_up().await {
+        // A key created through another node works here as soon as its write was
+        // acknowledged, even if this node had not applied it yet.
+        verdict = auth.authenticate(req.headers(), now_ms);
+    }
+    match verdict {
+        Ok(p) => {
+            req.extensions_mut().insert(p);
+            next.run(req).await
+        }
+        Err(e) => {
+            tracing::info!(path, reason = %e, "authentication_failed");
+            unauthorized(&e)
+        }
+    }
+}
+
+/// The 401 answer.
+fn unauthorized(e: &AuthError) -> Response {
+    let body = serde_json::json!({
+        "error": "authentication_failed",
+        "message": e.to_string(),
+        "details": null,
+    });
+    let mut r = (
+        StatusCode::UNAUTHORIZED,
+        [(header::CONTENT_TYPE, "application/json")],
+        body.to_string(),
+    )
+        .into_response();
+    r.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        HeaderValue::from_static("Bearer, ApiKey"),
+    );
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    struct Keys(HashMap<String, ApiKeyRecord>);
+
+    impl KeyStore for Keys {
+        fn find(&self, h: &str) -> Option<ApiKeyRecord> {
+            self.0
+                .values()
+                .find(|k| constant_time_eq(&k.sha256_hex, h))
+                .cloned()
+        }
+
+        fn catch_up(&self) -> futures::future::BoxFuture<'_, bool> {
+            Box::pin(async { true })
+        }
+    }
+
+    const GOOD: &str = "mcp_0123456789abcdef0123456789abcdef";
+
+    fn record(id: &str, raw: &str) -> ApiKeyRecord {
+        ApiKeyRecord {
+            id: id.into(),
+            principal: "svc".into(),
+            name: id.into(),
+            sha256_hex: crate::config::sha256_hex(raw.as_bytes()),
+            created_at_ms: 0,
+            expires_at_ms: None,
+            revoked: false,
+        }
+    }
+
+    fn auth(enabled: bool, anonymous: bool) -> Arc<Auth> {
+        let mut keys = HashMap::new();
+        keys.insert("k1".to_owned(), record("k1", GOOD));
+        let mut old = record("k2", "mcp_expired_expired_expired_expired_0");
+        old.expires_at_ms = Some(1000);
+        keys.insert("k2".to_owned(), old);
+        let mut gone = record("k3", "mcp_revoked_revoked_revoked_revoked_0");
+        gone.revoked = true;
+        keys.insert("k3".to_owned(), gone);
+        let cfg = AuthConfig {
+            enabled,
+            allow_anonymous: anonymous,
+            ..AuthConfig::default()
+        };
+        Auth::new(cfg, Arc::new(Keys(keys)))
+    }
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.insert(
+                axum::http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        h
+    }
+
+    #[test]
+    fn keys_authenticate_by_header_or_bearer_and_everything_else_is_refused() {
+        let a = auth(true, false);
+        let ok = Principal::ApiKey {
+            key_id: "k1".into(),
+            principal: "svc".into(),
+        };
+        assert_eq!(
+            a.authenticate(&headers(&[("x-api-key", GOOD)]), 5000),
+            Ok(ok.clone())
+        );
+        let bearer = format!("Bearer {GOOD}");
+        assert_eq!(
+            a.authenticate(&headers(&[("authorization", &bearer)]), 5000),
+            Ok(ok)
+        );
+        assert!(matches!(
+            a.authenticate(&headers(&[]), 5000),
+            Err(AuthError::Missing { .. })
+        ));
+        assert_eq!(
+            a.authenticate(&headers(&[("x-api-key", "mcp_bogus")]), 5000),
+            Err(AuthError::Unknown)
+        );
+        assert_eq!(
+            a.authenticate(&headers(&[("x-api-key", "not-a-key")]), 5000),
+            Err(AuthError::Malformed)
+        );
+        let long = format!("mcp_{}", "a".repeat(300));
+        assert_eq!(
+            a.authenticate(&headers(&[("x-api-key", &long)]), 5000),
+            Err(AuthError::Malformed)
+        );
+        assert!(matches!(
+            a.authenticate(
+                &headers(&[("x-api-key", "mcp_expired_expired_expired_expired_0")]),
+                5000
+            ),
+            Err(AuthError::Expired { .. })
+        ));
+        assert!(matches!(
+            a.authenticate(
+                &headers(&[("x-api-key", "mcp_revoked_revoked_revoked_revoked_0")]),
+                5000
+            ),
+            Err(AuthError::Revoked { .. })
+        ));
+        // The message never carries what was sent.
+        let e = a
+            .authenticate(&headers(&[("x-api-key", "mcp_bogus")]), 5000)
+            .unwrap_err();
+        assert!(!e.to_string().contains("bogus"));
+    }
+
+    #[test]
+    fn the_configured_bootstrap_key_is_an_admin_until_the_cluster_knows_it() {
+        let boot = "mcp_bootstrap_bootstrap_bootstrap_bootstrap";
+        let mut cfg = AuthConfig {
+            enabled: true,
+            ..AuthConfig::default()
+        };
+        cfg.api_key.bootstrap_key = Some(crate::config::Secret::new(boot));
+        let none = Auth::new(cfg.clone(), Arc::new(Keys(HashMap::new())));
+        assert!(matches!(
+            none.authenticate(&headers(&[("x-api-key", boot)]), 0),
+            Ok(Principal::ApiKey { principal, .. }) if principal == "admin"
+        ));
+        // Registered and revoked: the replicated record decides.
+        let mut rec = record("kb", boot);
+        rec.revoked = true;
+        let known = Auth::new(cfg, Arc::new(Keys(HashMap::from([("kb".to_owned(), rec)]))));
+        assert!(matches!(
+            known.authenticate(&headers(&[("x-api-key", boot)]), 0),
+            Err(AuthError::Revoked { .. })
+        ));
+    }
+
+    #[test]
+    fn off_or_anonymous_lets_callers_without_credentials_through() {
+        assert_eq!(
+            auth(false, false).authenticate(&headers(&[]), 0),
+            Ok(Principal::Anonymous)
+        );
+        assert_eq!(
+            auth(true, true).authenticate(&headers(&[]), 0),
+            Ok(Principal::Anonymous)
+        );
+        // A wrong key is still refused when anonymous callers are allowed.
+        assert_eq!(
+            auth(true, true).authenticate(&headers(&[("x-api-key", "mcp_bogus")]), 0),
+            Err(AuthError::Unknown)
+        );
+    }
+
+    #[test]
+    fn constant_time_eq_compares_whole_strings() {
+        assert!(constant_time_eq("abc", "abc"));
+        assert!(!constant_time_eq("abc", "abd"));
+        assert!(!constant_time_eq("abc", "abcd"));
+    }
+}
