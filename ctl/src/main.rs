@@ -12,7 +12,8 @@ use serde_json::{Value, json};
 #[derive(Parser)]
 #[command(name = "hangarctl", version, about = "Operate a Hangar MCP gateway")]
 struct Cli {
-    /// Base URL of any Hangar node.
+    /// Base URL of any Hangar node. The API key, when the node requires one, is read from
+    /// HANGAR_API_KEY (sent as X-API-Key).
     #[arg(
         long,
         env = "HANGAR_ENDPOINT",
@@ -20,9 +21,6 @@ struct Cli {
         global = true
     )]
     endpoint: String,
-    /// API key (sent as X-API-Key).
-    #[arg(long, env = "HANGAR_API_KEY", global = true, hide_env_values = true)]
-    api_key: Option<String>,
     /// Output format.
     #[arg(long, value_enum, default_value_t = Output::Table, global = true)]
     output: Output,
@@ -75,6 +73,18 @@ enum Cmd {
         #[command(subcommand)]
         cmd: ops::EventsCmd,
     },
+    /// API keys (the key itself is read from HANGAR_API_KEY, never from a flag).
+    Keys {
+        #[command(subcommand)]
+        cmd: ops::KeysCmd,
+    },
+    /// Roles and their assignments.
+    Roles {
+        #[command(subcommand)]
+        cmd: ops::RolesCmd,
+    },
+    /// Who the API key in HANGAR_API_KEY authenticates as, and what it may do.
+    Whoami,
 }
 
 #[derive(Subcommand)]
@@ -209,6 +219,7 @@ impl Client {
         if !status.is_success() {
             let msg = v
                 .pointer("/error/message")
+                .or_else(|| v.pointer("/message"))
                 .and_then(Value::as_str)
                 .map(str::to_owned)
                 .unwrap_or(text);
@@ -336,7 +347,11 @@ fn kv(v: &Value) -> String {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    let c = Client::new(&cli.endpoint, cli.api_key.clone())?;
+    // The key comes from the environment only: a flag would land in shell history.
+    let api_key = std::env::var("HANGAR_API_KEY")
+        .ok()
+        .filter(|k| !k.trim().is_empty());
+    let c = Client::new(&cli.endpoint, api_key)?;
     let out = cli.output;
     match cli.command {
         Cmd::Servers { cmd } => match cmd {
@@ -500,6 +515,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Cluster { cmd } => ops::cluster(&c, out, cmd).await?,
         Cmd::Config { cmd } => ops::config(&c, out, cmd).await?,
         Cmd::Events { cmd } => ops::events(&c, out, cmd).await?,
+        Cmd::Keys { cmd } => ops::keys(&c, out, cmd).await?,
+        Cmd::Roles { cmd } => ops::roles(&c, out, cmd).await?,
+        Cmd::Whoami => {
+            let v = c.get("/api/system/me").await?;
+            print(out, &v, kv);
+        }
     }
     Ok(())
 }

@@ -395,3 +395,135 @@ fn format_time(unix: f64) -> String {
         ((unix.fract()) * 1000.0) as u64
     )
 }
+
+#[derive(Subcommand)]
+pub enum KeysCmd {
+    /// Create an API key for a principal; the raw key is printed once (store it now).
+    Create {
+        /// The principal it authenticates as (e.g. `service:ci`).
+        #[arg(long)]
+        principal: String,
+        /// A name for it.
+        #[arg(long)]
+        name: String,
+        /// Expire after this many seconds.
+        #[arg(long)]
+        expires_in: Option<u64>,
+    },
+    /// List keys (never their secrets).
+    List {
+        /// Include revoked keys.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Revoke a key by id: refused on every node once this returns.
+    Revoke {
+        /// Key id (`key_…`).
+        id: String,
+    },
+}
+
+pub async fn keys(c: &Client, out: Output, cmd: KeysCmd) -> anyhow::Result<()> {
+    match cmd {
+        KeysCmd::Create {
+            principal,
+            name,
+            expires_in,
+        } => {
+            let mut body = json!({"principal_id": principal, "name": name});
+            if let Some(s) = expires_in {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .context("the system clock is before 1970")?
+                    .as_secs_f64();
+                body["expires_at"] = json!(now + s as f64);
+            }
+            let v = c.post("/api/auth/keys", body).await?;
+            print(out, &v, |v| {
+                format!(
+                    "key_id: {}\nkey:    {}\n(store the key now: it is shown once)\n",
+                    cell(&v["key_id"]),
+                    cell(&v["raw_key"])
+                )
+            });
+        }
+        KeysCmd::List { all } => {
+            let v = c
+                .get(&format!("/api/auth/keys?include_revoked={all}"))
+                .await?;
+            print(out, &v, |v| {
+                table(
+                    v["keys"].as_array().map_or(&[][..], Vec::as_slice),
+                    &["key_id", "principal_id", "name", "revoked", "expires_at"],
+                )
+            });
+        }
+        KeysCmd::Revoke { id } => {
+            let v = c
+                .send(
+                    reqwest::Method::DELETE,
+                    &format!("/api/auth/keys/{id}"),
+                    None,
+                )
+                .await?;
+            print(out, &v, kv);
+        }
+    }
+    Ok(())
+}
+
+#[derive(Subcommand)]
+pub enum RolesCmd {
+    /// Roles with their permissions, and who holds which.
+    List,
+    /// Give a principal a role (admin, provider-admin, developer, viewer, auditor,
+    /// service-account, or a custom one).
+    Assign {
+        /// Principal.
+        #[arg(long)]
+        principal: String,
+        /// Role name.
+        #[arg(long)]
+        role: String,
+    },
+    /// Take a role from a principal.
+    Revoke {
+        /// Principal.
+        #[arg(long)]
+        principal: String,
+        /// Role name.
+        #[arg(long)]
+        role: String,
+    },
+}
+
+pub async fn roles(c: &Client, out: Output, cmd: RolesCmd) -> anyhow::Result<()> {
+    let (path, body) = match cmd {
+        RolesCmd::List => {
+            let v = c.get("/api/auth/roles").await?;
+            print(out, &v, |v| {
+                let mut s = table(
+                    v["roles"].as_array().map_or(&[][..], Vec::as_slice),
+                    &["name", "builtin", "permissions"],
+                );
+                s.push('\n');
+                for (p, r) in v["assignments"].as_object().into_iter().flatten() {
+                    s.push_str(&format!("{p}: {}\n", cell(r)));
+                }
+                s
+            });
+            return Ok(());
+        }
+        RolesCmd::Assign { principal, role } => (
+            "/api/auth/roles/assign",
+            json!({"principal_id": principal, "role_name": role}),
+        ),
+        RolesCmd::Revoke { principal, role } => (
+            "/api/auth/roles/revoke",
+            json!({"principal_id": principal, "role_name": role}),
+        ),
+    };
+    let v = c.post(path, body).await?;
+    print(out, &v, kv);
+    Ok(())
+}

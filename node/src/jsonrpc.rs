@@ -74,6 +74,8 @@ pub const UPSTREAM_ERROR: i64 = -32000;
 pub const TIMEOUT_ERROR: i64 = -32001;
 /// MCP: resource not found.
 pub const RESOURCE_NOT_FOUND: i64 = -32002;
+/// The caller lacks the permission the request needs.
+pub const FORBIDDEN: i64 = -32003;
 
 /// One JSON-RPC message of any kind (request, notification, response).
 ///

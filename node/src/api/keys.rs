@@ -138,3 +138,109 @@ pub(super) async fn revoke(State(st): State<ApiState>, Path(id): Path<String>) -
     }
     Ok(axum::Json(body).into_response())
 }
+
+#[derive(Deserialize)]
+struct AssignBody {
+    principal_id: String,
+    role_name: String,
+}
+
+fn assign_body(body: &[u8]) -> Result<AssignBody, ApiError> {
+    let b: AssignBody = serde_json::from_slice(body).map_err(|e| {
+        ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "ValidationError",
+            format!("body must be {{\"principal_id\": \"…\", \"role_name\": \"…\"}}: {e}"),
+            Value::Null,
+        )
+    })?;
+    if b.principal_id.trim().is_empty() || b.role_name.trim().is_empty() {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "ValidationError",
+            "principal_id and role_name must not be empty",
+            Value::Null,
+        ));
+    }
+    Ok(b)
+}
+
+/// `GET /api/auth/roles`: the built-in and custom roles with their permissions, and who holds
+/// which.
+pub(super) async fn roles(State(st): State<ApiState>) -> ApiResult {
+    let (custom, assignments) = st
+        .cluster
+        .raft()
+        .read(|s| (s.roles.clone(), s.role_assignments.clone()));
+    let mut roles: Vec<Value> = crate::auth::rbac::BUILTIN_ROLES
+        .iter()
+        .map(|(name, perms)| json!({"name": name, "permissions": perms, "builtin": true}))
+        .collect();
+    for (name, r) in &custom {
+        if !crate::auth::rbac::BUILTIN_ROLES
+            .iter()
+            .any(|(n, _)| n == name)
+        {
+            roles.push(
+                json!({"name": name, "permissions": r.permissions, "builtin": false,
+                "description": r.description}),
+            );
+        }
+    }
+    Ok(axum::Json(json!({"roles": roles, "assignments": assignments})).into_response())
+}
+
+/// `POST /api/auth/roles/assign`.
+pub(super) async fn assign_role(State(st): State<ApiState>, body: axum::body::Bytes) -> ApiResult {
+    let b = assign_body(&body)?;
+    st.cluster
+        .assign_role(&b.principal_id, &b.role_name)
+        .await?;
+    tracing::info!(principal = %b.principal_id, role = %b.role_name, "role_assigned");
+    Ok(axum::Json(
+        json!({"principal_id": b.principal_id, "role_name": b.role_name, "assigned": true}),
+    )
+    .into_response())
+}
+
+/// `POST /api/auth/roles/revoke`.
+pub(super) async fn revoke_role(State(st): State<ApiState>, body: axum::body::Bytes) -> ApiResult {
+    let b = assign_body(&body)?;
+    st.cluster
+        .propose(Command::UnassignRole {
+            principal: b.principal_id.clone(),
+            role: b.role_name.clone(),
+        })
+        .await?;
+    tracing::info!(principal = %b.principal_id, role = %b.role_name, "role_revoked");
+    Ok(axum::Json(
+        json!({"principal_id": b.principal_id, "role_name": b.role_name, "revoked": true}),
+    )
+    .into_response())
+}
+
+/// `GET /api/system/me`: who the caller is and what it may do.
+pub(super) async fn me(
+    principal: Option<axum::Extension<crate::auth::Principal>>,
+    grants: Option<axum::Extension<std::sync::Arc<crate::auth::Grants>>>,
+) -> ApiResult {
+    // The auth middleware sets these only when auth is on.
+    let auth_enabled = principal.is_some();
+    let (name, key_id) = match principal.as_deref() {
+        Some(crate::auth::Principal::ApiKey { principal, key_id }) => {
+            (principal.clone(), Some(key_id.clone()))
+        }
+        Some(crate::auth::Principal::Bootstrap { key_id }) => {
+            ("admin".to_owned(), Some(key_id.clone()))
+        }
+        _ => ("anonymous".to_owned(), None),
+    };
+    let (roles, permissions) = grants
+        .map(|g| (g.roles.clone(), g.permissions.clone()))
+        .unwrap_or_default();
+    Ok(axum::Json(
+        json!({"principal_id": name, "key_id": key_id, "roles": roles,
+        "permissions": permissions, "auth_enabled": auth_enabled}),
+    )
+    .into_response())
+}

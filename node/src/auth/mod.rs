@@ -9,8 +9,14 @@
 //! compared in constant time. SHA-256 (not a slow password hash) is right here because the
 //! secret has 256 bits of entropy: nothing can be guessed, and the check costs a microsecond.
 //!
-//! Not yet: JWT/OIDC, roles and permissions (RBAC), tool access policies, failed-attempt
-//! lockout (they are refused by config validation until they exist).
+//! Authorization ([`rbac`]): MCP Hangar's six roles and their permissions (plus custom roles),
+//! assigned to principals through the replicated state. Every REST route maps to a
+//! permission and a route outside the table is denied (403); over MCP, each method needs a
+//! permission, a forbidden `tools/call` is a JSON-RPC error naming it (the upstream never
+//! sees the call), and `tools/list` is empty for a caller who may not call tools.
+//!
+//! Not yet: JWT/OIDC, role scopes other than global, tool access policies, failed-attempt
+//! lockout (refused by config validation until they exist).
 
 use std::sync::Arc;
 
@@ -22,6 +28,10 @@ use hangar_raft::state::ApiKeyRecord;
 use parking_lot::RwLock;
 
 use crate::config::AuthConfig;
+
+pub mod rbac;
+
+pub use rbac::Grants;
 
 /// Longest credential accepted.
 const MAX_KEY_LEN: usize = 256;
@@ -38,6 +48,22 @@ pub enum Principal {
         /// The principal it authenticates as.
         principal: String,
     },
+    /// This node's configured bootstrap key, before the cluster registered it: an admin.
+    Bootstrap {
+        /// Its id once registered.
+        key_id: String,
+    },
+}
+
+impl Principal {
+    /// The principal's name (`anonymous`, `admin` for the bootstrap key).
+    pub fn name(&self) -> &str {
+        match self {
+            Principal::Anonymous => "anonymous",
+            Principal::ApiKey { principal, .. } => principal,
+            Principal::Bootstrap { .. } => "admin",
+        }
+    }
 }
 
 /// Why a request is not authenticated (the message never contains the credential).
@@ -73,6 +99,15 @@ pub enum AuthError {
 
 /// Where API keys are looked up (the cluster's replicated state).
 pub trait KeyStore: Send + Sync + 'static {
+    /// The roles assigned to `principal` and the custom role definitions (name →
+    /// permissions).
+    fn roles_of(
+        &self,
+        principal: &str,
+    ) -> (
+        std::collections::BTreeSet<String>,
+        std::collections::BTreeMap<String, std::collections::BTreeSet<String>>,
+    );
     /// The key whose SHA-256 (hex) is `sha256_hex`.
     fn find(&self, sha256_hex: &str) -> Option<ApiKeyRecord>;
     /// Catch up with every write the cluster acknowledged so far (a ReadIndex round);
@@ -98,6 +133,21 @@ impl Auth {
     /// New settings (config reload).
     pub fn set_config(&self, cfg: AuthConfig) {
         *self.cfg.write() = cfg;
+    }
+
+    /// What `p` may do.
+    pub fn grants(&self, p: &Principal) -> Grants {
+        match p {
+            Principal::Anonymous => Grants::default(),
+            Principal::Bootstrap { .. } => Grants::of(
+                &std::collections::BTreeSet::from(["admin".to_owned()]),
+                &Default::default(),
+            ),
+            Principal::ApiKey { principal, .. } => {
+                let (roles, custom) = self.keys.roles_of(principal);
+                Grants::of(&roles, &custom)
+            }
+        }
     }
 
     /// Whether requests must authenticate.
@@ -138,9 +188,8 @@ impl Auth {
                 constant_time_eq(&crate::config::sha256_hex(b.expose().as_bytes()), &sha)
             }) =>
             {
-                Ok(Principal::ApiKey {
+                Ok(Principal::Bootstrap {
                     key_id: format!("key_bootstrap_{}", &sha[..12]),
-                    principal: "admin".to_owned(),
                 })
             }
             None => Err(AuthError::Unknown),
@@ -204,6 +253,46 @@ pub async fn middleware(State(auth): State<Arc<Auth>>, mut req: Request, next: N
     }
     match verdict {
         Ok(p) => {
+            let mut grants = Arc::new(auth.grants(&p));
+            if path.starts_with("/api/") || path == "/api" {
+                if p == Principal::Anonymous {
+                    return api_error(
+                        StatusCode::UNAUTHORIZED,
+                        "MissingCredentialsError",
+                        "the REST API needs credentials: send an API key".to_owned(),
+                        serde_json::Value::Null,
+                    );
+                }
+                let method = req.method().as_str().to_owned();
+                let needed = rbac::route_permission(&method, path);
+                if needed.is_some_and(|perm| !grants.allows(perm)) && auth.keys.catch_up().await {
+                    // A role assigned through another node counts as soon as it was
+                    // acknowledged.
+                    grants = Arc::new(auth.grants(&p));
+                }
+                let denied = match needed {
+                    None => Some((
+                        format!(
+                            "{method} {path} is not an authorized route (not in the permission table)"
+                        ),
+                        serde_json::json!({"route": format!("{method} {path}")}),
+                    )),
+                    Some(perm) if !grants.allows(perm) => Some((
+                        format!(
+                            "{perm} permission required (principal {} has roles {:?})",
+                            p.name(),
+                            grants.roles
+                        ),
+                        serde_json::json!({"required_permission": perm, "principal": p.name()}),
+                    )),
+                    Some(_) => None,
+                };
+                if let Some((message, details)) = denied {
+                    tracing::info!(path, principal = p.name(), "access_denied");
+                    return api_error(StatusCode::FORBIDDEN, "AccessDeniedError", message, details);
+                }
+            }
+            req.extensions_mut().insert(grants);
             req.extensions_mut().insert(p);
             next.run(req).await
         }
@@ -212,6 +301,22 @@ pub async fn middleware(State(auth): State<Arc<Auth>>, mut req: Request, next: N
             unauthorized(&e)
         }
     }
+}
+
+/// MCP Hangar's nested error envelope.
+fn api_error(
+    status: StatusCode,
+    code: &str,
+    message: String,
+    details: serde_json::Value,
+) -> Response {
+    let body = serde_json::json!({"error": {"code": code, "message": message, "details": details}});
+    (
+        status,
+        [(header::CONTENT_TYPE, "application/json")],
+        body.to_string(),
+    )
+        .into_response()
 }
 
 /// The 401 answer.
@@ -251,6 +356,16 @@ mod tests {
 
         fn catch_up(&self) -> futures::future::BoxFuture<'_, bool> {
             Box::pin(async { true })
+        }
+
+        fn roles_of(
+            &self,
+            _principal: &str,
+        ) -> (
+            std::collections::BTreeSet<String>,
+            std::collections::BTreeMap<String, std::collections::BTreeSet<String>>,
+        ) {
+            Default::default()
         }
     }
 
@@ -359,10 +474,11 @@ mod tests {
         };
         cfg.api_key.bootstrap_key = Some(crate::config::Secret::new(boot));
         let none = Auth::new(cfg.clone(), Arc::new(Keys(HashMap::new())));
-        assert!(matches!(
-            none.authenticate(&headers(&[("x-api-key", boot)]), 0),
-            Ok(Principal::ApiKey { principal, .. }) if principal == "admin"
-        ));
+        let p = none
+            .authenticate(&headers(&[("x-api-key", boot)]), 0)
+            .unwrap();
+        assert!(matches!(p, Principal::Bootstrap { .. }));
+        assert!(none.grants(&p).allows("auth:manage"));
         // Registered and revoked: the replicated record decides.
         let mut rec = record("kb", boot);
         rec.revoked = true;

@@ -49,6 +49,21 @@ const EVENT_FLUSH_EVERY: Duration = Duration::from_millis(100);
 const EVENT_QUEUE_CAP: usize = 100_000;
 
 impl crate::auth::KeyStore for Cluster {
+    fn roles_of(&self, principal: &str) -> (BTreeSet<String>, BTreeMap<String, BTreeSet<String>>) {
+        self.raft.read(|st| {
+            let roles = st
+                .role_assignments
+                .get(principal)
+                .cloned()
+                .unwrap_or_default();
+            let custom = roles
+                .iter()
+                .filter_map(|r| st.roles.get(r).map(|d| (r.clone(), d.permissions.clone())))
+                .collect();
+            (roles, custom)
+        })
+    }
+
     fn catch_up(&self) -> futures::future::BoxFuture<'_, bool> {
         Box::pin(async move { self.raft.linearizable_read(|_| ()).await.is_ok() })
     }
@@ -1069,31 +1084,74 @@ impl Cluster {
                 .values()
                 .any(|k| crate::auth::constant_time_eq(&k.sha256_hex, &sha))
         });
-        if known {
+        if !known {
+            let id = format!("key_bootstrap_{}", &sha[..12]);
+            let record = hangar_raft::state::ApiKeyRecord {
+                id: id.clone(),
+                principal: "admin".to_owned(),
+                name: "bootstrap-admin".to_owned(),
+                sha256_hex: sha,
+                created_at_ms: 0,
+                expires_at_ms: None,
+                revoked: false,
+            };
+            match self.propose(Command::CreateApiKey { key: record }).await {
+                Ok(_) => tracing::info!(key_id = %id, "bootstrap_admin_key_registered"),
+                // Another node registered it first.
+                Err(ClusterError::Rejected {
+                    code: RejectCode::KeyExists | RejectCode::KeyHashExists,
+                    ..
+                }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let assigned = self.raft.read(|st| {
+            st.role_assignments
+                .get("admin")
+                .is_some_and(|r| r.contains("admin"))
+        });
+        if assigned {
             return Ok(());
         }
-        let id = format!("key_bootstrap_{}", &sha[..12]);
-        let record = hangar_raft::state::ApiKeyRecord {
-            id: id.clone(),
-            principal: "admin".to_owned(),
-            name: "bootstrap-admin".to_owned(),
-            sha256_hex: sha,
-            created_at_ms: 0,
-            expires_at_ms: None,
-            revoked: false,
-        };
-        match self.propose(Command::CreateApiKey { key: record }).await {
-            Ok(_) => {
-                tracing::info!(key_id = %id, "bootstrap_admin_key_registered");
-                Ok(())
-            }
-            // Another node registered it first.
-            Err(ClusterError::Rejected {
-                code: RejectCode::KeyExists | RejectCode::KeyHashExists,
-                ..
-            }) => Ok(()),
-            Err(e) => Err(e),
+        self.assign_role("admin", "admin").await
+    }
+
+    /// Give `principal` the role `role` (a built-in role is defined in the replicated state
+    /// the first time it is assigned).
+    pub async fn assign_role(&self, principal: &str, role: &str) -> Result<(), ClusterError> {
+        let defined = self.raft.read(|st| st.roles.contains_key(role));
+        if !defined {
+            let builtin = crate::auth::rbac::BUILTIN_ROLES
+                .iter()
+                .find(|(n, _)| *n == role);
+            let Some((_, perms)) = builtin else {
+                let names: Vec<&str> = crate::auth::rbac::BUILTIN_ROLES
+                    .iter()
+                    .map(|(n, _)| *n)
+                    .collect();
+                return Err(ClusterError::Rejected {
+                    code: RejectCode::RoleNotFound,
+                    message: format!(
+                        "no role `{role}`: use a built-in role ({}) or define it first",
+                        names.join(", ")
+                    ),
+                });
+            };
+            self.propose(Command::PutRole {
+                role: hangar_raft::state::RoleDef {
+                    name: role.to_owned(),
+                    permissions: perms.iter().map(|p| (*p).to_owned()).collect(),
+                    description: format!("built-in role {role}"),
+                },
+            })
+            .await?;
         }
+        self.propose(Command::AssignRole {
+            principal: principal.to_owned(),
+            role: role.to_owned(),
+        })
+        .await?;
+        Ok(())
     }
 
     /// Put the replicated placements into effect in `runtime`, and note up to which log index

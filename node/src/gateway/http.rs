@@ -51,13 +51,22 @@ pub fn routes(state: FrontDoor) -> Router {
         .with_state(state)
 }
 
-async fn post_aggregate(State(st): State<FrontDoor>, headers: HeaderMap, body: Body) -> Response {
-    handle_post(st, Scope::Aggregate, headers, body).await
+/// What the caller may do, when auth is on (set by the auth middleware).
+type GrantsExt = Option<axum::Extension<Arc<crate::auth::Grants>>>;
+
+async fn post_aggregate(
+    State(st): State<FrontDoor>,
+    grants: GrantsExt,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    handle_post(st, Scope::Aggregate, grants.map(|g| g.0), headers, body).await
 }
 
 async fn post_server(
     State(st): State<FrontDoor>,
     Path(id): Path<String>,
+    grants: GrantsExt,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
@@ -73,7 +82,7 @@ async fn post_server(
             ),
         );
     }
-    handle_post(st, Scope::Server(id), headers, body).await
+    handle_post(st, Scope::Server(id), grants.map(|g| g.0), headers, body).await
 }
 
 async fn delete_mcp() -> Response {
@@ -103,7 +112,13 @@ fn header_str<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
     h.get(name).and_then(|v| v.to_str().ok())
 }
 
-async fn handle_post(st: FrontDoor, scope: Scope, headers: HeaderMap, body: Body) -> Response {
+async fn handle_post(
+    st: FrontDoor,
+    scope: Scope,
+    grants: Option<Arc<crate::auth::Grants>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
     if let Some(ct) = header_str(&headers, "content-type")
         && !ct.to_ascii_lowercase().starts_with("application/json")
     {
@@ -152,7 +167,7 @@ async fn handle_post(st: FrontDoor, scope: Scope, headers: HeaderMap, body: Body
 
     let first = bytes.iter().find(|b| !b.is_ascii_whitespace()).copied();
     if first == Some(b'[') {
-        return handle_batch(st, scope, &bytes, cancel_key).await;
+        return handle_batch(st, scope, &bytes, cancel_key, grants).await;
     }
     let msg: Message = match serde_json::from_slice(&bytes) {
         Ok(m) => m,
@@ -177,14 +192,14 @@ async fn handle_post(st: FrontDoor, scope: Scope, headers: HeaderMap, body: Body
         Kind::Invalid => {
             let resp = st
                 .gateway
-                .handle(&ctx_of(&scope, None, &cancel_key), msg)
+                .handle(&ctx_of(&scope, None, &cancel_key, grants.clone()), msg)
                 .await;
             let body = resp.map(|m| m.to_json()).unwrap_or_default();
             return json_response(StatusCode::BAD_REQUEST, body);
         }
         Kind::Notification | Kind::Response => {
             st.gateway
-                .handle(&ctx_of(&scope, None, &cancel_key), msg)
+                .handle(&ctx_of(&scope, None, &cancel_key, grants.clone()), msg)
                 .await;
             return StatusCode::ACCEPTED.into_response();
         }
@@ -224,6 +239,7 @@ async fn handle_post(st: FrontDoor, scope: Scope, headers: HeaderMap, body: Body
             scope,
             out: tx,
             cancel_key,
+            grants,
         };
         gw.handle(&ctx, msg).await
     });
@@ -342,15 +358,27 @@ fn sse_response(
         .into_response()
 }
 
-fn ctx_of(scope: &Scope, out: Option<mpsc::Sender<Message>>, key: &str) -> Ctx {
+fn ctx_of(
+    scope: &Scope,
+    out: Option<mpsc::Sender<Message>>,
+    key: &str,
+    grants: Option<Arc<crate::auth::Grants>>,
+) -> Ctx {
     Ctx {
         scope: scope.clone(),
         out,
         cancel_key: key.to_owned(),
+        grants,
     }
 }
 
-async fn handle_batch(st: FrontDoor, scope: Scope, bytes: &[u8], cancel_key: String) -> Response {
+async fn handle_batch(
+    st: FrontDoor,
+    scope: Scope,
+    bytes: &[u8],
+    cancel_key: String,
+    grants: Option<Arc<crate::auth::Grants>>,
+) -> Response {
     let items: Vec<serde_json::Value> = match serde_json::from_slice(bytes) {
         Ok(v) => v,
         Err(e) => {
@@ -371,7 +399,7 @@ async fn handle_batch(st: FrontDoor, scope: Scope, bytes: &[u8], cancel_key: Str
             RpcError::new(INVALID_REQUEST, "Invalid Request: empty batch"),
         );
     }
-    let ctx = ctx_of(&scope, None, &cancel_key);
+    let ctx = ctx_of(&scope, None, &cancel_key, grants.clone());
     let calls = items.into_iter().map(|item| {
         let gw = st.gateway.clone();
         let ctx = &ctx;

@@ -463,6 +463,7 @@ impl Gateway {
             scope: Scope::Aggregate,
             out: None,
             cancel_key: format!("batch/{}/{batch_id}", ctx.cancel_key),
+            grants: ctx.grants.clone(),
         });
         let sem = Arc::new(tokio::sync::Semaphore::new(max_concurrency));
         let mut runs: Vec<std::pin::Pin<Box<dyn std::future::Future<Output = Value> + Send + '_>>> =

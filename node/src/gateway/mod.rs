@@ -22,9 +22,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Naming;
 use crate::jsonrpc::{
-    self, INTERNAL_ERROR, INVALID_PARAMS, INVALID_REQUEST, Id, Kind, METHOD_NOT_FOUND, Message,
-    RESOURCE_NOT_FOUND, RawObject, RpcError, TIMEOUT_ERROR, UPSTREAM_ERROR, raw, raw_from_object,
-    raw_object,
+    self, FORBIDDEN, INTERNAL_ERROR, INVALID_PARAMS, INVALID_REQUEST, Id, Kind, METHOD_NOT_FOUND,
+    Message, RESOURCE_NOT_FOUND, RawObject, RpcError, TIMEOUT_ERROR, UPSTREAM_ERROR, raw,
+    raw_from_object, raw_object,
 };
 use crate::routing::{RouteError, RouteRequest, Router, ServingSlot};
 use crate::runtime::relay::Home;
@@ -59,6 +59,8 @@ pub struct Ctx {
     pub out: Option<mpsc::Sender<Message>>,
     /// Correlates `notifications/cancelled` with in-flight requests (session id, connection).
     pub cancel_key: String,
+    /// What the caller may do (`None`: auth is off).
+    pub grants: Option<Arc<crate::auth::Grants>>,
 }
 
 /// A notification for clients that listen (GET `/mcp` streams, stdio clients).
@@ -240,6 +242,9 @@ impl Gateway {
             Ok(m) => m.is_some(),
             Err(e) => return self.finish(&method, id, Err(e)),
         };
+        if let Some(e) = forbidden(ctx, &method, &params) {
+            return self.finish(&method, id, Err(e));
+        }
         let result = match (&ctx.scope, method.as_str()) {
             (_, "initialize") => self.initialize(ctx, &params).await,
             (_, "server/discover") => self.discover(ctx).await,
@@ -247,6 +252,10 @@ impl Gateway {
             (_, "ping") => Ok(jsonrpc::empty_object()),
             (_, "logging/setLevel" | "resources/subscribe" | "resources/unsubscribe") if modern => {
                 Err(method_not_found(&method))
+            }
+            // A caller who may not call tools sees none.
+            (_, "tools/list") if !may(ctx, "tool:invoke") => {
+                Ok(raw(&serde_json::json!({"tools": []})))
             }
             (Scope::Server(target), _) => {
                 let target = target.clone();
@@ -962,6 +971,41 @@ impl Gateway {
             Home::Foreign => tracing::debug!(id = %id, "client_response_ignored"),
         }
     }
+}
+
+/// Whether the caller may do `permission` (always, when auth is off).
+fn may(ctx: &Ctx, permission: &str) -> bool {
+    ctx.grants.as_ref().is_none_or(|g| g.allows(permission))
+}
+
+/// The JSON-RPC error for a request the caller may not make, if it may not: each method needs
+/// a permission, and management tools need theirs (starting and stopping servers, reloading
+/// the configuration). The upstream never sees a refused call.
+fn forbidden(ctx: &Ctx, method: &str, params: &RawObject) -> Option<RpcError> {
+    let grants = ctx.grants.as_ref()?;
+    let mut needed = crate::auth::rbac::mcp_permission(method)?;
+    let mut what = format!("'{method}'");
+    if method == "tools/call"
+        && let Some(tool) = params
+            .get("name")
+            .and_then(|v| serde_json::from_str::<String>(v.get()).ok())
+    {
+        needed = match tool.as_str() {
+            "hangar_start" | "hangar_stop" | "hangar_warm" => "mcp_servers:lifecycle",
+            "hangar_reload_config" => "config:reload",
+            "hangar_group_rebalance" => "group:update",
+            _ => needed,
+        };
+        what = format!("'{tool}'");
+    }
+    if grants.allows(needed) {
+        return None;
+    }
+    Some(RpcError::with_data(
+        FORBIDDEN,
+        format!("Not authorized to call {what}: {needed} permission required"),
+        &serde_json::json!({"required_permission": needed, "roles": grants.roles}),
+    ))
 }
 
 /// A call's entry in the gateway's in-flight map; dropping it removes the entry (only if it is

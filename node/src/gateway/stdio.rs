@@ -99,6 +99,8 @@ where
                 scope: Scope::Aggregate,
                 out: Some(tx.clone()),
                 cancel_key: "stdio".to_owned(),
+                // A desktop client on stdio is the local user: no auth.
+                grants: None,
             };
             if let Some(resp) = gw.handle(&ctx, msg).await {
                 let _ = tx.send(resp).await;

@@ -1545,7 +1545,7 @@ async fn get_with_key(c: &reqwest::Client, url: &str, key: Option<&str>) -> (u16
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn api_keys_are_required_and_take_effect_on_every_node_once_acknowledged() {
+async fn api_keys_and_roles_are_enforced_on_every_node_once_acknowledged() {
     let c = client();
     let admin = test_key(1);
     let mut cl = cluster(3, &[])
@@ -1585,34 +1585,84 @@ async fn api_keys_are_required_and_take_effect_on_every_node_once_acknowledged()
         let r = post_raw(&c, &m.url("/mcp"), &mcp_list, &[("Authorization", &bearer)]).await;
         assert_eq!(r.status, 200, "{r:?}");
     }
-    let (n1, n3) = (cl.member(1).unwrap(), cl.member(3).unwrap());
-    // A key created through node 1 works on node 3 as soon as the create is answered.
-    let created = c
-        .post(n1.url("/api/auth/keys"))
-        .header("X-API-Key", &admin)
+    let (n1, n2, n3) = (
+        cl.member(1).unwrap(),
+        cl.member(2).unwrap(),
+        cl.member(3).unwrap(),
+    );
+    // A developer key created (and its role assigned) through node 1 works on node 3 as soon
+    // as the writes are answered.
+    let dev = new_key(&c, n1, &admin, "svc:dev").await;
+    assign(&c, n1, &admin, "svc:dev", "developer").await;
+    let (status, _, body) = get_with_key(&c, &n3.url("/api/mcp_servers/"), Some(&dev.0)).await;
+    assert_eq!(status, 200, "the new key on node 3 right away: {body}");
+    // A viewer (through node 2) reads but may not write, manage keys or call tools.
+    let viewer = new_key(&c, n2, &admin, "svc:view").await;
+    assign(&c, n2, &admin, "svc:view", "viewer").await;
+    assert_eq!(
+        get_with_key(&c, &n3.url("/api/mcp_servers/"), Some(&viewer.0))
+            .await
+            .0,
+        200
+    );
+    let r = c
+        .post(n3.url("/api/auth/roles/assign"))
+        .header("X-API-Key", &viewer.0)
         .header("Content-Type", "application/json")
-        .body(json!({"principal_id": "svc", "name": "ci"}).to_string())
+        .body(json!({"principal_id": "svc:view", "role_name": "admin"}).to_string())
         .send()
         .await
         .unwrap();
-    assert_eq!(created.status().as_u16(), 201, "create");
-    let created: Value = serde_json::from_str(&created.text().await.unwrap()).unwrap();
-    let key = created["raw_key"]
-        .as_str()
-        .expect("the raw key, once")
-        .to_owned();
-    let key_id = created["key_id"].as_str().unwrap().to_owned();
+    assert_eq!(r.status().as_u16(), 403);
+    let body: Value = serde_json::from_str(&r.text().await.unwrap()).unwrap();
+    assert_eq!(body["error"]["code"], "AccessDeniedError", "{body}");
     assert_eq!(
-        get_with_key(&c, &n3.url("/api/mcp_servers/"), Some(&key))
-            .await
-            .0,
-        200,
-        "the new key on node 3 right away"
+        body["error"]["details"]["required_permission"],
+        "auth:manage"
     );
-    // Revoked through node 3: refused on node 1 as soon as the revoke is answered.
     let r = c
-        .delete(n3.url(&format!("/api/auth/keys/{key_id}")))
-        .header("X-API-Key", &key)
+        .post(n3.url(&format!("/api/mcp_servers/{id}/stop")))
+        .header("X-API-Key", &viewer.0)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 403, "a viewer stops nothing");
+    let (_, _, me) = get_with_key(&c, &n3.url("/api/system/me"), Some(&viewer.0)).await;
+    assert_eq!(me["principal_id"], "svc:view");
+    assert_eq!(me["roles"], json!(["viewer"]));
+    // Over MCP: the viewer sees no tools and may not call one (the upstream never sees it);
+    // the developer may.
+    let call = json!({"jsonrpc": "2.0", "id": 2, "method": "tools/call",
+        "params": {"name": format!("{id}__echo"), "arguments": {"message": "hi"}}})
+    .to_string();
+    let r = post_raw(&c, &n3.url("/mcp"), &call, &[("X-API-Key", &viewer.0)]).await;
+    let m = r.messages().pop().unwrap();
+    assert_eq!(m["error"]["code"], -32003, "{m}");
+    assert!(
+        m["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("tool:invoke"),
+        "{m}"
+    );
+    let r = post_raw(&c, &n3.url("/mcp"), &mcp_list, &[("X-API-Key", &viewer.0)]).await;
+    assert_eq!(r.messages().pop().unwrap()["result"]["tools"], json!([]));
+    let r = post_raw(&c, &n3.url("/mcp"), &call, &[("X-API-Key", &dev.0)]).await;
+    assert_eq!(text_of(&r.messages().pop().unwrap()), "hi");
+    let r = post_raw(&c, &n3.url("/mcp"), &mcp_list, &[("X-API-Key", &dev.0)]).await;
+    assert!(
+        r.messages().pop().unwrap()["result"]["tools"]
+            .as_array()
+            .is_some_and(|t| !t.is_empty())
+    );
+    // A route outside the permission table is denied even to an admin.
+    let (status, _, body) = get_with_key(&c, &n1.url("/api/nonexistent"), Some(&admin)).await;
+    assert_eq!(status, 403, "{body}");
+    assert_eq!(body["error"]["code"], "AccessDeniedError");
+    // Revoked through node 3: refused on every node as soon as the revoke is answered.
+    let r = c
+        .delete(n3.url(&format!("/api/auth/keys/{}", dev.1)))
+        .header("X-API-Key", &admin)
         .send()
         .await
         .unwrap();
@@ -1620,13 +1670,58 @@ async fn api_keys_are_required_and_take_effect_on_every_node_once_acknowledged()
     let body: Value = serde_json::from_str(&r.text().await.unwrap()).unwrap();
     assert!(body.get("not_yet_applied_on").is_none(), "{body}");
     for m in cl.members() {
-        let (status, _, body) = get_with_key(&c, &m.url("/api/mcp_servers/"), Some(&key)).await;
+        let (status, _, body) = get_with_key(&c, &m.url("/api/mcp_servers/"), Some(&dev.0)).await;
         assert_eq!(status, 401, "revoked key on node {}", m.id());
         assert!(
             body["message"].as_str().unwrap().contains("revoked"),
             "{body}"
         );
     }
+    let key = dev.0.clone();
+    // hangarctl takes its key from HANGAR_API_KEY only.
+    let ctl = |key: Option<&str>, args: &[&str]| {
+        let mut cmd = Command::new(bin("hangarctl"));
+        cmd.arg("--endpoint").arg(n2.base()).args(args);
+        cmd.env_remove("HANGAR_API_KEY");
+        if let Some(k) = key {
+            cmd.env("HANGAR_API_KEY", k);
+        }
+        let out = cmd.output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, out, _) = ctl(Some(&viewer.0), &["whoami"]);
+    assert!(
+        ok && out.contains("svc:view") && out.contains("viewer"),
+        "{out}"
+    );
+    let (ok, _, err) = ctl(None, &["keys", "list"]);
+    assert!(
+        !ok && err.contains("401") && err.contains("No valid credentials"),
+        "{err}"
+    );
+    let (ok, out, err) = ctl(Some(&admin), &["keys", "list"]);
+    assert!(ok && out.contains(&viewer.1), "{out}{err}");
+    let (ok, out, err) = ctl(
+        Some(&admin),
+        &[
+            "roles",
+            "assign",
+            "--principal",
+            "svc:ops",
+            "--role",
+            "auditor",
+        ],
+    );
+    assert!(ok, "{out}{err}");
+    let (ok, out, _) = ctl(Some(&admin), &["roles", "list"]);
+    assert!(
+        ok && out.contains("svc:ops") && out.contains("auditor"),
+        "{out}"
+    );
     // An expired key: refused (created with an expiry a second ahead).
     let soon = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -1657,10 +1752,46 @@ async fn api_keys_are_required_and_take_effect_on_every_node_once_acknowledged()
     for n in cl.ids() {
         cl.terminate(n).await.unwrap();
     }
-    for secret in [&admin, &key, &short] {
+    for secret in [&admin, &key, &viewer.0, &short] {
         let hits = grep_dir(cl.root(), secret);
         assert!(hits.is_empty(), "a raw key is written in {hits:?}");
     }
+}
+
+/// A new API key for `principal`, created through `m` with `admin`: (raw key, key id).
+async fn new_key(
+    c: &reqwest::Client,
+    m: &Member,
+    admin: &str,
+    principal: &str,
+) -> (String, String) {
+    let r = c
+        .post(m.url("/api/auth/keys"))
+        .header("X-API-Key", admin)
+        .header("Content-Type", "application/json")
+        .body(json!({"principal_id": principal, "name": principal}).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 201, "create a key");
+    let v: Value = serde_json::from_str(&r.text().await.unwrap()).unwrap();
+    (
+        v["raw_key"].as_str().expect("the raw key, once").to_owned(),
+        v["key_id"].as_str().unwrap().to_owned(),
+    )
+}
+
+/// Give `principal` `role` through `m`.
+async fn assign(c: &reqwest::Client, m: &Member, admin: &str, principal: &str, role: &str) {
+    let r = c
+        .post(m.url("/api/auth/roles/assign"))
+        .header("X-API-Key", admin)
+        .header("Content-Type", "application/json")
+        .body(json!({"principal_id": principal, "role_name": role}).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200, "assign {role}");
 }
 
 /// Files under `dir` (recursively) whose bytes contain `needle`.
