@@ -29,6 +29,7 @@ use parking_lot::RwLock;
 
 use crate::config::AuthConfig;
 
+pub mod policy;
 pub mod rbac;
 
 pub use rbac::Grants;

@@ -259,8 +259,14 @@ impl Gateway {
             }
             (Scope::Server(target), _) => {
                 let target = target.clone();
-                self.forward_transparent(ctx, &target, &method, params, &id)
-                    .await
+                let r = self
+                    .forward_transparent(ctx, &target, &method, params, &id)
+                    .await;
+                if method == "tools/list" {
+                    r.map(|list| self.without_denied_tools(&target, list))
+                } else {
+                    r
+                }
             }
             (Scope::Aggregate, "tools/list") => {
                 self.full_index().await.map(|i| raw_str(&i.tools_result))
@@ -553,6 +559,26 @@ impl Gateway {
             .await
     }
 
+    /// A `tools/list` result of `target` without the tools its policies deny.
+    fn without_denied_tools(&self, target: &str, list: Box<RawValue>) -> Box<RawValue> {
+        let policies = naming::policies_of(&self.runtime, target);
+        if policies.is_empty() {
+            return list;
+        }
+        let refs: Vec<&crate::config::ToolPolicy> = policies.iter().collect();
+        let Ok(mut v) = serde_json::from_str::<serde_json::Value>(list.get()) else {
+            return list;
+        };
+        if let Some(tools) = v.get_mut("tools").and_then(|t| t.as_array_mut()) {
+            tools.retain(|t| {
+                t.get("name")
+                    .and_then(|n| n.as_str())
+                    .is_some_and(|n| crate::auth::policy::refusal(&refs, n).is_none())
+            });
+        }
+        raw(&v)
+    }
+
     async fn call_tool(
         &self,
         ctx: &Ctx,
@@ -561,6 +587,20 @@ impl Gateway {
         params: RawObject,
         id: &Id,
     ) -> CallResult {
+        let policies = naming::policies_of(&self.runtime, target);
+        let refs: Vec<&crate::config::ToolPolicy> = policies.iter().collect();
+        if let Some(why) = crate::auth::policy::refusal(&refs, tool) {
+            self.runtime
+                .metrics()
+                .tool_access_denied
+                .with_label_values(&[target, "tool_not_in_access_policy"])
+                .inc();
+            return Err(RpcError::with_data(
+                FORBIDDEN,
+                format!("Tool '{tool}' of '{target}' is denied by its tool access policy: {why}"),
+                &serde_json::json!({"mcp_server": target, "tool": tool, "error_type": "ToolAccessDeniedError"}),
+            ));
+        }
         let idempotent = self.router.is_idempotent(target, tool);
         let t0 = Instant::now();
         let res = self

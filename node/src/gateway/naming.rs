@@ -12,7 +12,7 @@ use std::sync::Arc;
 use serde_json::value::RawValue;
 use sha2::{Digest, Sha256};
 
-use crate::config::{Naming, ServerSpec, ToolsSpec};
+use crate::config::{Naming, ServerSpec, ToolPolicy, ToolsSpec};
 use crate::runtime::{Catalog, CatalogEntry, Runtime};
 
 /// Separator between server id and tool name.
@@ -120,6 +120,22 @@ pub struct TargetCatalog {
     pub catalog: Option<Arc<Catalog>>,
     /// Predefined tools from config (used while the catalogue is unknown).
     pub predefined: Vec<CatalogEntry>,
+    /// Its tool access policies, broad to narrow (a denied tool is not listed).
+    pub policies: Vec<ToolPolicy>,
+}
+
+/// The tool access policies of `target` (a server or a group), broad to narrow.
+pub fn policies_of(runtime: &Runtime, target: &str) -> Vec<ToolPolicy> {
+    if let Some(g) = runtime.group(target) {
+        return g.spec().tools.into_iter().collect();
+    }
+    match runtime
+        .instance(target)
+        .and_then(|i| i.spec().common().and_then(|c| c.tools.clone()))
+    {
+        Some(ToolsSpec::Policy(p)) => vec![p],
+        _ => Vec::new(),
+    }
 }
 
 /// Visible targets: standalone servers (not members of a group) and groups (showing their
@@ -139,6 +155,7 @@ pub fn visible_targets(runtime: &Runtime) -> Vec<TargetCatalog> {
             target: inst.id().to_owned(),
             catalog: runtime.catalog_of(&inst),
             predefined: predefined(&inst.spec()),
+            policies: policies_of(runtime, inst.id()),
         });
     }
     for g in groups {
@@ -159,6 +176,7 @@ pub fn visible_targets(runtime: &Runtime) -> Vec<TargetCatalog> {
             target: g.id().to_owned(),
             catalog,
             predefined: pre,
+            policies: policies_of(runtime, g.id()),
         });
     }
     out
@@ -291,11 +309,15 @@ pub fn build(
     idx
 }
 
-fn tools_of(t: &TargetCatalog) -> &[CatalogEntry] {
-    match &t.catalog {
+/// The tools `t` exposes: its catalogue (or predefined list) minus what its policies deny.
+fn tools_of(t: &TargetCatalog) -> impl Iterator<Item = &CatalogEntry> {
+    let all = match &t.catalog {
         Some(c) => &c.tools,
         None => &t.predefined,
-    }
+    };
+    let policies: Vec<&ToolPolicy> = t.policies.iter().collect();
+    all.iter()
+        .filter(move |e| crate::auth::policy::refusal(&policies, &e.key).is_none())
 }
 
 #[cfg(test)]
@@ -318,7 +340,21 @@ mod tests {
                 ..Default::default()
             })),
             predefined: Vec::new(),
+            policies: Vec::new(),
         }
+    }
+
+    #[test]
+    fn a_denied_tool_is_not_listed() {
+        let mut t = target("fx", &["echo", "admin_drop", "admin_list"]);
+        t.policies = vec![ToolPolicy {
+            deny_list: vec!["admin_*".into()],
+            ..ToolPolicy::default()
+        }];
+        let idx = build(&[t], Naming::Prefixed, &[]);
+        assert!(idx.tool("fx__echo").is_some());
+        assert!(idx.tool("fx__admin_drop").is_none() && idx.tool("fx__admin_list").is_none());
+        assert!(!idx.tools_result.contains("admin_drop"));
     }
 
     #[test]

@@ -27,6 +27,9 @@ pub struct Metrics {
     pub tool_call_duration: HistogramVec,
     /// `mcp_hangar_tool_call_errors_total{mcp_server,tool,error_type}`.
     pub tool_call_errors: IntCounterVec,
+    /// `mcp_hangar_tool_access_denied_total{mcp_server,reason}`: calls refused by a tool
+    /// access policy.
+    pub tool_access_denied: IntCounterVec,
     /// `mcp_hangar_mcp_server_info{mcp_server,mode}` = 1.
     pub server_info: IntGaugeVec,
     /// `mcp_hangar_mcp_server_state{mcp_server}` 0 cold … 4 dead.
@@ -133,6 +136,12 @@ impl Metrics {
                 "mcp_hangar_tool_call_errors_total",
                 "Tool call errors",
                 &["mcp_server", "tool", "error_type"],
+            ),
+            tool_access_denied: counter(
+                &r,
+                "mcp_hangar_tool_access_denied_total",
+                "Tool calls refused by a tool access policy",
+                &["mcp_server", "reason"],
             ),
             server_info: gauge(
                 &r,

@@ -468,3 +468,61 @@ async fn sampling_elicitation_and_roots_are_relayed_to_the_client() {
         assert!(text_of(&r).contains("file:///w"), "{r}");
     }
 }
+
+#[tokio::test]
+async fn tool_access_policies_hide_and_refuse_denied_tools() {
+    let node = Node::start(&config(
+        "    tools: {deny_list: [\"change_*\", \"crash*\"]}\n",
+    ));
+    let c = client();
+    let names = |v: &Value| -> Vec<String> {
+        v["result"]["tools"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|t| t["name"].as_str().map(str::to_owned))
+            .collect()
+    };
+    // Aggregate and server views: listed without the denied tools.
+    let agg = rpc(&c, &node.url("/mcp"), "tools/list", json!({}))
+        .await
+        .response();
+    let agg = names(&agg);
+    assert!(agg.contains(&"fx__echo".to_owned()), "{agg:?}");
+    assert!(
+        !agg.iter()
+            .any(|n| n.starts_with("fx__change_") || n.starts_with("fx__crash")),
+        "{agg:?}"
+    );
+    let direct = rpc(&c, &node.url("/servers/fx/mcp"), "tools/list", json!({}))
+        .await
+        .response();
+    let direct = names(&direct);
+    assert!(
+        direct.contains(&"echo".to_owned()) && !direct.contains(&"change_tools".to_owned()),
+        "{direct:?}"
+    );
+    // Refused on call through both views (the upstream never sees it), and counted.
+    for (url, tool) in [
+        (node.url("/mcp"), "fx__change_tools"),
+        (node.url("/servers/fx/mcp"), "change_tools"),
+    ] {
+        let r = call_tool(&c, &url, tool, json!({})).await;
+        assert_eq!(r["error"]["code"], -32003, "{r}");
+        assert_eq!(
+            r["error"]["data"]["error_type"], "ToolAccessDeniedError",
+            "{r}"
+        );
+    }
+    let metrics = get_text(&c, &node.url("/metrics")).await;
+    assert!(
+        metrics.contains("mcp_hangar_tool_access_denied_total{mcp_server=\"fx\",reason=\"tool_not_in_access_policy\"} 2"),
+        "{}",
+        metrics.lines().filter(|l| l.contains("denied")).collect::<Vec<_>>().join("\n")
+    );
+    // Allowed tools still work.
+    assert_eq!(
+        text_of(&call_tool(&c, &node.url("/mcp"), "fx__echo", json!({"message": "ok"})).await),
+        "ok"
+    );
+}
