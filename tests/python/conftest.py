@@ -120,15 +120,14 @@ def hangar_config() -> str:
     return config_yaml()
 
 
-@pytest.fixture(scope="session")
-def hangar(tmp_path_factory, hangar_config) -> HangarNode:
-    """One node for the whole session, HTTP on a random loopback port."""
-    d = tmp_path_factory.mktemp("hangar")
+def _start(d: Path, config_text: str, extra_env: dict[str, str] | None = None):
+    """Start `hangar serve` in `d` with `config_text`; yields the node, stops it after."""
     cfg = d / "config.yaml"
-    cfg.write_text(hangar_config)
+    cfg.write_text(config_text)
     ready = d / "ready.json"
     err = d / "hangar.stderr"
     env = {k: v for k, v in os.environ.items() if k not in ("MCP_CONFIG", "HANGAR_LISTEN")}
+    env.update(extra_env or {})
     with open(err, "wb") as errf:
         proc = subprocess.Popen(
             [str(HANGAR_BIN), "serve", "--config", str(cfg), "--listen", "127.0.0.1:0", "--ready-file", str(ready),
@@ -155,6 +154,25 @@ def hangar(tmp_path_factory, hangar_config) -> HangarNode:
         yield node
     finally:
         _stop(proc)
+
+
+@pytest.fixture(scope="session")
+def hangar(tmp_path_factory, hangar_config) -> HangarNode:
+    """One node for the whole session, HTTP on a random loopback port."""
+    yield from _start(tmp_path_factory.mktemp("hangar"), hangar_config)
+
+
+@pytest.fixture(scope="session")
+def hangar_auth(tmp_path_factory):
+    """A node with `auth` on, fronting the fixture only: (node, its bootstrap admin key)."""
+    require(FIXTURE_BIN, "run `cargo build --workspace --bins` first (or set HANGAR_FIXTURE_BIN)")
+    key = "mcp_" + os.urandom(32).hex()
+    config = json.dumps({
+        "auth": {"enabled": True, "api_key": {"bootstrap_key": "${HANGAR_BOOTSTRAP_KEY}"}},
+        "mcp_servers": {"fixture": {"mode": "subprocess", "command": [str(FIXTURE_BIN), "stdio"]}},
+    })
+    for node in _start(tmp_path_factory.mktemp("hangar-auth"), config, {"HANGAR_BOOTSTRAP_KEY": key}):
+        yield node, key
 
 
 @pytest.fixture

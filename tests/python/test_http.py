@@ -240,3 +240,25 @@ async def test_unknown_server_endpoint_is_not_found(hangar):
         with pytest.raises(Exception):
             async with http_session(hangar.base_url + "/servers/no-such-server/mcp") as s:
                 await s.list_tools()
+
+
+async def test_auth_the_sdk_client_with_an_api_key_is_served_and_without_one_refused(hangar_auth):
+    from mcp.shared._httpx_utils import create_mcp_http_client
+    from mcp.client.session import ClientSession
+    from mcp.client.streamable_http import streamable_http_client
+
+    node, key = hangar_auth
+    with anyio.fail_after(TIMEOUT_S):
+        async with create_mcp_http_client(headers={"X-API-Key": key}) as http:
+            async with streamable_http_client(node.mcp_url, http_client=http) as (read, write):
+                async with ClientSession(read, write) as s:
+                    await s.initialize()
+                    names = tool_names(await s.list_tools())
+                    assert "fixture__echo" in names, names
+                    r = await s.call_tool("fixture__echo", {"message": "with a key"})
+                    assert text(r) == "with a key"
+    # Without a key the node answers 401: the SDK's initialize fails.
+    with anyio.fail_after(TIMEOUT_S):
+        with pytest.raises(Exception):
+            async with http_session(node.mcp_url):
+                pass
