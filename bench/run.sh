@@ -16,6 +16,9 @@
 #                        (forwarded over gRPC to node 1), in the same run, at each concurrency level;
 #                        then, on a fresh cluster, kill -9 of the node hosting a single-instance
 #                        server → first successful call through a survivor, BENCH_MOVE_KILLS times.
+#   bench/run.sh auth    the cost of authentication: `echo` on the fixture through two single-node
+#                        Hangars in the same run, one with `auth` off, one with `auth` on (an
+#                        API key in X-API-Key, checked on every call; the key holds `developer`).
 #   bench/run.sh all     load, cold and raft.
 # Prints a markdown report and writes it to bench/results/latest.md.tmp (+ latest.jsonl.tmp).
 #
@@ -50,7 +53,7 @@ ARGS='{"message":"hello from hangar-bench"}'
 say() { echo "bench: $*" >&2; }
 die() { echo "bench: ERROR: $*" >&2; exit 1; }
 
-[[ "$WHAT" =~ ^(load|cold|raft|forward|all)$ ]] || die "usage: bench/run.sh [load|cold|raft|forward|all] (got '$WHAT')"
+[[ "$WHAT" =~ ^(load|cold|raft|forward|auth|all)$ ]] || die "usage: bench/run.sh [load|cold|raft|forward|auth|all] (got '$WHAT')"
 [[ "$DURATION" =~ ^[1-9][0-9]*$ ]] || die "BENCH_DURATION must be a whole number of seconds (got '$DURATION')"
 [[ "$WARMUP" =~ ^[0-9]+$ ]] || die "BENCH_WARMUP must be a whole number of seconds (got '$WARMUP')"
 [[ "$CONCURRENCY" =~ ^[1-9][0-9]*(,[1-9][0-9]*)*$ ]] || die "BENCH_CONCURRENCY must look like 1,8 (got '$CONCURRENCY')"
@@ -67,12 +70,13 @@ done
 UPSTREAM_RUNS=1
 [ "$WHAT" = raft ] && UPSTREAM_RUNS=0
 [ "$WHAT" = forward ] && UPSTREAM_RUNS=0
+[ "$WHAT" = auth ] && UPSTREAM_RUNS=0
 
 # ---- build ----
 say "building release binaries (CARGO_TARGET_DIR=$CARGO_TARGET_DIR)"
 PACKAGES=(-p hangar-node -p hangar-bench)
 BINARIES=(hangar hangar-bench)
-if [ "$UPSTREAM_RUNS" = 1 ] || [ "$WHAT" = forward ]; then
+if [ "$UPSTREAM_RUNS" = 1 ] || [ "$WHAT" = forward ] || [ "$WHAT" = auth ]; then
     PACKAGES+=(-p hangar-fixture)
     BINARIES+=(hangar-fixture)
 fi
@@ -277,6 +281,59 @@ EOF
         || die "instance-failover failed"
 fi
 
+if [ "$WHAT" = auth ]; then
+    AUTH_KEY="mcp_$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')"
+    # auth_node NAME AUTH(true|false): start a single-node Hangar fronting the fixture.
+    auth_node() {
+        local name=$1 on=$2
+        cat >"$WORK/$name.yaml" <<EOF
+logging:
+  level: WARNING
+auth:
+  enabled: $on
+  api_key:
+    bootstrap_key: \${HANGAR_BOOTSTRAP_KEY}
+mcp_servers:
+  fixture:
+    mode: subprocess
+    command: ["$BIN/hangar-fixture", "stdio"]
+    idle_ttl_s: 3600
+EOF
+        HANGAR_BOOTSTRAP_KEY="$AUTH_KEY" "$BIN/hangar" serve --config "$WORK/$name.yaml" --listen 127.0.0.1:0 \
+            --data-dir "$WORK/$name" --ready-file "$WORK/$name.json" >"$WORK/$name.log" 2>&1 &
+        FORWARD_PIDS+=($!)
+        for _ in $(seq 300); do
+            [ -s "$WORK/$name.json" ] && break
+            kill -0 "${FORWARD_PIDS[-1]}" 2>/dev/null || die "$name exited during startup: $(tail -5 "$WORK/$name.log")"
+            sleep 0.1
+        done
+        [ -s "$WORK/$name.json" ] || die "$name did not write its ready file within 30 s"
+    }
+    auth_node auth-off false
+    auth_node auth-on true
+    OFF="$(sed -n 's/.*"http_addr" *: *"\([^"]*\)".*/\1/p' "$WORK/auth-off.json")"
+    ON="$(sed -n 's/.*"http_addr" *: *"\([^"]*\)".*/\1/p' "$WORK/auth-on.json")"
+    # The measured key is a developer's, created with the bootstrap admin key (as in production).
+    DEV_KEY=""
+    for _ in $(seq 100); do
+        DEV_KEY="$(curl -fsS -X POST "http://$ON/api/auth/keys" -H "X-API-Key: $AUTH_KEY" \
+            -H 'Content-Type: application/json' -d '{"principal_id":"bench","name":"bench"}' 2>/dev/null \
+            | sed -n 's/.*"raw_key" *: *"\([^"]*\)".*/\1/p')" && [ -n "$DEV_KEY" ] && break
+        sleep 0.1
+    done
+    [ -n "$DEV_KEY" ] || die "could not create the bench key on the auth-on node"
+    curl -fsS -X POST "http://$ON/api/auth/roles/assign" -H "X-API-Key: $AUTH_KEY" \
+        -H 'Content-Type: application/json' -d '{"principal_id":"bench","role_name":"developer"}' >/dev/null \
+        || die "could not assign the bench key's role"
+    say "auth: the same fixture through a node with auth off and one with auth on: c=$CONCURRENCY"
+    timeout --kill-after=5 "$LIMIT" "$BIN/hangar-bench" http --url "http://$OFF/mcp" \
+        --server-pid "${FORWARD_PIDS[0]}" --tool fixture__echo --label auth-off "${LOAD[@]}" \
+        >/dev/null || die "auth-off run failed"
+    timeout --kill-after=5 "$LIMIT" "$BIN/hangar-bench" http --url "http://$ON/mcp" \
+        --server-pid "${FORWARD_PIDS[1]}" --tool fixture__echo --header "X-API-Key: $DEV_KEY" \
+        --label auth-on "${LOAD[@]}" >/dev/null || die "auth-on run failed"
+fi
+
 # ---- report ----
 mkdir -p "$(dirname "$OUT_MD")"
 CHECK_FLAG=()
@@ -294,7 +351,14 @@ REPORT_RC=0
         echo "- raft: 3 \`hangar serve\` processes on 127.0.0.1 (static peers, default timings: heartbeat 50 ms, election 250–500 ms; the Raft log's RocksDB WAL is fsynced before an append is acknowledged); writes = \`POST /api/auth/keys\`; load average (1, 5, 15 min) right after raft-commit: $RAFT_LOADAVG_COMMIT, after raft-failover: $RAFT_LOADAVG_FAILOVER"
     fi
     echo
-    if [ "$WHAT" = forward ]; then
+    if [ "$WHAT" = auth ]; then
+        echo "- auth: two single-node \`hangar serve\` processes on 127.0.0.1, each fronting \`hangar-fixture stdio\`; auth-off = \`auth.enabled: false\`, auth-on = \`auth.enabled: true\` with a developer API key in X-API-Key (SHA-256 lookup in the replicated state + role check on every call); server CPU = the node with its children"
+        echo
+        "$BIN/hangar-bench" report "$WORK/runs.jsonl" --baseline auth-off \
+            --candidate auth-on --max-added-p50-us 5 >"$WORK/report-auth.md" || REPORT_RC=$?
+        sed 's/^### /#### /' "$WORK/report-auth.md"
+        echo
+    elif [ "$WHAT" = forward ]; then
         echo "- forward: 3 \`hangar serve\` processes on 127.0.0.1 (joined, default timings); \`fixture\` placed on node 1; local = calls through node 1, forward = calls through node 2 (a gRPC stream to node 1); server CPU = node 1 (local) or nodes 1 + 2 (forward), with their children"
         echo
         "$BIN/hangar-bench" report "$WORK/runs.jsonl" --baseline local-fixture \
