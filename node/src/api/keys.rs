@@ -196,7 +196,10 @@ pub(super) async fn assign_role(State(st): State<ApiState>, body: axum::body::By
     st.cluster
         .assign_role(&b.principal_id, &b.role_name)
         .await?;
-    tracing::info!(principal = %b.principal_id, role = %b.role_name, "role_assigned");
+    st.runtime().events().emit(DomainEvent::RoleAssigned {
+        principal_id: b.principal_id.clone(),
+        role_name: b.role_name.clone(),
+    });
     Ok(axum::Json(
         json!({"principal_id": b.principal_id, "role_name": b.role_name, "assigned": true}),
     )
@@ -212,7 +215,10 @@ pub(super) async fn revoke_role(State(st): State<ApiState>, body: axum::body::By
             role: b.role_name.clone(),
         })
         .await?;
-    tracing::info!(principal = %b.principal_id, role = %b.role_name, "role_revoked");
+    st.runtime().events().emit(DomainEvent::RoleRevoked {
+        principal_id: b.principal_id.clone(),
+        role_name: b.role_name.clone(),
+    });
     Ok(axum::Json(
         json!({"principal_id": b.principal_id, "role_name": b.role_name, "revoked": true}),
     )

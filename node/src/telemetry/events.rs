@@ -177,6 +177,20 @@ pub enum DomainEvent {
         /// Key id.
         key_id: String,
     },
+    /// A role was given to a principal.
+    RoleAssigned {
+        /// Principal.
+        principal_id: String,
+        /// Role.
+        role_name: String,
+    },
+    /// A role was taken from a principal.
+    RoleRevoked {
+        /// Principal.
+        principal_id: String,
+        /// Role.
+        role_name: String,
+    },
     /// A reload of the configuration was requested.
     ConfigurationReloadRequested {
         /// The file.

@@ -1722,6 +1722,23 @@ async fn api_keys_and_roles_are_enforced_on_every_node_once_acknowledged() {
         ok && out.contains("svc:ops") && out.contains("auditor"),
         "{out}"
     );
+    // Every change is an audit event (without any secret).
+    wait_for(
+        "the role change in the event log",
+        Duration::from_secs(10),
+        || async {
+            let (_, _, v) =
+                get_with_key(&c, &n1.url("/api/events?since=0&limit=1000"), Some(&admin)).await;
+            v["events"]
+                .as_array()?
+                .iter()
+                .any(|e| {
+                    e["event_type"] == "RoleAssigned" && e["data"]["principal_id"] == "svc:ops"
+                })
+                .then_some(())
+        },
+    )
+    .await;
     // An expired key: refused (created with an expiry a second ahead).
     let soon = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
