@@ -15,8 +15,10 @@
 //! permission, a forbidden `tools/call` is a JSON-RPC error naming it (the upstream never
 //! sees the call), and `tools/list` is empty for a caller who may not call tools.
 //!
-//! Not yet: JWT/OIDC, role scopes other than global, tool access policies, failed-attempt
-//! lockout (refused by config validation until they exist).
+//! A source address that keeps failing is locked out for a while ([`lockout`]).
+//!
+//! Not yet: JWT/OIDC, role scopes other than global (refused by config validation until they
+//! exist).
 
 use std::sync::Arc;
 
@@ -29,6 +31,7 @@ use parking_lot::RwLock;
 
 use crate::config::AuthConfig;
 
+pub mod lockout;
 pub mod policy;
 pub mod rbac;
 
@@ -120,6 +123,7 @@ pub trait KeyStore: Send + Sync + 'static {
 pub struct Auth {
     cfg: RwLock<AuthConfig>,
     keys: Arc<dyn KeyStore>,
+    lockout: lockout::Lockout,
 }
 
 impl Auth {
@@ -128,6 +132,7 @@ impl Auth {
         Arc::new(Auth {
             cfg: RwLock::new(cfg),
             keys,
+            lockout: lockout::Lockout::default(),
         })
     }
 
@@ -245,12 +250,34 @@ pub async fn middleware(State(auth): State<Arc<Auth>>, mut req: Request, next: N
     if path.starts_with("/health/") || path == "/metrics" || !auth.enabled() {
         return next.run(req).await;
     }
+    let source = req
+        .extensions()
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|c| c.0.ip());
+    let now = std::time::Instant::now();
+    if let Some(left) = source.and_then(|ip| auth.lockout.locked(ip, now)) {
+        let secs = left.as_secs().max(1);
+        return unauthorized_with(
+            format!("Too many auth attempts. Retry in {secs}s."),
+            serde_json::json!({"retry_after": secs}),
+        );
+    }
     let now_ms = (crate::telemetry::unix_now() * 1000.0) as u64;
     let mut verdict = auth.authenticate(req.headers(), now_ms);
     if verdict == Err(AuthError::Unknown) && auth.keys.catch_up().await {
         // A key created through another node works here as soon as its write was
         // acknowledged, even if this node had not applied it yet.
         verdict = auth.authenticate(req.headers(), now_ms);
+    }
+    if let Some(ip) = source {
+        if verdict.is_ok() {
+            auth.lockout.succeeded(ip);
+        } else {
+            let cfg = auth.cfg.read().rate_limit.clone();
+            if let Some(lock) = auth.lockout.failed(&cfg, ip, now) {
+                tracing::warn!(source = %ip, lockout_s = lock.as_secs(), "auth_lockout (too many failed attempts from this address)");
+            }
+        }
     }
     match verdict {
         Ok(p) => {
@@ -322,10 +349,15 @@ fn api_error(
 
 /// The 401 answer.
 fn unauthorized(e: &AuthError) -> Response {
+    unauthorized_with(e.to_string(), serde_json::Value::Null)
+}
+
+/// A 401 with MCP Hangar's flat body and `WWW-Authenticate`.
+fn unauthorized_with(message: String, details: serde_json::Value) -> Response {
     let body = serde_json::json!({
         "error": "authentication_failed",
-        "message": e.to_string(),
-        "details": null,
+        "message": message,
+        "details": details,
     });
     let mut r = (
         StatusCode::UNAUTHORIZED,

@@ -392,6 +392,32 @@ pub struct AuthConfig {
     pub allow_anonymous: bool,
     /// API keys.
     pub api_key: ApiKeyConfig,
+    /// Failed-attempt lockout per source address.
+    pub rate_limit: AuthLockout,
+}
+
+/// `auth.rate_limit`: failed-attempt lockout.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct AuthLockout {
+    /// On (the default).
+    pub enabled: bool,
+    /// Failures within `window` that lock an address.
+    pub max_attempts: u32,
+    /// The counting window.
+    pub window: Duration,
+    /// First lockout (doubled for each repeated one, at most an hour).
+    pub lockout: Duration,
+}
+
+impl Default for AuthLockout {
+    fn default() -> Self {
+        AuthLockout {
+            enabled: true,
+            max_attempts: 10,
+            window: Duration::from_secs(60),
+            lockout: Duration::from_secs(300),
+        }
+    }
 }
 
 /// `auth.api_key`.

@@ -215,6 +215,10 @@ fn auth_with_api_keys() {
             .any(|m| m.contains("auth.oidc") && m.contains("not supported")),
         "{p:?}"
     );
+    let c = load("mcp_servers: {}\nauth:\n  enabled: true\n  rate_limit: {max_attempts: 3, window_seconds: 10, lockout_seconds: 30}\n").unwrap();
+    assert_eq!(c.auth.rate_limit.max_attempts, 3);
+    assert_eq!(c.auth.rate_limit.lockout, Duration::from_secs(30));
+    assert!(load("mcp_servers: {}\n").unwrap().auth.rate_limit.enabled);
     let p = problems("mcp_servers: {}\nauth:\n  enabled: true\n  api_key: {enabled: false}\n");
     assert!(p.iter().any(|m| m.contains("no authenticator")), "{p:?}");
 }

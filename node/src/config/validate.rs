@@ -692,15 +692,14 @@ pub(super) fn server_spec(v: &Value, path: &str, p: &ProblemSink) -> Option<Serv
     spec
 }
 
-/// `auth:`: API keys now; JWT/OIDC, OPA and role assignments are refused with a clear error
-/// until they exist.
+/// `auth:`: API keys and the failed-attempt lockout; JWT/OIDC, OPA and role assignments in
+/// the file are refused with a clear error until they exist.
 fn auth(o: &Obj<'_>) -> AuthConfig {
     for (key, what) in [
         ("oidc", "OIDC / JWT authentication"),
         ("jwt", "JWT authentication"),
         ("opa", "OPA authorization"),
         ("role_assignments", "role assignments"),
-        ("rate_limit", "failed-attempt lockout"),
     ] {
         if o.has(key) {
             o.p.push(
@@ -710,14 +709,26 @@ fn auth(o: &Obj<'_>) -> AuthConfig {
         }
     }
     // Keys live in the cluster's replicated state whatever MCP Hangar's `storage` says.
-    o.allow(&[
-        "oidc",
-        "jwt",
-        "opa",
-        "role_assignments",
-        "rate_limit",
-        "storage",
-    ]);
+    o.allow(&["oidc", "jwt", "opa", "role_assignments", "storage"]);
+    let rate_limit = match o.obj("rate_limit") {
+        Some(r) => {
+            let d = AuthLockout::default();
+            let c = AuthLockout {
+                enabled: r.bool("enabled", d.enabled),
+                max_attempts: r.int("max_attempts", u64::from(d.max_attempts), 1, 1_000_000) as u32,
+                window: Duration::from_secs(r.int("window_seconds", d.window.as_secs(), 1, 86_400)),
+                lockout: Duration::from_secs(r.int(
+                    "lockout_seconds",
+                    d.lockout.as_secs(),
+                    1,
+                    3600,
+                )),
+            };
+            r.finish();
+            c
+        }
+        None => AuthLockout::default(),
+    };
     let api_key = match o.obj("api_key") {
         Some(k) => {
             let d = ApiKeyConfig::default();
@@ -751,6 +762,7 @@ fn auth(o: &Obj<'_>) -> AuthConfig {
         enabled: o.bool("enabled", false),
         allow_anonymous: o.bool("allow_anonymous", false),
         api_key,
+        rate_limit,
     };
     if c.enabled && !c.api_key.enabled && !c.allow_anonymous {
         o.p.push(

@@ -1765,6 +1765,36 @@ async fn api_keys_and_roles_are_enforced_on_every_node_once_acknowledged() {
         },
     )
     .await;
+    // An address that keeps failing is locked out of that node for a while, even with a
+    // valid key (10 failures in 60 s by default); the other nodes still serve it.
+    let mut locked = None;
+    for i in 0..12 {
+        let (status, _, body) =
+            get_with_key(&c, &n1.url("/api/mcp_servers/"), Some("mcp_wrong")).await;
+        assert_eq!(status, 401);
+        if body["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("Too many auth attempts"))
+        {
+            locked = Some(i);
+            break;
+        }
+    }
+    assert_eq!(locked, Some(10), "locked after the 10th failure");
+    let (status, _, body) = get_with_key(&c, &n1.url("/api/mcp_servers/"), Some(&admin)).await;
+    assert_eq!(status, 401, "{body}");
+    assert!(
+        body["details"]["retry_after"]
+            .as_u64()
+            .is_some_and(|s| s > 200),
+        "{body}"
+    );
+    assert_eq!(
+        get_with_key(&c, &n2.url("/api/mcp_servers/"), Some(&admin))
+            .await
+            .0,
+        200
+    );
     // No raw key anywhere on disk: data directories and logs.
     for n in cl.ids() {
         cl.terminate(n).await.unwrap();
