@@ -540,6 +540,37 @@ mod tests {
     }
 
     #[test]
+    fn random_credentials_never_panic_and_never_authenticate() {
+        use rand::{Rng, SeedableRng};
+        let a = auth(true, false);
+        let seed: u64 = rand::random();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        // Bounded: 5000 random header sets.
+        for i in 0..5000 {
+            let n = rng.random_range(0..300);
+            let mut bytes: Vec<u8> = (0..n).map(|_| rng.random_range(0x20u8..0x7f)).collect();
+            if rng.random_bool(0.3) {
+                bytes.splice(0..0, *b"mcp_");
+            }
+            if rng.random_bool(0.2) {
+                bytes.push(rng.random_range(0x80u8..=0xff));
+            }
+            let Ok(v) = HeaderValue::from_bytes(&bytes) else {
+                continue;
+            };
+            let mut h = HeaderMap::new();
+            let name = if rng.random_bool(0.5) {
+                "x-api-key"
+            } else {
+                "authorization"
+            };
+            h.insert(axum::http::HeaderName::from_static(name), v);
+            let r = a.authenticate(&h, 5000);
+            assert!(r.is_err(), "seed {seed}, case {i}: {bytes:?} authenticated");
+        }
+    }
+
+    #[test]
     fn constant_time_eq_compares_whole_strings() {
         assert!(constant_time_eq("abc", "abc"));
         assert!(!constant_time_eq("abc", "abd"));

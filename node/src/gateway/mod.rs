@@ -5,6 +5,8 @@
 //! Session-less: every request is answered on its own; a client `Mcp-Session-Id` is
 //! accepted and only used to correlate `notifications/cancelled`.
 
+#[cfg(test)]
+mod fuzz;
 pub mod http;
 pub mod management;
 pub mod naming;

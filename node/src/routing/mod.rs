@@ -884,51 +884,93 @@ fn unreachable(inst: &Instance, e: ForwardError) -> Attempt {
     }
 }
 
-/// fnmatch-style glob: `*`, `?`, `[abc]`/`[!abc]`/`[a-z]`.
-pub fn glob_match(pattern: &str, text: &str) -> bool {
-    fn class(p: &[char], c: char) -> Option<(bool, usize)> {
-        // returns (matched, length of the class including brackets)
-        let mut i = 1;
-        let negate = p.get(i) == Some(&'!');
-        if negate {
-            i += 1;
-        }
-        let mut matched = false;
-        let start = i;
-        while i < p.len() && (p[i] != ']' || i == start) {
-            if i + 2 < p.len() && p[i + 1] == '-' && p[i + 2] != ']' {
-                if p[i] <= c && c <= p[i + 2] {
-                    matched = true;
+/// fnmatch-style glob: `*`, `?`, `[abc]`/`[!abc]`/`[a-z]` (an unclosed `[` is literal);
+/// iterative, so no pattern makes it exponential.
+pub fn glob_match(pattern: &str, name: &str) -> bool {
+    let p: Vec<char> = pattern.chars().collect();
+    let n: Vec<char> = name.chars().collect();
+    glob_at(&p, &n)
+}
+
+fn glob_at(p: &[char], n: &[char]) -> bool {
+    // Iterative with one backtrack point for the last `*` (linear in practice).
+    let (mut pi, mut ni) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while ni < n.len() {
+        if pi < p.len() {
+            match p[pi] {
+                '*' => {
+                    star = Some((pi, ni));
+                    pi += 1;
+                    continue;
                 }
-                i += 3;
-            } else {
-                if p[i] == c {
-                    matched = true;
+                '?' => {
+                    pi += 1;
+                    ni += 1;
+                    continue;
                 }
-                i += 1;
+                '[' => {
+                    if let Some((matched, next)) = class(&p[pi..], n[ni]) {
+                        if matched {
+                            pi += next;
+                            ni += 1;
+                            continue;
+                        }
+                    } else if n[ni] == '[' {
+                        // An unclosed `[` is a literal.
+                        pi += 1;
+                        ni += 1;
+                        continue;
+                    }
+                }
+                c if c == n[ni] => {
+                    pi += 1;
+                    ni += 1;
+                    continue;
+                }
+                _ => {}
             }
         }
-        if i >= p.len() {
-            return None;
-        }
-        Some((matched != negate, i + 1))
-    }
-    fn rec(p: &[char], t: &[char]) -> bool {
-        match p.first() {
-            None => t.is_empty(),
-            Some('*') => (0..=t.len()).any(|k| rec(&p[1..], &t[k..])),
-            Some('?') => !t.is_empty() && rec(&p[1..], &t[1..]),
-            Some('[') => match (t.first(), class(p, *t.first().unwrap_or(&'\0'))) {
-                (Some(_), Some((true, len))) => rec(&p[len..], &t[1..]),
-                (Some(c), None) => *c == '[' && rec(&p[1..], &t[1..]),
-                _ => false,
-            },
-            Some(c) => t.first() == Some(c) && rec(&p[1..], &t[1..]),
+        match star {
+            Some((sp, sn)) => {
+                pi = sp + 1;
+                ni = sn + 1;
+                star = Some((sp, sn + 1));
+            }
+            None => return false,
         }
     }
-    let p: Vec<char> = pattern.chars().collect();
-    let t: Vec<char> = text.chars().collect();
-    rec(&p, &t)
+    p[pi..].iter().all(|c| *c == '*')
+}
+
+/// A `[...]` class at the start of `p` against `c`: (matches, length of the class), or `None`
+/// when it is not closed.
+fn class(p: &[char], c: char) -> Option<(bool, usize)> {
+    let mut i = 1;
+    let negate = p.get(1) == Some(&'!');
+    if negate {
+        i += 1;
+    }
+    let mut matched = false;
+    let mut first = true;
+    while i < p.len() {
+        if p[i] == ']' && !first {
+            return Some((matched != negate, i + 1));
+        }
+        if i + 2 < p.len() && p[i + 1] == '-' && p[i + 2] != ']' {
+            if p[i] <= c && c <= p[i + 2] {
+                matched = true;
+            }
+            i += 3;
+        } else {
+            if p[i] == c {
+                matched = true;
+            }
+            i += 1;
+        }
+        first = false;
+    }
+    None
 }
 
 #[cfg(test)]
