@@ -23,6 +23,7 @@ use pb::call_service_client::CallServiceClient;
 use pb::call_service_server::{CallService, CallServiceServer};
 use serde_json::value::RawValue;
 use tokio::sync::mpsc;
+use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 use crate::jsonrpc::{Id, Message, RpcError};
@@ -291,6 +292,23 @@ impl Forwarder {
         Forwarder { raft, me }
     }
 
+    /// A `CallService` client to `node` (over Raft's shared channel) and its address.
+    fn client(&self, node: u64) -> Result<(CallServiceClient<Channel>, String), ForwardError> {
+        let unreachable = |message: String| ForwardError::Unreachable { node, message };
+        let addr = self
+            .raft
+            .read(|st| st.nodes.get(&node).map(|n| n.raft_addr.clone()))
+            .ok_or_else(|| unreachable("it has no registered address".to_owned()))?;
+        let channel = self
+            .raft
+            .peer_channel(&addr)
+            .map_err(|e| unreachable(e.to_string()))?;
+        let client = CallServiceClient::new(channel)
+            .max_decoding_message_size(hangar_proto::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(hangar_proto::MAX_MESSAGE_BYTES);
+        Ok((client, addr))
+    }
+
     async fn run(
         &self,
         node: u64,
@@ -300,18 +318,7 @@ impl Forwarder {
         sink: Option<CallSink>,
         timeout: Duration,
     ) -> Result<Outcome, ForwardError> {
-        let connect = |message: String| ForwardError::Unreachable { node, message };
-        let addr = self
-            .raft
-            .read(|st| st.nodes.get(&node).map(|n| n.raft_addr.clone()))
-            .ok_or_else(|| connect("it has no registered address".to_owned()))?;
-        let channel = self
-            .raft
-            .peer_channel(&addr)
-            .map_err(|e| connect(e.to_string()))?;
-        let mut client = CallServiceClient::new(channel)
-            .max_decoding_message_size(hangar_proto::MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(hangar_proto::MAX_MESSAGE_BYTES);
+        let (mut client, addr) = self.client(node)?;
         let deadline = tokio::time::Instant::now() + timeout + DEADLINE_SLACK;
         let timed_out = || {
             ForwardError::Upstream(UpstreamError::Timeout {
@@ -440,18 +447,7 @@ impl Forwarder {
         let Id::Str(relay_id) = relay_id else {
             return Ok(false);
         };
-        let unreachable = |message: String| ForwardError::Unreachable { node, message };
-        let addr = self
-            .raft
-            .read(|st| st.nodes.get(&node).map(|n| n.raft_addr.clone()))
-            .ok_or_else(|| unreachable("it has no registered address".to_owned()))?;
-        let channel = self
-            .raft
-            .peer_channel(&addr)
-            .map_err(|e| unreachable(e.to_string()))?;
-        let mut client = CallServiceClient::new(channel)
-            .max_decoding_message_size(hangar_proto::MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(hangar_proto::MAX_MESSAGE_BYTES);
+        let (mut client, addr) = self.client(node)?;
         let (result, rpc_error) = match (msg.result, msg.error) {
             (Some(r), _) => (r.get().as_bytes().to_vec(), Vec::new()),
             (None, Some(e)) => (Vec::new(), serde_json::to_vec(&e).unwrap_or_default()),
@@ -474,7 +470,10 @@ impl Forwarder {
             Ok(r) => Ok(r.into_inner().delivered),
             Err(status) => {
                 self.raft.peer_failed(&addr, &status);
-                Err(unreachable(status.message().to_owned()))
+                Err(ForwardError::Unreachable {
+                    node,
+                    message: status.message().to_owned(),
+                })
             }
         }
     }
