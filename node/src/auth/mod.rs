@@ -103,6 +103,9 @@ pub enum AuthError {
 
 /// Where API keys are looked up (the cluster's replicated state).
 pub trait KeyStore: Send + Sync + 'static {
+    /// A number that changes whenever keys, roles or assignments change (what cached lookups
+    /// are valid for).
+    fn version(&self) -> u64;
     /// The roles assigned to `principal` and the custom role definitions (name →
     /// permissions).
     fn roles_of(
@@ -124,6 +127,34 @@ pub struct Auth {
     cfg: RwLock<AuthConfig>,
     keys: Arc<dyn KeyStore>,
     lockout: lockout::Lockout,
+    /// Keys found and grants computed at one [`KeyStore::version`]: the hot path does no
+    /// scan and no allocation of permission sets until something changes.
+    cache: parking_lot::Mutex<Cache>,
+}
+
+/// See [`Auth::cache`].
+#[derive(Default)]
+struct Cache {
+    version: u64,
+    /// SHA-256 (hex) → the key's record (found keys only, so callers cannot grow it).
+    keys: std::collections::HashMap<String, Arc<ApiKeyRecord>>,
+    /// Principal → what it may do.
+    grants: std::collections::HashMap<String, Arc<Grants>>,
+}
+
+/// Entries kept per cache before it starts over.
+const CACHE_CAP: usize = 10_000;
+
+impl Cache {
+    /// Start over when the auth state moved on.
+    fn at(&mut self, version: u64) -> &mut Self {
+        if self.version != version || self.keys.len() + self.grants.len() > CACHE_CAP {
+            self.version = version;
+            self.keys.clear();
+            self.grants.clear();
+        }
+        self
+    }
 }
 
 impl Auth {
@@ -133,6 +164,7 @@ impl Auth {
             cfg: RwLock::new(cfg),
             keys,
             lockout: lockout::Lockout::default(),
+            cache: parking_lot::Mutex::new(Cache::default()),
         })
     }
 
@@ -142,18 +174,43 @@ impl Auth {
     }
 
     /// What `p` may do.
-    pub fn grants(&self, p: &Principal) -> Grants {
+    pub fn grants(&self, p: &Principal) -> Arc<Grants> {
         match p {
-            Principal::Anonymous => Grants::default(),
-            Principal::Bootstrap { .. } => Grants::of(
+            Principal::Anonymous => Arc::new(Grants::default()),
+            Principal::Bootstrap { .. } => Arc::new(Grants::of(
                 &std::collections::BTreeSet::from(["admin".to_owned()]),
                 &Default::default(),
-            ),
+            )),
             Principal::ApiKey { principal, .. } => {
+                let version = self.keys.version();
+                if let Some(g) = self.cache.lock().at(version).grants.get(principal) {
+                    return g.clone();
+                }
                 let (roles, custom) = self.keys.roles_of(principal);
-                Grants::of(&roles, &custom)
+                let g = Arc::new(Grants::of(&roles, &custom));
+                self.cache
+                    .lock()
+                    .at(version)
+                    .grants
+                    .insert(principal.clone(), g.clone());
+                g
             }
         }
+    }
+
+    /// The key whose SHA-256 is `sha`, from the cache when the auth state did not change.
+    fn find(&self, sha: &str) -> Option<Arc<ApiKeyRecord>> {
+        let version = self.keys.version();
+        if let Some(r) = self.cache.lock().at(version).keys.get(sha) {
+            return Some(r.clone());
+        }
+        let r = Arc::new(self.keys.find(sha)?);
+        self.cache
+            .lock()
+            .at(version)
+            .keys
+            .insert(sha.to_owned(), r.clone());
+        Some(r)
     }
 
     /// Whether requests must authenticate.
@@ -163,7 +220,7 @@ impl Auth {
 
     /// Who sent `headers`, at `now_ms` (Unix ms).
     pub fn authenticate(&self, headers: &HeaderMap, now_ms: u64) -> Result<Principal, AuthError> {
-        let cfg = self.cfg.read().clone();
+        let cfg = self.cfg.read();
         if !cfg.enabled {
             return Ok(Principal::Anonymous);
         }
@@ -185,7 +242,7 @@ impl Auth {
             return Err(AuthError::Malformed);
         }
         let sha = crate::config::sha256_hex(key.as_bytes());
-        match self.keys.find(&sha) {
+        match self.find(&sha) {
             Some(record) => check(&record, now_ms),
             // This node's own bootstrap key, before the cluster registered it (a node that
             // is not initialized yet, `cluster init`, a join): an admin key. Once registered,
@@ -281,7 +338,7 @@ pub async fn middleware(State(auth): State<Arc<Auth>>, mut req: Request, next: N
     }
     match verdict {
         Ok(p) => {
-            let mut grants = Arc::new(auth.grants(&p));
+            let mut grants = auth.grants(&p);
             if path.starts_with("/api/") || path == "/api" {
                 if p == Principal::Anonymous {
                     return api_error(
@@ -296,7 +353,7 @@ pub async fn middleware(State(auth): State<Arc<Auth>>, mut req: Request, next: N
                 if needed.is_some_and(|perm| !grants.allows(perm)) && auth.keys.catch_up().await {
                     // A role assigned through another node counts as soon as it was
                     // acknowledged.
-                    grants = Arc::new(auth.grants(&p));
+                    grants = auth.grants(&p);
                 }
                 let denied = match needed {
                     None => Some((
@@ -389,6 +446,10 @@ mod tests {
 
         fn catch_up(&self) -> futures::future::BoxFuture<'_, bool> {
             Box::pin(async { true })
+        }
+
+        fn version(&self) -> u64 {
+            0
         }
 
         fn roles_of(

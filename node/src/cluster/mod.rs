@@ -49,6 +49,10 @@ const EVENT_FLUSH_EVERY: Duration = Duration::from_millis(100);
 const EVENT_QUEUE_CAP: usize = 100_000;
 
 impl crate::auth::KeyStore for Cluster {
+    fn version(&self) -> u64 {
+        self.raft.read(|st| st.auth_version)
+    }
+
     fn roles_of(&self, principal: &str) -> (BTreeSet<String>, BTreeMap<String, BTreeSet<String>>) {
         self.raft.read(|st| {
             let roles = st

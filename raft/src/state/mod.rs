@@ -70,6 +70,10 @@ pub struct State {
     pub status: BTreeMap<String, InstanceStatus>,
     /// API keys by id.
     pub keys: BTreeMap<String, ApiKeyRecord>,
+    /// Bumped by every applied change to keys, roles or role assignments (what the nodes'
+    /// authentication caches are valid for).
+    #[serde(default)]
+    pub auth_version: u64,
     /// Roles by name.
     pub roles: BTreeMap<String, RoleDef>,
     /// Principal → role names.
@@ -106,6 +110,23 @@ impl State {
 /// Apply one command to the state. Pure and deterministic; refusals are
 /// [`Response::Rejected`] values and leave the state unchanged.
 pub fn apply(state: &mut State, cmd: &Command, ctx: ApplyCtx) -> Response {
+    let auth = matches!(
+        cmd,
+        Command::CreateApiKey { .. }
+            | Command::RevokeApiKey { .. }
+            | Command::PutRole { .. }
+            | Command::DeleteRole { .. }
+            | Command::AssignRole { .. }
+            | Command::UnassignRole { .. }
+    );
+    let r = apply_command(state, cmd, ctx);
+    if auth && !matches!(r, Response::Rejected { .. }) {
+        state.auth_version += 1;
+    }
+    r
+}
+
+fn apply_command(state: &mut State, cmd: &Command, ctx: ApplyCtx) -> Response {
     state.clock_ms = state.clock_ms.max(ctx.now_ms);
     let now = state.clock_ms;
     match cmd {

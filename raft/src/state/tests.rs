@@ -891,3 +891,57 @@ fn commands_and_state_round_trip_through_json() {
         Err(UnknownConfigSource("bogus".to_string()))
     );
 }
+
+#[test]
+fn auth_version_moves_with_every_applied_key_or_role_change_only() {
+    let mut s = State::default();
+    let key = ApiKeyRecord {
+        id: "k1".into(),
+        principal: "svc".into(),
+        name: "n".into(),
+        sha256_hex: "a".repeat(64),
+        created_at_ms: 0,
+        expires_at_ms: None,
+        revoked: false,
+    };
+    assert_eq!(
+        run(&mut s, Command::CreateApiKey { key: key.clone() }),
+        Response::Ok
+    );
+    assert_eq!(s.auth_version, 1);
+    // A refused command (the id exists) changes nothing.
+    assert!(matches!(
+        run(&mut s, Command::CreateApiKey { key }),
+        Response::Rejected { .. }
+    ));
+    assert_eq!(s.auth_version, 1);
+    let assign = Command::AssignRole {
+        principal: "svc".into(),
+        role: "viewer".into(),
+    };
+    // No such role yet: refused.
+    assert!(matches!(
+        run(&mut s, assign.clone()),
+        Response::Rejected { .. }
+    ));
+    assert_eq!(s.auth_version, 1);
+    let role = RoleDef {
+        name: "viewer".into(),
+        permissions: ["tool:list".to_owned()].into(),
+        description: String::new(),
+    };
+    assert_eq!(run(&mut s, Command::PutRole { role }), Response::Ok);
+    assert_eq!(run(&mut s, assign), Response::Ok);
+    assert_eq!(
+        run(&mut s, Command::RevokeApiKey { id: "k1".into() }),
+        Response::Ok
+    );
+    assert_eq!(s.auth_version, 4);
+    // Other commands leave it alone.
+    let drain = Command::SetNodeDrain {
+        node_id: 1,
+        draining: true,
+    };
+    assert!(run(&mut s, drain).is_rejected(), "no node 1 registered");
+    assert_eq!(s.auth_version, 4);
+}
