@@ -18,7 +18,8 @@
 #                        server → first successful call through a survivor, BENCH_MOVE_KILLS times.
 #   bench/run.sh auth    the cost of authentication: `echo` on the fixture through two single-node
 #                        Hangars in the same run, one with `auth` off, one with `auth` on (an
-#                        API key in X-API-Key, checked on every call; the key holds `developer`).
+#                        API key in X-API-Key, checked on every call; the key holds `developer`),
+#                        in two rounds of opposite order.
 #   bench/run.sh all     load, cold and raft.
 # Prints a markdown report and writes it to bench/results/latest.md.tmp (+ latest.jsonl.tmp).
 #
@@ -326,12 +327,22 @@ EOF
         -H 'Content-Type: application/json' -d '{"principal_id":"bench","role_name":"developer"}' >/dev/null \
         || die "could not assign the bench key's role"
     say "auth: the same fixture through a node with auth off and one with auth on: c=$CONCURRENCY"
-    timeout --kill-after=5 "$LIMIT" "$BIN/hangar-bench" http --url "http://$OFF/mcp" \
-        --server-pid "${FORWARD_PIDS[0]}" --tool fixture__echo --label auth-off "${LOAD[@]}" \
-        >/dev/null || die "auth-off run failed"
-    timeout --kill-after=5 "$LIMIT" "$BIN/hangar-bench" http --url "http://$ON/mcp" \
-        --server-pid "${FORWARD_PIDS[1]}" --tool fixture__echo --header "X-API-Key: $DEV_KEY" \
-        --label auth-on "${LOAD[@]}" >/dev/null || die "auth-on run failed"
+    # Two rounds in opposite orders (off→on, then on→off): what the run order adds cancels
+    # out in the mean of the two comparisons.
+    run_off() {
+        timeout --kill-after=5 "$LIMIT" "$BIN/hangar-bench" http --url "http://$OFF/mcp" \
+            --server-pid "${FORWARD_PIDS[0]}" --tool fixture__echo --label "$1" "${LOAD[@]}" \
+            >/dev/null || die "auth-off run failed"
+    }
+    run_on() {
+        timeout --kill-after=5 "$LIMIT" "$BIN/hangar-bench" http --url "http://$ON/mcp" \
+            --server-pid "${FORWARD_PIDS[1]}" --tool fixture__echo --header "X-API-Key: $DEV_KEY" \
+            --label "$1" "${LOAD[@]}" >/dev/null || die "auth-on run failed"
+    }
+    run_off auth-off
+    run_on auth-on
+    run_on auth-on-2
+    run_off auth-off-2
 fi
 
 # ---- report ----
@@ -354,9 +365,17 @@ REPORT_RC=0
     if [ "$WHAT" = auth ]; then
         echo "- auth: two single-node \`hangar serve\` processes on 127.0.0.1, each fronting \`hangar-fixture stdio\`; auth-off = \`auth.enabled: false\`, auth-on = \`auth.enabled: true\` with a developer API key in X-API-Key (SHA-256 lookup in the replicated state + role check on every call); server CPU = the node with its children"
         echo
+        echo "Round 1 (off, then on):"
+        echo
         "$BIN/hangar-bench" report "$WORK/runs.jsonl" --baseline auth-off \
             --candidate auth-on --max-added-p50-us 5 >"$WORK/report-auth.md" || REPORT_RC=$?
         sed 's/^### /#### /' "$WORK/report-auth.md"
+        echo
+        echo "Round 2 (on, then off):"
+        echo
+        "$BIN/hangar-bench" report "$WORK/runs.jsonl" --baseline auth-off-2 \
+            --candidate auth-on-2 --max-added-p50-us 5 >"$WORK/report-auth2.md" || REPORT_RC=$?
+        sed 's/^### /#### /' "$WORK/report-auth2.md"
         echo
     elif [ "$WHAT" = forward ]; then
         echo "- forward: 3 \`hangar serve\` processes on 127.0.0.1 (joined, default timings); \`fixture\` placed on node 1; local = calls through node 1, forward = calls through node 2 (a gRPC stream to node 1); server CPU = node 1 (local) or nodes 1 + 2 (forward), with their children"
