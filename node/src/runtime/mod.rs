@@ -334,21 +334,24 @@ impl Runtime {
     /// The single-instance servers this node may have a process of (connected, starting or
     /// stopping), whatever their placement says: what it tells the leader with each renewal.
     pub fn single_instances_running(&self) -> Vec<String> {
+        self.single_instances_holding()
+            .iter()
+            .map(|i| i.id().to_owned())
+            .collect()
+    }
+
+    /// Single-instance servers with a process here (connected, starting or stopping).
+    fn single_instances_holding(&self) -> Vec<Arc<Instance>> {
         self.instances()
             .into_iter()
             .filter(|i| placement::placed_by_leader(&i.spec()) && i.holds_process())
-            .map(|i| i.id().to_owned())
             .collect()
     }
 
     /// The placement lease lapsed: stop every single-instance server running here (the lease
     /// shim of each child has killed it already if this node was frozen).
     pub async fn lease_lapsed(&self) {
-        let running: Vec<Arc<Instance>> = self
-            .instances()
-            .into_iter()
-            .filter(|i| placement::placed_by_leader(&i.spec()) && i.holds_process())
-            .collect();
+        let running = self.single_instances_holding();
         if !running.is_empty() {
             let ids: Vec<&str> = running.iter().map(|i| i.id()).collect();
             tracing::warn!(servers = ?ids, "placement_lease_lapsed_stopping_instances");

@@ -36,6 +36,27 @@ async fn start_static(cl: &mut Cluster, head: &str, cluster_extra: &str) -> u64 
     cl.wait_leader(Duration::from_secs(20)).await.unwrap()
 }
 
+/// A 3-node cluster running one fixture server whose id (also its `--name`, by which its
+/// processes are counted) is `prefix` + this test process's pid, with `server_extra` under
+/// the server and `cluster_extra` under `cluster:`; returns the cluster, the id and its
+/// `whoami` tool.
+async fn fixture_cluster(
+    prefix: &str,
+    server_extra: &str,
+    cluster_extra: &str,
+) -> (Cluster, String, String) {
+    let mut cl = cluster(3, &[]);
+    let id = format!("{prefix}{}", std::process::id());
+    let tool = format!("{id}__whoami");
+    start_static(
+        &mut cl,
+        &format!("mcp_servers:\n{}", fixture_stdio_yaml(&id, server_extra)),
+        cluster_extra,
+    )
+    .await;
+    (cl, id, tool)
+}
+
 fn hangarctl(endpoint: &str, args: &[&str]) -> (bool, String, String) {
     let out = Command::new(bin("hangarctl"))
         .arg("--endpoint")
@@ -636,16 +657,7 @@ async fn whoami(c: &reqwest::Client, m: &Member, tool: &str) -> Option<u64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_instance_serves_every_node_and_moves_when_its_node_dies() {
     let c = client();
-    let mut cl = cluster(3, &[]);
-    // A unique server id: it is also the fixture's --name, by which its processes are counted.
-    let id = format!("solo{}", std::process::id());
-    let tool = format!("{id}__whoami");
-    start_static(
-        &mut cl,
-        &format!("mcp_servers:\n{}", fixture_stdio_yaml(&id, "")),
-        "  node_loss_timeout_ms: 3000\n",
-    )
-    .await;
+    let (mut cl, id, tool) = fixture_cluster("solo", "", "  node_loss_timeout_ms: 3000\n").await;
     for m in cl.members() {
         wait_for("node ready", Duration::from_secs(20), || async {
             (get_json(&c, &m.url("/health/ready")).await.0 == 200).then_some(())
@@ -1108,15 +1120,7 @@ async fn a_leader_kill_restarts_no_instance_on_a_survivor() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drain_moves_instances_off_a_node_and_undrain_moves_nothing_back() {
     let c = client();
-    let mut cl = cluster(3, &[]);
-    let id = format!("drn{}", std::process::id());
-    let tool = format!("{id}__whoami");
-    start_static(
-        &mut cl,
-        &format!("mcp_servers:\n{}", fixture_stdio_yaml(&id, "")),
-        "",
-    )
-    .await;
+    let (cl, id, tool) = fixture_cluster("drn", "", "").await;
     let any = &cl.members()[0];
     let pid = wait_for("served", Duration::from_secs(20), || async {
         whoami(&c, any, &tool).await
@@ -1220,14 +1224,10 @@ fn signal(pid: u32, sig: rustix::process::Signal) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_host_stops_its_instance_before_another_node_starts_it() {
     let c = client();
-    let mut cl = cluster(3, &[]);
-    let id = format!("frozen{}", std::process::id());
-    let tool = format!("{id}__whoami");
     // It may run on node 2 or 3; node 1 only forwards (and its calls are what we watch).
-    let server = fixture_stdio_yaml(&id, "    placement: {nodes: [2, 3]}\n");
-    start_static(
-        &mut cl,
-        &format!("mcp_servers:\n{server}"),
+    let (cl, id, tool) = fixture_cluster(
+        "frozen",
+        "    placement: {nodes: [2, 3]}\n",
         "  node_loss_timeout_ms: 3000\n  placement_lease_ms: 2000\n",
     )
     .await;
@@ -1252,13 +1252,14 @@ async fn a_frozen_host_stops_its_instance_before_another_node_starts_it() {
         let id = id.clone();
         std::thread::spawn(move || {
             let mut samples: Vec<(u64, Vec<u32>)> = Vec::new();
-            let until = std::time::Instant::now() + Duration::from_secs(120);
-            while !stop.load(std::sync::atomic::Ordering::Relaxed)
-                && std::time::Instant::now() < until
-            {
-                samples.push((mono_ns(), processes_named(&id)));
-                std::thread::sleep(Duration::from_millis(10));
-            }
+            // Polls until told to stop; the deadline only bounds a test that never says so.
+            let _ = hangar_wait::Wait::new("the end of the sampling", Duration::from_secs(120))
+                .step(Duration::from_millis(10))
+                .poll(|| {
+                    samples.push((mono_ns(), processes_named(&id)));
+                    stop.load(std::sync::atomic::Ordering::Relaxed)
+                        .then_some(())
+                });
             samples
         })
     };
@@ -1419,13 +1420,9 @@ async fn an_instance_that_keeps_failing_on_its_node_is_placed_on_another() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_run_on_different_nodes_and_a_drain_under_traffic_fails_no_call() {
     let c = client();
-    let mut cl = cluster(3, &[]);
-    let id = format!("rep{}", std::process::id());
-    let tool = format!("{id}__whoami");
-    let server = fixture_stdio_yaml(&id, "    auto_start: true\n    placement: {replicas: 2}\n");
-    start_static(
-        &mut cl,
-        &format!("mcp_servers:\n{server}"),
+    let (cl, id, tool) = fixture_cluster(
+        "rep",
+        "    auto_start: true\n    placement: {replicas: 2}\n",
         "  node_loss_timeout_ms: 3000\n",
     )
     .await;
