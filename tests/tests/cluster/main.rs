@@ -736,6 +736,22 @@ async fn one_instance_serves_every_node_and_moves_when_its_node_dies() {
     )
     .await;
     assert!(text_of(&r).contains("42"), "{r}");
+    // A client that reads no event stream cannot answer: the host tells the upstream at once
+    // (the call ends without waiting for an answer that cannot come).
+    let body = json!({"jsonrpc": "2.0", "id": 5, "method": "tools/call",
+        "params": {"name": format!("{id}__sample"), "arguments": {"prompt": "p"}}});
+    let r = c
+        .post(other.url("/mcp"))
+        .header("Content-Type", "application/json")
+        .header("Accept", "application/json")
+        .timeout(Duration::from_secs(20))
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap();
+    let v: Value = serde_json::from_str(&r.text().await.unwrap()).unwrap();
+    assert!(text_of(&v).contains("sampling failed"), "{v}");
+    assert!(text_of(&v).contains("cannot receive requests"), "{v}");
     for m in cl.members() {
         let (_, sys) = get_json(&c, &m.url("/api/system")).await;
         assert_eq!(
