@@ -85,6 +85,11 @@ enum Cmd {
     },
     /// Who the API key in HANGAR_API_KEY authenticates as, and what it may do.
     Whoami,
+    /// Cluster-wide rate limits: definitions, this node's mode and buckets.
+    Limits {
+        #[command(subcommand)]
+        cmd: ops::LimitsCmd,
+    },
 }
 
 #[derive(Subcommand)]
@@ -521,6 +526,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let v = c.get("/api/system/me").await?;
             print(out, &v, kv);
         }
+        Cmd::Limits { cmd } => ops::limits(&c, out, cmd).await?,
     }
     Ok(())
 }

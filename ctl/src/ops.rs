@@ -1,9 +1,9 @@
-//! `hangarctl cluster …`, `config …` and `events tail`.
+//! `hangarctl cluster …`, `config …`, `events tail`, `keys …`, `roles …` and `limits …`.
 
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use clap::Subcommand;
+use clap::{Args, Subcommand};
 use serde_json::{Value, json};
 
 use crate::{Client, Output, cell, kv, print, table};
@@ -409,6 +409,9 @@ pub enum KeysCmd {
         /// Expire after this many seconds.
         #[arg(long)]
         expires_in: Option<u64>,
+        /// The tenant its calls count under (rate limits keyed or matched by tenant).
+        #[arg(long)]
+        tenant: Option<String>,
     },
     /// List keys (never their secrets).
     List {
@@ -429,8 +432,12 @@ pub async fn keys(c: &Client, out: Output, cmd: KeysCmd) -> anyhow::Result<()> {
             principal,
             name,
             expires_in,
+            tenant,
         } => {
             let mut body = json!({"principal_id": principal, "name": name});
+            if let Some(t) = tenant {
+                body["tenant"] = json!(t);
+            }
             if let Some(s) = expires_in {
                 let now = std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
@@ -454,7 +461,14 @@ pub async fn keys(c: &Client, out: Output, cmd: KeysCmd) -> anyhow::Result<()> {
             print(out, &v, |v| {
                 table(
                     v["keys"].as_array().map_or(&[][..], Vec::as_slice),
-                    &["key_id", "principal_id", "name", "revoked", "expires_at"],
+                    &[
+                        "key_id",
+                        "principal_id",
+                        "tenant",
+                        "name",
+                        "revoked",
+                        "expires_at",
+                    ],
                 )
             });
         }
@@ -526,4 +540,332 @@ pub async fn roles(c: &Client, out: Output, cmd: RolesCmd) -> anyhow::Result<()>
     let v = c.post(path, body).await?;
     print(out, &v, kv);
     Ok(())
+}
+
+#[derive(Subcommand)]
+pub enum LimitsCmd {
+    /// Rate-limit definitions, this node's mode (leased, partition, standalone) and its
+    /// buckets with their shares.
+    List,
+    /// Create or replace a rate limit on tool calls (cluster-wide `--rps`).
+    Set {
+        /// Rule id ([A-Za-z0-9_.-], at most 64 characters).
+        id: String,
+        #[command(flatten)]
+        spec: LimitSpec,
+    },
+    /// Delete a rate limit defined through the API (file-defined ones: edit the file).
+    Rm {
+        /// Rule id.
+        id: String,
+    },
+}
+
+/// The definition `limits set` sends.
+#[derive(Args)]
+pub struct LimitSpec {
+    /// Calls per second allowed across the whole cluster (> 0, fractions allowed).
+    #[arg(long)]
+    rps: f64,
+    /// Burst size (>= 1; default max(1, ceil(rps))).
+    #[arg(long)]
+    burst: Option<u64>,
+    /// Dimensions that separate buckets, comma-separated or repeated: principal, tenant,
+    /// server, tool (default: one bucket for the whole rule).
+    #[arg(long, value_delimiter = ',')]
+    key: Vec<String>,
+    /// Only calls to servers matching this glob.
+    #[arg(long)]
+    match_server: Option<String>,
+    /// Only calls to tools matching this glob.
+    #[arg(long)]
+    match_tool: Option<String>,
+    /// Only calls by this principal (API key id; `anonymous` = every unauthenticated caller).
+    #[arg(long)]
+    match_principal: Option<String>,
+    /// Only calls by keys of this tenant.
+    #[arg(long)]
+    match_tenant: Option<String>,
+    /// What a node does without a quota lease from the leader.
+    #[arg(long, value_parser = ["safe_share", "fail_open", "fail_closed"])]
+    on_partition: Option<String>,
+}
+
+/// A rule id as a path segment: refuses what would change the URL (the node checks the rest).
+fn limit_path(id: &str) -> anyhow::Result<String> {
+    if id.is_empty() || id.contains(['/', '?', '#', '%']) || id.contains(char::is_whitespace) {
+        bail!("invalid rate limit id '{id}': use letters, digits, '_', '.' and '-'");
+    }
+    Ok(format!("/api/rate_limits/{id}"))
+}
+
+/// The body of `PUT /api/rate_limits/{id}`; absent options are left out.
+fn limit_body(spec: &LimitSpec) -> anyhow::Result<Value> {
+    let LimitSpec {
+        rps,
+        burst,
+        key,
+        match_server,
+        match_tool,
+        match_principal,
+        match_tenant,
+        on_partition,
+    } = spec;
+    if !rps.is_finite() {
+        bail!("--rps must be a number (got {rps})");
+    }
+    let mut body = json!({"rps": rps});
+    let key: Vec<&String> = key.iter().filter(|k| !k.trim().is_empty()).collect();
+    if !key.is_empty() {
+        body["key"] = json!(key);
+    }
+    let mut m = serde_json::Map::new();
+    for (k, v) in [
+        ("server", match_server),
+        ("tool", match_tool),
+        ("principal", match_principal),
+        ("tenant", match_tenant),
+    ] {
+        if let Some(v) = v {
+            m.insert(k.to_owned(), json!(v));
+        }
+    }
+    if !m.is_empty() {
+        body["match"] = Value::Object(m);
+    }
+    if let Some(b) = burst {
+        body["burst"] = json!(b);
+    }
+    if let Some(p) = on_partition {
+        body["on_partition"] = json!(p);
+    }
+    Ok(body)
+}
+
+/// A number of requests per second for a table: at most two decimals.
+fn rate(v: &Value) -> Value {
+    match v.as_f64() {
+        Some(f) if f.fract() != 0.0 => json!(format!("{f:.2}")),
+        _ => v.clone(),
+    }
+}
+
+/// A definition as a table row: `key` as `a,b`, `match` as `k=glob,…`.
+fn limit_row(d: &Value) -> Value {
+    if !d.is_object() {
+        return d.clone();
+    }
+    let mut r = d.clone();
+    let key: Vec<String> = d["key"]
+        .as_array()
+        .map(|a| a.iter().map(cell).collect())
+        .unwrap_or_default();
+    r["key"] = if key.is_empty() {
+        Value::Null
+    } else {
+        json!(key.join(","))
+    };
+    let m: Vec<String> = d["match"]
+        .as_object()
+        .map(|o| o.iter().map(|(k, v)| format!("{k}={}", cell(v))).collect())
+        .unwrap_or_default();
+    r["match"] = if m.is_empty() {
+        Value::Null
+    } else {
+        json!(m.join(","))
+    };
+    r["rps"] = rate(&d["rps"]);
+    r
+}
+
+fn limits_text(v: &Value) -> String {
+    let defs: Vec<Value> = v["rate_limits"]
+        .as_array()
+        .map(|a| a.iter().map(limit_row).collect())
+        .unwrap_or_default();
+    let mut s = table(
+        &defs,
+        &[
+            "id",
+            "source",
+            "applies_to",
+            "key",
+            "match",
+            "rps",
+            "burst",
+            "on_partition",
+        ],
+    );
+    let n = &v["node"];
+    s.push_str(&format!(
+        "\nnode {} · mode {} · lease {} ms left · leader {}\n\n",
+        cell(&n["node_id"]),
+        cell(&n["mode"]),
+        cell(&n["lease_remaining_ms"]),
+        cell(&n["leader"]),
+    ));
+    let buckets: Vec<Value> = v["buckets"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter(|b| b.is_object())
+                .map(|b| {
+                    let mut r = b.clone();
+                    r["share_rps"] = rate(&b["share_rps"]);
+                    r["demand_rps"] = rate(&b["demand_rps"]);
+                    r
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    s.push_str(&table(
+        &buckets,
+        &[
+            "rule",
+            "key",
+            "share_rps",
+            "demand_rps",
+            "allowed",
+            "rejected",
+        ],
+    ));
+    s
+}
+
+pub async fn limits(c: &Client, out: Output, cmd: LimitsCmd) -> anyhow::Result<()> {
+    match cmd {
+        LimitsCmd::List => {
+            let v = c.get("/api/rate_limits").await?;
+            print(out, &v, limits_text);
+        }
+        LimitsCmd::Set { id, spec } => {
+            let path = limit_path(&id)?;
+            let body = limit_body(&spec)?;
+            let v = c.send(reqwest::Method::PUT, &path, Some(body)).await?;
+            print(out, &v, |v| kv(&limit_row(&v["rate_limit"])));
+        }
+        LimitsCmd::Rm { id } => {
+            let v = c
+                .send(reqwest::Method::DELETE, &limit_path(&id)?, None)
+                .await?;
+            print(out, &v, |_| format!("deleted {id}\n"));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+    use crate::{Cli, Cmd};
+
+    /// `hangarctl ARGS…` parsed as `limits set`: its path and body.
+    fn set_request(args: &[&str]) -> anyhow::Result<(String, Value)> {
+        let cli = Cli::try_parse_from([&["hangarctl", "limits", "set"], args].concat())?;
+        let Cmd::Limits {
+            cmd: LimitsCmd::Set { id, spec },
+        } = cli.command
+        else {
+            bail!("not `limits set`");
+        };
+        Ok((limit_path(&id)?, limit_body(&spec)?))
+    }
+
+    #[test]
+    fn limits_set_sends_every_given_field() {
+        let (path, body) = set_request(&[
+            "per-key",
+            "--rps",
+            "100",
+            "--burst",
+            "20",
+            "--key",
+            "principal,server",
+            "--match-server",
+            "fs*",
+            "--match-tool",
+            "write_*",
+            "--match-principal",
+            "anonymous",
+            "--match-tenant",
+            "acme",
+            "--on-partition",
+            "fail_closed",
+        ])
+        .unwrap();
+        assert_eq!(path, "/api/rate_limits/per-key");
+        assert_eq!(
+            body,
+            json!({
+                "key": ["principal", "server"],
+                "match": {"server": "fs*", "tool": "write_*", "principal": "anonymous", "tenant": "acme"},
+                "rps": 100.0,
+                "burst": 20,
+                "on_partition": "fail_closed",
+            })
+        );
+    }
+
+    #[test]
+    fn limits_set_leaves_out_absent_options() {
+        let (_, body) = set_request(&["g", "--rps", "2.5"]).unwrap();
+        assert_eq!(body, json!({"rps": 2.5}));
+        let (_, body) = set_request(&[
+            "g",
+            "--rps",
+            "1",
+            "--key",
+            "tool",
+            "--key",
+            "tenant",
+            "--match-tool",
+            "x",
+        ])
+        .unwrap();
+        assert_eq!(
+            body,
+            json!({"rps": 1.0, "key": ["tool", "tenant"], "match": {"tool": "x"}})
+        );
+    }
+
+    #[test]
+    fn limits_set_refuses_bad_arguments_before_sending() {
+        assert!(set_request(&["g"]).is_err(), "--rps is required");
+        assert!(set_request(&["g", "--rps", "ten"]).is_err());
+        assert!(set_request(&["g", "--rps", "NaN"]).is_err());
+        assert!(set_request(&["g", "--rps", "1", "--on-partition", "maybe"]).is_err());
+        assert!(set_request(&["a/b", "--rps", "1"]).is_err());
+        assert!(limit_path("x?y").is_err());
+        assert_eq!(limit_path("a.b_c-1").unwrap(), "/api/rate_limits/a.b_c-1");
+    }
+
+    #[test]
+    fn limits_list_shows_definitions_mode_and_buckets() {
+        let v = json!({
+            "rate_limits": [
+                {"id": "rate_limit", "source": "file", "applies_to": "commands", "key": ["command"],
+                 "match": {}, "rps": 10.0, "burst": 20, "on_partition": "safe_share"},
+                {"id": "per-key", "source": "api", "applies_to": "tools", "key": ["principal", "server"],
+                 "match": {"server": "fs*"}, "rps": 0.5, "burst": 1, "on_partition": "fail_open"},
+            ],
+            "node": {"node_id": 1, "mode": "leased", "lease_remaining_ms": 1800, "leader": 2},
+            "buckets": [{"rule": "per-key", "key": "per-key|principal=k1|server=fs", "share_rps": 33.333333,
+                         "demand_rps": 12.0, "allowed": 40, "rejected": 3}],
+        });
+        assert_eq!(
+            limits_text(&v),
+            "\
+ID          SOURCE  APPLIES_TO  KEY               MATCH       RPS   BURST  ON_PARTITION
+rate_limit  file    commands    command           -           10.0  20     safe_share
+per-key     api     tools       principal,server  server=fs*  0.50  1      fail_open
+
+node 1 · mode leased · lease 1800 ms left · leader 2
+
+RULE     KEY                             SHARE_RPS  DEMAND_RPS  ALLOWED  REJECTED
+per-key  per-key|principal=k1|server=fs  33.33      12.0        40       3
+"
+        );
+    }
 }

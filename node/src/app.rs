@@ -76,12 +76,12 @@ impl ReloadTarget for ReloadWiring {
 
     fn apply<'a>(
         &'a self,
-        raw: &'a std::collections::BTreeMap<String, serde_json::Value>,
+        cfg: &'a Config,
         file_hash: &'a str,
     ) -> BoxFuture<'a, Result<(), TargetError>> {
         Box::pin(async move {
             self.cluster
-                .apply_file_config(raw, file_hash)
+                .apply_file_config(&cfg.raw_servers, &cfg.rate_limits, file_hash)
                 .await
                 .map(drop)
                 .map_err(TargetError::from)
@@ -218,6 +218,11 @@ impl Node {
         boot_cfg.mcp_servers.clear();
         let runtime = Runtime::new(&boot_cfg, metrics, events, node_name.clone());
         let gateway = Gateway::new(runtime.clone(), gateway_config(&cfg));
+        let limits = cluster.rate_limits().clone();
+        runtime
+            .metrics()
+            .register_with(|r| limits.metrics().register(r));
+        gateway.set_rate_limits(limits.clone());
         let auth = crate::auth::Auth::new(cfg.auth.clone(), cluster.clone());
         let reloader = Arc::new(Reloader::new(
             opts.config_path.clone(),
@@ -254,6 +259,10 @@ impl Node {
                     cluster: cluster.clone(),
                 }))
                 .layer(axum::middleware::from_fn_with_state(
+                    limits,
+                    crate::ratelimit::middleware,
+                ))
+                .layer(axum::middleware::from_fn_with_state(
                     auth.clone(),
                     crate::auth::middleware,
                 ))
@@ -274,10 +283,11 @@ impl Node {
             tracing::info!(addr = %bound, node_id = %node_name, "http_server_started");
             http = Some((bound, task));
         }
-        let file = opts
-            .config_path
-            .as_ref()
-            .and(cfg.file_hash.clone().map(|h| (cfg.raw_servers.clone(), h)));
+        let file = opts.config_path.as_ref().and(
+            cfg.file_hash
+                .clone()
+                .map(|h| (cfg.raw_servers.clone(), cfg.rate_limits.clone(), h)),
+        );
         cluster.run(runtime.clone(), file).await?;
         if let Some(key) = &cfg.auth.api_key.bootstrap_key {
             cluster.ensure_bootstrap_key(key).await?;

@@ -21,6 +21,7 @@ pub mod config;
 pub mod gateway;
 pub mod jsonrpc;
 pub mod lines;
+pub mod ratelimit;
 pub mod routing;
 pub mod runtime;
 pub mod supervisor;

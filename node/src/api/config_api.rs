@@ -70,7 +70,7 @@ pub(super) async fn apply(State(st): State<ApiState>, body: axum::body::Bytes) -
     let d = diff_against(&st, &cfg);
     let hash = config::sha256_hex(&body);
     st.cluster
-        .apply_file_config(&cfg.raw_servers, &hash)
+        .apply_file_config(&cfg.raw_servers, &cfg.rate_limits, &hash)
         .await?;
     st.runtime()
         .events()

@@ -178,7 +178,8 @@ fn reject_status(code: RejectCode) -> (StatusCode, &'static str) {
         RejectCode::ServerExists
         | RejectCode::KeyExists
         | RejectCode::KeyHashExists
-        | RejectCode::VersionMismatch => StatusCode::CONFLICT,
+        | RejectCode::VersionMismatch
+        | RejectCode::Conflict => StatusCode::CONFLICT,
         RejectCode::ServerNotFound
         | RejectCode::KeyNotFound
         | RejectCode::NotFound
@@ -188,6 +189,7 @@ fn reject_status(code: RejectCode) -> (StatusCode, &'static str) {
     let class = match code {
         RejectCode::ServerExists => "McpServerAlreadyExistsError",
         RejectCode::ServerNotFound => "McpServerNotFoundError",
+        RejectCode::Conflict => "ConflictError",
         _ => "ValidationError",
     };
     (status, class)

@@ -24,6 +24,9 @@ struct CreateBody {
     name: String,
     #[serde(default)]
     expires_at: Option<f64>,
+    /// The tenant its calls count under (rate limits).
+    #[serde(default)]
+    tenant: Option<String>,
 }
 
 fn key_json(k: &ApiKeyRecord) -> Value {
@@ -34,6 +37,7 @@ fn key_json(k: &ApiKeyRecord) -> Value {
         "created_at": k.created_at_ms as f64 / 1000.0,
         "expires_at": k.expires_at_ms.map(|m| m as f64 / 1000.0),
         "revoked": k.revoked,
+        "tenant": k.tenant,
     })
 }
 
@@ -75,6 +79,7 @@ pub(super) async fn create(State(st): State<ApiState>, body: axum::body::Bytes) 
         created_at_ms: 0,
         expires_at_ms: b.expires_at.map(|t| (t * 1000.0) as u64),
         revoked: false,
+        tenant: b.tenant.clone().filter(|t| !t.trim().is_empty()),
     };
     st.cluster
         .propose(Command::CreateApiKey { key: record })
@@ -233,9 +238,9 @@ pub(super) async fn me(
     // The auth middleware sets these only when auth is on.
     let auth_enabled = principal.is_some();
     let (name, key_id) = match principal.as_deref() {
-        Some(crate::auth::Principal::ApiKey { principal, key_id }) => {
-            (principal.clone(), Some(key_id.clone()))
-        }
+        Some(crate::auth::Principal::ApiKey {
+            principal, key_id, ..
+        }) => (principal.clone(), Some(key_id.clone())),
         Some(crate::auth::Principal::Bootstrap { key_id }) => {
             ("admin".to_owned(), Some(key_id.clone()))
         }

@@ -11,6 +11,7 @@ mod config_api;
 mod error;
 mod groups;
 mod keys;
+mod limits;
 mod servers;
 mod system;
 
@@ -109,6 +110,11 @@ pub fn routes(state: ApiState) -> Router {
         .route("/api/auth/roles/revoke", post(keys::revoke_role))
         .route("/api/system/me", get(keys::me))
         .route("/api/events", get(system::events))
+        .route("/api/rate_limits", get(limits::list))
+        .route(
+            "/api/rate_limits/{id}",
+            axum::routing::put(limits::put).delete(limits::delete),
+        )
         .route("/api/events/stream", get(system::event_stream))
         .route("/api/{*rest}", axum::routing::any(api_not_found))
         .route(

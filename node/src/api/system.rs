@@ -74,7 +74,7 @@ pub(super) async fn system(State(st): State<ApiState>) -> ApiResult {
             // The leader decides placements (and would run fleet-wide supervision).
             "manages_fleet": st.cluster.status().role == hangar_raft::Role::Leader,
             "storage_is_shareable": false,
-            "rate_limits_are_per_instance": true,
+            "rate_limits_are_per_instance": false,
         },
         "cluster": cluster_summary(&st.cluster),
         "placements": instances,

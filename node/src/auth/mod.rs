@@ -51,6 +51,8 @@ pub enum Principal {
         key_id: String,
         /// The principal it authenticates as.
         principal: String,
+        /// The key's tenant (rate limits).
+        tenant: Option<String>,
     },
     /// This node's configured bootstrap key, before the cluster registered it: an admin.
     Bootstrap {
@@ -275,6 +277,7 @@ fn check(record: &ApiKeyRecord, now_ms: u64) -> Result<Principal, AuthError> {
     Ok(Principal::ApiKey {
         key_id: record.id.clone(),
         principal: record.principal.clone(),
+        tenant: record.tenant.clone(),
     })
 }
 
@@ -467,6 +470,7 @@ mod tests {
 
     fn record(id: &str, raw: &str) -> ApiKeyRecord {
         ApiKeyRecord {
+            tenant: None,
             id: id.into(),
             principal: "svc".into(),
             name: id.into(),
@@ -511,6 +515,7 @@ mod tests {
         let ok = Principal::ApiKey {
             key_id: "k1".into(),
             principal: "svc".into(),
+            tenant: None,
         };
         assert_eq!(
             a.authenticate(&headers(&[("x-api-key", GOOD)]), 5000),

@@ -115,6 +115,9 @@ const ROUTES: &[(&str, &str, Permission)] = &[
     ("POST", "/api/auth/roles/assign", "auth:manage"),
     ("POST", "/api/auth/roles/revoke", "auth:manage"),
     ("GET", "/api/events", "audit:read"),
+    ("GET", "/api/rate_limits", "policy:read"),
+    ("PUT", "/api/rate_limits/{id}", "policy:write"),
+    ("DELETE", "/api/rate_limits/{id}", "policy:write"),
     ("GET", "/api/events/stream", "audit:read"),
     ("GET", "/api/cluster/status", "metrics:read"),
     ("POST", "/api/cluster/init", "cluster:manage"),
@@ -144,6 +147,16 @@ pub fn route_permission(method: &str, path: &str) -> Option<Permission> {
         .iter()
         .find(|(m, pattern, _)| *m == method && matches(pattern, &segs))
         .map(|(_, _, p)| *p)
+}
+
+/// The route pattern a REST request matches (e.g. `/api/mcp_servers/{id}/start`), if any: the
+/// command kind the command rate limiter counts it under.
+pub fn route_pattern(method: &str, path: &str) -> Option<&'static str> {
+    let segs: Vec<&str> = path.split('/').collect();
+    ROUTES
+        .iter()
+        .find(|(m, pattern, _)| *m == method && matches(pattern, &segs))
+        .map(|(_, pattern, _)| *pattern)
 }
 
 fn matches(pattern: &str, segs: &[&str]) -> bool {

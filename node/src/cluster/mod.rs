@@ -26,7 +26,7 @@ use std::time::Duration;
 
 pub use hangar_raft::RejectCode;
 use hangar_raft::state::{
-    CatalogEntry as ReplicatedCatalog, ConfigSourceKind, EventRecord, StoredEvent,
+    CatalogEntry as ReplicatedCatalog, ConfigSourceKind, EventRecord, RateLimitDef, StoredEvent,
 };
 use hangar_raft::{
     ClusterStatus, Command, NodeInfo, RaftConfig, RaftError, RaftHandle, Response, Role,
@@ -288,6 +288,8 @@ pub struct Cluster {
     calls: Arc<CallServer>,
     /// Placement leases: the renewals this node granted while leading.
     leases: Arc<Leases>,
+    /// Cluster-wide rate limits: this node's limiter and, while it leads, the allocator.
+    quotas: Arc<crate::ratelimit::service::Quotas>,
     /// The API key this node sends to other members' REST API (join, status) when they
     /// require one: `auth.api_key.bootstrap_key`.
     peer_key: Mutex<Option<crate::config::Secret>>,
@@ -327,7 +329,14 @@ impl Cluster {
         rc.max_in_snapshot_log_to_keep = cfg.keep_logs;
         let calls = Arc::new(CallServer::default());
         let leases = Arc::new(Leases::default());
-        let routes = calls.routes().add_service(leases.service());
+        let quotas = crate::ratelimit::service::Quotas::new(
+            Arc::new(crate::ratelimit::RateLimits::new()),
+            cfg.node_loss_timeout,
+        );
+        let routes = calls
+            .routes()
+            .add_service(leases.service())
+            .add_service(quotas.service());
         let raft = RaftHandle::start_with(rc, Some(routes))
             .await
             .map_err(|source| StartError::Raft {
@@ -335,6 +344,7 @@ impl Cluster {
                 source,
             })?;
         leases.attach(raft.clone());
+        quotas.attach(raft.clone());
         tracing::info!(node_id = cfg.node_id, raft_addr = %raft.local_addr(), data_dir = %cfg.data_dir.display(), "raft_started");
         let (applied_version, _) = watch::channel(0);
         let http = reqwest::Client::builder()
@@ -356,10 +366,16 @@ impl Cluster {
             shutdown,
             calls,
             leases,
+            quotas,
             peer_key: Mutex::new(None),
             placements_applied: std::sync::atomic::AtomicU64::new(0),
             started: std::sync::atomic::AtomicBool::new(false),
         }))
+    }
+
+    /// This node's rate limiter (cluster-wide limits).
+    pub fn rate_limits(&self) -> &Arc<crate::ratelimit::RateLimits> {
+        self.quotas.limits()
     }
 
     /// This node's id.
@@ -765,6 +781,7 @@ impl Cluster {
     pub async fn apply_file_config(
         &self,
         raw: &BTreeMap<String, Value>,
+        limits: &[RateLimitDef],
         file_hash: &str,
     ) -> Result<Response, ClusterError> {
         let changes = raw
@@ -772,6 +789,19 @@ impl Cluster {
             .map(|(k, v)| (k.clone(), Some((v.clone(), true))))
             .collect();
         self.validate_merged(Some(ConfigSourceKind::File), &changes)?;
+        let replicated: Vec<RateLimitDef> = self.raft.read(|st| {
+            st.limits
+                .values()
+                .filter(|l| l.source == "file")
+                .cloned()
+                .collect()
+        });
+        let mut wanted = limits.to_vec();
+        wanted.sort_by(|a, b| a.id.cmp(&b.id));
+        if replicated != wanted {
+            self.propose(Command::SetFileRateLimits { limits: wanted })
+                .await?;
+        }
         let r = self
             .propose(Command::SetDesiredConfig {
                 servers: raw.clone(),
@@ -929,7 +959,7 @@ impl Cluster {
     pub async fn run(
         self: &Arc<Self>,
         runtime: Arc<Runtime>,
-        file: Option<(BTreeMap<String, Value>, String)>,
+        file: Option<(BTreeMap<String, Value>, Vec<RateLimitDef>, String)>,
     ) -> Result<(), ClusterError> {
         runtime.events().attach(self.clone());
         // One gateway: single-instance servers run where the leader places them, and calls
@@ -943,6 +973,16 @@ impl Cluster {
         runtime.set_lease(crate::runtime::Lease::Until(0));
         self.apply_placements(&runtime);
         tokio::spawn(self.clone().lease_loop(runtime.clone()));
+        {
+            let events = runtime.events().clone();
+            tokio::spawn(self.quotas.clone().report_loop(
+                self.cfg.node_id,
+                move |e| {
+                    events.emit(e);
+                },
+                self.shutdown.clone(),
+            ));
+        }
         tokio::spawn(self.clone().placement_loop(runtime.clone()));
         tokio::spawn(self.clone().status_reporter(runtime.clone()));
         tokio::spawn(self.clone().applier(runtime.clone()));
@@ -954,7 +994,7 @@ impl Cluster {
             let mut leader = me.raft.leader_watch();
             let _ = leader.wait_for(Option::is_some).await;
             me.register().await;
-            if let Some((raw, hash)) = file {
+            if let Some((raw, limits, hash)) = file {
                 let current = me.raft.read(|st| st.config_file_hash.clone());
                 let status = me.raft.status();
                 let alone = status.voters.len() + status.learners.len() <= 1;
@@ -973,7 +1013,7 @@ impl Cluster {
                     let v = me.raft.read(|st| st.config_version);
                     let _ = me.wait_applied(v).await;
                 } else if differs {
-                    match me.apply_file_config(&raw, &hash).await {
+                    match me.apply_file_config(&raw, &limits, &hash).await {
                         Ok(_) => tracing::info!(file_hash = %hash, "config_file_proposed"),
                         Err(e) => {
                             tracing::error!(error = %e, "config_file_proposal_failed");
@@ -1098,6 +1138,7 @@ impl Cluster {
                 created_at_ms: 0,
                 expires_at_ms: None,
                 revoked: false,
+                tenant: None,
             };
             match self.propose(Command::CreateApiKey { key: record }).await {
                 Ok(_) => tracing::info!(key_id = %id, "bootstrap_admin_key_registered"),

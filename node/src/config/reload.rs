@@ -6,7 +6,6 @@
 //! The config room knows nothing of the cluster, the runtime or the gateway: the node
 //! assembly implements [`ReloadTarget`] on top of them.
 
-use std::collections::BTreeMap;
 use std::future::Future;
 use std::path::PathBuf;
 use std::pin::Pin;
@@ -15,7 +14,6 @@ use std::time::{Duration, Instant};
 
 use indexmap::IndexMap;
 use serde::Serialize;
-use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
 use super::{Config, ConfigDiff, ConfigError, ServerSpec};
@@ -31,11 +29,11 @@ pub type TargetError = Box<dyn std::error::Error + Send + Sync>;
 pub trait ReloadTarget: Send + Sync {
     /// The servers and groups running now.
     fn current(&self) -> IndexMap<String, ServerSpec>;
-    /// Make `raw` (`mcp_servers` as written in the file) the desired file-sourced servers and
-    /// return once this node runs them.
+    /// Make `cfg`'s servers (`raw_servers`: `mcp_servers` as written in the file) and rate
+    /// limits the desired file-sourced ones and return once this node runs them.
     fn apply<'a>(
         &'a self,
-        raw: &'a BTreeMap<String, Value>,
+        cfg: &'a Config,
         file_hash: &'a str,
     ) -> BoxFuture<'a, Result<(), TargetError>>;
     /// Take the settings of the new file that apply without a restart (tool naming, timeouts).
@@ -154,7 +152,7 @@ impl Reloader {
         };
         let before = self.target.current();
         let hash = super::sha256_hex(bytes.as_deref().unwrap_or_default());
-        if let Err(e) = self.target.apply(&cfg.raw_servers, &hash).await {
+        if let Err(e) = self.target.apply(&cfg, &hash).await {
             return failed(ReloadError::NotApplied(e));
         }
         let diff = super::diff(&before, &self.target.current());

@@ -462,6 +462,9 @@ pub struct Config {
     pub cluster: ClusterConfig,
     /// Authentication of `/api` and `/mcp` callers.
     pub auth: AuthConfig,
+    /// Cluster-wide rate limits from the file (`rate_limit` and `rate_limits`), replicated
+    /// with the file's servers.
+    pub rate_limits: Vec<hangar_raft::state::RateLimitDef>,
     /// `mcp_servers` as written, before `${VAR}` interpolation: what the cluster replicates
     /// (each node interpolates with its own environment, so secrets passed as variables
     /// never enter the replicated state).

@@ -14,7 +14,6 @@ use super::*;
 /// Sections MCP Hangar knows that Hangar does not implement yet, and how a present section
 /// is judged: accepted only when it does not ask for behaviour Hangar lacks.
 const NOT_YET: &[(&str, &str)] = &[
-    ("rate_limit", "rate limiting"),
     ("approvals", "approval gates"),
     ("coordination", "multi-replica coordination"),
     ("discovery", "discovery"),
@@ -238,6 +237,7 @@ pub(super) fn build(doc: &Value, p: &ProblemSink, allow_missing_servers: bool) -
         None => ClusterConfig::default(),
     };
     let auth = root.obj("auth").map(|o| auth(&o)).unwrap_or_default();
+    let rate_limits = rate_limits(&root, p);
     root.finish();
     Config {
         mcp_servers: servers,
@@ -248,9 +248,90 @@ pub(super) fn build(doc: &Value, p: &ProblemSink, allow_missing_servers: bool) -
         server,
         cluster,
         auth,
+        rate_limits,
         raw_servers: Default::default(),
         file_hash: None,
     }
+}
+
+/// The top-level `rate_limit` (MCP Hangar's command limiter, here cluster-wide: one bucket per
+/// command kind) and the `rate_limits` rules on tool calls, as replicated definitions.
+fn rate_limits(root: &Obj<'_>, p: &ProblemSink) -> Vec<hangar_raft::state::RateLimitDef> {
+    use hangar_raft::state::RateLimitDef;
+    let mut out = Vec::new();
+    if let Some(o) = root.obj("rate_limit") {
+        let enabled = o.bool("enabled", true);
+        let rps = o.num("rps", 10.0, 0.001, 1e9);
+        let burst = o.int("burst", 20, 1, 1_000_000_000);
+        o.finish();
+        if enabled {
+            out.push(RateLimitDef {
+                id: "rate_limit".into(),
+                source: "file".into(),
+                applies_to: "commands".into(),
+                key: vec!["command".into()],
+                matches: Default::default(),
+                rps,
+                burst,
+                on_partition: "safe_share".into(),
+            });
+        }
+    }
+    let Some(list) = root.raw("rate_limits") else {
+        return out;
+    };
+    let Value::Array(items) = list else {
+        p.push(
+            "rate_limits",
+            format!(
+                "must be a list of rules ({{id, rps, burst, key, match, on_partition}}), got {}",
+                type_name(list)
+            ),
+        );
+        return out;
+    };
+    for (i, item) in items.iter().enumerate() {
+        let path = format!("rate_limits[{i}]");
+        let Some(o) = Obj::new(item, &path, p) else {
+            continue;
+        };
+        let Some(id) = o.req_str("id", "a rule id") else {
+            o.finish();
+            continue;
+        };
+        let rps = o.num("rps", 0.0, 0.0, 1e9);
+        if !o.has("rps") {
+            p.push(&o.at("rps"), "is required: calls per second, cluster-wide");
+        }
+        let burst = o.int("burst", rps.ceil().max(1.0) as u64, 1, 1_000_000_000);
+        let key = o.str_list("key").unwrap_or_default();
+        let matches = o.str_map("match").into_iter().collect();
+        let on_partition = o.str("on_partition").unwrap_or_else(|| "safe_share".into());
+        o.finish();
+        let def = RateLimitDef {
+            id,
+            source: "file".into(),
+            applies_to: "tools".into(),
+            key,
+            matches,
+            rps,
+            burst,
+            on_partition,
+        };
+        if out.iter().any(|d| d.id == def.id) {
+            p.push(&o.at("id"), format!("rule id {:?} is used twice", def.id));
+        } else if def.id == "rate_limit" {
+            p.push(
+                &o.at("id"),
+                "`rate_limit` is the id of the top-level command limiter; choose another id",
+            );
+        } else if let Some(problem) = def.problem() {
+            p.push(&path, problem);
+        } else {
+            out.push(def);
+        }
+    }
+    out
 }
 
 fn default_hosts() -> Vec<String> {
@@ -292,6 +373,7 @@ fn fallback() -> Config {
         server: default_server(),
         cluster: ClusterConfig::default(),
         auth: AuthConfig::default(),
+        rate_limits: Vec::new(),
         raw_servers: Default::default(),
         file_hash: None,
     }

@@ -141,6 +141,7 @@ async fn random_envelopes_never_panic_and_requests_always_get_one_answer() {
             out: None,
             cancel_key: "fuzz".into(),
             grants: None,
+            caller: std::sync::Arc::new(crate::ratelimit::Caller::local()),
         };
         let answer = tokio::time::timeout(Duration::from_secs(5), gw.handle(&ctx, msg))
             .await

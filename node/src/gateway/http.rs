@@ -53,20 +53,43 @@ pub fn routes(state: FrontDoor) -> Router {
 
 /// What the caller may do, when auth is on (set by the auth middleware).
 type GrantsExt = Option<axum::Extension<Arc<crate::auth::Grants>>>;
+/// Who the caller is for the rate limits (set by the rate-limit middleware).
+type CallerExt = Option<axum::Extension<Arc<crate::ratelimit::Caller>>>;
+
+/// What the gateway needs to know of the caller.
+#[derive(Clone)]
+struct Who {
+    grants: Option<Arc<crate::auth::Grants>>,
+    caller: Arc<crate::ratelimit::Caller>,
+}
+
+impl Who {
+    fn of(grants: GrantsExt, caller: CallerExt) -> Who {
+        Who {
+            grants: grants.map(|g| g.0),
+            caller: caller.map_or_else(
+                || Arc::new(crate::ratelimit::Caller::of(None, None)),
+                |c| c.0,
+            ),
+        }
+    }
+}
 
 async fn post_aggregate(
     State(st): State<FrontDoor>,
     grants: GrantsExt,
+    caller: CallerExt,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    handle_post(st, Scope::Aggregate, grants.map(|g| g.0), headers, body).await
+    handle_post(st, Scope::Aggregate, Who::of(grants, caller), headers, body).await
 }
 
 async fn post_server(
     State(st): State<FrontDoor>,
     Path(id): Path<String>,
     grants: GrantsExt,
+    caller: CallerExt,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
@@ -82,7 +105,14 @@ async fn post_server(
             ),
         );
     }
-    handle_post(st, Scope::Server(id), grants.map(|g| g.0), headers, body).await
+    handle_post(
+        st,
+        Scope::Server(id),
+        Who::of(grants, caller),
+        headers,
+        body,
+    )
+    .await
 }
 
 async fn delete_mcp() -> Response {
@@ -115,7 +145,7 @@ fn header_str<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
 async fn handle_post(
     st: FrontDoor,
     scope: Scope,
-    grants: Option<Arc<crate::auth::Grants>>,
+    who: Who,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
@@ -167,7 +197,7 @@ async fn handle_post(
 
     let first = bytes.iter().find(|b| !b.is_ascii_whitespace()).copied();
     if first == Some(b'[') {
-        return handle_batch(st, scope, &bytes, cancel_key, grants).await;
+        return handle_batch(st, scope, &bytes, cancel_key, who).await;
     }
     let msg: Message = match serde_json::from_slice(&bytes) {
         Ok(m) => m,
@@ -192,14 +222,14 @@ async fn handle_post(
         Kind::Invalid => {
             let resp = st
                 .gateway
-                .handle(&ctx_of(&scope, None, &cancel_key, grants.clone()), msg)
+                .handle(&ctx_of(&scope, None, &cancel_key, who.clone()), msg)
                 .await;
             let body = resp.map(|m| m.to_json()).unwrap_or_default();
             return json_response(StatusCode::BAD_REQUEST, body);
         }
         Kind::Notification | Kind::Response => {
             st.gateway
-                .handle(&ctx_of(&scope, None, &cancel_key, grants.clone()), msg)
+                .handle(&ctx_of(&scope, None, &cancel_key, who.clone()), msg)
                 .await;
             return StatusCode::ACCEPTED.into_response();
         }
@@ -239,7 +269,8 @@ async fn handle_post(
             scope,
             out: tx,
             cancel_key,
-            grants,
+            grants: who.grants,
+            caller: who.caller,
         };
         gw.handle(&ctx, msg).await
     });
@@ -286,7 +317,20 @@ fn finish_json(resp: Option<Message>, modern: bool) -> Response {
         (Some(e), true) if e.code == METHOD_NOT_FOUND => StatusCode::NOT_FOUND,
         _ => StatusCode::OK,
     };
-    json_response(status, resp.to_json())
+    let limited = resp
+        .error
+        .as_ref()
+        .filter(|e| e.code == crate::ratelimit::RATE_LIMITED)
+        .and_then(|e| e.data.as_ref())
+        .and_then(|d| serde_json::from_str::<serde_json::Value>(d.get()).ok());
+    let mut r = json_response(status, resp.to_json());
+    if let Some(d) = limited {
+        // A refused call answers in the body (JSON-RPC) and, for HTTP clients and
+        // balancers, with the same retry headers as a REST 429.
+        r.headers_mut()
+            .extend(crate::ratelimit::Limited::from_data(&d).headers());
+    }
+    r
 }
 
 fn sse_finished(early: Vec<Message>, resp: Option<Message>) -> Response {
@@ -358,17 +402,13 @@ fn sse_response(
         .into_response()
 }
 
-fn ctx_of(
-    scope: &Scope,
-    out: Option<mpsc::Sender<Message>>,
-    key: &str,
-    grants: Option<Arc<crate::auth::Grants>>,
-) -> Ctx {
+fn ctx_of(scope: &Scope, out: Option<mpsc::Sender<Message>>, key: &str, who: Who) -> Ctx {
     Ctx {
         scope: scope.clone(),
         out,
         cancel_key: key.to_owned(),
-        grants,
+        grants: who.grants,
+        caller: who.caller,
     }
 }
 
@@ -377,7 +417,7 @@ async fn handle_batch(
     scope: Scope,
     bytes: &[u8],
     cancel_key: String,
-    grants: Option<Arc<crate::auth::Grants>>,
+    who: Who,
 ) -> Response {
     let items: Vec<serde_json::Value> = match serde_json::from_slice(bytes) {
         Ok(v) => v,
@@ -399,7 +439,7 @@ async fn handle_batch(
             RpcError::new(INVALID_REQUEST, "Invalid Request: empty batch"),
         );
     }
-    let ctx = ctx_of(&scope, None, &cancel_key, grants.clone());
+    let ctx = ctx_of(&scope, None, &cancel_key, who.clone());
     let calls = items.into_iter().map(|item| {
         let gw = st.gateway.clone();
         let ctx = &ctx;

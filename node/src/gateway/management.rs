@@ -267,7 +267,7 @@ impl Gateway {
                           "groups": {"total": groups.len(), "by_state": g_by_state,
                                      "total_members": groups.iter().map(|g| g["total_members"].as_u64().unwrap_or(0)).sum::<u64>(),
                                      "healthy_members": groups.iter().map(|g| g["healthy_count"].as_u64().unwrap_or(0)).sum::<u64>()},
-                          "security": {"rate_limiting": {"active_buckets": 0, "config": null}}}))
+                          "security": {"rate_limiting": self.rate_limiting()}}))
             }
             "hangar_start" => {
                 if let Some(g) = self.runtime.group(target) {
@@ -464,6 +464,7 @@ impl Gateway {
             out: None,
             cancel_key: format!("batch/{}/{batch_id}", ctx.cancel_key),
             grants: ctx.grants.clone(),
+            caller: ctx.caller.clone(),
         });
         let sem = Arc::new(tokio::sync::Semaphore::new(max_concurrency));
         let mut runs: Vec<std::pin::Pin<Box<dyn std::future::Future<Output = Value> + Send + '_>>> =

@@ -63,6 +63,8 @@ pub struct Ctx {
     pub cancel_key: String,
     /// What the caller may do (`None`: auth is off).
     pub grants: Option<Arc<crate::auth::Grants>>,
+    /// Who the caller is, for the rate limits.
+    pub caller: Arc<crate::ratelimit::Caller>,
 }
 
 /// A notification for clients that listen (GET `/mcp` streams, stdio clients).
@@ -89,6 +91,8 @@ pub struct Gateway {
     /// or its future is dropped.
     inflight: Mutex<HashMap<(String, Id), (u64, CancellationToken)>>,
     reloader: RwLock<Option<Arc<dyn management::ConfigReloader>>>,
+    /// Cluster-wide rate limits (none until set).
+    limits: std::sync::OnceLock<Arc<crate::ratelimit::RateLimits>>,
 }
 
 impl Gateway {
@@ -104,6 +108,7 @@ impl Gateway {
             listeners,
             inflight: Mutex::new(HashMap::new()),
             reloader: RwLock::new(None),
+            limits: std::sync::OnceLock::new(),
         });
         let weak = Arc::downgrade(&gw);
         let mut events = gw.runtime.subscribe();
@@ -129,6 +134,26 @@ impl Gateway {
     /// Install the configuration reloader used by `hangar_reload_config`.
     pub fn set_reloader(&self, r: Arc<dyn management::ConfigReloader>) {
         *self.reloader.write() = Some(r);
+    }
+
+    /// Enforce `limits` on tool calls from now on.
+    pub fn set_rate_limits(&self, limits: Arc<crate::ratelimit::RateLimits>) {
+        let _ = self.limits.set(limits);
+    }
+
+    /// `hangar_health`'s `security.rate_limiting`: this node's buckets and the definitions.
+    fn rate_limiting(&self) -> serde_json::Value {
+        match self.limits.get() {
+            Some(l) => {
+                let defs = l.definitions();
+                serde_json::json!({
+                    "active_buckets": l.active_buckets(),
+                    "mode": l.mode(),
+                    "config": if defs.is_empty() { serde_json::Value::Null } else { serde_json::json!(defs) },
+                })
+            }
+            None => serde_json::json!({"active_buckets": 0, "config": null}),
+        }
     }
 
     /// Replace the settings (hot reload).
@@ -602,6 +627,22 @@ impl Gateway {
                 format!("Tool '{tool}' of '{target}' is denied by its tool access policy: {why}"),
                 &serde_json::json!({"mcp_server": target, "tool": tool, "error_type": "ToolAccessDeniedError"}),
             ));
+        }
+        if let Some(limits) = self.limits.get()
+            && let Err(limited) = limits.check(
+                &ctx.caller,
+                crate::ratelimit::Subject::Tool {
+                    server: target,
+                    tool,
+                },
+            )
+        {
+            self.runtime
+                .metrics()
+                .tool_call_errors
+                .with_label_values(&[target, tool, "RateLimitExceeded"])
+                .inc();
+            return Err(limited.rpc_error());
         }
         let idempotent = self.router.is_idempotent(target, tool);
         let t0 = Instant::now();

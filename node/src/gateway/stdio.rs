@@ -101,6 +101,7 @@ where
                 cancel_key: "stdio".to_owned(),
                 // A desktop client on stdio is the local user: no auth.
                 grants: None,
+                caller: Arc::new(crate::ratelimit::Caller::local()),
             };
             if let Some(resp) = gw.handle(&ctx, msg).await {
                 let _ = tx.send(resp).await;

@@ -191,6 +191,19 @@ pub enum DomainEvent {
         /// Role.
         role_name: String,
     },
+    /// This node lost its rate-limit lease (no leader reachable in time): each rule applies
+    /// its `on_partition` mode until a grant comes back.
+    RateLimitPartitionMode {
+        /// This node.
+        node_id: String,
+        /// The lease that lapsed.
+        lease_ms: u64,
+    },
+    /// This node holds a rate-limit lease again.
+    RateLimitLeaseRestored {
+        /// This node.
+        node_id: String,
+    },
     /// A reload of the configuration was requested.
     ConfigurationReloadRequested {
         /// The file.

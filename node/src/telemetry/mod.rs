@@ -277,6 +277,11 @@ impl Metrics {
         m
     }
 
+    /// Register further collectors (another room's metrics) with this registry.
+    pub fn register_with(&self, f: impl FnOnce(&Registry)) {
+        f(&self.registry);
+    }
+
     /// Render the Prometheus text exposition format (0.0.4).
     pub fn render(&self) -> String {
         let mut buf = Vec::with_capacity(16 * 1024);

@@ -164,6 +164,11 @@ pub enum Command {
         /// Limit id.
         id: String,
     },
+    /// Replace every file-defined rate limit with `limits` (each with `source: file`).
+    SetFileRateLimits {
+        /// The config file's limits.
+        limits: Vec<RateLimitDef>,
+    },
     /// Append a batch of domain events (each gets the next `seq`); retention is applied after.
     AppendEvents {
         /// The events, in order.
@@ -229,6 +234,7 @@ impl Command {
             Command::DeleteToolPolicy { .. } => "delete_tool_policy",
             Command::PutRateLimit { .. } => "put_rate_limit",
             Command::DeleteRateLimit { .. } => "delete_rate_limit",
+            Command::SetFileRateLimits { .. } => "set_file_rate_limits",
             Command::AppendEvents { .. } => "append_events",
             Command::SetEventRetention { .. } => "set_event_retention",
             Command::RegisterNode { .. } => "register_node",
@@ -272,6 +278,8 @@ pub enum RejectCode {
     RoleNotFound,
     /// No such tool policy / rate limit / node / placement.
     NotFound,
+    /// The object is owned by another source (a rate limit defined in the config file).
+    Conflict,
 }
 
 impl RejectCode {
@@ -289,6 +297,7 @@ impl RejectCode {
             RejectCode::KeyNotFound => "key_not_found",
             RejectCode::RoleNotFound => "role_not_found",
             RejectCode::NotFound => "not_found",
+            RejectCode::Conflict => "conflict",
         }
     }
 }

@@ -333,22 +333,56 @@ fn apply_command(state: &mut State, cmd: &Command, ctx: ApplyCtx) -> Response {
             }
         }
         Command::PutRateLimit { limit } => {
-            if limit.id.is_empty() || limit.period_ms == 0 {
+            if let Some(problem) = limit.problem() {
+                return Response::rejected(RejectCode::InvalidArgument, problem);
+            }
+            if state
+                .limits
+                .get(&limit.id)
+                .is_some_and(|l| l.source != limit.source)
+            {
                 return Response::rejected(
-                    RejectCode::InvalidArgument,
-                    "rate limit needs a non-empty id and period_ms > 0",
+                    RejectCode::Conflict,
+                    format!(
+                        "rate limit {:?} is defined in the config file; change it there",
+                        limit.id
+                    ),
                 );
             }
             state.limits.insert(limit.id.clone(), limit.clone());
             Response::Ok
         }
-        Command::DeleteRateLimit { id } => match state.limits.remove(id) {
-            Some(_) => Response::Ok,
+        Command::DeleteRateLimit { id } => match state.limits.get(id) {
+            Some(l) if l.source == "file" => Response::rejected(
+                RejectCode::Conflict,
+                format!("rate limit {id:?} is defined in the config file; remove it there"),
+            ),
+            Some(_) => {
+                state.limits.remove(id);
+                Response::Ok
+            }
             None => Response::rejected(
                 RejectCode::NotFound,
                 format!("no rate limit with id {id:?}"),
             ),
         },
+        Command::SetFileRateLimits { limits } => {
+            if let Some(problem) = limits.iter().find_map(|l| {
+                if l.source != "file" {
+                    Some(format!("rate limit {:?} must have source file", l.id))
+                } else {
+                    l.problem()
+                }
+            }) {
+                return Response::rejected(RejectCode::InvalidArgument, problem);
+            }
+            state.limits.retain(|_, l| l.source != "file");
+            for l in limits {
+                // A file definition takes over an API one of the same id.
+                state.limits.insert(l.id.clone(), l.clone());
+            }
+            Response::Ok
+        }
         Command::AppendEvents { events } => {
             let range = state.events.append(events, now);
             Response::EventsAppended {

@@ -1,6 +1,6 @@
 //! Record types stored in the replicated [`State`](super::State).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 use serde::Deserialize;
@@ -170,6 +170,9 @@ pub struct ApiKeyRecord {
     /// Revoked keys never authenticate.
     #[serde(default)]
     pub revoked: bool,
+    /// The tenant its calls count under (rate limits keyed or matched by `tenant`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
 }
 
 /// A role: a named set of permissions.
@@ -211,23 +214,118 @@ impl ToolPolicy {
     }
 }
 
-/// A rate-limit definition (counters are not replicated).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// A rate-limit definition, cluster-wide (the counters are not replicated: the leader leases
+/// shares of the limit to the nodes, see the node's `ratelimit` room).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RateLimitDef {
-    /// Limit id.
+    /// Limit id (`[A-Za-z0-9_.-]`, at most 64 characters).
     pub id: String,
-    /// What is counted: `global`, `principal`, `server`, `tool`, …
-    pub scope: String,
-    /// Target within the scope (empty = every target of the scope separately).
+    /// Where it was defined: `file` (the config file; replaced by each applied file) or `api`.
+    #[serde(default = "default_limit_source")]
+    pub source: String,
+    /// What it counts: `tools` (tool calls) or `commands` (the config's top-level
+    /// `rate_limit`: tool calls and REST commands, one bucket per command kind).
+    #[serde(default = "default_applies_to")]
+    pub applies_to: String,
+    /// Dimensions that separate buckets: `principal`, `tenant`, `server`, `tool`, `command`
+    /// (empty: one bucket for the whole rule).
     #[serde(default)]
-    pub target: String,
-    /// Requests allowed per `period_ms`.
-    pub requests: u64,
-    /// Period length in milliseconds.
-    pub period_ms: u64,
-    /// Extra burst capacity.
-    #[serde(default)]
+    pub key: Vec<String>,
+    /// Glob filters by dimension (`principal`, `tenant`, `server`, `tool`); all must match.
+    #[serde(default, rename = "match")]
+    pub matches: BTreeMap<String, String>,
+    /// Calls per second, cluster-wide.
+    pub rps: f64,
+    /// Calls admitted at once from a full bucket, cluster-wide.
     pub burst: u64,
+    /// What a node that lost the leader does at lease expiry: `safe_share`, `fail_open`,
+    /// `fail_closed`.
+    #[serde(default = "default_on_partition")]
+    pub on_partition: String,
+}
+
+fn default_limit_source() -> String {
+    "api".to_owned()
+}
+fn default_applies_to() -> String {
+    "tools".to_owned()
+}
+fn default_on_partition() -> String {
+    "safe_share".to_owned()
+}
+
+impl RateLimitDef {
+    /// Dimensions a bucket key may use.
+    pub const DIMENSIONS: [&'static str; 5] = ["principal", "tenant", "server", "tool", "command"];
+    /// Partition modes.
+    pub const PARTITION_MODES: [&'static str; 3] = ["safe_share", "fail_open", "fail_closed"];
+
+    /// What is wrong with this definition, if anything (one message naming the field).
+    pub fn problem(&self) -> Option<String> {
+        if self.id.is_empty()
+            || self.id.len() > 64
+            || !self
+                .id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+        {
+            return Some(format!(
+                "rate limit id {:?} must be 1-64 characters of A-Z a-z 0-9 _ - .",
+                self.id
+            ));
+        }
+        if !(self.rps.is_finite() && self.rps > 0.0 && self.rps <= 1e9) {
+            return Some(format!(
+                "rate limit {:?}: rps must be a number > 0 (and at most 1e9), got {}",
+                self.id, self.rps
+            ));
+        }
+        if self.burst == 0 || self.burst > 1_000_000_000 {
+            return Some(format!(
+                "rate limit {:?}: burst must be between 1 and 1e9, got {}",
+                self.id, self.burst
+            ));
+        }
+        if !matches!(self.source.as_str(), "file" | "api") {
+            return Some(format!(
+                "rate limit {:?}: source must be file or api, got {:?}",
+                self.id, self.source
+            ));
+        }
+        if !matches!(self.applies_to.as_str(), "tools" | "commands") {
+            return Some(format!(
+                "rate limit {:?}: applies_to must be tools or commands, got {:?}",
+                self.id, self.applies_to
+            ));
+        }
+        if let Some(k) = self
+            .key
+            .iter()
+            .find(|k| !Self::DIMENSIONS.contains(&k.as_str()))
+        {
+            return Some(format!(
+                "rate limit {:?}: key {k:?} is not one of principal, tenant, server, tool, command",
+                self.id
+            ));
+        }
+        if let Some(k) = self
+            .matches
+            .keys()
+            .find(|k| !Self::DIMENSIONS[..4].contains(&k.as_str()))
+        {
+            return Some(format!(
+                "rate limit {:?}: match {k:?} is not one of principal, tenant, server, tool",
+                self.id
+            ));
+        }
+        if !Self::PARTITION_MODES.contains(&self.on_partition.as_str()) {
+            return Some(format!(
+                "rate limit {:?}: on_partition must be safe_share, fail_open or fail_closed, got {:?}",
+                self.id, self.on_partition
+            ));
+        }
+        None
+    }
 }
 
 /// A domain event as submitted by a node.

@@ -427,6 +427,7 @@ fn status_reports_only_from_the_placed_node() {
 
 fn key(id: &str, hash: &str) -> ApiKeyRecord {
     ApiKeyRecord {
+        tenant: None,
         id: id.into(),
         principal: "user:alice".into(),
         name: "laptop".into(),
@@ -623,33 +624,63 @@ fn tool_policies() {
     );
 }
 
+fn limit(id: &str, source: &str) -> RateLimitDef {
+    RateLimitDef {
+        id: id.into(),
+        source: source.into(),
+        applies_to: "tools".into(),
+        key: vec!["principal".into()],
+        matches: BTreeMap::from([("tool".to_owned(), "write_*".to_owned())]),
+        rps: 100.0,
+        burst: 10,
+        on_partition: "safe_share".into(),
+    }
+}
+
 #[test]
 fn rate_limits() {
     let mut s = State::default();
-    let limit = RateLimitDef {
-        id: "per-user".into(),
-        scope: "principal".into(),
-        target: String::new(),
-        requests: 100,
-        period_ms: 60_000,
-        burst: 10,
-    };
+    let l = limit("per-user", "api");
     assert_eq!(
-        run(
-            &mut s,
-            Command::PutRateLimit {
-                limit: limit.clone()
-            }
-        ),
+        run(&mut s, Command::PutRateLimit { limit: l.clone() }),
         Response::Ok
     );
-    assert_eq!(s.limits["per-user"], limit);
-    let mut bad = limit;
-    bad.period_ms = 0;
-    assert_rejected(
-        &run(&mut s, Command::PutRateLimit { limit: bad }),
-        RejectCode::InvalidArgument,
-    );
+    assert_eq!(s.limits["per-user"], l);
+    for bad in [
+        RateLimitDef {
+            rps: 0.0,
+            ..l.clone()
+        },
+        RateLimitDef {
+            rps: f64::NAN,
+            ..l.clone()
+        },
+        RateLimitDef {
+            burst: 0,
+            ..l.clone()
+        },
+        RateLimitDef {
+            id: "a b".into(),
+            ..l.clone()
+        },
+        RateLimitDef {
+            key: vec!["user".into()],
+            ..l.clone()
+        },
+        RateLimitDef {
+            on_partition: "maybe".into(),
+            ..l.clone()
+        },
+        RateLimitDef {
+            matches: BTreeMap::from([("command".to_owned(), "x".to_owned())]),
+            ..l.clone()
+        },
+    ] {
+        assert_rejected(
+            &run(&mut s, Command::PutRateLimit { limit: bad }),
+            RejectCode::InvalidArgument,
+        );
+    }
     assert_eq!(
         run(
             &mut s,
@@ -668,6 +699,49 @@ fn rate_limits() {
         ),
         RejectCode::NotFound,
     );
+}
+
+#[test]
+fn file_rate_limits_replace_each_other_and_are_not_changed_through_the_api() {
+    let mut s = State::default();
+    run(
+        &mut s,
+        Command::PutRateLimit {
+            limit: limit("mine", "api"),
+        },
+    );
+    let set = |ids: &[&str]| Command::SetFileRateLimits {
+        limits: ids.iter().map(|i| limit(i, "file")).collect(),
+    };
+    assert_eq!(run(&mut s, set(&["a", "b"])), Response::Ok);
+    assert_eq!(run(&mut s, set(&["b", "c"])), Response::Ok);
+    let ids: Vec<&String> = s.limits.keys().collect();
+    assert_eq!(ids, ["b", "c", "mine"]);
+    assert_rejected(
+        &run(&mut s, Command::DeleteRateLimit { id: "b".into() }),
+        RejectCode::Conflict,
+    );
+    assert_rejected(
+        &run(
+            &mut s,
+            Command::PutRateLimit {
+                limit: limit("c", "api"),
+            },
+        ),
+        RejectCode::Conflict,
+    );
+    assert_rejected(&run(&mut s, set(&["a b"])), RejectCode::InvalidArgument);
+    assert_rejected(
+        &run(
+            &mut s,
+            Command::SetFileRateLimits {
+                limits: vec![limit("x", "api")],
+            },
+        ),
+        RejectCode::InvalidArgument,
+    );
+    // A refused set changes nothing.
+    assert_eq!(s.limits.len(), 3);
 }
 
 fn ev(kind: &str) -> EventRecord {
@@ -896,6 +970,7 @@ fn commands_and_state_round_trip_through_json() {
 fn auth_version_moves_with_every_applied_key_or_role_change_only() {
     let mut s = State::default();
     let key = ApiKeyRecord {
+        tenant: None,
         id: "k1".into(),
         principal: "svc".into(),
         name: "n".into(),

@@ -7,4 +7,5 @@ mod cli;
 mod coverage;
 mod lifecycle;
 mod proxy;
+mod ratelimit;
 mod thirdparty;
