@@ -39,11 +39,12 @@ fn invalid(message: impl Into<String>) -> ApiError {
 
 /// `GET /api/rate_limits`.
 pub(super) async fn list(State(st): State<ApiState>) -> ApiResult {
-    let defs: Vec<RateLimitDef> = st
-        .cluster
-        .raft()
-        .read(|s| s.limits.values().cloned().collect());
     let limits = st.cluster.rate_limits();
+    // What is listed is enforced here (the applier may not have woken up yet).
+    let defs: Vec<RateLimitDef> = st.cluster.raft().read(|s| {
+        limits.set_definitions(&s.limits);
+        s.limits.values().cloned().collect()
+    });
     let status = st.cluster.raft().status();
     Ok(axum::Json(json!({
         "rate_limits": defs,

@@ -1243,6 +1243,11 @@ impl Cluster {
         let mut catalogs: BTreeMap<String, String> = BTreeMap::new();
         let mut delivered = self.raft.read(|st| st.events.last_seq());
         loop {
+            // Rate-limit definitions: enforced as soon as applied here (and listed).
+            {
+                let limits = self.quotas.limits();
+                self.raft.read(|st| limits.set_definitions(&st.limits));
+            }
             // Config.
             let (version, entries) = self.raft.read(|st| {
                 (

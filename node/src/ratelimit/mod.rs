@@ -473,10 +473,13 @@ impl RateLimits {
         self.partition.load(Ordering::Relaxed)
     }
 
-    /// `leased` or `partition`.
+    /// `starting` (no leader answered yet: limited buckets admit nothing), `leased` or
+    /// `partition`.
     pub fn mode(&self) -> &'static str {
         if self.in_partition() {
             "partition"
+        } else if !self.granted_once.load(Ordering::Acquire) {
+            "starting"
         } else {
             "leased"
         }
@@ -632,9 +635,11 @@ impl RateLimits {
 
     /// The demand report for the leader, with the rate this node admits on each bucket now;
     /// forgets idle buckets. `interval` is the time since the last report.
-    pub fn report(&self, node: u64, interval: Duration) -> allocator::Report {
+    ///
+    /// `interval: None` resends the current estimates (an acknowledgement right after a grant
+    /// that lowered a share, so that the leader can give the freed rate to another node).
+    pub fn report(&self, node: u64, interval: Option<Duration>) -> allocator::Report {
         let now = mono_now_ns();
-        let secs = interval.as_secs_f64().max(0.001);
         let grants = self.grants.read().clone();
         let rules = self.rules.load();
         let mut buckets = Vec::new();
@@ -644,11 +649,20 @@ impl RateLimits {
                 now.saturating_sub(b.last_used.load(Ordering::Relaxed)) < BUCKET_IDLE_NS
             });
             for (k, b) in shard.read().iter() {
-                let offered = b.offered.load(Ordering::Relaxed);
-                let delta = offered.saturating_sub(b.reported.swap(offered, Ordering::Relaxed));
-                // Smoothed over about two reports: follows a moving load within a second.
-                let demand = 0.4 * f64_of(&b.demand) + 0.6 * (delta as f64 / secs);
-                b.demand.store(demand.to_bits(), Ordering::Relaxed);
+                let demand = match interval {
+                    Some(interval) => {
+                        let secs = interval.as_secs_f64().max(0.001);
+                        let offered = b.offered.load(Ordering::Relaxed);
+                        let delta =
+                            offered.saturating_sub(b.reported.swap(offered, Ordering::Relaxed));
+                        // Smoothed over about two reports: follows a moving load within a
+                        // second.
+                        let d = 0.4 * f64_of(&b.demand) + 0.6 * (delta as f64 / secs);
+                        b.demand.store(d.to_bits(), Ordering::Relaxed);
+                        d
+                    }
+                    None => f64_of(&b.demand),
+                };
                 buckets.push(allocator::BucketReport {
                     key: k.clone(),
                     demand,
@@ -710,8 +724,13 @@ impl RateLimits {
     }
 
     /// Apply a grant from the leader: the shares, and a lease until `until` (monotonic ns).
-    pub fn apply_grant(&self, grant: &allocator::Grant, until: u64) {
+    /// Returns whether it lowered a share this node had.
+    pub fn apply_grant(&self, grant: &allocator::Grant, until: u64) -> bool {
         let shares: HashMap<String, f64> = grant.shares.iter().cloned().collect();
+        let before = self.grants.read().clone();
+        let lowered = shares
+            .iter()
+            .any(|(k, v)| before.get(k).is_some_and(|old| v < old));
         for shard in &self.shards {
             for (k, b) in shard.read().iter() {
                 let s = shares.get(k).copied().unwrap_or(f64::NAN);
@@ -722,6 +741,7 @@ impl RateLimits {
         self.acked.store(grant.seq, Ordering::Release);
         self.lease_until.fetch_max(until, Ordering::AcqRel);
         self.granted_once.store(true, Ordering::Release);
+        lowered
     }
 
     /// Set the number of members a safe share divides by.
@@ -942,7 +962,8 @@ mod tests {
         // Before a leader answered: nothing (a joining node adds nothing to the granted
         // shares).
         assert_eq!(l.check(&anon(), ECHO).unwrap_err().mode, "starting");
-        let r = l.report(1, Duration::from_millis(250));
+        assert_eq!(l.mode(), "starting");
+        let r = l.report(1, Some(Duration::from_millis(250)));
         assert_eq!(r.buckets.len(), 1);
         assert_eq!(r.buckets[0].holding, Some(0.0));
         assert!((r.buckets[0].demand - 0.6 * 4.0).abs() < 1e-9);
@@ -956,7 +977,10 @@ mod tests {
         // A zero share refuses at once (until the next grant).
         let e = l.check(&anon(), ECHO).unwrap_err();
         assert_eq!(e.retry_after, REPORT_EVERY);
-        assert_eq!(l.report(1, REPORT_EVERY).acked, 7);
+        let r = l.report(1, None);
+        assert_eq!(r.acked, 7);
+        // Resending does not consume the counts.
+        assert!((r.buckets[0].demand - 0.6 * 4.0).abs() < 1e-9);
         assert_eq!(l.update_mode(), None);
         // The lease runs out: fail_closed refuses, and the node says it is partitioned.
         l.lease_until.store(0, Ordering::Release);

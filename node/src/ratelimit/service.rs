@@ -142,6 +142,7 @@ impl Quotas {
         };
         let mut last = tokio::time::Instant::now();
         let mut last_error = String::new();
+        let mut ack_now = false;
         loop {
             let started = tokio::time::Instant::now();
             let limits = &self.limits;
@@ -151,14 +152,26 @@ impl Quotas {
             let status = raft.status();
             limits.set_members(status.voters.len() + status.learners.len());
             // Reported even without rules: the lease is then current when a rule appears.
-            let report = limits.report(node_id, started - last);
-            last = started;
+            let report = if ack_now {
+                limits.report(node_id, None)
+            } else {
+                let r = limits.report(node_id, Some(started - last));
+                last = started;
+                r
+            };
+            let resend = ack_now;
+            ack_now = false;
             // Before sending: the leader's grant is provably later.
             let t0 = mono_now_ns();
             match tokio::time::timeout(REPORT_EVERY * 2, self.send(&raft, node_id, report)).await {
                 Ok(Ok((term, grant))) => {
-                    if term >= raft.status().term {
-                        limits.apply_grant(&grant, t0.saturating_add(LEASE.as_nanos() as u64));
+                    if term >= raft.status().term
+                        && limits.apply_grant(&grant, t0.saturating_add(LEASE.as_nanos() as u64))
+                        && !resend
+                    {
+                        // A lowered share is counted by the leader until acknowledged: say so
+                        // at once, the freed rate goes to the nodes that need it.
+                        ack_now = true;
                     }
                     last_error.clear();
                 }
@@ -188,6 +201,9 @@ impl Quotas {
                     });
                 }
                 None => {}
+            }
+            if ack_now {
+                continue;
             }
             tokio::select! {
                 _ = shutdown.cancelled() => return,

@@ -13,6 +13,8 @@ use hangar_tests::cluster::{Cluster, Member};
 use hangar_tests::*;
 use serde_json::{Value, json};
 
+mod ratelimit;
+
 /// A cluster of `n` members (ids 1..=n, not started) running `hangar` with `args`, logging
 /// at info level.
 fn cluster(n: u64, args: &[&str]) -> Cluster {
