@@ -1,6 +1,7 @@
 //! `hangarctl`: the operator CLI for a Hangar gateway. It talks to a node's `/api` over HTTP;
 //! any node of a cluster can be addressed.
 
+mod certs;
 mod ops;
 
 use std::process::ExitCode;

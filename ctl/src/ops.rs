@@ -70,6 +70,25 @@ pub enum ClusterCmd {
         #[arg(long)]
         purge: bool,
     },
+    /// Make a cluster CA and node certificates for `cluster.tls` (mutual TLS between nodes),
+    /// locally: ca.pem, ca-key.pem, node-ID.pem, node-ID-key.pem in --out.
+    GenCerts {
+        /// Output directory (existing files are never overwritten).
+        #[arg(long)]
+        out: std::path::PathBuf,
+        /// Make certificates for nodes 1..=N.
+        #[arg(long, default_value_t = 3)]
+        nodes: u64,
+        /// The name in every node certificate (`cluster.tls.server_name`).
+        #[arg(long, default_value = "hangar-node")]
+        server_name: String,
+        /// Extra subject alternative name for every node (IP or DNS; repeatable).
+        #[arg(long = "san")]
+        sans: Vec<String>,
+        /// Validity in years.
+        #[arg(long, default_value_t = 5)]
+        years: i32,
+    },
 }
 
 #[derive(Subcommand)]
@@ -124,6 +143,24 @@ fn parse_member(s: &str) -> anyhow::Result<Value> {
 
 pub async fn cluster(c: &Client, out: Output, cmd: ClusterCmd) -> anyhow::Result<()> {
     match cmd {
+        ClusterCmd::GenCerts {
+            out: dir,
+            nodes,
+            server_name,
+            sans,
+            years,
+        } => {
+            let files = crate::certs::generate(&crate::certs::GenCerts {
+                out: dir,
+                nodes: (1..=nodes).collect(),
+                server_name,
+                sans,
+                years,
+            })?;
+            for f in files {
+                println!("{}", f.display());
+            }
+        }
         ClusterCmd::Status => {
             let v = c.get("/api/cluster/status").await?;
             print(out, &v, |v| {

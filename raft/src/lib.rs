@@ -26,6 +26,7 @@ mod typecfg;
 mod types;
 
 pub use error::RaftError;
+pub use network::tls::PeerTls;
 pub use node::MAX_COMMAND_BYTES;
 pub use node::OPERATION_TIMEOUT;
 pub use node::RaftConfig;

@@ -144,6 +144,10 @@ pub(super) async fn startup(State(st): State<ApiState>) -> Response {
 }
 
 pub(super) async fn metrics(State(st): State<ApiState>) -> Response {
+    let m = st.runtime().metrics();
+    let refused = st.cluster.raft().tls_refusals();
+    m.tls_refused
+        .inc_by(refused.saturating_sub(m.tls_refused.get()));
     (
         [(
             header::CONTENT_TYPE,

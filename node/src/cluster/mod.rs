@@ -183,6 +183,16 @@ pub enum StartError {
     /// No HTTP client for peers.
     #[error("cannot build the HTTP client: {0}")]
     HttpClient(reqwest::Error),
+    /// A `cluster.tls` file cannot be read.
+    #[error("cannot read {key} {}: {source}", file.display())]
+    TlsFile {
+        /// The config key.
+        key: &'static str,
+        /// The file.
+        file: std::path::PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
 }
 
 /// Why this node does not serve yet (`/health/ready`, `/api/cluster/status`).
@@ -327,6 +337,21 @@ impl Cluster {
         rc.election_max_ms = cfg.election_max_ms;
         rc.snapshot_logs_since_last = cfg.snapshot_every;
         rc.max_in_snapshot_log_to_keep = cfg.keep_logs;
+        if let Some(t) = &cfg.tls {
+            let read = |key: &'static str, file: &std::path::Path| {
+                std::fs::read(file).map_err(|source| StartError::TlsFile {
+                    key,
+                    file: file.to_owned(),
+                    source,
+                })
+            };
+            rc.tls = Some(hangar_raft::PeerTls {
+                ca_pem: read("cluster.tls.ca_file", &t.ca_file)?,
+                cert_pem: read("cluster.tls.cert_file", &t.cert_file)?,
+                key_pem: read("cluster.tls.key_file", &t.key_file)?,
+                server_name: t.server_name.clone(),
+            });
+        }
         let calls = Arc::new(CallServer::default());
         let leases = Arc::new(Leases::default());
         let quotas = crate::ratelimit::service::Quotas::new(
@@ -670,6 +695,19 @@ impl Cluster {
             .get(&peer.node_id)
             .or(s.learners.get(&peer.node_id));
         if known != Some(&info) {
+            if self.cfg.tls.is_some() {
+                // With mutual TLS, a node is let in only once it showed a node certificate of
+                // this cluster's CA (a membership change to a node nobody can talk to would
+                // stay in the configuration).
+                self.raft.probe_peer(&peer.raft_addr).await.map_err(|e| {
+                    ClusterError::PeerRpc {
+                        node: peer.node_id,
+                        message: format!(
+                            "not added: its Raft address does not complete a mutual-TLS handshake with a node certificate of this cluster's CA ({e})"
+                        ),
+                    }
+                })?;
+            }
             self.membership(|| self.raft.add_learner(peer.node_id, info.clone(), true))
                 .await?;
         }

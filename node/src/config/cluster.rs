@@ -71,6 +71,35 @@ pub struct ClusterConfig {
     pub placement_lease: std::time::Duration,
     /// `--apply-config`: this node's file replaces the cluster's file configuration at start.
     pub apply_config_at_boot: bool,
+    /// Mutual TLS between the nodes (`cluster.tls`).
+    pub tls: Option<ClusterTls>,
+    /// `cluster.insecure: true`: allow plaintext between nodes on a non-loopback address.
+    pub insecure: bool,
+}
+
+/// `cluster.tls`: this node's certificate and the cluster CA (PEM files).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ClusterTls {
+    /// The cluster CA's certificate: the only issuer of node certificates.
+    pub ca_file: PathBuf,
+    /// This node's certificate (chain).
+    pub cert_file: PathBuf,
+    /// Its private key.
+    pub key_file: PathBuf,
+    /// The name every node certificate carries as a DNS SAN (default `hangar-node`).
+    pub server_name: String,
+}
+
+/// The default `cluster.tls.server_name` (what `hangarctl cluster gen-certs` puts in every
+/// node certificate).
+pub const NODE_SERVER_NAME: &str = "hangar-node";
+
+fn is_loopback(addr: &str) -> bool {
+    match addr.parse::<std::net::SocketAddr>() {
+        Ok(a) => a.ip().is_loopback(),
+        // A host name: only `localhost` is known to be local.
+        Err(_) => addr.split(':').next() == Some("localhost"),
+    }
 }
 
 impl Default for ClusterConfig {
@@ -95,6 +124,8 @@ impl Default for ClusterConfig {
             node_loss_timeout: std::time::Duration::from_secs(10),
             placement_lease: std::time::Duration::from_secs(7),
             apply_config_at_boot: false,
+            tls: None,
+            insecure: false,
         }
     }
 }
@@ -172,6 +203,19 @@ impl ClusterConfig {
         for j in &self.join {
             if let Err(m) = check_url(j) {
                 p.push("cluster.join", format!("join address `{j}`: {m}"));
+            }
+        }
+        if self.tls.is_none() && !self.insecure {
+            let exposed = std::iter::once(&self.raft_addr)
+                .chain(self.advertise_addr.iter())
+                .find(|a| !is_loopback(a));
+            if let Some(a) = exposed {
+                p.push(
+                    "cluster.tls",
+                    format!(
+                        "the Raft address {a} is not a loopback address, and traffic between nodes would be plaintext and unauthenticated: anyone reaching it could vote, replicate or join. Set cluster.tls {{ca_file, cert_file, key_file}} (make them with `hangarctl cluster gen-certs`), or `cluster.insecure: true` if the network between the nodes is trusted"
+                    ),
+                );
             }
         }
         if p.is_empty() {
@@ -301,6 +345,24 @@ pub(super) fn parse(o: &Obj<'_>, p: &ProblemSink) -> ClusterConfig {
         node_loss_timeout: std::time::Duration::from_millis(node_loss_ms),
         placement_lease: std::time::Duration::from_millis(lease_ms),
         apply_config_at_boot: false,
+        tls: o.obj("tls").map(|t| {
+            let file = |k: &'static str| {
+                t.req_str(k, "a PEM file")
+                    .map(PathBuf::from)
+                    .unwrap_or_default()
+            };
+            let tls = ClusterTls {
+                ca_file: file("ca_file"),
+                cert_file: file("cert_file"),
+                key_file: file("key_file"),
+                server_name: t
+                    .str("server_name")
+                    .unwrap_or_else(|| NODE_SERVER_NAME.to_owned()),
+            };
+            t.finish();
+            tls
+        }),
+        insecure: o.bool("insecure", false),
     };
     o.allow(&["enabled"]);
     o.finish();

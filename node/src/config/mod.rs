@@ -14,7 +14,7 @@ mod reload;
 mod spec;
 mod validate;
 
-pub use cluster::{ClusterConfig, ClusterOverrides, PeerSpec};
+pub use cluster::{ClusterConfig, ClusterOverrides, ClusterTls, NODE_SERVER_NAME, PeerSpec};
 pub use diff::{ConfigDiff, diff};
 pub use error::{ConfigError, Problem, Problems};
 pub use load::{load_file, load_str, servers_from_raw, sha256_hex, validate_server};

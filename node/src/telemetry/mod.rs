@@ -60,6 +60,9 @@ pub struct Metrics {
     pub build_info: IntGaugeVec,
     /// `mcp_hangar_process_start_time_seconds`.
     pub process_start_time: IntGauge,
+    /// `hangar_cluster_tls_refused_total`: connections to the Raft listener refused by mutual
+    /// TLS (no node certificate of the cluster's CA).
+    pub tls_refused: prometheus::IntCounter,
     /// `hangar_mcp_requests_total{method,status}`: every front-door JSON-RPC request.
     pub front_requests: IntCounterVec,
     /// `mcp_hangar_health_checks_total{mcp_server,result}`.
@@ -242,6 +245,15 @@ impl Metrics {
                 .unwrap_or_else(|e| panic_metric("process_start_time", &e));
                 register(&r, Box::new(g.clone()), "process_start_time");
                 g
+            },
+            tls_refused: {
+                let c = prometheus::IntCounter::new(
+                    "hangar_cluster_tls_refused_total",
+                    "Connections to the Raft listener refused by mutual TLS",
+                )
+                .unwrap_or_else(|e| panic_metric("tls_refused", &e));
+                register(&r, Box::new(c.clone()), "tls_refused");
+                c
             },
             front_requests: counter(
                 &r,

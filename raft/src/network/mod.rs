@@ -6,6 +6,7 @@
 //! and a connect timeout so an unreachable peer yields `Unreachable` quickly.
 
 mod client;
+pub(crate) mod tls;
 
 use std::collections::BTreeSet;
 use std::collections::HashMap;
@@ -108,9 +109,67 @@ pub(crate) fn decode_bytes<T: DeserializeOwned>(format: i32, data: &[u8]) -> Res
 #[derive(Clone, Default)]
 pub(crate) struct PeerPool {
     channels: Arc<parking_lot::Mutex<HashMap<String, Channel>>>,
+    /// Mutual TLS to the peers (`None`: plaintext).
+    tls: Option<tonic::transport::ClientTlsConfig>,
 }
 
 impl PeerPool {
+    /// A pool whose channels use `tls` (mutual TLS) when given.
+    pub(crate) fn new(tls: Option<tonic::transport::ClientTlsConfig>) -> PeerPool {
+        PeerPool {
+            channels: Default::default(),
+            tls,
+        }
+    }
+
+    /// The endpoint of the peer at `addr`, with TLS when configured.
+    fn endpoint(&self, addr: &str) -> Result<Endpoint, RaftError> {
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let invalid = |e: String| RaftError::Start {
+            message: format!("invalid peer address {addr:?}: {e}; use host:port"),
+        };
+        let mut ep = Endpoint::from_shared(format!("{scheme}://{addr}"))
+            .map_err(|e| invalid(e.to_string()))?;
+        if let Some(tls) = &self.tls {
+            ep = ep
+                .tls_config(tls.clone())
+                .map_err(|e| invalid(e.to_string()))?;
+        }
+        Ok(ep
+            .connect_timeout(CONNECT_TIMEOUT)
+            .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+            .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+            .keep_alive_while_idle(true)
+            .tcp_nodelay(true))
+    }
+
+    /// Connect to `addr` now (with the TLS handshake when configured): whether a peer is
+    /// reachable and, with mutual TLS, holds a node certificate of this cluster's CA.
+    pub(crate) async fn probe(&self, addr: &str) -> Result<(), RaftError> {
+        let ep = self.endpoint(addr)?;
+        match tokio::time::timeout(Duration::from_secs(5), ep.connect()).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => {
+                let mut msg = e.to_string();
+                let mut src = std::error::Error::source(&e);
+                while let Some(s) = src {
+                    msg = format!("{msg}: {s}");
+                    src = s.source();
+                }
+                Err(RaftError::Unreachable {
+                    node_id: 0,
+                    addr: addr.to_owned(),
+                    message: msg,
+                })
+            }
+            Err(_) => Err(RaftError::Unreachable {
+                node_id: 0,
+                addr: addr.to_owned(),
+                message: "the connection timed out".to_owned(),
+            }),
+        }
+    }
+
     /// A client for the peer at `addr` (`host:port`), reusing the cached channel.
     pub(crate) fn client(&self, addr: &str) -> Result<RaftServiceClient<Channel>, RaftError> {
         Ok(RaftServiceClient::new(self.channel(addr)?)
@@ -125,16 +184,7 @@ impl PeerPool {
             match map.get(addr) {
                 Some(ch) => ch.clone(),
                 None => {
-                    let ch = Endpoint::from_shared(format!("http://{addr}"))
-                        .map_err(|e| RaftError::Start {
-                            message: format!("invalid peer address {addr:?}: {e}; use host:port"),
-                        })?
-                        .connect_timeout(CONNECT_TIMEOUT)
-                        .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
-                        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
-                        .keep_alive_while_idle(true)
-                        .tcp_nodelay(true)
-                        .connect_lazy();
+                    let ch = self.endpoint(addr)?.connect_lazy();
                     map.insert(addr.to_string(), ch.clone());
                     ch
                 }

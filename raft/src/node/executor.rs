@@ -36,6 +36,8 @@ pub(crate) struct Core {
     pub(crate) node_id: u64,
     /// Set to true when the node shuts down; long-lived server streams end on it.
     pub(crate) stopping: watch::Sender<bool>,
+    /// Connections refused by mutual TLS.
+    pub(crate) tls_refusals: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// openraft's fatal error as this crate's error.

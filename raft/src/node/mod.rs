@@ -70,6 +70,8 @@ pub struct RaftConfig {
     pub snapshot_logs_since_last: u64,
     /// Log entries kept after a snapshot (the rest is purged).
     pub max_in_snapshot_log_to_keep: u64,
+    /// Mutual TLS between the nodes (`None`: plaintext).
+    pub tls: Option<crate::network::tls::PeerTls>,
 }
 
 impl RaftConfig {
@@ -87,6 +89,7 @@ impl RaftConfig {
             election_max_ms: 500,
             snapshot_logs_since_last: 5000,
             max_in_snapshot_log_to_keep: 1000,
+            tls: None,
         }
     }
 
@@ -200,7 +203,14 @@ impl RaftHandle {
             .is_some()
             || shared.applied_index() > 0;
         drop(reader);
-        let pool = PeerPool::default();
+        let server_tls = match &cfg.tls {
+            Some(t) => Some(
+                t.server_config()
+                    .map_err(|message| RaftError::Start { message })?,
+            ),
+            None => None,
+        };
+        let pool = PeerPool::new(cfg.tls.as_ref().map(|t| t.client_config()));
         let raft = openraft::Raft::new(
             cfg.node_id,
             config,
@@ -218,6 +228,7 @@ impl RaftHandle {
             pool,
             node_id: cfg.node_id,
             stopping: watch::channel(false).0,
+            tls_refusals: Default::default(),
         });
 
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
@@ -227,7 +238,7 @@ impl RaftHandle {
                 let shutdown = async {
                     let _ = stop_rx.await;
                 };
-                if let Err(e) = service::serve(core, listener, extra, shutdown).await {
+                if let Err(e) = service::serve(core, listener, server_tls, extra, shutdown).await {
                     tracing::error!(error = %e, "Raft gRPC server failed");
                 }
             })
@@ -388,6 +399,20 @@ impl RaftHandle {
     /// traffic (for the services served next to Raft, such as call forwarding).
     pub fn peer_channel(&self, addr: &str) -> Result<tonic::transport::Channel, RaftError> {
         self.core().pool.channel(addr)
+    }
+
+    /// Connect to the node whose Raft address is `addr` now, with the mutual-TLS handshake
+    /// when `tls` is configured: fails unless it is reachable and holds a node certificate of
+    /// this cluster's CA (checked before such a node is let into the membership).
+    pub async fn probe_peer(&self, addr: &str) -> Result<(), RaftError> {
+        self.core().pool.probe(addr).await
+    }
+
+    /// Connections to this node's Raft listener refused by mutual TLS so far.
+    pub fn tls_refusals(&self) -> u64 {
+        self.core()
+            .tls_refusals
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// A call on [`peer_channel`](Self::peer_channel) failed with `status`: drop the channel

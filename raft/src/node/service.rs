@@ -249,9 +249,11 @@ impl RaftService for Service {
 pub(crate) async fn serve(
     core: Arc<Core>,
     listener: TcpListener,
+    tls: Option<Arc<rustls::ServerConfig>>,
     extra: Option<tonic::service::Routes>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
+    let refused = core.tls_refusals.clone();
     let svc = RaftServiceServer::new(Service { core })
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
@@ -259,16 +261,33 @@ pub(crate) async fn serve(
         Some(extra) => extra.add_service(svc),
         None => tonic::service::Routes::new(svc),
     };
-    tonic::transport::Server::builder()
+    let server = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
-        .add_routes(routes)
+        .add_routes(routes);
+    match tls {
+        // Mutual TLS: our own acceptor, so that refused peers are logged and counted.
+        Some(cfg) => {
+            let (rx, accept) = crate::network::tls::incoming(listener, cfg, refused);
+            let r = server
+                .serve_with_incoming_shutdown(
+                    tokio_stream::wrappers::ReceiverStream::new(rx),
+                    shutdown,
+                )
+                .await;
+            accept.abort();
+            r
+        }
         // `serve_with_incoming*` ignores the builder's TCP settings: set them on the incoming
         // stream. Without TCP_NODELAY an append's answer can wait for the peer's delayed ACK
         // (40 ms on Linux) — that was the commit latency tail.
-        .serve_with_incoming_shutdown(
-            TcpIncoming::from(listener).with_nodelay(Some(true)),
-            shutdown,
-        )
-        .await
+        None => {
+            server
+                .serve_with_incoming_shutdown(
+                    TcpIncoming::from(listener).with_nodelay(Some(true)),
+                    shutdown,
+                )
+                .await
+        }
+    }
 }
