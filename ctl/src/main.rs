@@ -22,6 +22,11 @@ struct Cli {
         global = true
     )]
     endpoint: String,
+    /// CA certificate(s) (PEM) to trust for an `https://` endpoint whose certificate a private
+    /// CA signed (e.g. `ca.pem` of `hangarctl cluster gen-certs`). Without it only the
+    /// system's roots are trusted.
+    #[arg(long, env = "HANGAR_CA_FILE", global = true, value_name = "PEM")]
+    ca_file: Option<std::path::PathBuf>,
     /// Output format.
     #[arg(long, value_enum, default_value_t = Output::Table, global = true)]
     output: Output,
@@ -170,19 +175,107 @@ struct Client {
     http: reqwest::Client,
     base: String,
     api_key: Option<String>,
+    /// A CA file was given (`--ca-file`).
+    private_ca: bool,
+}
+
+/// TLS trusting only the CA certificates in `file` (ring provider, ALPN h2 and http/1.1).
+fn tls_trusting(file: &std::path::Path) -> anyhow::Result<rustls::ClientConfig> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let pem = std::fs::read(file)
+        .with_context(|| format!("--ca-file: cannot read {}", file.display()))?;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(&pem) {
+        let cert = cert.with_context(|| {
+            format!(
+                "--ca-file: {} is not a PEM certificate file",
+                file.display()
+            )
+        })?;
+        roots
+            .add(cert)
+            .with_context(|| format!("--ca-file: unusable CA certificate in {}", file.display()))?;
+    }
+    if roots.is_empty() {
+        bail!("--ca-file: {} holds no PEM certificate", file.display());
+    }
+    let mut tls = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .context("TLS versions")?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(tls)
+}
+
+/// Whether a request failed because the server's certificate is not trusted.
+fn untrusted_certificate(e: &reqwest::Error) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        let tls = err.downcast_ref::<rustls::Error>().or_else(|| {
+            err.downcast_ref::<std::io::Error>()
+                .and_then(std::io::Error::get_ref)
+                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        });
+        // Some layers box the I/O error, hiding its type: rustls's message then tells.
+        if matches!(tls, Some(rustls::Error::InvalidCertificate(_)))
+            || err.to_string().contains("invalid peer certificate")
+        {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
 }
 
 impl Client {
-    fn new(endpoint: &str, api_key: Option<String>) -> anyhow::Result<Self> {
-        let http = reqwest::Client::builder()
-            .timeout(std::time::Duration::from_secs(120))
-            .build()
-            .context("building the HTTP client")?;
+    fn new(
+        endpoint: &str,
+        api_key: Option<String>,
+        ca_file: Option<&std::path::Path>,
+    ) -> anyhow::Result<Self> {
+        let mut http = reqwest::Client::builder().timeout(std::time::Duration::from_secs(120));
+        if let Some(f) = ca_file {
+            http = http.tls_backend_preconfigured(tls_trusting(f)?);
+        }
+        let http = http.build().context("building the HTTP client")?;
         Ok(Client {
             http,
             base: endpoint.trim_end_matches('/').to_owned(),
             api_key,
+            private_ca: ca_file.is_some(),
         })
+    }
+
+    /// The error of a request that got no answer, saying what to do.
+    fn unreachable(&self, e: reqwest::Error) -> anyhow::Error {
+        let what = if self.base.starts_with("https://") && untrusted_certificate(&e) {
+            if self.private_ca {
+                format!(
+                    "cannot reach Hangar at {}: its TLS certificate was not signed by the CA in --ca-file (or does not name this host)",
+                    self.base
+                )
+            } else {
+                format!(
+                    "cannot reach Hangar at {}: its TLS certificate is not trusted; pass --ca-file CA.pem (or set HANGAR_CA_FILE) with the CA that signed it",
+                    self.base
+                )
+            }
+        } else if self.base.starts_with("http://") {
+            format!(
+                "cannot reach Hangar at {} (is the node running? set --endpoint; a node with server.tls serves https://)",
+                self.base
+            )
+        } else {
+            format!(
+                "cannot reach Hangar at {} (is the node running? set --endpoint)",
+                self.base
+            )
+        };
+        anyhow::Error::new(e).context(what)
     }
 
     async fn send(
@@ -213,12 +306,7 @@ impl Client {
         if let Some((content_type, b)) = body {
             req = req.header("Content-Type", content_type).body(b);
         }
-        let resp = req.send().await.with_context(|| {
-            format!(
-                "cannot reach Hangar at {} (is the node running? set --endpoint)",
-                self.base
-            )
-        })?;
+        let resp = req.send().await.map_err(|e| self.unreachable(e))?;
         let status = resp.status();
         let text = resp.text().await.context("reading the response")?;
         let v: Value = serde_json::from_str(&text).unwrap_or(Value::String(text.clone()));
@@ -280,7 +368,7 @@ impl Client {
             .body(body.to_string())
             .send()
             .await
-            .with_context(|| format!("cannot reach Hangar at {}", self.base))?;
+            .map_err(|e| self.unreachable(e))?;
         let text = resp.text().await.context("reading the MCP answer")?;
         let v: Value = serde_json::from_str(&text).context("the MCP answer is not JSON")?;
         if let Some(e) = v.get("error") {
@@ -357,7 +445,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let api_key = std::env::var("HANGAR_API_KEY")
         .ok()
         .filter(|k| !k.trim().is_empty());
-    let c = Client::new(&cli.endpoint, api_key)?;
+    let c = Client::new(&cli.endpoint, api_key, cli.ca_file.as_deref())?;
     let out = cli.output;
     match cli.command {
         Cmd::Servers { cmd } => match cmd {

@@ -34,7 +34,7 @@ pub enum ClusterCmd {
         /// Its Raft address (host:port).
         #[arg(long)]
         raft_addr: String,
-        /// Its HTTP API address (host:port).
+        /// Its API address: host:port, or https://host:port for a node with server.tls.
         #[arg(long)]
         api_addr: String,
     },

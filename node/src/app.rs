@@ -13,11 +13,12 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::{self, ApiState};
-use crate::cluster::{Cluster, ClusterError, StartError};
+use crate::cluster::{Cluster, ClusterError, PeerHttp, StartError};
 use crate::config::{
     BoxFuture, Config, ConfigError, ReloadTarget, Reloader, Requester, TargetError,
 };
 use crate::gateway::http::{self as front, FrontDoor, HostGuard};
+use crate::gateway::tls::{self as front_tls, Https};
 use crate::gateway::{Gateway, GatewayConfig};
 use crate::runtime::Runtime;
 use crate::telemetry::Metrics;
@@ -67,6 +68,8 @@ struct ReloadWiring {
     auth: Arc<crate::auth::Auth>,
     /// The listener is on loopback (or `--unsafe-no-auth`): a reload may turn auth off.
     auth_may_be_off: bool,
+    /// The listener's HTTPS side (`server.tls`), when it serves HTTPS.
+    https: Option<Arc<Https>>,
 }
 
 impl ReloadTarget for ReloadWiring {
@@ -96,6 +99,16 @@ impl ReloadTarget for ReloadWiring {
             tracing::error!(
                 "config_reload_kept_auth_on: this node listens on a non-loopback address; turning auth off needs a restart with --unsafe-no-auth"
             );
+        }
+        match (&self.https, &cfg.server.tls) {
+            (Some(h), Some(tls)) => h.set_settings(tls),
+            (Some(_), None) => tracing::error!(
+                "config_reload_kept_https: turning server.tls off needs a restart; the listener keeps serving HTTPS"
+            ),
+            (None, Some(_)) => tracing::error!(
+                "config_reload_https_needs_restart: server.tls was added; the listener serves plain HTTP until the node restarts"
+            ),
+            (None, None) => {}
         }
     }
 
@@ -208,7 +221,18 @@ impl Node {
                 .map_err(io("reading the listener's address"))?,
             None => SocketAddr::from(([127, 0, 0, 1], 0)),
         };
-        let cluster = Cluster::start(cfg.cluster.clone(), api_addr, shutdown.clone()).await?;
+        // HTTPS material before anything else starts: a bad file refuses start-up.
+        let tls_problem = |p| NodeError::Config(ConfigError::Invalid { problems: vec![p] });
+        let https = match (&listener, &cfg.server.tls) {
+            (Some(_), Some(tls)) => Some(Https::load(tls).map_err(tls_problem)?),
+            _ => None,
+        };
+        let peer = PeerHttp {
+            https: https.is_some(),
+            tls: front_tls::peer_client_config(&cfg, https.as_ref().map(|h| h.identity()))
+                .map_err(tls_problem)?,
+        };
+        let cluster = Cluster::start(cfg.cluster.clone(), api_addr, peer, shutdown.clone()).await?;
         cluster.set_peer_key(cfg.auth.api_key.bootstrap_key.clone());
         cluster.boot().await?;
         let metrics = Arc::new(Metrics::new());
@@ -232,6 +256,7 @@ impl Node {
                 cluster: cluster.clone(),
                 auth: auth.clone(),
                 auth_may_be_off: api_addr.ip().is_loopback() || opts.unsafe_no_auth,
+                https: https.clone(),
             }),
         ));
         gateway.set_reloader(reloader.clone());
@@ -268,19 +293,38 @@ impl Node {
                 ))
                 .layer(axum::middleware::from_fn_with_state(guard, front::guard));
             let token = shutdown.clone();
-            let task = tokio::spawn(async move {
-                // Answers are small and written whole: no Nagle delay on them.
-                let listener = listener.tap_io(|tcp| {
-                    let _ = tcp.set_nodelay(true);
-                });
-                axum::serve(
-                    listener,
-                    app.into_make_service_with_connect_info::<SocketAddr>(),
-                )
-                .with_graceful_shutdown(async move { token.cancelled().await })
-                .await
-            });
-            tracing::info!(addr = %bound, node_id = %node_name, "http_server_started");
+            let task = match &https {
+                Some(h) => {
+                    let failures = runtime.metrics().http_tls_handshake_failures.clone();
+                    let listener = front_tls::listen(listener, h.clone(), failures)
+                        .map_err(io("reading the listener's address"))?;
+                    h.clone().watch(shutdown.clone());
+                    tokio::spawn(async move {
+                        // `tap_io` only to have `ConnectInfo<SocketAddr>` (axum implements it
+                        // for tapped listeners of any address type).
+                        axum::serve(
+                            listener.tap_io(|_| {}),
+                            app.into_make_service_with_connect_info::<SocketAddr>(),
+                        )
+                        .with_graceful_shutdown(async move { token.cancelled().await })
+                        .await
+                    })
+                }
+                None => tokio::spawn(async move {
+                    // Answers are small and written whole: no Nagle delay on them.
+                    let listener = listener.tap_io(|tcp| {
+                        let _ = tcp.set_nodelay(true);
+                    });
+                    axum::serve(
+                        listener,
+                        app.into_make_service_with_connect_info::<SocketAddr>(),
+                    )
+                    .with_graceful_shutdown(async move { token.cancelled().await })
+                    .await
+                }),
+            };
+            let scheme = if https.is_some() { "https" } else { "http" };
+            tracing::info!(addr = %bound, scheme, node_id = %node_name, "http_server_started");
             http = Some((bound, task));
         }
         let file = opts.config_path.as_ref().and(
@@ -302,7 +346,7 @@ impl Node {
         }
         crate::supervisor::spawn(runtime.clone(), shutdown.clone());
         if let (Some(path), Some((bound, _))) = (&opts.ready_file, &http) {
-            write_ready_file(path, *bound, cluster.raft().local_addr())?;
+            write_ready_file(path, *bound, https.is_some(), cluster.raft().local_addr())?;
         }
         // auto_start: servers that ask for it, and members of groups that do, among those
         // this node hosts (the others start where the leader places them).
@@ -373,9 +417,12 @@ impl Node {
 fn write_ready_file(
     path: &std::path::Path,
     addr: SocketAddr,
+    https: bool,
     raft_addr: SocketAddr,
 ) -> Result<(), NodeError> {
-    let body = serde_json::json!({ "http_addr": addr.to_string(), "raft_addr": raft_addr.to_string(),
+    let scheme = if https { "https" } else { "http" };
+    let body = serde_json::json!({ "http_addr": addr.to_string(), "https": https,
+        "url": format!("{scheme}://{addr}"), "raft_addr": raft_addr.to_string(),
         "pid": std::process::id() });
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, body.to_string()).map_err(io(format!("writing {}", tmp.display())))?;

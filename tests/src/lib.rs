@@ -227,6 +227,17 @@ impl Node {
         format!("{}{}", self.base, path)
     }
 
+    /// The base URL the node wrote in its ready file (`url`): `https://127.0.0.1:PORT` when it
+    /// serves HTTPS (`server.tls`); [`Node::base`] is always the `http://` form of `http_addr`.
+    pub fn ready_url(&self) -> String {
+        let text = std::fs::read_to_string(self.dir.path().join("ready.json")).unwrap();
+        let v: Value = serde_json::from_str(&text).unwrap();
+        v["url"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no url in the ready file: {text}"))
+            .to_owned()
+    }
+
     /// Rewrite the config file (for reload tests).
     pub fn write_config(&self, yaml: &str) {
         let tmp = self.config_path.with_extension("tmp");

@@ -244,14 +244,25 @@ pub(super) async fn me(
         Some(crate::auth::Principal::Bootstrap { key_id }) => {
             ("admin".to_owned(), Some(key_id.clone()))
         }
+        Some(crate::auth::Principal::Jwt { subject, .. }) => (subject.clone(), None),
         _ => ("anonymous".to_owned(), None),
     };
     let (roles, permissions) = grants
         .map(|g| (g.roles.clone(), g.permissions.clone()))
         .unwrap_or_default();
-    Ok(axum::Json(
-        json!({"principal_id": name, "key_id": key_id, "roles": roles,
-        "permissions": permissions, "auth_enabled": auth_enabled}),
-    )
-    .into_response())
+    let mut body = json!({"principal_id": name, "key_id": key_id, "roles": roles,
+        "permissions": permissions, "auth_enabled": auth_enabled});
+    if let Some(crate::auth::Principal::Jwt {
+        issuer,
+        tenant,
+        groups,
+        ..
+    }) = principal.as_deref()
+    {
+        body["auth_method"] = json!("jwt");
+        body["issuer"] = json!(issuer);
+        body["tenant"] = json!(tenant);
+        body["groups"] = json!(groups);
+    }
+    Ok(axum::Json(body).into_response())
 }

@@ -15,10 +15,14 @@
 //! permission, a forbidden `tools/call` is a JSON-RPC error naming it (the upstream never
 //! sees the call), and `tools/list` is empty for a caller who may not call tools.
 //!
+//! Bearer JWTs from trusted issuers ([`jwt`], `auth.jwt` or MCP Hangar's `auth.oidc`):
+//! `Authorization: Bearer <token>` with a token that is not an API key. The subject's roles
+//! come from the same replicated assignments as an API key principal's, plus those of its
+//! groups (`group:<name>` assignments, and the issuer's `group_roles`).
+//!
 //! A source address that keeps failing is locked out for a while ([`lockout`]).
 //!
-//! Not yet: JWT/OIDC, role scopes other than global (refused by config validation until they
-//! exist).
+//! Not yet: role scopes other than global (refused by config validation until they exist).
 
 use std::sync::Arc;
 
@@ -31,6 +35,7 @@ use parking_lot::RwLock;
 
 use crate::config::AuthConfig;
 
+pub mod jwt;
 pub mod lockout;
 pub mod policy;
 pub mod rbac;
@@ -59,6 +64,17 @@ pub enum Principal {
         /// Its id once registered.
         key_id: String,
     },
+    /// A verified bearer JWT.
+    Jwt {
+        /// Its subject claim: the principal id role assignments name.
+        subject: String,
+        /// Its issuer (`iss`).
+        issuer: String,
+        /// Its tenant claim (rate limits).
+        tenant: Option<String>,
+        /// Its groups claim (roles through `group_roles` and `group:<name>` assignments).
+        groups: Vec<String>,
+    },
 }
 
 impl Principal {
@@ -68,6 +84,7 @@ impl Principal {
             Principal::Anonymous => "anonymous",
             Principal::ApiKey { principal, .. } => principal,
             Principal::Bootstrap { .. } => "admin",
+            Principal::Jwt { subject, .. } => subject,
         }
     }
 }
@@ -77,11 +94,14 @@ impl Principal {
 pub enum AuthError {
     /// Nothing was sent.
     #[error(
-        "No valid credentials provided: send an API key in the {header} header (or Authorization: Bearer mcp_…)"
+        "No valid credentials provided: send an API key in the {header} header (or Authorization: Bearer mcp_…){}",
+        jwt_hint(.jwt)
     )]
     Missing {
         /// The configured header.
         header: String,
+        /// Bearer JWTs are accepted too.
+        jwt: bool,
     },
     /// Not an API key at all.
     #[error("Invalid API key format: keys start with mcp_ and are at most 256 characters")]
@@ -101,6 +121,18 @@ pub enum AuthError {
         /// Key id.
         key_id: String,
     },
+    /// A bearer JWT that does not verify.
+    #[error("Invalid bearer token: {0}")]
+    Jwt(#[from] jwt::JwtError),
+}
+
+/// The end of [`AuthError::Missing`]'s message when JWTs are accepted.
+fn jwt_hint(jwt: &bool) -> &'static str {
+    if *jwt {
+        ", or a JWT as Authorization: Bearer <token>"
+    } else {
+        ""
+    }
 }
 
 /// Where API keys are looked up (the cluster's replicated state).
@@ -127,6 +159,8 @@ pub trait KeyStore: Send + Sync + 'static {
 /// Authentication settings and the key store, shared by every request.
 pub struct Auth {
     cfg: RwLock<AuthConfig>,
+    /// The verifier of `cfg.jwt` (rebuilt when that changes).
+    jwt: RwLock<Option<Arc<jwt::Jwt>>>,
     keys: Arc<dyn KeyStore>,
     lockout: lockout::Lockout,
     /// Keys found and grants computed at one [`KeyStore::version`]: the hot path does no
@@ -162,8 +196,13 @@ impl Cache {
 impl Auth {
     /// Authenticate against `keys` with `cfg`.
     pub fn new(cfg: AuthConfig, keys: Arc<dyn KeyStore>) -> Arc<Self> {
+        let verifier = cfg.jwt.as_ref().map(jwt::Jwt::new);
+        if let Some(v) = &verifier {
+            v.start();
+        }
         Arc::new(Auth {
             cfg: RwLock::new(cfg),
+            jwt: RwLock::new(verifier),
             keys,
             lockout: lockout::Lockout::default(),
             cache: parking_lot::Mutex::new(Cache::default()),
@@ -172,7 +211,24 @@ impl Auth {
 
     /// New settings (config reload).
     pub fn set_config(&self, cfg: AuthConfig) {
+        // One lock at a time (`authenticate` holds `cfg` while it reads `jwt`).
+        let changed = self.jwt().as_ref().map(|v| v.config()) != cfg.jwt.as_ref();
+        if changed {
+            // A new verifier fetches its keys afresh; the old one's fetch tasks stop with it.
+            let verifier = cfg.jwt.as_ref().map(jwt::Jwt::new);
+            if let Some(v) = &verifier {
+                v.start();
+            }
+            *self.jwt.write() = verifier;
+            // Grants of JWT principals depend on the issuers' `group_roles`.
+            *self.cache.lock() = Cache::default();
+        }
         *self.cfg.write() = cfg;
+    }
+
+    /// The JWT verifier, when `auth.jwt` is configured.
+    fn jwt(&self) -> Option<Arc<jwt::Jwt>> {
+        self.jwt.read().clone()
     }
 
     /// What `p` may do.
@@ -195,6 +251,35 @@ impl Auth {
                     .at(version)
                     .grants
                     .insert(principal.clone(), g.clone());
+                g
+            }
+            Principal::Jwt {
+                subject,
+                issuer,
+                groups,
+                ..
+            } => {
+                let version = self.keys.version();
+                // Not a principal name an API key can have (those hold no NUL).
+                let cache_key = format!("\0jwt\0{issuer}\0{subject}\0{}", groups.join("\0"));
+                if let Some(g) = self.cache.lock().at(version).grants.get(&cache_key) {
+                    return g.clone();
+                }
+                let (mut roles, mut custom) = self.keys.roles_of(subject);
+                for group in groups {
+                    let (r, c) = self.keys.roles_of(&format!("group:{group}"));
+                    roles.extend(r);
+                    custom.extend(c);
+                }
+                if let Some(v) = self.jwt() {
+                    roles.extend(v.group_roles(issuer, groups));
+                }
+                let g = Arc::new(Grants::of(&roles, &custom));
+                self.cache
+                    .lock()
+                    .at(version)
+                    .grants
+                    .insert(cache_key, g.clone());
                 g
             }
         }
@@ -226,6 +311,24 @@ impl Auth {
         if !cfg.enabled {
             return Ok(Principal::Anonymous);
         }
+        let verifier = self.jwt();
+        // A bearer token that is not an API key is a JWT, when JWTs are accepted (with API
+        // keys off, any bearer token is).
+        if let Some(v) = &verifier
+            && let Some(token) = bearer(headers).filter(|t| {
+                !(cfg.api_key.enabled
+                    && (t.starts_with("mcp_") || headers.contains_key(&cfg.api_key.header_name)))
+            })
+        {
+            let now_s = now_ms as f64 / 1000.0;
+            let id = v.verify(token, now_s)?;
+            return Ok(Principal::Jwt {
+                subject: id.subject,
+                issuer: id.issuer,
+                tenant: id.tenant,
+                groups: id.groups,
+            });
+        }
         let sent = cfg
             .api_key
             .enabled
@@ -237,6 +340,7 @@ impl Auth {
             } else {
                 Err(AuthError::Missing {
                     header: cfg.api_key.header_name.clone(),
+                    jwt: verifier.is_some(),
                 })
             };
         };
@@ -286,6 +390,11 @@ fn credential<'a>(headers: &'a HeaderMap, header_name: &str) -> Option<&'a str> 
     if let Some(v) = headers.get(header_name) {
         return v.to_str().ok().map(str::trim).filter(|s| !s.is_empty());
     }
+    bearer(headers)
+}
+
+/// The token of `Authorization: Bearer …`.
+fn bearer(headers: &HeaderMap) -> Option<&str> {
     let auth = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
     let (scheme, token) = auth.trim().split_once(' ')?;
     scheme
@@ -327,6 +436,13 @@ pub async fn middleware(State(auth): State<Arc<Auth>>, mut req: Request, next: N
     if verdict == Err(AuthError::Unknown) && auth.keys.catch_up().await {
         // A key created through another node works here as soon as its write was
         // acknowledged, even if this node had not applied it yet.
+        verdict = auth.authenticate(req.headers(), now_ms);
+    }
+    if let Err(AuthError::Jwt(jwt::JwtError::UnknownKey { issuer, .. })) = &verdict
+        && let Some(v) = auth.jwt()
+        && v.refetch(issuer).await
+    {
+        // The issuer may have rotated its keys: one (rate-limited) JWKS refetch, then again.
         verdict = auth.authenticate(req.headers(), now_ms);
     }
     if let Some(ip) = source {
@@ -407,9 +523,18 @@ fn api_error(
         .into_response()
 }
 
-/// The 401 answer.
+/// The 401 answer (a refused JWT: `Bearer error="invalid_token"`, RFC 6750, and the reason's
+/// code in `details.reason`).
 fn unauthorized(e: &AuthError) -> Response {
-    unauthorized_with(e.to_string(), serde_json::Value::Null)
+    let AuthError::Jwt(j) = e else {
+        return unauthorized_with(e.to_string(), serde_json::Value::Null);
+    };
+    let mut r = unauthorized_with(e.to_string(), serde_json::json!({"reason": j.code()}));
+    r.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        HeaderValue::from_static("Bearer error=\"invalid_token\", ApiKey"),
+    );
+    r
 }
 
 /// A 401 with MCP Hangar's flat body and `WWW-Authenticate`.

@@ -277,6 +277,28 @@ pub enum MemberEdit {
     },
 }
 
+/// How this node's REST API is reached, and how it reaches the other members' (join,
+/// status).
+#[derive(Debug, Default)]
+pub struct PeerHttp {
+    /// This node serves HTTPS (`server.tls`): its advertised API address is `https://…`
+    /// (unless `cluster.api_advertise_addr` names a scheme itself).
+    pub https: bool,
+    /// TLS of calls to members' HTTPS API (trusted CA, this node's client certificate);
+    /// `None`: the system's roots.
+    pub tls: Option<rustls::ClientConfig>,
+}
+
+/// The base URL of a member's API address: `host:port` is plain HTTP, an address with a
+/// scheme (`https://host:port`, what a member with `server.tls` advertises) is taken as is.
+pub fn api_url(api_addr: &str) -> String {
+    if api_addr.starts_with("http://") || api_addr.starts_with("https://") {
+        api_addr.trim_end_matches('/').to_owned()
+    } else {
+        format!("http://{api_addr}")
+    }
+}
+
 /// This node in the cluster.
 pub struct Cluster {
     raft: RaftHandle,
@@ -315,6 +337,7 @@ impl Cluster {
     pub async fn start(
         cfg: ClusterConfig,
         api_addr: SocketAddr,
+        peer: PeerHttp,
         shutdown: CancellationToken,
     ) -> Result<Arc<Cluster>, StartError> {
         let raft_addr: SocketAddr = cfg
@@ -325,10 +348,13 @@ impl Cluster {
             dir: cfg.data_dir.clone(),
             source,
         })?;
-        let api_addr = cfg
+        let mut api_addr = cfg
             .api_advertise_addr
             .clone()
             .unwrap_or_else(|| api_addr.to_string());
+        if peer.https && !api_addr.contains("://") {
+            api_addr = format!("https://{api_addr}");
+        }
         let mut rc = RaftConfig::new(cfg.node_id, raft_addr, cfg.data_dir.join("raft"));
         rc.advertise_addr = cfg.advertise_addr.clone().unwrap_or_default();
         rc.api_addr = api_addr.clone();
@@ -372,10 +398,11 @@ impl Cluster {
         quotas.attach(raft.clone());
         tracing::info!(node_id = cfg.node_id, raft_addr = %raft.local_addr(), data_dir = %cfg.data_dir.display(), "raft_started");
         let (applied_version, _) = watch::channel(0);
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(30))
-            .build()
-            .map_err(StartError::HttpClient)?;
+        let mut http = reqwest::Client::builder().timeout(Duration::from_secs(30));
+        if let Some(tls) = peer.tls {
+            http = http.tls_backend_preconfigured(tls);
+        }
+        let http = http.build().map_err(StartError::HttpClient)?;
         Ok(Arc::new(Cluster {
             raft,
             node_name: cfg.node_id.to_string(),
@@ -495,7 +522,15 @@ impl Cluster {
         if id == self.node_id() {
             return Some(self.local_report());
         }
-        let url = format!("http://{}/api/cluster/status?local=true", info.api_addr);
+        // The membership's address, with the scheme the member registered last (it may have
+        // turned HTTPS on or off since it joined).
+        let bare = |a: &str| api_url(a).split_once("://").map(|(_, r)| r.to_owned());
+        let addr = self
+            .raft
+            .read(|st| st.nodes.get(&id).map(|n| n.api_addr.clone()))
+            .filter(|r| bare(r) == bare(&info.api_addr))
+            .unwrap_or_else(|| info.api_addr.clone());
+        let url = format!("{}/api/cluster/status?local=true", api_url(&addr));
         let r = self
             .with_peer_key(self.http.get(&url))
             .timeout(within)

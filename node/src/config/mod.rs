@@ -7,22 +7,29 @@
 mod cluster;
 mod diff;
 mod error;
+mod jwt;
 mod load;
 mod lower;
 mod reader;
 mod reload;
+mod server_tls;
 mod spec;
 mod validate;
 
 pub use cluster::{ClusterConfig, ClusterOverrides, ClusterTls, NODE_SERVER_NAME, PeerSpec};
 pub use diff::{ConfigDiff, diff};
 pub use error::{ConfigError, Problem, Problems};
+pub use jwt::{
+    JwtConfig, JwtIssuer, JwtPublicKey, is_loopback as is_loopback_url,
+    public_key as jwt_public_key,
+};
 pub use load::{load_file, load_str, servers_from_raw, sha256_hex, validate_server};
 pub use lower::transport_spec;
 pub use reload::{
     BoxFuture, ReloadError, ReloadReport, ReloadStatus, ReloadTarget, Reloader, Requester,
     TargetError,
 };
+pub use server_tls::{ServerTls, TlsMinVersion, certified_key, read_certs, read_roots};
 pub use spec::*;
 
 #[cfg(test)]

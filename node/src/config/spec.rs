@@ -381,6 +381,8 @@ pub struct ServerConfig {
     pub allowed_origins: Vec<String>,
     /// Deadline of one forwarded request.
     pub request_timeout: Duration,
+    /// HTTPS at the listener (`server.tls`); `None`: plain HTTP.
+    pub tls: Option<super::ServerTls>,
 }
 
 /// `auth:` — who may call `/api` and `/mcp`.
@@ -394,6 +396,8 @@ pub struct AuthConfig {
     pub api_key: ApiKeyConfig,
     /// Failed-attempt lockout per source address.
     pub rate_limit: AuthLockout,
+    /// Bearer JWTs from trusted issuers (`auth.jwt`, or MCP Hangar's `auth.oidc`).
+    pub jwt: Option<super::JwtConfig>,
 }
 
 /// `auth.rate_limit`: failed-attempt lockout.

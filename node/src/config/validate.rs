@@ -178,6 +178,7 @@ pub(super) fn build(doc: &Value, p: &ProblemSink, allow_missing_servers: bool) -
                     0.1,
                     86_400.0,
                 )),
+                tls: o.obj("tls").map(|t| super::server_tls::parse(&t, p)),
             };
             o.finish();
             c
@@ -350,6 +351,7 @@ fn default_server() -> ServerConfig {
         allowed_hosts: default_hosts(),
         allowed_origins: Vec::new(),
         request_timeout: Duration::from_secs(60),
+        tls: None,
     }
 }
 
@@ -774,24 +776,35 @@ pub(super) fn server_spec(v: &Value, path: &str, p: &ProblemSink) -> Option<Serv
     spec
 }
 
-/// `auth:`: API keys and the failed-attempt lockout; JWT/OIDC, OPA and role assignments in
-/// the file are refused with a clear error until they exist.
+/// `auth:`: API keys, bearer JWTs (`jwt`, or MCP Hangar's `oidc`: see [`super::jwt`]) and the
+/// failed-attempt lockout; OPA and role assignments in the file are refused with a clear
+/// error until they exist.
 fn auth(o: &Obj<'_>) -> AuthConfig {
     for (key, what) in [
-        ("oidc", "OIDC / JWT authentication"),
-        ("jwt", "JWT authentication"),
         ("opa", "OPA authorization"),
         ("role_assignments", "role assignments"),
     ] {
         if o.has(key) {
             o.p.push(
                 &o.at(key),
-                format!("{what} is not supported by this Hangar version yet; remove `{key}` (API keys work: auth.api_key)"),
+                format!("{what} is not supported by this Hangar version yet; remove `{key}` (API keys work: auth.api_key; JWTs: auth.jwt)"),
             );
         }
     }
     // Keys live in the cluster's replicated state whatever MCP Hangar's `storage` says.
-    o.allow(&["oidc", "jwt", "opa", "role_assignments", "storage"]);
+    o.allow(&["opa", "role_assignments", "storage"]);
+    if o.has("jwt") && o.has("oidc") {
+        o.p.push(
+            &o.at("oidc"),
+            "auth.jwt is set too: they are the same setting (oidc is MCP Hangar's name); keep one",
+        );
+    }
+    let jwt = o
+        .obj("jwt")
+        .and_then(|j| super::jwt::parse(&j, super::jwt::Section::Jwt));
+    let oidc = o
+        .obj("oidc")
+        .and_then(|j| super::jwt::parse(&j, super::jwt::Section::Oidc));
     let rate_limit = match o.obj("rate_limit") {
         Some(r) => {
             let d = AuthLockout::default();
@@ -845,11 +858,12 @@ fn auth(o: &Obj<'_>) -> AuthConfig {
         allow_anonymous: o.bool("allow_anonymous", false),
         api_key,
         rate_limit,
+        jwt: jwt.or(oidc),
     };
-    if c.enabled && !c.api_key.enabled && !c.allow_anonymous {
+    if c.enabled && !c.api_key.enabled && c.jwt.is_none() && !c.allow_anonymous {
         o.p.push(
             &o.path_str(),
-            "auth is enabled but no authenticator is: enable auth.api_key (JWT is not supported yet) or allow_anonymous",
+            "auth is enabled but no authenticator is: enable auth.api_key or auth.jwt, or allow_anonymous",
         );
     }
     o.finish();

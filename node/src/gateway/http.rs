@@ -565,7 +565,17 @@ impl HostGuard {
 
     /// Whether a request with these headers may proceed; `Err` says why not.
     pub fn check(&self, headers: &HeaderMap) -> Result<(), GuardRefusal> {
-        let host = header_str(headers, "host").unwrap_or("");
+        self.check_with_authority(headers, None)
+    }
+
+    /// [`check`](Self::check), the host taken from `authority` (the request URI's) when there
+    /// is no `Host` header: HTTP/2 carries the host in `:authority` (negotiated over TLS).
+    pub fn check_with_authority(
+        &self,
+        headers: &HeaderMap,
+        authority: Option<&str>,
+    ) -> Result<(), GuardRefusal> {
+        let host = header_str(headers, "host").or(authority).unwrap_or("");
         if self.enforce_hosts && !self.host_allowed(host) {
             return Err(GuardRefusal::Host(host.to_owned()));
         }
@@ -621,7 +631,8 @@ pub async fn guard(State(g): State<Arc<HostGuard>>, req: Request, next: Next) ->
     if path.starts_with("/health/") || path == "/metrics" {
         return next.run(req).await;
     }
-    if let Err(why) = g.check(req.headers()) {
+    let authority = req.uri().authority().map(|a| a.as_str());
+    if let Err(why) = g.check_with_authority(req.headers(), authority) {
         let path = req.uri().path();
         let status = if matches!(why, GuardRefusal::Origin(_) | GuardRefusal::NullOrigin) {
             StatusCode::FORBIDDEN
@@ -678,5 +689,20 @@ mod tests {
         assert!(g.check(&headers("evil.com", None)).is_err());
         let open = HostGuard::new("0.0.0.0:8000".parse().unwrap(), &[], &[]);
         assert!(open.check(&headers("anything", None)).is_ok());
+    }
+
+    #[test]
+    fn http2_authority_stands_for_a_missing_host_header() {
+        let g = HostGuard::new("127.0.0.1:8000".parse().unwrap(), &[], &[]);
+        let none = HeaderMap::new();
+        assert!(
+            g.check_with_authority(&none, Some("127.0.0.1:8000"))
+                .is_ok()
+        );
+        assert!(g.check_with_authority(&none, Some("evil.com")).is_err());
+        assert!(g.check_with_authority(&none, None).is_err());
+        // A Host header wins over the authority.
+        let h = headers("evil.com", None);
+        assert!(g.check_with_authority(&h, Some("localhost")).is_err());
     }
 }

@@ -12,6 +12,7 @@ pub mod management;
 pub mod naming;
 pub mod protocol;
 pub mod stdio;
+pub mod tls;
 
 use std::collections::HashMap;
 use std::sync::Arc;

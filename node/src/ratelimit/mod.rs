@@ -51,7 +51,8 @@ const SHARDS: usize = 32;
 /// Who is calling, as the rate limits see it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Caller {
-    /// The API key id; `ip:<address>` for an unauthenticated caller.
+    /// The API key id; `jwt:<issuer>|<subject>` for a bearer JWT; `ip:<address>` for an
+    /// unauthenticated caller.
     pub principal: String,
     /// No credentials.
     pub anonymous: bool,
@@ -77,6 +78,16 @@ impl Caller {
                 principal: key_id.clone(),
                 anonymous: false,
                 tenant: String::new(),
+            },
+            Some(Principal::Jwt {
+                subject,
+                issuer,
+                tenant,
+                ..
+            }) => Caller {
+                principal: format!("jwt:{issuer}|{subject}"),
+                anonymous: false,
+                tenant: tenant.clone().unwrap_or_default(),
             },
             _ => Caller {
                 principal: source.map_or_else(|| "ip:unknown".to_owned(), |ip| format!("ip:{ip}")),
@@ -950,6 +961,19 @@ mod tests {
         // Another key of the same tenant: the same bucket, now empty.
         assert!(l.check(&key("k2", "acme"), ECHO).is_err());
         assert!(l.check(&key("k3", "globex"), ECHO).is_ok());
+        // A JWT caller: keyed by issuer and subject, with its tenant.
+        let jwt = Caller::of(
+            Some(&crate::auth::Principal::Jwt {
+                subject: "alice".into(),
+                issuer: "https://idp".into(),
+                tenant: Some("acme".into()),
+                groups: Vec::new(),
+            }),
+            None,
+        );
+        assert_eq!(jwt.principal, "jwt:https://idp|alice");
+        assert!(!jwt.anonymous);
+        assert!(l.check(&jwt, ECHO).is_err(), "acme's bucket is empty");
     }
 
     #[test]

@@ -63,6 +63,10 @@ pub struct Metrics {
     /// `hangar_cluster_tls_refused_total`: connections to the Raft listener refused by mutual
     /// TLS (no node certificate of the cluster's CA).
     pub tls_refused: prometheus::IntCounter,
+    /// `hangar_http_tls_handshake_failures_total`: connections to the HTTPS listener
+    /// (`server.tls`) whose TLS handshake failed (plain HTTP, no or an untrusted client
+    /// certificate, a client that does not trust ours, a timeout).
+    pub http_tls_handshake_failures: prometheus::IntCounter,
     /// `hangar_mcp_requests_total{method,status}`: every front-door JSON-RPC request.
     pub front_requests: IntCounterVec,
     /// `mcp_hangar_health_checks_total{mcp_server,result}`.
@@ -253,6 +257,15 @@ impl Metrics {
                 )
                 .unwrap_or_else(|e| panic_metric("tls_refused", &e));
                 register(&r, Box::new(c.clone()), "tls_refused");
+                c
+            },
+            http_tls_handshake_failures: {
+                let c = prometheus::IntCounter::new(
+                    "hangar_http_tls_handshake_failures_total",
+                    "Connections to the HTTPS listener whose TLS handshake failed",
+                )
+                .unwrap_or_else(|e| panic_metric("http_tls_handshake_failures", &e));
+                register(&r, Box::new(c.clone()), "http_tls_handshake_failures");
                 c
             },
             front_requests: counter(

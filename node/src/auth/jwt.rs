@@ -1,0 +1,1528 @@
+//! Bearer JWTs (`auth.jwt`, or MCP Hangar's `auth.oidc`): `Authorization: Bearer <token>`
+//! where the token is not an API key.
+//!
+//! A token is checked locally, in this order, each failure with its own reason ([`JwtError`]):
+//! shape (three base64url parts, at most [`MAX_TOKEN_LEN`] bytes, no `crit` header), the
+//! issuer (the unverified `iss` picks one of the configured issuers, whose keys then have to
+//! verify the signature, so a forged `iss` gains nothing), the algorithm (the issuer's
+//! `algorithms`; `none` and HMAC never), the key (by `kid`), the signature (ring, through
+//! `jsonwebtoken`), then the claims ([`check_claims`], a pure function of the claims, the
+//! issuer's settings and the time): `aud`, `exp` (required), `nbf`, `iat` with the leeway,
+//! the lifetime cap, the subject, tenant and groups.
+//!
+//! The claims are checked here rather than by `jsonwebtoken::Validation`: every time claim must
+//! be a JSON number, a wrong type refuses the token (jsonwebtoken 9 skips a time claim of the
+//! wrong type, GHSA-h395-gr6q-cpjc), and each refusal gets a distinct reason.
+//!
+//! Keys: static `public_keys` are parsed once; a `jwks_uri` is fetched by a background task
+//! (at start, then every `jwks_refresh_s`, sooner after a failure) and the decoding keys it
+//! yields are kept per `kid`, so a request never waits on the network, with one exception: a
+//! token whose `kid` no key has triggers one refetch (at most one per issuer every
+//! [`KID_REFETCH_EVERY`]) and its request waits for it at most [`KID_REFETCH_WAIT`] — how a
+//! key rotation at the issuer is picked up without waiting for the next refresh.
+
+use std::collections::{BTreeSet, HashMap};
+use std::str::FromStr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use parking_lot::Mutex;
+use serde_json::{Map, Value};
+use tokio::sync::{Notify, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{JwtConfig, JwtIssuer};
+
+/// Longest bearer token accepted.
+pub const MAX_TOKEN_LEN: usize = 16 * 1024;
+/// At most one refetch for unknown key ids per issuer this often.
+pub const KID_REFETCH_EVERY: Duration = Duration::from_secs(10);
+/// How long a request with an unknown key id waits for that refetch.
+pub const KID_REFETCH_WAIT: Duration = Duration::from_secs(2);
+/// Deadline of one JWKS fetch.
+const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
+/// First retry delay after a failed fetch (doubled per failure, at most the refresh period).
+const RETRY_FIRST: Duration = Duration::from_secs(5);
+/// Largest JWKS document read.
+const MAX_JWKS_BYTES: usize = 1 << 20;
+/// Keys kept from one JWKS.
+const MAX_KEYS: usize = 100;
+/// Keys tried for one token (one without a `kid`, or a `kid` matching several keys).
+const MAX_CANDIDATES: usize = 16;
+/// Groups kept from one token (more can only grant less: groups add roles, never take any).
+const MAX_GROUPS: usize = 1000;
+/// Longest subject, tenant or group name.
+const MAX_NAME_LEN: usize = 512;
+
+/// Who a verified token says the caller is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    /// The subject claim.
+    pub subject: String,
+    /// The issuer (`iss`), as configured.
+    pub issuer: String,
+    /// The tenant claim, if any.
+    pub tenant: Option<String>,
+    /// The groups claim.
+    pub groups: Vec<String>,
+}
+
+/// Why a bearer token is refused. The message never contains the token; the only values it
+/// takes from the token are its `alg` and `kid` (shortened, escaped).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum JwtError {
+    /// Longer than [`MAX_TOKEN_LEN`].
+    #[error("the bearer token is longer than {MAX_TOKEN_LEN} bytes")]
+    TooLong,
+    /// Not three base64url parts of JSON objects.
+    #[error("the bearer token is not a JWT (header.payload.signature, base64url JSON)")]
+    Malformed,
+    /// A header this verifier does not accept.
+    #[error("the token's header is not accepted: {0}")]
+    BadHeader(&'static str),
+    /// `none`, HMAC, or an algorithm the issuer does not allow.
+    #[error("algorithm {alg} is not accepted for this issuer (allowed: {allowed})")]
+    AlgorithmNotAllowed {
+        /// The header's `alg` (shortened).
+        alg: String,
+        /// The issuer's algorithms.
+        allowed: String,
+    },
+    /// No `iss`, or one no configured issuer has.
+    #[error("the token's issuer is not a trusted issuer")]
+    UntrustedIssuer,
+    /// No key of the issuer matches (yet).
+    #[error("no signing key of issuer {issuer} matches the token (kid {kid})")]
+    UnknownKey {
+        /// The configured issuer.
+        issuer: String,
+        /// The header's `kid` (shortened, escaped), or `none`.
+        kid: String,
+    },
+    /// The signature does not verify.
+    #[error("the token's signature does not verify with the keys of issuer {issuer}")]
+    BadSignature {
+        /// The configured issuer.
+        issuer: String,
+    },
+    /// `aud` names none of the accepted audiences.
+    #[error("the token is not meant for this Hangar: its audience is none of {expected:?}")]
+    WrongAudience {
+        /// The accepted audiences.
+        expected: Vec<String>,
+    },
+    /// `exp` is past (beyond the leeway).
+    #[error("the token expired {ago_s} s ago")]
+    Expired {
+        /// Seconds since `exp`.
+        ago_s: u64,
+    },
+    /// `nbf` (or `iat`) is in the future (beyond the leeway).
+    #[error("the token is not valid yet (for another {in_s} s)")]
+    NotYetValid {
+        /// Seconds until it is.
+        in_s: u64,
+    },
+    /// `exp - iat` or `exp - now` exceeds the issuer's maximum.
+    #[error("the token lives {lifetime_s} s, longer than the {max_s} s this issuer's tokens may")]
+    LifetimeTooLong {
+        /// Its lifetime.
+        lifetime_s: u64,
+        /// The maximum.
+        max_s: u64,
+    },
+    /// A required claim is absent (or empty).
+    #[error("the token has no `{claim}` claim")]
+    MissingClaim {
+        /// The claim's name.
+        claim: String,
+    },
+    /// A claim of the wrong type (or too long).
+    #[error("the token's `{claim}` claim is not valid (wrong type or too long)")]
+    InvalidClaim {
+        /// The claim's name.
+        claim: String,
+    },
+    /// The subject is a principal id Hangar reserves (`admin`, `group:…`).
+    #[error(
+        "the token's subject is a reserved principal id (`admin` is the bootstrap key's, `group:…` names group role assignments)"
+    )]
+    ReservedSubject,
+}
+
+impl JwtError {
+    /// A stable code for the reason.
+    pub fn code(&self) -> &'static str {
+        match self {
+            JwtError::TooLong => "too_long",
+            JwtError::Malformed => "malformed",
+            JwtError::BadHeader(_) => "bad_header",
+            JwtError::AlgorithmNotAllowed { .. } => "algorithm_not_allowed",
+            JwtError::UntrustedIssuer => "untrusted_issuer",
+            JwtError::UnknownKey { .. } => "unknown_key",
+            JwtError::BadSignature { .. } => "bad_signature",
+            JwtError::WrongAudience { .. } => "wrong_audience",
+            JwtError::Expired { .. } => "expired",
+            JwtError::NotYetValid { .. } => "not_yet_valid",
+            JwtError::LifetimeTooLong { .. } => "lifetime_too_long",
+            JwtError::MissingClaim { .. } => "missing_claim",
+            JwtError::InvalidClaim { .. } => "invalid_claim",
+            JwtError::ReservedSubject => "reserved_subject",
+        }
+    }
+}
+
+/// Key families (what a key can verify).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Family {
+    Rsa,
+    Ec,
+    Ed,
+}
+
+impl Family {
+    fn of(alg: Algorithm) -> Option<Family> {
+        match alg {
+            Algorithm::RS256
+            | Algorithm::RS384
+            | Algorithm::RS512
+            | Algorithm::PS256
+            | Algorithm::PS384
+            | Algorithm::PS512 => Some(Family::Rsa),
+            Algorithm::ES256 | Algorithm::ES384 => Some(Family::Ec),
+            Algorithm::EdDSA => Some(Family::Ed),
+            Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512 => None,
+        }
+    }
+}
+
+/// One verification key, decoded once.
+struct Key {
+    kid: Option<String>,
+    family: Family,
+    /// The only algorithm it may verify (the JWK's `alg`, or its curve's), if restricted.
+    alg: Option<Algorithm>,
+    key: DecodingKey,
+}
+
+impl Key {
+    fn fits(&self, alg: Algorithm) -> bool {
+        Family::of(alg) == Some(self.family) && self.alg.is_none_or(|a| a == alg)
+    }
+}
+
+/// Keys by `kid`, and those without one.
+#[derive(Default)]
+struct KeySet {
+    by_kid: HashMap<String, Vec<Arc<Key>>>,
+    anonymous: Vec<Arc<Key>>,
+}
+
+impl KeySet {
+    fn new(keys: Vec<Key>) -> KeySet {
+        let mut set = KeySet::default();
+        for k in keys.into_iter().map(Arc::new) {
+            match &k.kid {
+                Some(kid) => set.by_kid.entry(kid.clone()).or_default().push(k.clone()),
+                None => set.anonymous.push(k),
+            }
+        }
+        set
+    }
+
+    fn len(&self) -> usize {
+        self.by_kid.values().map(Vec::len).sum::<usize>() + self.anonymous.len()
+    }
+
+    /// Keys that may have signed a token with `kid` and `alg`, into `out`.
+    fn candidates(&self, kid: Option<&str>, alg: Algorithm, out: &mut Vec<Arc<Key>>) {
+        let fits = |k: &&Arc<Key>| k.fits(alg);
+        match kid {
+            Some(kid) => match self.by_kid.get(kid) {
+                Some(ks) => out.extend(ks.iter().filter(fits).cloned()),
+                None => out.extend(self.anonymous.iter().filter(fits).cloned()),
+            },
+            None => {
+                out.extend(self.anonymous.iter().filter(fits).cloned());
+                out.extend(self.by_kid.values().flatten().filter(fits).cloned());
+            }
+        }
+    }
+}
+
+/// A JWKS URL's fetch state.
+struct Fetch {
+    url: String,
+    /// Wakes the fetch loop (an unknown `kid`).
+    wake: Notify,
+    /// Counts finished fetch attempts (waiters watch it move).
+    done: watch::Sender<u64>,
+    state: Mutex<FetchState>,
+}
+
+#[derive(Default)]
+struct FetchState {
+    in_flight: bool,
+    last_kid_refetch: Option<Instant>,
+}
+
+/// One trusted issuer and its keys.
+struct Issuer {
+    cfg: JwtIssuer,
+    static_keys: KeySet,
+    fetched: ArcSwap<KeySet>,
+    fetch: Option<Fetch>,
+}
+
+/// The verifier of one `auth.jwt` configuration; stops its fetch tasks when dropped.
+pub struct Jwt {
+    cfg: JwtConfig,
+    issuers: Vec<Arc<Issuer>>,
+    client: Option<reqwest::Client>,
+    started: AtomicBool,
+    stop: CancellationToken,
+}
+
+impl Drop for Jwt {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+impl Jwt {
+    /// A verifier for `cfg` (validated: keys parse, URLs are http(s)). Call [`Jwt::start`]
+    /// to begin fetching JWKS.
+    pub fn new(cfg: &JwtConfig) -> Arc<Jwt> {
+        let issuers = cfg
+            .issuers
+            .iter()
+            .map(|is| {
+                let keys = is
+                    .public_keys
+                    .iter()
+                    .filter_map(|pk| {
+                        let (kty, key) = crate::config::jwt_public_key(&pk.pem)?;
+                        let family = match kty {
+                            "RSA" => Family::Rsa,
+                            "EC" => Family::Ec,
+                            _ => Family::Ed,
+                        };
+                        Some(Key {
+                            kid: pk.kid.clone(),
+                            family,
+                            alg: None,
+                            key,
+                        })
+                    })
+                    .collect();
+                Arc::new(Issuer {
+                    cfg: is.clone(),
+                    static_keys: KeySet::new(keys),
+                    fetched: ArcSwap::from_pointee(KeySet::default()),
+                    fetch: is.jwks_uri.as_ref().map(|url| Fetch {
+                        url: url.clone(),
+                        wake: Notify::new(),
+                        done: watch::channel(0).0,
+                        state: Mutex::new(FetchState::default()),
+                    }),
+                })
+            })
+            .collect();
+        let client = cfg
+            .issuers
+            .iter()
+            .any(|i| i.jwks_uri.is_some())
+            .then(http_client)
+            .flatten();
+        Arc::new(Jwt {
+            cfg: cfg.clone(),
+            issuers,
+            client,
+            started: AtomicBool::new(false),
+            stop: CancellationToken::new(),
+        })
+    }
+
+    /// The configuration it verifies with.
+    pub fn config(&self) -> &JwtConfig {
+        &self.cfg
+    }
+
+    /// Start the JWKS fetch loops (once; needs a tokio runtime, else a later call does it).
+    pub fn start(&self) {
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        if self.started.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let Some(client) = &self.client else { return };
+        for is in self.issuers.iter().filter(|i| i.fetch.is_some()) {
+            rt.spawn(fetch_loop(is.clone(), client.clone(), self.stop.clone()));
+        }
+    }
+
+    /// The roles `groups` map to under `issuer`'s `group_roles`.
+    pub fn group_roles(&self, issuer: &str, groups: &[String]) -> BTreeSet<String> {
+        let Some(is) = self.issuers.iter().find(|i| i.cfg.issuer == issuer) else {
+            return BTreeSet::new();
+        };
+        groups
+            .iter()
+            .filter_map(|g| is.cfg.group_roles.get(g))
+            .flatten()
+            .cloned()
+            .collect()
+    }
+
+    /// Verify `token` at `now_s` (Unix seconds).
+    pub fn verify(&self, token: &str, now_s: f64) -> Result<Identity, JwtError> {
+        if token.len() > MAX_TOKEN_LEN {
+            return Err(JwtError::TooLong);
+        }
+        let mut parts = token.split('.');
+        let (Some(h), Some(p), Some(_sig), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err(JwtError::Malformed);
+        };
+        let header = json_part(h)?;
+        let claims = json_part(p)?;
+        if header.contains_key("crit") {
+            return Err(JwtError::BadHeader(
+                "critical extensions (`crit`) are not supported",
+            ));
+        }
+        let Some(alg_name) = header.get("alg").and_then(Value::as_str) else {
+            return Err(JwtError::BadHeader("no `alg`"));
+        };
+        let kid = match header.get("kid") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(k)) => Some(k.as_str()),
+            Some(_) => return Err(JwtError::BadHeader("`kid` is not a string")),
+        };
+        let iss = match claims.get("iss") {
+            Some(Value::String(s)) => s,
+            None | Some(Value::Null) => {
+                return Err(JwtError::MissingClaim {
+                    claim: "iss".into(),
+                });
+            }
+            Some(_) => return Err(JwtError::UntrustedIssuer),
+        };
+        let Some(issuer) = self.issuers.iter().find(|i| i.cfg.issuer == *iss) else {
+            return Err(JwtError::UntrustedIssuer);
+        };
+        let alg = Algorithm::from_str(alg_name)
+            .ok()
+            .filter(|a| issuer.cfg.algorithms.contains(a) && Family::of(*a).is_some())
+            .ok_or_else(|| JwtError::AlgorithmNotAllowed {
+                alg: shorten(alg_name),
+                allowed: issuer
+                    .cfg
+                    .algorithms
+                    .iter()
+                    .map(|a| format!("{a:?}"))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            })?;
+        let mut candidates = Vec::new();
+        issuer.static_keys.candidates(kid, alg, &mut candidates);
+        issuer.fetched.load().candidates(kid, alg, &mut candidates);
+        if candidates.is_empty() {
+            return Err(JwtError::UnknownKey {
+                issuer: issuer.cfg.issuer.clone(),
+                kid: kid.map_or_else(|| "none".to_owned(), shorten),
+            });
+        }
+        let mut validation = Validation::new(alg);
+        validation.required_spec_claims.clear();
+        validation.validate_exp = false;
+        validation.validate_nbf = false;
+        validation.validate_aud = false;
+        let verified = candidates.iter().take(MAX_CANDIDATES).any(|k| {
+            jsonwebtoken::decode::<serde::de::IgnoredAny>(token, &k.key, &validation).is_ok()
+        });
+        if !verified {
+            return Err(JwtError::BadSignature {
+                issuer: issuer.cfg.issuer.clone(),
+            });
+        }
+        check_claims(&issuer.cfg, &claims, now_s)
+    }
+
+    /// After [`JwtError::UnknownKey`] for `issuer`: fetch its JWKS again (at most once per
+    /// [`KID_REFETCH_EVERY`]; a fetch already under way counts) and wait for it at most
+    /// [`KID_REFETCH_WAIT`]. `true` when a fetch finished (the token is worth checking again).
+    pub async fn refetch(&self, issuer: &str) -> bool {
+        self.start();
+        let Some(fetch) = self
+            .issuers
+            .iter()
+            .find(|i| i.cfg.issuer == issuer)
+            .and_then(|i| i.fetch.as_ref())
+        else {
+            return false;
+        };
+        if self.client.is_none() {
+            return false;
+        }
+        let mut done = fetch.done.subscribe();
+        let seen = *done.borrow_and_update();
+        {
+            let mut st = fetch.state.lock();
+            if !st.in_flight {
+                let now = Instant::now();
+                if st
+                    .last_kid_refetch
+                    .is_some_and(|t| now.duration_since(t) < KID_REFETCH_EVERY)
+                {
+                    return false;
+                }
+                st.last_kid_refetch = Some(now);
+                fetch.wake.notify_one();
+            }
+        }
+        matches!(
+            tokio::time::timeout(KID_REFETCH_WAIT, done.wait_for(|n| *n > seen)).await,
+            Ok(Ok(_))
+        )
+    }
+}
+
+/// The HTTP client for JWKS: short deadlines, redirects only to https (or loopback http).
+fn http_client() -> Option<reqwest::Client> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let policy = reqwest::redirect::Policy::custom(|attempt| {
+        let url = attempt.url();
+        let safe = url.scheme() == "https"
+            || (url.scheme() == "http" && crate::config::is_loopback_url(url));
+        if attempt.previous().len() >= 3 {
+            attempt.error("more than 3 redirects")
+        } else if safe {
+            attempt.follow()
+        } else {
+            attempt.error("a JWKS redirect may only lead to an https URL")
+        }
+    });
+    match reqwest::Client::builder()
+        .timeout(FETCH_TIMEOUT)
+        .connect_timeout(FETCH_TIMEOUT)
+        .redirect(policy)
+        .build()
+    {
+        Ok(c) => Some(c),
+        Err(e) => {
+            tracing::error!(error = %e, "jwks_client_failed (JWT keys from jwks_uri cannot be fetched)");
+            None
+        }
+    }
+}
+
+/// Fetch `issuer`'s JWKS now, then every `jwks_refresh_s` (or when woken), until `stop`.
+async fn fetch_loop(issuer: Arc<Issuer>, client: reqwest::Client, stop: CancellationToken) {
+    let Some(fetch) = &issuer.fetch else { return };
+    let mut failures = 0u32;
+    loop {
+        fetch.state.lock().in_flight = true;
+        let result = tokio::select! {
+            r = fetch_jwks(&client, &fetch.url) => r,
+            () = stop.cancelled() => return,
+        };
+        let next = match result {
+            Ok(keys) => {
+                failures = 0;
+                tracing::info!(issuer = %issuer.cfg.issuer, keys = keys.len(), "jwks_fetched");
+                issuer.fetched.store(Arc::new(keys));
+                issuer.cfg.jwks_refresh
+            }
+            Err(e) => {
+                failures += 1;
+                tracing::warn!(issuer = %issuer.cfg.issuer, url = %fetch.url, error = %e, failures, "jwks_fetch_failed (the keys fetched before stay in use)");
+                (RETRY_FIRST * (1 << failures.min(10))).min(issuer.cfg.jwks_refresh)
+            }
+        };
+        fetch.state.lock().in_flight = false;
+        fetch.done.send_modify(|n| *n += 1);
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(next) => {}
+            () = fetch.wake.notified() => {}
+        }
+    }
+}
+
+/// GET a JWKS and decode its signing keys.
+async fn fetch_jwks(client: &reqwest::Client, url: &str) -> Result<KeySet, String> {
+    let mut resp = client
+        .get(url)
+        .header(reqwest::header::ACCEPT, "application/json")
+        .send()
+        .await
+        .map_err(|e| e.to_string())?;
+    if !resp.status().is_success() {
+        return Err(format!("HTTP {}", resp.status()));
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = resp.chunk().await.map_err(|e| e.to_string())? {
+        body.extend_from_slice(&chunk);
+        if body.len() > MAX_JWKS_BYTES {
+            return Err(format!("the JWKS is larger than {MAX_JWKS_BYTES} bytes"));
+        }
+    }
+    parse_jwks(&body)
+}
+
+/// The signing keys of a JWKS document (keys it cannot use — encryption keys, symmetric
+/// keys, unknown types or curves — are skipped); an error when none is usable.
+fn parse_jwks(body: &[u8]) -> Result<KeySet, String> {
+    #[derive(serde::Deserialize)]
+    struct Jwks {
+        keys: Vec<Value>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Jwk {
+        kty: String,
+        kid: Option<String>,
+        alg: Option<String>,
+        #[serde(rename = "use")]
+        use_: Option<String>,
+        n: Option<String>,
+        e: Option<String>,
+        crv: Option<String>,
+        x: Option<String>,
+        y: Option<String>,
+    }
+    let set: Jwks = serde_json::from_slice(body)
+        .map_err(|e| format!("not a JWKS ({{\"keys\": [...]}}): {e}"))?;
+    let mut keys = Vec::new();
+    for v in set.keys.into_iter().take(MAX_KEYS) {
+        let Ok(k) = serde_json::from_value::<Jwk>(v) else {
+            continue;
+        };
+        if k.use_.as_deref().is_some_and(|u| u != "sig") {
+            continue;
+        }
+        let alg = match k.alg.as_deref() {
+            None => None,
+            Some(a) => match Algorithm::from_str(a) {
+                Ok(a) if Family::of(a).is_some() => Some(a),
+                _ => continue,
+            },
+        };
+        let decoded = match (k.kty.as_str(), k.crv.as_deref()) {
+            ("RSA", _) => k.n.as_deref().zip(k.e.as_deref()).and_then(|(n, e)| {
+                DecodingKey::from_rsa_components(n, e)
+                    .ok()
+                    .map(|d| (Family::Rsa, None, d))
+            }),
+            ("EC", Some(crv @ ("P-256" | "P-384"))) => {
+                let curve_alg = if crv == "P-256" {
+                    Algorithm::ES256
+                } else {
+                    Algorithm::ES384
+                };
+                k.x.as_deref().zip(k.y.as_deref()).and_then(|(x, y)| {
+                    DecodingKey::from_ec_components(x, y)
+                        .ok()
+                        .map(|d| (Family::Ec, Some(curve_alg), d))
+                })
+            }
+            ("OKP", Some("Ed25519")) => k.x.as_deref().and_then(|x| {
+                DecodingKey::from_ed_components(x)
+                    .ok()
+                    .map(|d| (Family::Ed, Some(Algorithm::EdDSA), d))
+            }),
+            _ => None,
+        };
+        let Some((family, implied, key)) = decoded else {
+            continue;
+        };
+        if let (Some(a), Some(i)) = (alg, implied)
+            && a != i
+        {
+            continue;
+        }
+        if alg.is_some_and(|a| Family::of(a) != Some(family)) {
+            continue;
+        }
+        keys.push(Key {
+            kid: k.kid,
+            family,
+            alg: alg.or(implied),
+            key,
+        });
+    }
+    if keys.is_empty() {
+        return Err("the JWKS has no usable signing key (RSA, EC P-256/P-384 or Ed25519)".into());
+    }
+    Ok(KeySet::new(keys))
+}
+
+/// A base64url part of a token, as a JSON object.
+fn json_part(part: &str) -> Result<Map<String, Value>, JwtError> {
+    let bytes = URL_SAFE_NO_PAD
+        .decode(part)
+        .map_err(|_| JwtError::Malformed)?;
+    serde_json::from_slice(&bytes).map_err(|_| JwtError::Malformed)
+}
+
+/// A token-supplied string for a message: at most 64 characters, escaped.
+fn shorten(s: &str) -> String {
+    let cut: String = s.chars().take(64).collect();
+    format!("{cut:?}")
+}
+
+/// A claim by name: the exact key, else a dotted path into nested objects
+/// (`realm_access.roles`). `null` counts as absent.
+fn claim<'a>(claims: &'a Map<String, Value>, name: &str) -> Option<&'a Value> {
+    let found = match claims.get(name) {
+        Some(v) => Some(v),
+        None if name.contains('.') => {
+            let mut segs = name.split('.');
+            let mut cur = claims.get(segs.next()?)?;
+            for s in segs {
+                cur = cur.as_object()?.get(s)?;
+            }
+            Some(cur)
+        }
+        None => None,
+    };
+    found.filter(|v| !v.is_null())
+}
+
+/// A time claim: absent, or a finite JSON number (anything else refuses the token).
+fn time_claim(claims: &Map<String, Value>, name: &str) -> Result<Option<f64>, JwtError> {
+    match claims.get(name) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Number(n)) => n
+            .as_f64()
+            .filter(|f| f.is_finite())
+            .map(Some)
+            .ok_or_else(|| JwtError::InvalidClaim { claim: name.into() }),
+        Some(_) => Err(JwtError::InvalidClaim { claim: name.into() }),
+    }
+}
+
+/// A string claim (`None` when absent; too long or not a string: refused).
+fn string_claim(claims: &Map<String, Value>, name: &str) -> Result<Option<String>, JwtError> {
+    match claim(claims, name) {
+        None => Ok(None),
+        Some(Value::String(s)) if s.is_empty() => Ok(None),
+        Some(Value::String(s)) if s.len() <= MAX_NAME_LEN => Ok(Some(s.clone())),
+        Some(_) => Err(JwtError::InvalidClaim { claim: name.into() }),
+    }
+}
+
+/// The claims of a token whose signature verified, against its issuer's settings at `now_s`.
+pub fn check_claims(
+    cfg: &JwtIssuer,
+    claims: &Map<String, Value>,
+    now_s: f64,
+) -> Result<Identity, JwtError> {
+    // Audience: a string or a list; one of them must be ours.
+    let aud_ok = match claims.get("aud") {
+        None | Some(Value::Null) => {
+            return Err(JwtError::MissingClaim {
+                claim: "aud".into(),
+            });
+        }
+        Some(Value::String(a)) => cfg.audiences.contains(a),
+        Some(Value::Array(items)) => items.iter().any(|a| {
+            a.as_str()
+                .is_some_and(|a| cfg.audiences.iter().any(|c| c == a))
+        }),
+        Some(_) => {
+            return Err(JwtError::InvalidClaim {
+                claim: "aud".into(),
+            });
+        }
+    };
+    if !aud_ok {
+        return Err(JwtError::WrongAudience {
+            expected: cfg.audiences.clone(),
+        });
+    }
+    let leeway = cfg.leeway.as_secs_f64();
+    let Some(exp) = time_claim(claims, "exp")? else {
+        return Err(JwtError::MissingClaim {
+            claim: "exp".into(),
+        });
+    };
+    let nbf = time_claim(claims, "nbf")?;
+    let iat = time_claim(claims, "iat")?;
+    if now_s >= exp + leeway {
+        return Err(JwtError::Expired {
+            ago_s: (now_s - exp).max(0.0) as u64,
+        });
+    }
+    for t in [nbf, iat].into_iter().flatten() {
+        if t > now_s + leeway {
+            return Err(JwtError::NotYetValid {
+                in_s: (t - now_s).ceil() as u64,
+            });
+        }
+    }
+    if let Some(max) = cfg.max_lifetime {
+        let max_s = max.as_secs_f64();
+        let lifetime = match iat {
+            Some(iat) if exp - iat > max_s => Some(exp - iat),
+            _ if exp - now_s > max_s + leeway => Some(exp - now_s),
+            _ => None,
+        };
+        if let Some(l) = lifetime {
+            return Err(JwtError::LifetimeTooLong {
+                lifetime_s: l as u64,
+                max_s: max.as_secs(),
+            });
+        }
+    }
+    let Some(subject) = string_claim(claims, &cfg.subject_claim)? else {
+        return Err(JwtError::MissingClaim {
+            claim: cfg.subject_claim.clone(),
+        });
+    };
+    if subject == "admin" || subject.starts_with("group:") {
+        return Err(JwtError::ReservedSubject);
+    }
+    let tenant = string_claim(claims, &cfg.tenant_claim)?;
+    if cfg.require_tenant && tenant.is_none() {
+        return Err(JwtError::MissingClaim {
+            claim: cfg.tenant_claim.clone(),
+        });
+    }
+    let groups = match claim(claims, &cfg.groups_claim) {
+        None => Vec::new(),
+        Some(Value::String(g)) if g.is_empty() => Vec::new(),
+        Some(Value::String(g)) if g.len() <= MAX_NAME_LEN => vec![g.clone()],
+        Some(Value::Array(items)) => items
+            .iter()
+            .filter_map(Value::as_str)
+            .filter(|g| !g.is_empty() && g.len() <= MAX_NAME_LEN)
+            .take(MAX_GROUPS)
+            .map(str::to_owned)
+            .collect(),
+        Some(_) => {
+            return Err(JwtError::InvalidClaim {
+                claim: cfg.groups_claim.clone(),
+            });
+        }
+    };
+    Ok(Identity {
+        subject,
+        issuer: cfg.issuer.clone(),
+        tenant,
+        groups,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use jsonwebtoken::{EncodingKey, Header};
+    use serde_json::json;
+
+    const ISS: &str = "https://idp.example.com/realms/prod";
+    const AUD: &str = "hangar";
+    const NOW: f64 = 1_700_000_000.0;
+    /// A 2048-bit RSA key made for these tests only (nothing else trusts it).
+    const RSA_KEY: &str = include_str!("testdata/rsa-test-only.key.pem");
+    const RSA_PUB: &str = include_str!("testdata/rsa-test-only.pub.pem");
+
+    fn b64(bytes: &[u8]) -> String {
+        URL_SAFE_NO_PAD.encode(bytes)
+    }
+
+    /// A P-256 signing key and its JWK.
+    struct EcKey {
+        kid: String,
+        enc: EncodingKey,
+        jwk: Value,
+        pub_pem: String,
+    }
+
+    fn ec_key(kid: &str) -> EcKey {
+        let kp = rcgen::KeyPair::generate().unwrap();
+        let raw = kp.public_key_raw();
+        assert_eq!(raw.len(), 65, "an uncompressed P-256 point");
+        EcKey {
+            kid: kid.to_owned(),
+            enc: EncodingKey::from_ec_pem(kp.serialize_pem().as_bytes()).unwrap(),
+            jwk: json!({"kty": "EC", "crv": "P-256", "kid": kid, "use": "sig", "alg": "ES256",
+                "x": b64(&raw[1..33]), "y": b64(&raw[33..])}),
+            pub_pem: kp.public_key_pem(),
+        }
+    }
+
+    fn issuer_cfg() -> JwtIssuer {
+        JwtIssuer {
+            issuer: ISS.into(),
+            audiences: vec![AUD.into(), "other".into()],
+            jwks_uri: None,
+            jwks_refresh: Duration::from_secs(300),
+            public_keys: Vec::new(),
+            algorithms: vec![Algorithm::RS256, Algorithm::ES256],
+            leeway: Duration::from_secs(30),
+            max_lifetime: Some(Duration::from_secs(3600)),
+            subject_claim: "sub".into(),
+            groups_claim: "groups".into(),
+            tenant_claim: "tenant".into(),
+            require_tenant: false,
+            group_roles: [("platform-admins".to_owned(), vec!["admin".to_owned()])]
+                .into_iter()
+                .collect(),
+        }
+    }
+
+    /// A verifier whose issuer has `keys` as its fetched JWKS.
+    fn verifier(cfg: JwtIssuer, jwks: &[&Value]) -> Arc<Jwt> {
+        let v = Jwt::new(&JwtConfig { issuers: vec![cfg] });
+        if !jwks.is_empty() {
+            let doc = json!({"keys": jwks}).to_string();
+            v.issuers[0]
+                .fetched
+                .store(Arc::new(parse_jwks(doc.as_bytes()).unwrap()));
+        }
+        v
+    }
+
+    fn good_claims() -> Value {
+        json!({"iss": ISS, "aud": AUD, "sub": "alice", "iat": NOW - 10.0, "exp": NOW + 600.0,
+            "tenant": "acme", "groups": ["platform-admins", "devs"]})
+    }
+
+    fn sign(alg: Algorithm, kid: Option<&str>, claims: &Value, key: &EncodingKey) -> String {
+        let mut h = Header::new(alg);
+        h.kid = kid.map(str::to_owned);
+        jsonwebtoken::encode(&h, claims, key).unwrap()
+    }
+
+    fn es256(key: &EcKey, claims: &Value) -> String {
+        sign(Algorithm::ES256, Some(&key.kid), claims, &key.enc)
+    }
+
+    /// `claims` with `patch` applied (`null` removes a claim).
+    fn with(patch: Value) -> Value {
+        let mut c = good_claims();
+        for (k, v) in patch.as_object().unwrap() {
+            if v.is_null() {
+                c.as_object_mut().unwrap().remove(k);
+            } else {
+                c[k] = v.clone();
+            }
+        }
+        c
+    }
+
+    /// A token assembled by hand (header and claims as given, any signature).
+    fn raw_token(header: &Value, claims: &Value, sig: &[u8]) -> String {
+        format!(
+            "{}.{}.{}",
+            b64(header.to_string().as_bytes()),
+            b64(claims.to_string().as_bytes()),
+            b64(sig)
+        )
+    }
+
+    #[test]
+    fn a_good_token_is_accepted_with_its_subject_issuer_tenant_and_groups() {
+        let k = ec_key("k1");
+        let v = verifier(issuer_cfg(), &[&k.jwk]);
+        let id = v.verify(&es256(&k, &good_claims()), NOW).unwrap();
+        assert_eq!(
+            id,
+            Identity {
+                subject: "alice".into(),
+                issuer: ISS.into(),
+                tenant: Some("acme".into()),
+                groups: vec!["platform-admins".into(), "devs".into()],
+            }
+        );
+        // `aud` as a list with one of ours; no `iat`; within the leeway after `exp`.
+        let t = es256(
+            &k,
+            &with(json!({"aud": ["x", "other"], "iat": null, "exp": NOW - 20.0})),
+        );
+        assert!(v.verify(&t, NOW).is_ok());
+        // A token without a kid is tried against the issuer's keys.
+        let t = sign(Algorithm::ES256, None, &good_claims(), &k.enc);
+        assert!(v.verify(&t, NOW).is_ok());
+    }
+
+    #[test]
+    fn rs256_verifies_with_a_static_pem_key_and_with_jwk_components() {
+        let enc = EncodingKey::from_rsa_pem(RSA_KEY.as_bytes()).unwrap();
+        let mut cfg = issuer_cfg();
+        cfg.public_keys = vec![crate::config::JwtPublicKey {
+            kid: None,
+            pem: RSA_PUB.into(),
+        }];
+        let v = verifier(cfg, &[]);
+        let t = sign(Algorithm::RS256, Some("rsa1"), &good_claims(), &enc);
+        assert_eq!(v.verify(&t, NOW).unwrap().subject, "alice");
+        // RS384 is not in the issuer's algorithms.
+        let t384 = sign(Algorithm::RS384, Some("rsa1"), &good_claims(), &enc);
+        assert_eq!(
+            v.verify(&t384, NOW).unwrap_err().code(),
+            "algorithm_not_allowed"
+        );
+        // The same key published as a JWK (n, e).
+        let jwk = json!({"kty": "RSA", "kid": "rsa1", "alg": "RS256", "e": "AQAB",
+            "n": "wD9KXAYjnZzbZkk4KoS0JDzi8h5f_Rr9EvF7rNfRww2glCQWflfKJ3bd3mFC62VB4i4kavEtJgmnUGIQsd8wulr9gsVZm5Wn3JSQms1TQ_zuC-LnwiF5euYDEET1Iw9ARXR3imh_Q4W0l7Z_yOEMleK5ifiGrj42jfZED26MQtHgCwOrFz_j6C5GIhqVT1Sp_twHd2JH5oAsqwq51GeRGNW_x1r53dAFfSbL3mwaK08yTWgBk3-39R1zJBkimyzbP0QoORtVTUStsG4IuTL7XPVQEop50HAWOt1TSzXa0y5j0PtriAKLVdCrYnH0u-X9DCVL_lKLjlJ0ntQkwvaN6Q"});
+        let v = verifier(issuer_cfg(), &[&jwk]);
+        assert!(v.verify(&t, NOW).is_ok());
+        // An EC token claiming the RSA key's kid finds no EC key under it.
+        let k = ec_key("rsa1");
+        assert_eq!(
+            v.verify(&es256(&k, &good_claims()), NOW)
+                .unwrap_err()
+                .code(),
+            "unknown_key"
+        );
+    }
+
+    #[test]
+    fn each_bad_token_is_refused_with_its_own_reason() {
+        let k = ec_key("k1");
+        let other = ec_key("k1");
+        let v = verifier(issuer_cfg(), &[&k.jwk]);
+        let good = es256(&k, &good_claims());
+        let (h, rest) = good.split_once('.').unwrap();
+        let (p, sig) = rest.split_once('.').unwrap();
+        let mut flipped = URL_SAFE_NO_PAD.decode(sig).unwrap();
+        flipped[10] ^= 1;
+        let hs_key = EncodingKey::from_secret(b"a shared secret");
+        let cases: Vec<(&str, String, &str)> = vec![
+            (
+                "wrong audience",
+                es256(&k, &with(json!({"aud": "someone-else"}))),
+                "wrong_audience",
+            ),
+            (
+                "wrong issuer",
+                es256(&k, &with(json!({"iss": "https://evil.example"}))),
+                "untrusted_issuer",
+            ),
+            (
+                "expired beyond the leeway",
+                es256(&k, &with(json!({"exp": NOW - 31.0, "iat": NOW - 600.0}))),
+                "expired",
+            ),
+            (
+                "nbf in the future",
+                es256(&k, &with(json!({"nbf": NOW + 120.0}))),
+                "not_yet_valid",
+            ),
+            (
+                "iat in the future",
+                es256(&k, &with(json!({"iat": NOW + 120.0}))),
+                "not_yet_valid",
+            ),
+            (
+                "exp - iat too long",
+                es256(&k, &with(json!({"iat": NOW - 10.0, "exp": NOW + 7200.0}))),
+                "lifetime_too_long",
+            ),
+            (
+                "exp - now too long",
+                es256(&k, &with(json!({"iat": null, "exp": NOW + 7200.0}))),
+                "lifetime_too_long",
+            ),
+            (
+                "alg none",
+                raw_token(&json!({"alg": "none", "kid": "k1"}), &good_claims(), b""),
+                "algorithm_not_allowed",
+            ),
+            (
+                "HS256",
+                sign(Algorithm::HS256, Some("k1"), &good_claims(), &hs_key),
+                "algorithm_not_allowed",
+            ),
+            (
+                "unknown kid",
+                sign(Algorithm::ES256, Some("k2"), &good_claims(), &other.enc),
+                "unknown_key",
+            ),
+            (
+                "another key under the known kid",
+                es256(&other, &good_claims()),
+                "bad_signature",
+            ),
+            (
+                "tampered signature",
+                format!("{h}.{p}.{}", b64(&flipped)),
+                "bad_signature",
+            ),
+            (
+                "tampered payload",
+                format!(
+                    "{h}.{}.{sig}",
+                    b64(with(json!({"sub": "mallory"})).to_string().as_bytes())
+                ),
+                "bad_signature",
+            ),
+            (
+                "no exp",
+                es256(&k, &with(json!({"exp": null}))),
+                "missing_claim",
+            ),
+            (
+                "exp as a string",
+                es256(&k, &with(json!({"exp": "never"}))),
+                "invalid_claim",
+            ),
+            (
+                "nbf as a string",
+                es256(&k, &with(json!({"nbf": "later"}))),
+                "invalid_claim",
+            ),
+            (
+                "no subject",
+                es256(&k, &with(json!({"sub": null}))),
+                "missing_claim",
+            ),
+            (
+                "reserved subject",
+                es256(&k, &with(json!({"sub": "admin"}))),
+                "reserved_subject",
+            ),
+            (
+                "group subject",
+                es256(&k, &with(json!({"sub": "group:platform-admins"}))),
+                "reserved_subject",
+            ),
+            (
+                "crit header",
+                raw_token(
+                    &json!({"alg": "ES256", "kid": "k1", "crit": ["exp"]}),
+                    &good_claims(),
+                    b"x",
+                ),
+                "bad_header",
+            ),
+            ("not a JWT", "not-a-jwt".into(), "malformed"),
+            ("too long", "a".repeat(MAX_TOKEN_LEN + 1), "too_long"),
+        ];
+        for (what, token, code) in &cases {
+            let e = v.verify(token, NOW).expect_err(what);
+            assert_eq!(e.code(), *code, "{what}: {e}");
+            // The reason never carries the token (nor its signature).
+            let msg = e.to_string();
+            assert!(
+                !msg.contains(token.as_str()) && !msg.contains(sig),
+                "{what}: {msg}"
+            );
+        }
+        // The reasons the brief names are all different.
+        let named = [
+            "wrong audience",
+            "wrong issuer",
+            "expired beyond the leeway",
+            "nbf in the future",
+            "exp - iat too long",
+            "alg none",
+            "unknown kid",
+            "tampered signature",
+        ];
+        let codes: BTreeSet<&str> = cases
+            .iter()
+            .filter(|(w, _, _)| named.contains(w))
+            .map(|(_, _, c)| *c)
+            .collect();
+        assert_eq!(codes.len(), named.len(), "{codes:?}");
+        // require_tenant.
+        let mut cfg = issuer_cfg();
+        cfg.require_tenant = true;
+        let v = verifier(cfg, &[&k.jwk]);
+        let e = v
+            .verify(&es256(&k, &with(json!({"tenant": null}))), NOW)
+            .unwrap_err();
+        assert_eq!(
+            e,
+            JwtError::MissingClaim {
+                claim: "tenant".into()
+            }
+        );
+        // No lifetime cap: a year-long token passes.
+        let mut cfg = issuer_cfg();
+        cfg.max_lifetime = None;
+        let v = verifier(cfg, &[&k.jwk]);
+        assert!(
+            v.verify(&es256(&k, &with(json!({"exp": NOW + 3e7}))), NOW)
+                .is_ok()
+        );
+    }
+
+    #[test]
+    fn claim_names_are_configurable_and_may_be_nested() {
+        let mut cfg = issuer_cfg();
+        cfg.subject_claim = "preferred_username".into();
+        cfg.groups_claim = "realm_access.roles".into();
+        cfg.tenant_claim = "https://example.com/tenant".into();
+        let claims = with(
+            json!({"preferred_username": "bob", "realm_access": {"roles": ["ops", 3, ""]},
+            "https://example.com/tenant": "t1"}),
+        );
+        let id = check_claims(&cfg, claims.as_object().unwrap(), NOW).unwrap();
+        assert_eq!(
+            (id.subject.as_str(), id.tenant.as_deref()),
+            ("bob", Some("t1"))
+        );
+        assert_eq!(id.groups, vec!["ops".to_owned()]);
+        let bad = with(json!({"preferred_username": "bob", "realm_access": {"roles": {"x": 1}}}));
+        assert_eq!(
+            check_claims(&cfg, bad.as_object().unwrap(), NOW)
+                .unwrap_err()
+                .code(),
+            "invalid_claim"
+        );
+    }
+
+    #[test]
+    fn jwks_keep_signing_keys_only() {
+        let k = ec_key("ec1");
+        let doc = json!({"keys": [
+            k.jwk,
+            {"kty": "oct", "kid": "hmac", "k": "c2VjcmV0"},
+            {"kty": "RSA", "kid": "enc", "use": "enc", "n": "AQAB", "e": "AQAB"},
+            {"kty": "RSA", "kid": "oaep", "alg": "RSA-OAEP", "n": "AQAB", "e": "AQAB"},
+            {"kty": "EC", "kid": "p521", "crv": "P-521", "x": "AA", "y": "AA"},
+            {"kty": "EC", "kid": "mismatch", "crv": "P-256", "alg": "ES384", "x": "AA", "y": "AA"},
+            {"something": "else"},
+        ]});
+        let set = parse_jwks(doc.to_string().as_bytes()).unwrap();
+        assert_eq!(set.len(), 1);
+        assert!(set.by_kid.contains_key("ec1"));
+        assert!(parse_jwks(br#"{"keys": [{"kty": "oct", "k": "c2VjcmV0"}]}"#).is_err());
+        assert!(parse_jwks(b"[]").is_err());
+        // Static keys: public PEMs only.
+        assert!(crate::config::jwt_public_key(&k.pub_pem).is_some());
+        assert!(crate::config::jwt_public_key(RSA_PUB).is_some());
+        assert!(
+            crate::config::jwt_public_key(RSA_KEY).is_none(),
+            "a private key is refused"
+        );
+    }
+
+    /// Roles assigned to principals, as the replicated state would have them.
+    struct Roles(std::collections::HashMap<String, BTreeSet<String>>);
+
+    impl crate::auth::KeyStore for Roles {
+        fn version(&self) -> u64 {
+            1
+        }
+        fn roles_of(
+            &self,
+            principal: &str,
+        ) -> (
+            BTreeSet<String>,
+            std::collections::BTreeMap<String, BTreeSet<String>>,
+        ) {
+            (
+                self.0.get(principal).cloned().unwrap_or_default(),
+                Default::default(),
+            )
+        }
+        fn find(&self, _: &str) -> Option<hangar_raft::state::ApiKeyRecord> {
+            None
+        }
+        fn catch_up(&self) -> futures::future::BoxFuture<'_, bool> {
+            Box::pin(async { true })
+        }
+    }
+
+    fn bearer(token: &str) -> axum::http::HeaderMap {
+        let mut h = axum::http::HeaderMap::new();
+        h.insert(
+            axum::http::header::AUTHORIZATION,
+            axum::http::HeaderValue::from_str(&format!("Bearer {token}")).unwrap(),
+        );
+        h
+    }
+
+    #[test]
+    fn groups_map_to_roles_and_the_subject_keeps_its_assigned_roles() {
+        let k = ec_key("k1");
+        let mut cfg = issuer_cfg();
+        cfg.public_keys = vec![crate::config::JwtPublicKey {
+            kid: Some("k1".into()),
+            pem: k.pub_pem.clone(),
+        }];
+        cfg.group_roles
+            .insert("readers".into(), vec!["viewer".into(), "auditor".into()]);
+        let auth_cfg = crate::config::AuthConfig {
+            enabled: true,
+            jwt: Some(JwtConfig { issuers: vec![cfg] }),
+            ..Default::default()
+        };
+        let roles = Roles(
+            [
+                ("alice".to_owned(), BTreeSet::from(["developer".to_owned()])),
+                (
+                    "group:devs".to_owned(),
+                    BTreeSet::from(["service-account".to_owned()]),
+                ),
+            ]
+            .into_iter()
+            .collect(),
+        );
+        let auth = crate::auth::Auth::new(auth_cfg, Arc::new(roles));
+        let now_ms = (NOW * 1000.0) as u64;
+        let p = auth
+            .authenticate(&bearer(&es256(&k, &good_claims())), now_ms)
+            .unwrap();
+        assert_eq!(p.name(), "alice");
+        let g = auth.grants(&p);
+        assert_eq!(
+            g.roles,
+            BTreeSet::from(["admin".into(), "developer".into(), "service-account".into()]),
+            "assigned to the subject, to group:devs, and mapped from platform-admins"
+        );
+        let reader = with(json!({"sub": "carol", "groups": ["readers"]}));
+        let p = auth
+            .authenticate(&bearer(&es256(&k, &reader)), now_ms)
+            .unwrap();
+        let g = auth.grants(&p);
+        assert_eq!(g.roles, BTreeSet::from(["auditor".into(), "viewer".into()]));
+        assert!(g.allows("mcp_servers:read") && !g.allows("mcp_servers:write"));
+        let nobody = with(json!({"sub": "dave", "groups": []}));
+        let p = auth
+            .authenticate(&bearer(&es256(&k, &nobody)), now_ms)
+            .unwrap();
+        assert!(auth.grants(&p).roles.is_empty());
+        // A bad token is an AuthError::Jwt (401 with Bearer error="invalid_token").
+        let e = auth
+            .authenticate(&bearer(&es256(&k, &with(json!({"aud": "x"})))), now_ms)
+            .unwrap_err();
+        let r = crate::auth::unauthorized(&e);
+        assert_eq!(r.status(), axum::http::StatusCode::UNAUTHORIZED);
+        let www = r.headers()[axum::http::header::WWW_AUTHENTICATE]
+            .to_str()
+            .unwrap();
+        assert!(www.contains("Bearer error=\"invalid_token\""), "{www}");
+        // An `mcp_` bearer is still an API key (none known here).
+        assert_eq!(
+            auth.authenticate(&bearer("mcp_0123456789abcdef0123456789abcdef"), now_ms),
+            Err(crate::auth::AuthError::Unknown)
+        );
+    }
+
+    #[test]
+    fn a_reload_keeps_the_verifier_unless_the_jwt_settings_change() {
+        let cfg = |aud: &str| {
+            let mut is = issuer_cfg();
+            is.audiences = vec![aud.into()];
+            crate::config::AuthConfig {
+                enabled: true,
+                jwt: Some(JwtConfig { issuers: vec![is] }),
+                ..Default::default()
+            }
+        };
+        let auth = crate::auth::Auth::new(cfg("a"), Arc::new(Roles(Default::default())));
+        let first = auth.jwt().unwrap();
+        let stop = first.stop.clone();
+        auth.set_config(cfg("a"));
+        assert!(Arc::ptr_eq(&first, &auth.jwt().unwrap()), "unchanged: kept");
+        auth.set_config(cfg("b"));
+        let second = auth.jwt().unwrap();
+        assert!(!Arc::ptr_eq(&first, &second), "changed: rebuilt");
+        assert_eq!(second.config().issuers[0].audiences, vec!["b".to_owned()]);
+        drop(first);
+        assert!(stop.is_cancelled(), "the old verifier's fetch loops stop");
+        auth.set_config(crate::config::AuthConfig {
+            jwt: None,
+            ..cfg("b")
+        });
+        assert!(auth.jwt().is_none());
+    }
+
+    #[test]
+    fn random_bearer_tokens_never_panic_and_never_verify() {
+        use rand::{Rng, SeedableRng};
+        let k = ec_key("k1");
+        let v = verifier(issuer_cfg(), &[&k.jwk]);
+        let good = es256(&k, &good_claims());
+        let seed: u64 = rand::random();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let pieces = [
+            "",
+            ".",
+            "..",
+            "...",
+            "e30",
+            "eyJ",
+            "=",
+            "-",
+            "_",
+            "AAAA",
+            &b64(br#"{"alg":"ES256","kid":"k1"}"#),
+            &b64(br#"{"alg":"none"}"#),
+            &b64(br#"{"alg":"RS256","kid":7}"#),
+            &b64(good_claims().to_string().as_bytes()),
+            &b64(br#"{"iss":"https://idp.example.com/realms/prod","exp":"x"}"#),
+            &b64(b"[]"),
+            &b64(b"null"),
+        ];
+        // Bounded: 5000 random tokens.
+        for i in 0..5000 {
+            let token: String = match rng.random_range(0..4) {
+                // Random printable bytes.
+                0 => (0..rng.random_range(0..400))
+                    .map(|_| rng.random_range(' '..='~'))
+                    .collect(),
+                // Pieces joined by dots.
+                1 => (0..rng.random_range(1..6))
+                    .map(|_| pieces[rng.random_range(0..pieces.len())])
+                    .collect::<Vec<_>>()
+                    .join("."),
+                // The good token with a few bytes changed.
+                2 => {
+                    let mut b = good.clone().into_bytes();
+                    for _ in 0..rng.random_range(1..4) {
+                        let at = rng.random_range(0..b.len());
+                        b[at] = rng.random_range(b'-'..=b'z');
+                    }
+                    String::from_utf8_lossy(&b).into_owned()
+                }
+                // Random JSON header and payload, random signature.
+                _ => {
+                    let alg = ["ES256", "RS256", "none", "HS256", "EdDSA"][rng.random_range(0..5)];
+                    let kid = ["k1", "k2"][rng.random_range(0..2)];
+                    let h = json!({"alg": alg, "kid": kid});
+                    let mut c = good_claims();
+                    for key in ["exp", "iat", "nbf", "aud", "sub", "groups", "tenant"] {
+                        if rng.random_bool(0.3) {
+                            let odd = [
+                                json!(null),
+                                json!("s"),
+                                json!(-1),
+                                json!(1e300),
+                                json!([1]),
+                                json!({}),
+                            ];
+                            c[key] = odd[rng.random_range(0..odd.len())].clone();
+                        }
+                    }
+                    let sig: Vec<u8> = (0..rng.random_range(0..80)).map(|_| rng.random()).collect();
+                    raw_token(&h, &c, &sig)
+                }
+            };
+            if token == good {
+                continue;
+            }
+            assert!(
+                v.verify(&token, NOW).is_err(),
+                "seed {seed}, case {i}: {token:?} verified"
+            );
+        }
+    }
+
+    /// A JWKS endpoint on 127.0.0.1 serving whatever `doc` holds; counts its requests.
+    async fn jwks_server(
+        doc: Arc<Mutex<String>>,
+        hits: Arc<std::sync::atomic::AtomicU64>,
+    ) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                let (doc, hits) = (doc.clone(), hits.clone());
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 4096];
+                    let mut got = Vec::new();
+                    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match s.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => got.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    hits.fetch_add(1, Ordering::SeqCst);
+                    let body = doc.lock().clone();
+                    let resp = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let _ = s.write_all(resp.as_bytes()).await;
+                });
+            }
+        });
+        format!("http://{addr}/jwks.json")
+    }
+
+    #[tokio::test]
+    async fn an_unknown_kid_triggers_one_rate_limited_refetch_that_picks_up_a_rotation() {
+        let (a, b, c) = (ec_key("a"), ec_key("b"), ec_key("c"));
+        let doc = Arc::new(Mutex::new(json!({"keys": [a.jwk]}).to_string()));
+        let hits = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let url = jwks_server(doc.clone(), hits.clone()).await;
+        let mut cfg = issuer_cfg();
+        cfg.jwks_uri = Some(url);
+        let v = Jwt::new(&JwtConfig { issuers: vec![cfg] });
+        v.start();
+        let now = || crate::telemetry::unix_now();
+        let claims = |now: f64| with(json!({"iat": now, "exp": now + 300.0}));
+        // The first fetch happens in the background; a token waits for it at most ~2 s.
+        let t = es256(&a, &claims(now()));
+        if v.verify(&t, now()).is_err() {
+            assert!(v.refetch(ISS).await, "the start-up fetch finishes");
+        }
+        assert!(v.verify(&t, now()).is_ok());
+        // The issuer rotates to b: a b token's kid is unknown until one refetch.
+        *doc.lock() = json!({"keys": [b.jwk]}).to_string();
+        let t = es256(&b, &claims(now()));
+        assert_eq!(v.verify(&t, now()).unwrap_err().code(), "unknown_key");
+        let before = hits.load(Ordering::SeqCst);
+        let started = Instant::now();
+        assert!(v.refetch(ISS).await);
+        assert!(started.elapsed() < KID_REFETCH_WAIT);
+        assert_eq!(hits.load(Ordering::SeqCst), before + 1);
+        assert!(v.verify(&t, now()).is_ok(), "accepted after the refetch");
+        assert_eq!(
+            v.verify(&es256(&a, &claims(now())), now())
+                .unwrap_err()
+                .code(),
+            "unknown_key",
+            "the retired key is gone"
+        );
+        // Another unknown kid within 10 s: no fetch, no wait.
+        *doc.lock() = json!({"keys": [b.jwk, c.jwk]}).to_string();
+        let started = Instant::now();
+        assert!(!v.refetch(ISS).await, "rate-limited");
+        assert!(started.elapsed() < Duration::from_millis(100));
+        assert_eq!(hits.load(Ordering::SeqCst), before + 1);
+        // Dropping the verifier stops its fetch loop.
+        let stop = v.stop.clone();
+        drop(v);
+        assert!(stop.is_cancelled());
+    }
+
+    #[tokio::test]
+    async fn a_failed_fetch_keeps_the_keys_fetched_before() {
+        let a = ec_key("a");
+        let doc = Arc::new(Mutex::new(json!({"keys": [a.jwk]}).to_string()));
+        let hits = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let url = jwks_server(doc.clone(), hits).await;
+        let mut cfg = issuer_cfg();
+        cfg.jwks_uri = Some(url);
+        let v = Jwt::new(&JwtConfig { issuers: vec![cfg] });
+        v.start();
+        let now = crate::telemetry::unix_now();
+        let t = es256(&a, &with(json!({"iat": now, "exp": now + 300.0})));
+        if v.verify(&t, now).is_err() {
+            assert!(v.refetch(ISS).await);
+        }
+        assert!(v.verify(&t, now).is_ok());
+        *doc.lock() = "not json".into();
+        let other = ec_key("z");
+        let unknown = es256(&other, &with(json!({"iat": now, "exp": now + 300.0})));
+        assert_eq!(v.verify(&unknown, now).unwrap_err().code(), "unknown_key");
+        assert!(v.refetch(ISS).await, "the attempt finished (and failed)");
+        assert!(v.verify(&t, now).is_ok(), "the old keys stay");
+    }
+}

@@ -1,0 +1,282 @@
+//! Bearer JWTs against a real node: an issuer served by this test on 127.0.0.1 (a JWKS over
+//! plain HTTP, allowed on loopback), ES256 tokens signed here, roles from the replicated
+//! assignments and from `group_roles`, refusals with `Bearer error="invalid_token"`, a key
+//! rotation picked up by the unknown-`kid` refetch, and the lockout counting bad tokens.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use hangar_tests::*;
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const ISS: &str = "https://idp.hangar.test/realms/e2e";
+const AUD: &str = "hangar-e2e";
+
+/// A P-256 key: its signing half and its public JWK.
+struct Key {
+    kid: &'static str,
+    enc: EncodingKey,
+    jwk: Value,
+}
+
+fn key(kid: &'static str) -> Key {
+    let kp = rcgen::KeyPair::generate().unwrap();
+    // The uncompressed point: 0x04 || x || y.
+    let raw = kp.public_key_raw();
+    let b64 = |b: &[u8]| URL_SAFE_NO_PAD.encode(b);
+    Key {
+        kid,
+        enc: EncodingKey::from_ec_pem(kp.serialize_pem().as_bytes()).unwrap(),
+        jwk: json!({"kty": "EC", "crv": "P-256", "use": "sig", "alg": "ES256", "kid": kid,
+            "x": b64(&raw[1..33]), "y": b64(&raw[33..65])}),
+    }
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// An ES256 token signed by `signer` under `kid`, with `claims` over good defaults
+/// (`null` removes one).
+fn token(signer: &Key, kid: &str, claims: Value) -> String {
+    let t = now();
+    let mut c = json!({"iss": ISS, "aud": AUD, "sub": "alice", "iat": t, "exp": t + 300,
+        "tenant": "acme", "groups": ["devs"]});
+    for (k, v) in claims.as_object().unwrap() {
+        if v.is_null() {
+            c.as_object_mut().unwrap().remove(k);
+        } else {
+            c[k] = v.clone();
+        }
+    }
+    let mut h = Header::new(Algorithm::ES256);
+    h.kid = Some(kid.to_owned());
+    jsonwebtoken::encode(&h, &c, &signer.enc).unwrap()
+}
+
+/// The issuer's JWKS endpoint: `GET /jwks.json` answers whatever `doc` holds.
+async fn issuer(doc: Arc<Mutex<String>>) -> String {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let doc = doc.clone();
+            tokio::spawn(async move {
+                let mut got = Vec::new();
+                let mut buf = [0u8; 2048];
+                while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => got.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let found = got.starts_with(b"GET /jwks.json ");
+                let body = if found {
+                    doc.lock().unwrap().clone()
+                } else {
+                    String::new()
+                };
+                let status = if found { "200 OK" } else { "404 Not Found" };
+                let resp = format!(
+                    "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = s.write_all(resp.as_bytes()).await;
+            });
+        }
+    });
+    format!("http://{addr}/jwks.json")
+}
+
+/// A request's status, `WWW-Authenticate` and JSON body.
+async fn send(rb: reqwest::RequestBuilder) -> (u16, String, Value) {
+    let r = rb.send().await.unwrap();
+    let status = r.status().as_u16();
+    let www = r
+        .headers()
+        .get("www-authenticate")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
+    let body = serde_json::from_str(&r.text().await.unwrap()).unwrap_or_default();
+    (status, www, body)
+}
+
+fn bearer(rb: reqwest::RequestBuilder, token: Option<&str>) -> reqwest::RequestBuilder {
+    match token {
+        Some(t) => rb.header("Authorization", format!("Bearer {t}")),
+        None => rb,
+    }
+}
+
+/// Call the fixture's echo over `/mcp` with `token`: the HTTP status and the JSON-RPC answer.
+async fn echo(c: &reqwest::Client, node: &Node, token: Option<&str>) -> (u16, Value) {
+    let body = json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+        "params": {"name": "fx__echo", "arguments": {"message": "hello"}}})
+    .to_string();
+    let mut headers = Vec::new();
+    let auth = token.map(|t| format!("Bearer {t}"));
+    if let Some(a) = &auth {
+        headers.push(("Authorization", a.as_str()));
+    }
+    let r = post_raw(c, &node.url("/mcp"), &body, &headers).await;
+    let msg = if r.status == 200 {
+        r.response()
+    } else {
+        serde_json::from_str(&r.body).unwrap_or_default()
+    };
+    (r.status, msg)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jwt_bearer_tokens_authenticate_map_roles_and_follow_key_rotation() {
+    let (a, b, stranger) = (key("key-a"), key("key-b"), key("key-x"));
+    let doc = Arc::new(Mutex::new(json!({"keys": [a.jwk]}).to_string()));
+    let jwks = issuer(doc.clone()).await;
+    let admin = format!("mcp_{:064x}", u128::from(std::process::id()) << 64 | 0x1e2e);
+    let cfg = format!(
+        "auth:\n  enabled: true\n  api_key:\n    bootstrap_key: ${{HANGAR_BOOTSTRAP_KEY}}\n  rate_limit: {{max_attempts: 40, window_seconds: 120, lockout_seconds: 1}}\n  jwt:\n    issuers:\n      - issuer: {ISS}\n        audience: {AUD}\n        jwks_uri: {jwks}\n        algorithms: [ES256]\n        group_roles: {{readers: viewer}}\nmcp_servers:\n{}",
+        fixture_stdio_yaml("fx", "")
+    );
+    let node = Node::start_with(&cfg, &[("HANGAR_BOOTSTRAP_KEY", &admin)]);
+    let c = client();
+
+    // The subject `alice` is a developer, through the replicated role assignments.
+    wait_for(
+        "the admin assigns a role",
+        Duration::from_secs(30),
+        || async {
+            let (s, _, _) = send(
+                c.post(node.url("/api/auth/roles/assign"))
+                    .header("X-API-Key", &admin)
+                    .header("Content-Type", "application/json")
+                    .body(json!({"principal_id": "alice", "role_name": "developer"}).to_string()),
+            )
+            .await;
+            (s == 200).then_some(())
+        },
+    )
+    .await;
+    let alice = token(&a, a.kid, json!({}));
+    let (status, resp) = echo(&c, &node, Some(&alice)).await;
+    assert_eq!(status, 200, "{resp}");
+    assert_eq!(text_of(&resp), "hello", "{resp}");
+    let (s, _, me) = send(bearer(c.get(node.url("/api/system/me")), Some(&alice))).await;
+    assert_eq!(s, 200, "{me}");
+    assert_eq!(me["principal_id"], "alice");
+    assert_eq!(me["auth_method"], "jwt");
+    assert_eq!(me["issuer"], ISS);
+    assert_eq!(me["tenant"], "acme");
+    assert_eq!(me["groups"], json!(["devs"]));
+    assert_eq!(me["roles"], json!(["developer"]));
+    let (s, _, _) = send(bearer(c.get(node.url("/api/mcp_servers/")), Some(&alice))).await;
+    assert_eq!(s, 200);
+
+    // No token, an expired one, one for another audience, one signed by another key under
+    // the issuer's kid: 401 on /mcp and /api.
+    let t = now();
+    let expired = token(
+        &a,
+        a.kid,
+        json!({"iat": t - 4000, "exp": t - 3000, "nbf": null}),
+    );
+    let wrong_aud = token(&a, a.kid, json!({"aud": "another-service"}));
+    let forged = token(&stranger, a.kid, json!({}));
+    for (what, tok) in [
+        ("no token", None),
+        ("expired", Some(expired.as_str())),
+        ("wrong audience", Some(wrong_aud.as_str())),
+        ("signed by another key", Some(forged.as_str())),
+    ] {
+        let (s, www, body) = send(bearer(c.get(node.url("/api/mcp_servers/")), tok)).await;
+        assert_eq!(s, 401, "{what} on /api: {body}");
+        assert_eq!(body["error"], "authentication_failed", "{what}: {body}");
+        if tok.is_some() {
+            assert!(
+                www.contains("Bearer error=\"invalid_token\""),
+                "{what}: {www}"
+            );
+        } else {
+            assert_eq!(www, "Bearer, ApiKey");
+        }
+        let (s, _) = echo(&c, &node, tok).await;
+        assert_eq!(s, 401, "{what} on /mcp");
+    }
+    let (_, _, body) = send(bearer(c.get(node.url("/api/mcp_servers/")), Some(&expired))).await;
+    assert_eq!(body["details"]["reason"], "expired", "{body}");
+    let (_, _, body) = send(bearer(
+        c.get(node.url("/api/mcp_servers/")),
+        Some(&wrong_aud),
+    ))
+    .await;
+    assert_eq!(body["details"]["reason"], "wrong_audience", "{body}");
+    let (_, _, body) = send(bearer(c.get(node.url("/api/mcp_servers/")), Some(&forged))).await;
+    assert_eq!(body["details"]["reason"], "bad_signature", "{body}");
+
+    // A member of `readers` is a viewer (group_roles): reads, but may not write or call.
+    let carol = token(&a, a.kid, json!({"sub": "carol", "groups": ["readers"]}));
+    let (s, _, body) = send(bearer(c.get(node.url("/api/mcp_servers/")), Some(&carol))).await;
+    assert_eq!(s, 200, "{body}");
+    let (s, _, body) = send(bearer(
+        c.delete(node.url("/api/mcp_servers/fx")),
+        Some(&carol),
+    ))
+    .await;
+    assert_eq!(s, 403, "{body}");
+    assert_eq!(body["error"]["code"], "AccessDeniedError", "{body}");
+    let (_, resp) = echo(&c, &node, Some(&carol)).await;
+    assert_eq!(resp["error"]["code"], -32003, "{resp}");
+
+    // The issuer rotates to key b: a token under the new kid is accepted after the refetch
+    // it triggers; the retired key is refused.
+    *doc.lock().unwrap() = json!({"keys": [b.jwk]}).to_string();
+    let rotated = token(&b, b.kid, json!({}));
+    let (status, resp) = echo(&c, &node, Some(&rotated)).await;
+    assert_eq!(status, 200, "the new key right away: {resp}");
+    assert_eq!(text_of(&resp), "hello");
+    let (s, _, body) = send(bearer(c.get(node.url("/api/mcp_servers/")), Some(&alice))).await;
+    assert_eq!(s, 401, "the retired key: {body}");
+    assert_eq!(body["details"]["reason"], "unknown_key", "{body}");
+
+    // Bad tokens count toward the lockout like bad keys: the address is then refused even
+    // with a good token, until the lockout ends.
+    let mut locked = false;
+    for _ in 0..45 {
+        let (s, _, body) = send(bearer(
+            c.get(node.url("/api/mcp_servers/")),
+            Some(&wrong_aud),
+        ))
+        .await;
+        assert_eq!(s, 401);
+        if body["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("Too many auth attempts"))
+        {
+            locked = true;
+            break;
+        }
+    }
+    assert!(locked, "bad tokens lock the address out");
+    let (s, _, _) = send(bearer(c.get(node.url("/api/mcp_servers/")), Some(&rotated))).await;
+    assert_eq!(s, 401, "locked out even with a good token");
+    wait_for("the lockout ends", Duration::from_secs(20), || async {
+        let (s, _, _) = send(bearer(c.get(node.url("/api/mcp_servers/")), Some(&rotated))).await;
+        (s == 200).then_some(())
+    })
+    .await;
+
+    // The node's log names reasons, never a token.
+    let log = node.proc.stderr();
+    assert!(log.contains("authentication_failed"), "{log}");
+    for t in [&alice, &expired, &wrong_aud, &forged, &rotated] {
+        let sig = t.rsplit('.').next().unwrap();
+        assert!(!log.contains(sig), "a token is in the log");
+    }
+}
