@@ -20,7 +20,12 @@
 #                        Hangars in the same run, one with `auth` off, one with `auth` on (an
 #                        API key in X-API-Key, checked on every call; the key holds `developer`),
 #                        in two rounds of opposite order.
-#   bench/run.sh all     load, cold and raft.
+#   bench/run.sh ratelimit  the cost of the rate-limit decision: `echo` on the fixture through two
+#                        single-node Hangars in the same run, one without `rate_limits`, one with
+#                        two rules (per principal+tool, and global) at 1e9 calls/s, so every call
+#                        takes two GCRA decisions and none is refused; two rounds of opposite order;
+#                        then the limits-on node's /api/rate_limits buckets (allowed/rejected).
+#   bench/run.sh all     load, cold and raft (not forward, auth or ratelimit).
 # Prints a markdown report and writes it to bench/results/latest.md.tmp (+ latest.jsonl.tmp).
 #
 # Environment (all optional):
@@ -54,7 +59,7 @@ ARGS='{"message":"hello from hangar-bench"}'
 say() { echo "bench: $*" >&2; }
 die() { echo "bench: ERROR: $*" >&2; exit 1; }
 
-[[ "$WHAT" =~ ^(load|cold|raft|forward|auth|all)$ ]] || die "usage: bench/run.sh [load|cold|raft|forward|auth|all] (got '$WHAT')"
+[[ "$WHAT" =~ ^(load|cold|raft|forward|auth|ratelimit|all)$ ]] || die "usage: bench/run.sh [load|cold|raft|forward|auth|ratelimit|all] (got '$WHAT')"
 [[ "$DURATION" =~ ^[1-9][0-9]*$ ]] || die "BENCH_DURATION must be a whole number of seconds (got '$DURATION')"
 [[ "$WARMUP" =~ ^[0-9]+$ ]] || die "BENCH_WARMUP must be a whole number of seconds (got '$WARMUP')"
 [[ "$CONCURRENCY" =~ ^[1-9][0-9]*(,[1-9][0-9]*)*$ ]] || die "BENCH_CONCURRENCY must look like 1,8 (got '$CONCURRENCY')"
@@ -72,12 +77,13 @@ UPSTREAM_RUNS=1
 [ "$WHAT" = raft ] && UPSTREAM_RUNS=0
 [ "$WHAT" = forward ] && UPSTREAM_RUNS=0
 [ "$WHAT" = auth ] && UPSTREAM_RUNS=0
+[ "$WHAT" = ratelimit ] && UPSTREAM_RUNS=0
 
 # ---- build ----
 say "building release binaries (CARGO_TARGET_DIR=$CARGO_TARGET_DIR)"
 PACKAGES=(-p hangar-node -p hangar-bench)
 BINARIES=(hangar hangar-bench)
-if [ "$UPSTREAM_RUNS" = 1 ] || [ "$WHAT" = forward ] || [ "$WHAT" = auth ]; then
+if [ "$UPSTREAM_RUNS" = 1 ] || [ "$WHAT" = forward ] || [ "$WHAT" = auth ] || [ "$WHAT" = ratelimit ]; then
     PACKAGES+=(-p hangar-fixture)
     BINARIES+=(hangar-fixture)
 fi
@@ -345,6 +351,92 @@ EOF
     run_off auth-off-2
 fi
 
+if [ "$WHAT" = ratelimit ]; then
+    # rl_node NAME LIMITS(true|false): start a single-node Hangar fronting the fixture, auth off,
+    # with or without two rate-limit rules far above any reachable rate (every call takes two
+    # bucket decisions — one per rule — and none is refused).
+    rl_node() {
+        local name=$1 on=$2
+        cat >"$WORK/$name.yaml" <<EOF
+logging:
+  level: WARNING
+auth:
+  enabled: false
+mcp_servers:
+  fixture:
+    mode: subprocess
+    command: ["$BIN/hangar-fixture", "stdio"]
+    idle_ttl_s: 3600
+EOF
+        if [ "$on" = true ]; then
+            cat >>"$WORK/$name.yaml" <<EOF
+rate_limits:
+  - id: per-caller-tool
+    key: [principal, tool]
+    rps: 1000000000
+    burst: 1000000000
+  - id: global
+    rps: 1000000000
+    burst: 1000000000
+EOF
+        fi
+        "$BIN/hangar" validate "$WORK/$name.yaml" >&2 || die "the generated $name config is invalid"
+        "$BIN/hangar" serve --config "$WORK/$name.yaml" --listen 127.0.0.1:0 \
+            --data-dir "$WORK/$name" --ready-file "$WORK/$name.json" >"$WORK/$name.log" 2>&1 &
+        FORWARD_PIDS+=($!)
+        for _ in $(seq 300); do
+            [ -s "$WORK/$name.json" ] && break
+            kill -0 "${FORWARD_PIDS[-1]}" 2>/dev/null || die "$name exited during startup: $(tail -5 "$WORK/$name.log")"
+            sleep 0.1
+        done
+        [ -s "$WORK/$name.json" ] || die "$name did not write its ready file within 30 s"
+    }
+    rl_node limits-off false
+    rl_node limits-on true
+    OFF="$(sed -n 's/.*"http_addr" *: *"\([^"]*\)".*/\1/p' "$WORK/limits-off.json")"
+    ON="$(sed -n 's/.*"http_addr" *: *"\([^"]*\)".*/\1/p' "$WORK/limits-on.json")"
+    # The rules reach the limiter through the replicated state, and a node admits nothing on a
+    # limited bucket until its first quota grant: probe until a call is admitted and both rules
+    # have a bucket with an admitted call (then the measured runs see the rules in effect).
+    rl_probe() {
+        curl -fsS -X POST "http://$ON/mcp" -H 'Content-Type: application/json' \
+            -H 'Accept: application/json, text/event-stream' -H 'MCP-Protocol-Version: 2025-11-25' \
+            -d "{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"tools/call\",\"params\":{\"name\":\"fixture__echo\",\"arguments\":$ARGS}}" \
+            2>/dev/null || true
+    }
+    RL_READY=0
+    for _ in $(seq 300); do
+        RL_ANSWER="$(rl_probe)"
+        RL_STATE="$(curl -fsS "http://$ON/api/rate_limits" 2>/dev/null || true)"
+        if grep -q '"result"' <<<"$RL_ANSWER" \
+            && [ "$(grep -o '"allowed":[1-9]' <<<"$RL_STATE" | wc -l)" -ge 2 ]; then
+            RL_READY=1
+            break
+        fi
+        sleep 0.1
+    done
+    [ "$RL_READY" = 1 ] || die "the limits-on node did not admit a call under both rules within 30 s: $(curl -sS "http://$ON/api/rate_limits" 2>&1)"
+    say "ratelimit: the same fixture through a node without rate limits and one with two rules: c=$CONCURRENCY"
+    # Two rounds in opposite orders (off→on, then on→off), as for auth.
+    run_off() {
+        timeout --kill-after=5 "$LIMIT" "$BIN/hangar-bench" http --url "http://$OFF/mcp" \
+            --server-pid "${FORWARD_PIDS[0]}" --tool fixture__echo --label "$1" "${LOAD[@]}" \
+            >/dev/null || die "limits-off run failed (or had errors)"
+    }
+    run_on() {
+        timeout --kill-after=5 "$LIMIT" "$BIN/hangar-bench" http --url "http://$ON/mcp" \
+            --server-pid "${FORWARD_PIDS[1]}" --tool fixture__echo --label "$1" "${LOAD[@]}" \
+            >/dev/null || die "limits-on run failed (or had errors, e.g. a refused call)"
+    }
+    run_off limits-off
+    run_on limits-on
+    run_on limits-on-2
+    run_off limits-off-2
+    # What the limiter itself counted on the limits-on node.
+    curl -fsS "http://$ON/api/rate_limits" >"$WORK/rate_limits.json" \
+        || die "GET /api/rate_limits on the limits-on node failed"
+fi
+
 # ---- report ----
 mkdir -p "$(dirname "$OUT_MD")"
 CHECK_FLAG=()
@@ -376,6 +468,57 @@ REPORT_RC=0
         "$BIN/hangar-bench" report "$WORK/runs.jsonl" --baseline auth-off-2 \
             --candidate auth-on-2 --max-added-p50-us 5 >"$WORK/report-auth2.md" || REPORT_RC=$?
         sed 's/^### /#### /' "$WORK/report-auth2.md"
+        echo
+    elif [ "$WHAT" = ratelimit ]; then
+        echo "- ratelimit: two single-node \`hangar serve\` processes on 127.0.0.1 (auth off), each fronting \`hangar-fixture stdio\`; limits-off = no \`rate_limits\`, limits-on = two rules at 1e9 calls/s, burst 1e9 (\`per-caller-tool\`: key [principal, tool]; \`global\`: one bucket), so every \`tools/call\` takes two GCRA decisions and none is refused; server CPU = the node with its children"
+        echo
+        echo "Round 1 (off, then on):"
+        echo
+        "$BIN/hangar-bench" report "$WORK/runs.jsonl" --baseline limits-off \
+            --candidate limits-on --max-added-p50-us 5 >"$WORK/report-rl.md" || REPORT_RC=$?
+        sed 's/^### /#### /' "$WORK/report-rl.md"
+        echo
+        echo "Round 2 (on, then off):"
+        echo
+        "$BIN/hangar-bench" report "$WORK/runs.jsonl" --baseline limits-off-2 \
+            --candidate limits-on-2 --max-added-p50-us 5 >"$WORK/report-rl2.md" || REPORT_RC=$?
+        sed 's/^### /#### /' "$WORK/report-rl2.md"
+        echo
+        # rl_get LABEL C FIELD: a number from the run's JSON line.
+        rl_get() {
+            grep "\"label\":\"$1\"" "$WORK/runs.jsonl" | grep "\"concurrency\":$2," | tail -1 \
+                | sed -n "s/.*\"$3\":\([-0-9.eE+]*\).*/\1/p" || true
+        }
+        echo "#### Mean of the two rounds (targets: ≤ 5 µs p50 added, calls/s within 10 % at c = 8)"
+        echo
+        echo "| c | added p50 µs, round 1 | round 2 | **mean** | calls/s on/off − 1, round 1 | round 2 | **mean** | added server CPU µs/call, mean |"
+        echo "|--:|--:|--:|--:|--:|--:|--:|--:|"
+        for c in $(tr ',' ' ' <<<"$CONCURRENCY"); do
+            awk -v c="$c" \
+                -v p1o="$(rl_get limits-off "$c" p50_us)" -v p1n="$(rl_get limits-on "$c" p50_us)" \
+                -v p2o="$(rl_get limits-off-2 "$c" p50_us)" -v p2n="$(rl_get limits-on-2 "$c" p50_us)" \
+                -v t1o="$(rl_get limits-off "$c" calls_per_s)" -v t1n="$(rl_get limits-on "$c" calls_per_s)" \
+                -v t2o="$(rl_get limits-off-2 "$c" calls_per_s)" -v t2n="$(rl_get limits-on-2 "$c" calls_per_s)" \
+                -v u1o="$(rl_get limits-off "$c" server_cpu_us_per_call)" -v u1n="$(rl_get limits-on "$c" server_cpu_us_per_call)" \
+                -v u2o="$(rl_get limits-off-2 "$c" server_cpu_us_per_call)" -v u2n="$(rl_get limits-on-2 "$c" server_cpu_us_per_call)" \
+                'BEGIN {
+                    if (p1o == "" || p1n == "" || p2o == "" || p2n == "" || t1o <= 0 || t2o <= 0) { print "| " c " | - | - | - | - | - | - | - |"; exit }
+                    a1 = p1n - p1o; a2 = p2n - p2o; r1 = 100 * (t1n / t1o - 1); r2 = 100 * (t2n / t2o - 1)
+                    cpu = (u1o == "" || u1n == "" || u2o == "" || u2n == "") ? "-" : sprintf("%+.1f", ((u1n - u1o) + (u2n - u2o)) / 2)
+                    printf "| %s | %+.1f | %+.1f | **%+.1f** | %+.1f %% | %+.1f %% | **%+.1f %%** | %s |\n", c, a1, a2, (a1 + a2) / 2, r1, r2, (r1 + r2) / 2, cpu
+                }'
+        done
+        echo
+        RL_ERRORS="$(grep '"label":"limits-' "$WORK/runs.jsonl" | sed -n 's/.*"errors":\([0-9]*\).*/\1/p' | awk '{s += $1} END {print s + 0}' || true)"
+        RL_ON_CALLS="$(grep -E '"label":"limits-on(-2)?"' "$WORK/runs.jsonl" | sed -n 's/.*"calls":\([0-9]*\).*/\1/p' | awk '{s += $1} END {print s + 0}' || true)"
+        echo "- errors over all the measured runs (off and on): $RL_ERRORS"
+        echo "- the limits-on node's buckets after the runs (\`GET /api/rate_limits\`, mode $(sed -n 's/.*"mode":"\([^"]*\)".*/\1/p' "$WORK/rate_limits.json")); its measured runs completed $RL_ON_CALLS calls (warm-ups, preflights and the readiness probes come on top):"
+        echo
+        echo "| rule | bucket | allowed | rejected |"
+        echo "|---|---|--:|--:|"
+        { grep -o '{[^{}]*"allowed":[^{}]*}' "$WORK/rate_limits.json" || true; } | while read -r b; do
+            echo "| $(sed -n 's/.*"rule":"\([^"]*\)".*/\1/p' <<<"$b") | \`$(sed -n 's/.*"key":"\([^"]*\)".*/\1/p' <<<"$b" | sed 's/|/\\|/g')\` | $(sed -n 's/.*"allowed":\([0-9]*\).*/\1/p' <<<"$b") | $(sed -n 's/.*"rejected":\([0-9]*\).*/\1/p' <<<"$b") |"
+        done
         echo
     elif [ "$WHAT" = forward ]; then
         echo "- forward: 3 \`hangar serve\` processes on 127.0.0.1 (joined, default timings); \`fixture\` placed on node 1; local = calls through node 1, forward = calls through node 2 (a gRPC stream to node 1); server CPU = node 1 (local) or nodes 1 + 2 (forward), with their children"
