@@ -20,6 +20,7 @@
 
 pub mod cold;
 pub mod cpu;
+pub mod decide;
 pub mod histogram;
 pub mod http1;
 pub mod instance;

@@ -33,6 +33,16 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// The cost of one rate-limit decision (the call path's `RateLimits::check`) from C
+    /// threads at once, without rules and with two never-refusing rules, in the same run.
+    Decide {
+        /// Threads deciding at once (comma list).
+        #[arg(long, default_value = "1,8")]
+        concurrency: String,
+        /// Seconds per configuration.
+        #[arg(long, default_value_t = 3.0)]
+        secs: f64,
+    },
     /// Spawn an MCP server on stdio, handshake, and drive tools/call from N workers over its pipe.
     Stdio {
         /// The server's command line, e.g. "node .../server-everything/dist/index.js stdio".
@@ -194,6 +204,7 @@ fn main() -> ExitCode {
     let threads = match &cli.command {
         Command::Stdio { load, .. } | Command::Http { load, .. } => load.threads.max(1),
         Command::Report { .. }
+        | Command::Decide { .. }
         | Command::Cold { .. }
         | Command::RaftCommit(_)
         | Command::RaftFailover(_)
@@ -227,6 +238,21 @@ fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
+        Command::Decide { concurrency, secs } => {
+            println!("| c | rules | decisions/s | p50 ns | p99 ns |");
+            println!("|--:|---|--:|--:|--:|");
+            for c in parse_concurrency(&concurrency)? {
+                // Off and on alternate, twice, so that neither always runs first.
+                for on in [false, true, true, false] {
+                    let r = hangar_bench::decide::run(on, c, Duration::from_secs_f64(secs))?;
+                    println!(
+                        "| {} | {} | {:.0} | {} | {} |",
+                        r.concurrency, r.label, r.per_sec, r.p50_ns, r.p99_ns
+                    );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Stdio { cmd, load } => run_stdio(&cmd, &load).await,
         Command::Http {
             url,
