@@ -3,6 +3,7 @@
 
 mod certs;
 mod ops;
+mod policies;
 
 use std::process::ExitCode;
 
@@ -95,6 +96,12 @@ enum Cmd {
     Limits {
         #[command(subcommand)]
         cmd: ops::LimitsCmd,
+    },
+    /// Tool access policies set through the API (scopes global, server, group, principal,
+    /// role), enforced with the config file's.
+    Policies {
+        #[command(subcommand)]
+        cmd: policies::PoliciesCmd,
     },
 }
 
@@ -616,6 +623,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             print(out, &v, kv);
         }
         Cmd::Limits { cmd } => ops::limits(&c, out, cmd).await?,
+        Cmd::Policies { cmd } => policies::policies(&c, out, cmd).await?,
     }
     Ok(())
 }

@@ -525,56 +525,130 @@ pub async fn keys(c: &Client, out: Output, cmd: KeysCmd) -> anyhow::Result<()> {
 
 #[derive(Subcommand)]
 pub enum RolesCmd {
-    /// Roles with their permissions, and who holds which.
+    /// Roles with their permissions, and who holds which where (scopes).
     List,
+    /// Create or replace a custom role.
+    Create {
+        /// Role name (1-64 letters, digits, `_`, `-`, `.`; not a built-in name).
+        name: String,
+        /// A permission, `resource:action` (`*` for either part, e.g. `tool:invoke`,
+        /// `mcp_servers:*`); repeat or comma-separate.
+        #[arg(
+            long = "permission",
+            value_name = "PERMISSION",
+            value_delimiter = ',',
+            required = true
+        )]
+        permissions: Vec<String>,
+        /// What the role is for.
+        #[arg(long)]
+        description: Option<String>,
+    },
+    /// Delete a custom role (refused while it is assigned: revoke it first).
+    Delete {
+        /// Role name.
+        name: String,
+    },
     /// Give a principal a role (admin, provider-admin, developer, viewer, auditor,
-    /// service-account, or a custom one).
-    Assign {
-        /// Principal.
-        #[arg(long)]
-        principal: String,
-        /// Role name.
-        #[arg(long)]
-        role: String,
-    },
-    /// Take a role from a principal.
-    Revoke {
-        /// Principal.
-        #[arg(long)]
-        principal: String,
-        /// Role name.
-        #[arg(long)]
-        role: String,
-    },
+    /// service-account, or a custom one), everywhere or within a scope.
+    Assign(AssignArgs),
+    /// Take a role from a principal (the assignment of that scope only).
+    Revoke(AssignArgs),
+}
+
+/// `roles assign|revoke PRINCIPAL ROLE [--scope S]` (`--principal` / `--role` work too).
+#[derive(Args)]
+pub struct AssignArgs {
+    /// Principal (e.g. `service:ci`, `group:<JWT group>`).
+    principal: Option<String>,
+    /// Role name.
+    role: Option<String>,
+    /// Principal, as a flag.
+    #[arg(
+        long = "principal",
+        value_name = "PRINCIPAL",
+        conflicts_with = "principal"
+    )]
+    principal_flag: Option<String>,
+    /// Role name, as a flag.
+    #[arg(long = "role", value_name = "ROLE", conflicts_with = "role")]
+    role_flag: Option<String>,
+    /// Where the role applies: `global` (default), `server:<id>` or `group:<id>` (the group
+    /// and its members).
+    #[arg(long)]
+    scope: Option<String>,
+}
+
+impl AssignArgs {
+    /// The request body.
+    fn body(self) -> anyhow::Result<Value> {
+        let Some(principal) = self.principal.or(self.principal_flag) else {
+            bail!("give the principal: roles assign|revoke PRINCIPAL ROLE [--scope server:ID]");
+        };
+        let Some(role) = self.role.or(self.role_flag) else {
+            bail!("give the role: roles assign|revoke PRINCIPAL ROLE [--scope server:ID]");
+        };
+        let mut body = json!({"principal_id": principal, "role_name": role});
+        if let Some(scope) = self.scope {
+            body["scope"] = json!(scope);
+        }
+        Ok(body)
+    }
+}
+
+/// `GET /api/auth/roles` as text: the roles, then every assignment with its scope.
+fn roles_text(v: &Value) -> String {
+    let roles = v["roles"].as_array().map_or(&[][..], Vec::as_slice);
+    let mut s = table(roles, &["name", "builtin", "permissions"]);
+    let held: Vec<Value> = roles
+        .iter()
+        .flat_map(|r| {
+            r["assignments"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|a| json!({"principal_id": a["principal_id"], "role": r["name"], "scope": a["scope"]}))
+        })
+        .collect();
+    if !held.is_empty() {
+        s.push('\n');
+        s.push_str(&table(&held, &["principal_id", "role", "scope"]));
+    }
+    s
 }
 
 pub async fn roles(c: &Client, out: Output, cmd: RolesCmd) -> anyhow::Result<()> {
-    let (path, body) = match cmd {
+    let v = match cmd {
         RolesCmd::List => {
             let v = c.get("/api/auth/roles").await?;
-            print(out, &v, |v| {
-                let mut s = table(
-                    v["roles"].as_array().map_or(&[][..], Vec::as_slice),
-                    &["name", "builtin", "permissions"],
-                );
-                s.push('\n');
-                for (p, r) in v["assignments"].as_object().into_iter().flatten() {
-                    s.push_str(&format!("{p}: {}\n", cell(r)));
-                }
-                s
-            });
+            print(out, &v, roles_text);
             return Ok(());
         }
-        RolesCmd::Assign { principal, role } => (
-            "/api/auth/roles/assign",
-            json!({"principal_id": principal, "role_name": role}),
-        ),
-        RolesCmd::Revoke { principal, role } => (
-            "/api/auth/roles/revoke",
-            json!({"principal_id": principal, "role_name": role}),
-        ),
+        RolesCmd::Create {
+            name,
+            permissions,
+            description,
+        } => {
+            let mut body = json!({"name": name, "permissions": permissions});
+            if let Some(d) = description {
+                body["description"] = json!(d);
+            }
+            c.post("/api/auth/roles", body).await?
+        }
+        RolesCmd::Delete { name } => {
+            if name.is_empty() || name.contains(['/', '?', '#', '%']) {
+                bail!("invalid role name '{name}'");
+            }
+            c.send(
+                reqwest::Method::DELETE,
+                &format!("/api/auth/roles/{name}"),
+                None,
+            )
+            .await?
+        }
+        RolesCmd::Assign(a) => c.post("/api/auth/roles/assign", a.body()?).await?,
+        RolesCmd::Revoke(a) => c.post("/api/auth/roles/revoke", a.body()?).await?,
     };
-    let v = c.post(path, body).await?;
     print(out, &v, kv);
     Ok(())
 }
@@ -876,6 +950,86 @@ mod tests {
         assert!(set_request(&["a/b", "--rps", "1"]).is_err());
         assert!(limit_path("x?y").is_err());
         assert_eq!(limit_path("a.b_c-1").unwrap(), "/api/rate_limits/a.b_c-1");
+    }
+
+    /// `hangarctl roles ARGS…` parsed.
+    fn roles_cmd(args: &[&str]) -> anyhow::Result<RolesCmd> {
+        let cli = Cli::try_parse_from([&["hangarctl", "roles"], args].concat())?;
+        let Cmd::Roles { cmd } = cli.command else {
+            bail!("not `roles`");
+        };
+        Ok(cmd)
+    }
+
+    #[test]
+    fn roles_assign_and_revoke_take_positionals_or_flags_and_a_scope() {
+        let Ok(RolesCmd::Assign(a)) =
+            roles_cmd(&["assign", "svc:a", "caller", "--scope", "server:a"])
+        else {
+            panic!("assign");
+        };
+        assert_eq!(
+            a.body().unwrap(),
+            json!({"principal_id": "svc:a", "role_name": "caller", "scope": "server:a"})
+        );
+        let Ok(RolesCmd::Revoke(a)) =
+            roles_cmd(&["revoke", "--principal", "p", "--role", "viewer"])
+        else {
+            panic!("revoke");
+        };
+        assert_eq!(
+            a.body().unwrap(),
+            json!({"principal_id": "p", "role_name": "viewer"})
+        );
+        let Ok(RolesCmd::Assign(a)) = roles_cmd(&["assign", "p"]) else {
+            panic!("assign");
+        };
+        assert!(a.body().is_err(), "no role");
+        assert!(roles_cmd(&["assign", "p", "r", "--principal", "q"]).is_err());
+        let Ok(RolesCmd::Create {
+            name, permissions, ..
+        }) = roles_cmd(&[
+            "create",
+            "caller",
+            "--permission",
+            "tool:invoke,tool:list",
+            "--permission",
+            "mcp_servers:read",
+        ])
+        else {
+            panic!("create");
+        };
+        assert_eq!(name, "caller");
+        assert_eq!(
+            permissions,
+            ["tool:invoke", "tool:list", "mcp_servers:read"]
+        );
+        assert!(
+            roles_cmd(&["create", "x"]).is_err(),
+            "--permission is required"
+        );
+    }
+
+    #[test]
+    fn roles_list_shows_every_assignment_with_its_scope() {
+        let v = json!({"roles": [
+            {"name": "viewer", "builtin": true, "permissions": ["tool:list"],
+             "assignments": [{"principal_id": "p1", "scope": "global"}]},
+            {"name": "caller", "builtin": false, "permissions": ["tool:invoke"],
+             "assignments": [{"principal_id": "svc:a", "scope": "server:a"}]},
+        ]});
+        assert_eq!(
+            roles_text(&v),
+            "\
+NAME    BUILTIN  PERMISSIONS
+viewer  true     [\"tool:list\"]
+caller  false    [\"tool:invoke\"]
+
+PRINCIPAL_ID  ROLE    SCOPE
+p1            viewer  global
+svc:a         caller  server:a
+"
+        );
     }
 
     #[test]

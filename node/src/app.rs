@@ -247,7 +247,10 @@ impl Node {
             .metrics()
             .register_with(|r| limits.metrics().register(r));
         gateway.set_rate_limits(limits.clone());
+        gateway.set_policy_source(cluster.clone());
         let auth = crate::auth::Auth::new(cfg.auth.clone(), cluster.clone());
+        let members_of = runtime.clone();
+        auth.set_membership(Arc::new(move |id| crate::auth::groups_of(&members_of, id)));
         let reloader = Arc::new(Reloader::new(
             opts.config_path.clone(),
             Arc::new(ReloadWiring {
@@ -273,6 +276,7 @@ impl Node {
                 &cfg.server.allowed_hosts,
                 &cfg.server.allowed_origins,
             ));
+            let http_limits = front::limits::Limits::of(&cfg.server);
             let app = Router::new()
                 .merge(front::routes(FrontDoor {
                     gateway: gateway.clone(),
@@ -283,6 +287,15 @@ impl Node {
                     reloader: Some(reloader.clone()),
                     cluster: cluster.clone(),
                 }))
+                // Bodies are read (and limited) only once the caller authenticated.
+                .layer(axum::middleware::from_fn_with_state(
+                    http_limits,
+                    front::limits::bodies,
+                ))
+                .layer(axum::extract::DefaultBodyLimit::max(
+                    cfg.server.max_body_bytes,
+                ))
+                .layer(axum::Extension(api::bootstrap::Listener(bound)))
                 .layer(axum::middleware::from_fn_with_state(
                     limits,
                     crate::ratelimit::middleware,
@@ -291,7 +304,11 @@ impl Node {
                     auth.clone(),
                     crate::auth::middleware,
                 ))
-                .layer(axum::middleware::from_fn_with_state(guard, front::guard));
+                .layer(axum::middleware::from_fn_with_state(guard, front::guard))
+                .layer(axum::middleware::from_fn_with_state(
+                    http_limits,
+                    front::limits::headers,
+                ));
             let token = shutdown.clone();
             let task = match &https {
                 Some(h) => {

@@ -1,4 +1,4 @@
-//! The `hangar` binary: `serve`, `validate`, `version`.
+//! The `hangar` binary: `serve`, `validate`, `auth bootstrap-admin`, `version`.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -52,6 +52,11 @@ enum Command {
         /// The file to check.
         file: PathBuf,
     },
+    /// Authentication chores.
+    Auth {
+        #[command(subcommand)]
+        command: AuthCommand,
+    },
     /// Print the version.
     Version,
     /// Internal: how a node starts an MCP server child. Arms the parent-death signal (SIGKILL
@@ -71,10 +76,51 @@ enum Command {
     },
 }
 
+#[derive(Subcommand)]
+enum AuthCommand {
+    /// Create the first admin API key on a running node and print it, once. Run it on the
+    /// node's host: the node accepts it only from its own host, and only while the cluster
+    /// has no admin key.
+    BootstrapAdmin {
+        /// The node's API as reached from this host, e.g. http://127.0.0.1:8000 (default:
+        /// from --config's `server.listen` and `server.tls`, else http://127.0.0.1:8000).
+        #[arg(long)]
+        endpoint: Option<String>,
+        /// The node's configuration file, for its address.
+        #[arg(long, short = 'c')]
+        config: Option<PathBuf>,
+        /// The principal of the key (it is given the role `admin`).
+        #[arg(long, default_value = "admin")]
+        principal: String,
+        /// The key's name.
+        #[arg(long = "key-name", default_value = "bootstrap-admin")]
+        key_name: String,
+        /// The CA to trust when the node serves HTTPS (`server.tls`).
+        #[arg(long, env = "HANGAR_CA_FILE")]
+        ca_file: Option<PathBuf>,
+    },
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Some(Command::Validate { file }) => validate(&file),
+        Some(Command::Auth {
+            command:
+                AuthCommand::BootstrapAdmin {
+                    endpoint,
+                    config,
+                    principal,
+                    key_name,
+                    ca_file,
+                },
+        }) => bootstrap_admin(
+            endpoint,
+            config.as_deref(),
+            &principal,
+            &key_name,
+            ca_file.as_deref(),
+        ),
         Some(Command::Version) => {
             println!("hangar {}", env!("CARGO_PKG_VERSION"));
             ExitCode::SUCCESS
@@ -103,7 +149,7 @@ fn main() -> ExitCode {
         }) => exec_child(parent, lease_fd, &argv),
         None => {
             eprintln!(
-                "usage: hangar serve --config FILE | hangar validate FILE | hangar version (see --help)"
+                "usage: hangar serve --config FILE | hangar validate FILE | hangar auth bootstrap-admin [--endpoint URL] | hangar version (see --help)"
             );
             ExitCode::from(2)
         }
@@ -136,7 +182,93 @@ fn exec_child(parent: i32, lease_fd: Option<i32>, argv: &[String]) -> ExitCode {
     ExitCode::from(127)
 }
 
+/// `hangar auth bootstrap-admin`: ask the node on this host for the first admin key.
+fn bootstrap_admin(
+    endpoint: Option<String>,
+    config_path: Option<&Path>,
+    principal: &str,
+    key_name: &str,
+    ca_file: Option<&Path>,
+) -> ExitCode {
+    let endpoint = match (endpoint, config_path) {
+        (Some(e), _) => e,
+        (None, Some(p)) => match config::load_file(p) {
+            Ok(cfg) => match endpoint_of(&cfg.server) {
+                Some(e) => e,
+                None => {
+                    eprintln!(
+                        "hangar: server.listen `{}` is not IP:PORT; pass --endpoint",
+                        cfg.server.listen
+                    );
+                    return ExitCode::from(2);
+                }
+            },
+            Err(e) => return report_config_error(p, &e),
+        },
+        (None, None) => "http://127.0.0.1:8000".to_owned(),
+    };
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("hangar: cannot start the async runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    use hangar_node::api::bootstrap::{ClientError, request};
+    match rt.block_on(request(&endpoint, Some(principal), Some(key_name), ca_file)) {
+        Ok(k) => {
+            println!("api key  : {}", k.raw_key);
+            println!("key id   : {}", k.key_id);
+            println!("principal: {} (role admin)", k.principal_id);
+            println!("name     : {}", k.name);
+            println!(
+                "Store the key now: it is shown once and never stored, and bootstrap-admin will not work again."
+            );
+            println!("Try it: HANGAR_API_KEY=<the key> hangarctl --endpoint {endpoint} whoami");
+            ExitCode::SUCCESS
+        }
+        Err(ClientError::Refused(why)) => {
+            eprintln!("hangar: bootstrap-admin refused: {why}");
+            ExitCode::from(1)
+        }
+        Err(ClientError::Failed(why)) => {
+            eprintln!("hangar: bootstrap-admin failed: {why}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// The URL this host reaches a node's listener at (a wildcard address: loopback).
+fn endpoint_of(server: &config::ServerConfig) -> Option<String> {
+    let addr: std::net::SocketAddr = server.listen.parse().ok()?;
+    let ip = match addr.ip() {
+        std::net::IpAddr::V4(v4) if v4.is_unspecified() => std::net::Ipv4Addr::LOCALHOST.into(),
+        std::net::IpAddr::V6(v6) if v6.is_unspecified() => std::net::Ipv6Addr::LOCALHOST.into(),
+        ip => ip,
+    };
+    let scheme = if server.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    Some(format!(
+        "{scheme}://{}",
+        std::net::SocketAddr::new(ip, addr.port())
+    ))
+}
+
+/// Print the literal secrets of a configuration file as `warning:` lines (stderr).
+fn warn_literal_secrets(file: &Path) {
+    for w in config::literal_secrets_in_file(file) {
+        eprintln!("warning: {w}");
+    }
+}
+
 fn validate(file: &Path) -> ExitCode {
+    warn_literal_secrets(file);
     match config::load_file(file) {
         Ok(cfg) => {
             println!(
@@ -199,6 +331,11 @@ fn serve(
         }
     };
     hangar_node::telemetry::init_logging(cfg.logging.level.as_deref(), cfg.logging.json_format);
+    if let Some(p) = &config_path {
+        for w in config::literal_secrets_in_file(p) {
+            tracing::warn!(path = %w.path, problem = %w.message, "config_literal_secret");
+        }
+    }
     let listen = listen.or_else(env_listen);
     let opts = ServeOptions {
         config: cfg,

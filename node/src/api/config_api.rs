@@ -14,7 +14,12 @@ use crate::telemetry::events::DomainEvent;
 fn parse(body: &[u8]) -> Result<config::Config, ApiError> {
     let text = std::str::from_utf8(body)
         .map_err(|_| ApiError::bad_request("the body must be the config file as UTF-8 text"))?;
-    Ok(config::load_str(text, &|k| std::env::var(k).ok())?)
+    let cfg = config::load_str(text, &|k| std::env::var(k).ok())?;
+    let problems = config::command_problems(&cfg.mcp_servers, &config::CommandPolicy::from_env());
+    if !problems.is_empty() {
+        return Err(config::ConfigError::Invalid { problems }.into());
+    }
+    Ok(cfg)
 }
 
 /// `POST /api/config/validate`: every problem with its path (200 with `valid: false`).

@@ -75,6 +75,13 @@ pub(super) async fn create_group(State(st): State<ApiState>, body: axum::body::B
     }
     config::validate_server(&id, &v, &st.runtime().specs())
         .map_err(|p| ApiError::invalid_config("invalid group definition", &p.into()))?;
+    let refused = config::raw_command_problems(&id, &v, &config::CommandPolicy::from_env());
+    if !refused.is_empty() {
+        return Err(ApiError::invalid_config(
+            "invalid group definition",
+            &config::ConfigError::Invalid { problems: refused },
+        ));
+    }
     st.cluster.put_server(&id, v, true, None).await?;
     st.runtime().events().emit(DomainEvent::GroupCreated {
         group_id: id.clone(),

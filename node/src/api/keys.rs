@@ -8,12 +8,13 @@ use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use hangar_raft::Command;
-use hangar_raft::state::ApiKeyRecord;
+use hangar_raft::state::{ApiKeyRecord, RoleDef, RoleScope};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::ApiState;
 use super::error::{ApiError, ApiResult};
+use crate::auth::rbac;
 use crate::telemetry::events::DomainEvent;
 
 const SHOWN_ONCE: &str = "Store the raw key now: it is shown once and never stored.";
@@ -126,7 +127,7 @@ pub(super) async fn revoke(State(st): State<ApiState>, Path(id): Path<String>) -
         .await?;
     // Acknowledge once every member refuses the key (bounded; a member that did not confirm
     // in time is named).
-    let index = st.cluster.raft().applied_index();
+    let index = st.cluster.acknowledged_index().await;
     let lagging = st
         .cluster
         .wait_applied_everywhere(index, std::time::Duration::from_secs(5))
@@ -148,6 +149,21 @@ pub(super) async fn revoke(State(st): State<ApiState>, Path(id): Path<String>) -
 struct AssignBody {
     principal_id: String,
     role_name: String,
+    /// `global` (the default), `server:<id>` or `group:<id>`.
+    #[serde(default)]
+    scope: Option<String>,
+}
+
+impl AssignBody {
+    /// The scope as the replicated command takes it (`None`: global).
+    fn scope(&self) -> Option<&str> {
+        self.scope.as_deref().filter(|s| *s != "global")
+    }
+
+    /// The scope as shown (`global` when absent).
+    fn scope_name(&self) -> &str {
+        self.scope.as_deref().unwrap_or("global")
+    }
 }
 
 fn assign_body(body: &[u8]) -> Result<AssignBody, ApiError> {
@@ -155,7 +171,7 @@ fn assign_body(body: &[u8]) -> Result<AssignBody, ApiError> {
         ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
             "ValidationError",
-            format!("body must be {{\"principal_id\": \"…\", \"role_name\": \"…\"}}: {e}"),
+            format!("body must be {{\"principal_id\": \"…\", \"role_name\": \"…\", \"scope\": \"global\" | \"server:<id>\" | \"group:<id>\" (optional)}}: {e}"),
             Value::Null,
         )
     })?;
@@ -167,65 +183,254 @@ fn assign_body(body: &[u8]) -> Result<AssignBody, ApiError> {
             Value::Null,
         ));
     }
+    if let Some(scope) = &b.scope
+        && let Err(problem) = RoleScope::parse(scope)
+    {
+        let hint = if scope.starts_with("tenant:") {
+            " (MCP Hangar's tenant scopes are not supported: scope a role to a server or a group)"
+        } else {
+            ""
+        };
+        return Err(ApiError::validation(
+            format!("{problem}{hint}"),
+            json!({"field": "scope", "accepted": ["global", "server:<id>", "group:<id>"]}),
+        ));
+    }
     Ok(b)
 }
 
-/// `GET /api/auth/roles`: the built-in and custom roles with their permissions, and who holds
-/// which.
-pub(super) async fn roles(State(st): State<ApiState>) -> ApiResult {
-    let (custom, assignments) = st
-        .cluster
-        .raft()
-        .read(|s| (s.roles.clone(), s.role_assignments.clone()));
-    let mut roles: Vec<Value> = crate::auth::rbac::BUILTIN_ROLES
-        .iter()
-        .map(|(name, perms)| json!({"name": name, "permissions": perms, "builtin": true}))
-        .collect();
-    for (name, r) in &custom {
-        if !crate::auth::rbac::BUILTIN_ROLES
-            .iter()
-            .any(|(n, _)| n == name)
-        {
-            roles.push(
-                json!({"name": name, "permissions": r.permissions, "builtin": false,
-                "description": r.description}),
-            );
-        }
-    }
-    Ok(axum::Json(json!({"roles": roles, "assignments": assignments})).into_response())
+fn is_builtin(name: &str) -> bool {
+    rbac::BUILTIN_ROLES.iter().any(|(n, _)| *n == name)
 }
 
-/// `POST /api/auth/roles/assign`.
+/// Who holds `role`: `[{"principal_id", "scope"}]`, global assignments first.
+fn holders(s: &hangar_raft::state::State, role: &str) -> Vec<Value> {
+    let global = s
+        .role_assignments
+        .iter()
+        .filter(|(_, roles)| roles.contains(role))
+        .map(|(p, _)| json!({"principal_id": p, "scope": "global"}));
+    let scoped = s.scoped_role_assignments.iter().flat_map(|(p, scopes)| {
+        scopes
+            .iter()
+            .filter(|(_, roles)| roles.contains(role))
+            .map(move |(scope, _)| json!({"principal_id": p, "scope": scope}))
+    });
+    global.chain(scoped).collect()
+}
+
+/// `GET /api/auth/roles`: the built-in and custom roles with their permissions and who holds
+/// each (`assignments` of every role, with scopes); `assignments` (global, principal → roles)
+/// and `scoped_assignments` (principal → scope → roles) as maps.
+pub(super) async fn roles(State(st): State<ApiState>) -> ApiResult {
+    let body = st.cluster.raft().read(|s| {
+        let mut roles: Vec<Value> = rbac::BUILTIN_ROLES
+            .iter()
+            .map(|(name, perms)| {
+                json!({"name": name, "permissions": perms, "builtin": true,
+                    "assignments": holders(s, name)})
+            })
+            .collect();
+        for (name, r) in s.roles.iter().filter(|(n, _)| !is_builtin(n)) {
+            roles.push(
+                json!({"name": name, "permissions": r.permissions, "builtin": false,
+                "description": r.description, "assignments": holders(s, name)}),
+            );
+        }
+        json!({"roles": roles, "assignments": s.role_assignments,
+            "scoped_assignments": s.scoped_role_assignments})
+    });
+    Ok(axum::Json(body).into_response())
+}
+
+#[derive(Deserialize)]
+struct RoleBody {
+    #[serde(alias = "role_name")]
+    name: String,
+    permissions: Vec<String>,
+    #[serde(default)]
+    description: Option<String>,
+}
+
+/// Longest custom role description.
+const MAX_DESCRIPTION: usize = 1024;
+
+/// `POST /api/auth/roles`: create or replace a custom role (201 created, 200 replaced).
+/// Built-in names are refused (409); every permission must be a known `resource:action`
+/// (`*` for either part), else 422 naming the unknown ones.
+pub(super) async fn create_role(State(st): State<ApiState>, body: axum::body::Bytes) -> ApiResult {
+    let b: RoleBody = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::validation(
+            format!("body must be {{\"name\": \"…\", \"permissions\": [\"resource:action\", …], \"description\": \"…\" (optional)}}: {e}"),
+            Value::Null,
+        )
+    })?;
+    let name = b.name.trim();
+    if name.is_empty()
+        || name.len() > 64
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+    {
+        return Err(ApiError::validation(
+            format!("role name {name:?} must be 1-64 letters, digits, `_`, `-` or `.`"),
+            json!({"field": "name"}),
+        ));
+    }
+    if is_builtin(name) {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "ConflictError",
+            format!("`{name}` is a built-in role and cannot be redefined; choose another name"),
+            json!({"role_name": name, "builtin": true}),
+        ));
+    }
+    if b.permissions.is_empty() {
+        return Err(ApiError::validation(
+            "a role needs at least one permission",
+            json!({"field": "permissions"}),
+        ));
+    }
+    let unknown = rbac::unknown_permissions(b.permissions.iter().map(String::as_str));
+    if !unknown.is_empty() {
+        let list: Vec<String> = unknown
+            .iter()
+            .map(|(p, why)| format!("{p} ({why})"))
+            .collect();
+        let known: serde_json::Map<String, Value> = rbac::KNOWN_PERMISSIONS
+            .iter()
+            .map(|(r, a)| ((*r).to_owned(), json!(a)))
+            .collect();
+        return Err(ApiError::validation(
+            format!("unknown permissions: {}", list.join(", ")),
+            json!({"unknown_permissions": unknown.iter().map(|(p, why)| json!({"permission": p, "problem": why})).collect::<Vec<_>>(),
+                "known_permissions": known}),
+        ));
+    }
+    let description = b.description.unwrap_or_default();
+    if description.len() > MAX_DESCRIPTION {
+        return Err(ApiError::validation(
+            format!("description is longer than {MAX_DESCRIPTION} bytes"),
+            json!({"field": "description"}),
+        ));
+    }
+    let role = RoleDef {
+        name: name.to_owned(),
+        permissions: b.permissions.iter().cloned().collect(),
+        description,
+    };
+    let existed = st.cluster.raft().read(|s| s.roles.contains_key(name));
+    st.cluster
+        .propose(Command::PutRole { role: role.clone() })
+        .await?;
+    let permissions: Vec<String> = role.permissions.iter().cloned().collect();
+    st.runtime().events().emit(if existed {
+        DomainEvent::CustomRoleUpdated {
+            role_name: role.name.clone(),
+            permissions: permissions.clone(),
+        }
+    } else {
+        DomainEvent::CustomRoleCreated {
+            role_name: role.name.clone(),
+            permissions: permissions.clone(),
+        }
+    });
+    let status = if existed {
+        StatusCode::OK
+    } else {
+        StatusCode::CREATED
+    };
+    Ok((
+        status,
+        axum::Json(
+            json!({"name": role.name, "permissions": permissions, "builtin": false,
+            "description": role.description, "created": !existed}),
+        ),
+    )
+        .into_response())
+}
+
+/// `DELETE /api/auth/roles/{name}`: delete a custom role. Refused (409) for a built-in role
+/// and while anyone holds the role (the holders are named: revoke them first).
+pub(super) async fn delete_role(State(st): State<ApiState>, Path(name): Path<String>) -> ApiResult {
+    if is_builtin(&name) {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "ConflictError",
+            format!("`{name}` is a built-in role and cannot be deleted"),
+            json!({"role_name": name, "builtin": true}),
+        ));
+    }
+    let (exists, assigned) = st
+        .cluster
+        .raft()
+        .read(|s| (s.roles.contains_key(&name), holders(s, &name)));
+    if !exists {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "RoleNotFoundError",
+            format!("no custom role `{name}`; GET /api/auth/roles lists the roles"),
+            json!({"role_name": name}),
+        ));
+    }
+    if !assigned.is_empty() {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "ConflictError",
+            format!(
+                "role `{name}` is still assigned ({} assignment(s)); revoke them first with POST /api/auth/roles/revoke",
+                assigned.len()
+            ),
+            json!({"role_name": name, "assignments": assigned}),
+        ));
+    }
+    st.cluster
+        .propose(Command::DeleteRole { name: name.clone() })
+        .await?;
+    st.runtime().events().emit(DomainEvent::CustomRoleDeleted {
+        role_name: name.clone(),
+    });
+    Ok(axum::Json(json!({"name": name, "deleted": true})).into_response())
+}
+
+/// `POST /api/auth/roles/assign`: `scope` (optional) is `global`, `server:<id>` or
+/// `group:<id>`.
 pub(super) async fn assign_role(State(st): State<ApiState>, body: axum::body::Bytes) -> ApiResult {
     let b = assign_body(&body)?;
     st.cluster
-        .assign_role(&b.principal_id, &b.role_name)
+        .assign_role(&b.principal_id, &b.role_name, b.scope())
         .await?;
     st.runtime().events().emit(DomainEvent::RoleAssigned {
         principal_id: b.principal_id.clone(),
         role_name: b.role_name.clone(),
+        scope: b.scope_name().to_owned(),
     });
     Ok(axum::Json(
-        json!({"principal_id": b.principal_id, "role_name": b.role_name, "assigned": true}),
+        json!({"principal_id": b.principal_id, "role_name": b.role_name,
+            "scope": b.scope_name(), "assigned": true}),
     )
     .into_response())
 }
 
-/// `POST /api/auth/roles/revoke`.
+/// `POST /api/auth/roles/revoke` (and MCP Hangar's `DELETE`): takes back the assignment of
+/// that scope only.
 pub(super) async fn revoke_role(State(st): State<ApiState>, body: axum::body::Bytes) -> ApiResult {
     let b = assign_body(&body)?;
     st.cluster
         .propose(Command::UnassignRole {
             principal: b.principal_id.clone(),
             role: b.role_name.clone(),
+            scope: b.scope().map(str::to_owned),
         })
         .await?;
     st.runtime().events().emit(DomainEvent::RoleRevoked {
         principal_id: b.principal_id.clone(),
         role_name: b.role_name.clone(),
+        scope: b.scope_name().to_owned(),
     });
     Ok(axum::Json(
-        json!({"principal_id": b.principal_id, "role_name": b.role_name, "revoked": true}),
+        json!({"principal_id": b.principal_id, "role_name": b.role_name,
+            "scope": b.scope_name(), "revoked": true}),
     )
     .into_response())
 }
@@ -247,11 +452,13 @@ pub(super) async fn me(
         Some(crate::auth::Principal::Jwt { subject, .. }) => (subject.clone(), None),
         _ => ("anonymous".to_owned(), None),
     };
-    let (roles, permissions) = grants
-        .map(|g| (g.roles.clone(), g.permissions.clone()))
-        .unwrap_or_default();
-    let mut body = json!({"principal_id": name, "key_id": key_id, "roles": roles,
-        "permissions": permissions, "auth_enabled": auth_enabled});
+    let g = grants.map(|g| g.0).unwrap_or_default();
+    let mut body = json!({"principal_id": name, "key_id": key_id, "roles": g.roles,
+        "permissions": g.permissions, "auth_enabled": auth_enabled});
+    if g.has_scoped() {
+        body["scoped_roles"] = json!(g.scoped_roles);
+        body["scoped_permissions"] = json!(g.scoped_permissions);
+    }
     if let Some(crate::auth::Principal::Jwt {
         issuer,
         tenant,

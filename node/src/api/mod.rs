@@ -6,12 +6,14 @@
 //! `{"error":{"code":"<ErrorClass>","message":"…","details":{…}|null}}`; `error.rs` maps each
 //! room's typed error to it.
 
+pub mod bootstrap;
 mod cluster;
 mod config_api;
 mod error;
 mod groups;
 mod keys;
 mod limits;
+mod policies;
 mod servers;
 mod system;
 
@@ -103,17 +105,32 @@ pub fn routes(state: ApiState) -> Router {
         .route("/api/config/diff", post(config_api::diff))
         .route("/api/config/apply", post(config_api::apply))
         .route("/api/config/export", get(config_api::export))
+        .route(bootstrap::PATH, post(bootstrap::bootstrap_admin))
         .route("/api/auth/keys", get(keys::list).post(keys::create))
         .route("/api/auth/keys/{id}", axum::routing::delete(keys::revoke))
-        .route("/api/auth/roles", get(keys::roles))
+        .route("/api/auth/roles", get(keys::roles).post(keys::create_role))
+        .route(
+            "/api/auth/roles/{name}",
+            axum::routing::delete(keys::delete_role),
+        )
         .route("/api/auth/roles/assign", post(keys::assign_role))
-        .route("/api/auth/roles/revoke", post(keys::revoke_role))
+        .route(
+            "/api/auth/roles/revoke",
+            post(keys::revoke_role).delete(keys::revoke_role),
+        )
         .route("/api/system/me", get(keys::me))
         .route("/api/events", get(system::events))
         .route("/api/rate_limits", get(limits::list))
         .route(
             "/api/rate_limits/{id}",
             axum::routing::put(limits::put).delete(limits::delete),
+        )
+        .route("/api/auth/policies", get(policies::list))
+        .route(
+            "/api/auth/policies/{scope}/{target}",
+            get(policies::get)
+                .put(policies::put)
+                .delete(policies::delete),
         )
         .route("/api/events/stream", get(system::event_stream))
         .route("/api/{*rest}", axum::routing::any(api_not_found))

@@ -141,6 +141,13 @@ pub(super) async fn create_server(
     // No ${VAR} interpolation for API input: values are taken literally.
     config::validate_server(&id, &raw, &st.runtime().specs())
         .map_err(|p| ApiError::invalid_config("invalid MCP server definition", &p.into()))?;
+    let refused = config::raw_command_problems(&id, &raw, &config::CommandPolicy::from_env());
+    if !refused.is_empty() {
+        return Err(ApiError::invalid_config(
+            "invalid MCP server definition",
+            &config::ConfigError::Invalid { problems: refused },
+        ));
+    }
     if st.runtime().exists(&id) || st.cluster.server_record(&id).is_some() {
         return Err(RuntimeError::Exists(id).into());
     }

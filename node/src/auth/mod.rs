@@ -22,7 +22,11 @@
 //!
 //! A source address that keeps failing is locked out for a while ([`lockout`]).
 //!
-//! Not yet: role scopes other than global (refused by config validation until they exist).
+//! Role assignments may be scoped to one server (`server:<id>`) or one group and its members
+//! (`group:<id>`): their permissions count only for tool calls to that target and REST routes
+//! about it ([`rbac::Grants::allows_on`]).
+//!
+//! Not yet: role assignments in the config file (refused by config validation), tenant scopes.
 
 use std::sync::Arc;
 
@@ -149,11 +153,35 @@ pub trait KeyStore: Send + Sync + 'static {
         std::collections::BTreeSet<String>,
         std::collections::BTreeMap<String, std::collections::BTreeSet<String>>,
     );
+    /// The roles assigned to `principal` for one server or group only (scope `server:<id>` /
+    /// `group:<id>` → role names) and the definitions of those roles (name → permissions).
+    fn scoped_roles_of(
+        &self,
+        _principal: &str,
+    ) -> (
+        std::collections::BTreeMap<String, std::collections::BTreeSet<String>>,
+        std::collections::BTreeMap<String, std::collections::BTreeSet<String>>,
+    ) {
+        Default::default()
+    }
     /// The key whose SHA-256 (hex) is `sha256_hex`.
     fn find(&self, sha256_hex: &str) -> Option<ApiKeyRecord>;
     /// Catch up with every write the cluster acknowledged so far (a ReadIndex round);
     /// `false` when that is not possible now (no leader).
     fn catch_up(&self) -> futures::future::BoxFuture<'_, bool>;
+}
+
+/// The route that hands out the first admin key (`api/bootstrap.rs`): it authenticates no
+/// one, so the middleware lets it through with [`AuthSettings`].
+pub const BOOTSTRAP_ADMIN_PATH: &str = "/api/auth/bootstrap-admin";
+
+/// The settings the bootstrap route needs to know (a request extension on that route).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct AuthSettings {
+    /// `auth.enabled`.
+    pub enabled: bool,
+    /// `auth.api_key.enabled`.
+    pub api_keys: bool,
 }
 
 /// Authentication settings and the key store, shared by every request.
@@ -166,6 +194,44 @@ pub struct Auth {
     /// Keys found and grants computed at one [`KeyStore::version`]: the hot path does no
     /// scan and no allocation of permission sets until something changes.
     cache: parking_lot::Mutex<Cache>,
+    /// The groups a server is a member of (the runtime's), for group-scoped grants on REST
+    /// routes about a member; unset: none.
+    membership: std::sync::OnceLock<Membership>,
+}
+
+/// The ids of the groups a server is a member of.
+pub type Membership = Arc<dyn Fn(&str) -> Vec<String> + Send + Sync>;
+
+/// The ids of the groups `server` is a member of in `runtime`.
+pub fn groups_of(runtime: &crate::runtime::Runtime, server: &str) -> Vec<String> {
+    runtime
+        .groups()
+        .into_iter()
+        .filter(|g| g.spec().members.iter().any(|m| m.id == server))
+        .map(|g| g.id().to_owned())
+        .collect()
+}
+
+/// Whether `grants` include `perm` for a request to `id` (a server or group of `runtime`):
+/// globally, or through a role scoped to it (group membership is looked up only then).
+pub fn allows_on_id(
+    grants: &Grants,
+    perm: &str,
+    runtime: &crate::runtime::Runtime,
+    id: &str,
+) -> bool {
+    grants.allows(perm) || (grants.has_scoped() && grants.allows_on(perm, &target_in(runtime, id)))
+}
+
+/// What a request to `id` (a server or a group of `runtime`) is about, for scoped grants.
+pub fn target_in(runtime: &crate::runtime::Runtime, id: &str) -> rbac::Target {
+    if runtime.group(id).is_some() {
+        return rbac::Target::Group(id.to_owned());
+    }
+    rbac::Target::Server {
+        id: id.to_owned(),
+        groups: groups_of(runtime, id),
+    }
 }
 
 /// See [`Auth::cache`].
@@ -206,7 +272,34 @@ impl Auth {
             keys,
             lockout: lockout::Lockout::default(),
             cache: parking_lot::Mutex::new(Cache::default()),
+            membership: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Where group membership comes from (the runtime), for group-scoped grants on REST
+    /// routes about a member server. Set once.
+    pub fn set_membership(&self, membership: Membership) {
+        let _ = self.membership.set(membership);
+    }
+
+    /// Whether `grants` include `perm` for a REST request to `path`: globally, or through a
+    /// role scoped to the server or group the path names.
+    fn permits(&self, grants: &Grants, perm: &str, path: &str) -> bool {
+        grants.allows(perm)
+            || (grants.has_scoped() && grants.allows_on(perm, &self.route_target(path)))
+    }
+
+    /// What a REST request to `path` is about (the `{id}` of `/api/mcp_servers/{id}…` or
+    /// `/api/groups/{id}…`), for scoped grants.
+    fn route_target(&self, path: &str) -> rbac::Target {
+        match rbac::route_target(path) {
+            Some(("group", id)) => rbac::Target::Group(id.to_owned()),
+            Some((_, id)) => rbac::Target::Server {
+                id: id.to_owned(),
+                groups: self.membership.get().map(|m| m(id)).unwrap_or_default(),
+            },
+            None => rbac::Target::None,
+        }
     }
 
     /// New settings (config reload).
@@ -245,7 +338,8 @@ impl Auth {
                     return g.clone();
                 }
                 let (roles, custom) = self.keys.roles_of(principal);
-                let g = Arc::new(Grants::of(&roles, &custom));
+                let (scoped, scoped_custom) = self.keys.scoped_roles_of(principal);
+                let g = Arc::new(Grants::of(&roles, &custom).with_scoped(&scoped, &scoped_custom));
                 self.cache
                     .lock()
                     .at(version)
@@ -266,15 +360,22 @@ impl Auth {
                     return g.clone();
                 }
                 let (mut roles, mut custom) = self.keys.roles_of(subject);
+                let (mut scoped, mut scoped_custom) = self.keys.scoped_roles_of(subject);
                 for group in groups {
-                    let (r, c) = self.keys.roles_of(&format!("group:{group}"));
+                    let principal = format!("group:{group}");
+                    let (r, c) = self.keys.roles_of(&principal);
                     roles.extend(r);
                     custom.extend(c);
+                    let (sr, sc) = self.keys.scoped_roles_of(&principal);
+                    for (scope, r) in sr {
+                        scoped.entry(scope).or_default().extend(r);
+                    }
+                    scoped_custom.extend(sc);
                 }
                 if let Some(v) = self.jwt() {
                     roles.extend(v.group_roles(issuer, groups));
                 }
-                let g = Arc::new(Grants::of(&roles, &custom));
+                let g = Arc::new(Grants::of(&roles, &custom).with_scoped(&scoped, &scoped_custom));
                 self.cache
                     .lock()
                     .at(version)
@@ -416,6 +517,19 @@ pub fn constant_time_eq(a: &str, b: &str) -> bool {
 /// `WWW-Authenticate` when that fails.
 pub async fn middleware(State(auth): State<Arc<Auth>>, mut req: Request, next: Next) -> Response {
     let path = req.uri().path();
+    if path == BOOTSTRAP_ADMIN_PATH {
+        // No credential exists yet: the route checks the caller's address and the
+        // replicated state itself (`api/bootstrap.rs`), knowing the settings.
+        let settings = {
+            let cfg = auth.cfg.read();
+            AuthSettings {
+                enabled: cfg.enabled,
+                api_keys: cfg.api_key.enabled,
+            }
+        };
+        req.extensions_mut().insert(settings);
+        return next.run(req).await;
+    }
     if path.starts_with("/health/") || path == "/metrics" || !auth.enabled() {
         return next.run(req).await;
     }
@@ -469,7 +583,9 @@ pub async fn middleware(State(auth): State<Arc<Auth>>, mut req: Request, next: N
                 }
                 let method = req.method().as_str().to_owned();
                 let needed = rbac::route_permission(&method, path);
-                if needed.is_some_and(|perm| !grants.allows(perm)) && auth.keys.catch_up().await {
+                if needed.is_some_and(|perm| !auth.permits(&grants, perm, path))
+                    && auth.keys.catch_up().await
+                {
                     // A role assigned through another node counts as soon as it was
                     // acknowledged.
                     grants = auth.grants(&p);
@@ -481,7 +597,7 @@ pub async fn middleware(State(auth): State<Arc<Auth>>, mut req: Request, next: N
                         ),
                         serde_json::json!({"route": format!("{method} {path}")}),
                     )),
-                    Some(perm) if !grants.allows(perm) => Some((
+                    Some(perm) if !auth.permits(&grants, perm, path) => Some((
                         format!(
                             "{perm} permission required (principal {} has roles {:?})",
                             p.name(),
@@ -759,6 +875,107 @@ mod tests {
             let r = a.authenticate(&h, 5000);
             assert!(r.is_err(), "seed {seed}, case {i}: {bytes:?} authenticated");
         }
+    }
+
+    /// A store where `svc` holds `ops` on server `a` and on group `g`, and `viewer` globally.
+    struct Scoped;
+
+    impl KeyStore for Scoped {
+        fn find(&self, _h: &str) -> Option<ApiKeyRecord> {
+            None
+        }
+
+        fn catch_up(&self) -> futures::future::BoxFuture<'_, bool> {
+            Box::pin(async { false })
+        }
+
+        fn version(&self) -> u64 {
+            0
+        }
+
+        fn roles_of(
+            &self,
+            _principal: &str,
+        ) -> (
+            std::collections::BTreeSet<String>,
+            std::collections::BTreeMap<String, std::collections::BTreeSet<String>>,
+        ) {
+            (["viewer".to_owned()].into(), Default::default())
+        }
+
+        fn scoped_roles_of(
+            &self,
+            principal: &str,
+        ) -> (
+            std::collections::BTreeMap<String, std::collections::BTreeSet<String>>,
+            std::collections::BTreeMap<String, std::collections::BTreeSet<String>>,
+        ) {
+            if principal != "svc" {
+                return Default::default();
+            }
+            let ops = std::collections::BTreeSet::from(["ops".to_owned()]);
+            (
+                [
+                    ("server:a".to_owned(), ops.clone()),
+                    ("group:g".to_owned(), ops),
+                ]
+                .into(),
+                [(
+                    "ops".to_owned(),
+                    ["mcp_servers:lifecycle".to_owned(), "tool:invoke".to_owned()].into(),
+                )]
+                .into(),
+            )
+        }
+    }
+
+    #[test]
+    fn scoped_roles_count_on_rest_routes_about_their_server_or_group() {
+        let a = Auth::new(
+            AuthConfig {
+                enabled: true,
+                ..AuthConfig::default()
+            },
+            Arc::new(Scoped),
+        );
+        let svc = Principal::ApiKey {
+            key_id: "k".into(),
+            principal: "svc".into(),
+            tenant: None,
+        };
+        let g = a.grants(&svc);
+        assert!(g.allows("mcp_servers:read") && !g.allows("mcp_servers:lifecycle"));
+        assert_eq!(g.scoped_roles.len(), 2);
+        let start = |id: &str| format!("/api/mcp_servers/{id}/start");
+        assert!(a.permits(&g, "mcp_servers:lifecycle", &start("a")));
+        assert!(!a.permits(&g, "mcp_servers:lifecycle", &start("b")));
+        assert!(
+            a.permits(&g, "mcp_servers:read", &start("b")),
+            "global viewer"
+        );
+        assert!(!a.permits(&g, "mcp_servers:write", "/api/mcp_servers/a"));
+        assert!(!a.permits(&g, "mcp_servers:lifecycle", "/api/auth/roles"));
+        assert!(a.permits(&g, "mcp_servers:lifecycle", "/api/groups/g/rebalance"));
+        // Members of g: only once membership is known.
+        assert!(!a.permits(&g, "mcp_servers:lifecycle", &start("m1")));
+        a.set_membership(Arc::new(|id| {
+            if id == "m1" {
+                vec!["g".to_owned()]
+            } else {
+                Vec::new()
+            }
+        }));
+        assert!(a.permits(&g, "mcp_servers:lifecycle", &start("m1")));
+        assert!(!a.permits(&g, "mcp_servers:lifecycle", &start("m2")));
+        // Another principal holds only the global role.
+        let other = Principal::ApiKey {
+            key_id: "k2".into(),
+            principal: "other".into(),
+            tenant: None,
+        };
+        let g = a.grants(&other);
+        assert!(!g.has_scoped());
+        assert!(!a.permits(&g, "mcp_servers:lifecycle", &start("a")));
     }
 
     #[test]

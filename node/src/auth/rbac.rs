@@ -64,6 +64,53 @@ pub const BUILTIN_ROLES: &[(&str, &[Permission])] = &[
     ("service-account", &["tool:invoke", "tool:list"]),
 ];
 
+/// The permission vocabulary: every resource and its actions (what custom roles may name,
+/// besides `*` for either part).
+pub const KNOWN_PERMISSIONS: &[(&str, &[&str])] = &[
+    ("mcp_servers", &["read", "write", "lifecycle"]),
+    ("tool", &["invoke", "list"]),
+    ("group", &["create", "read", "update", "delete", "list"]),
+    ("policy", &["read", "write"]),
+    ("config", &["read", "update", "reload"]),
+    ("discovery", &["read", "trigger", "approve"]),
+    ("approval", &["read", "resolve"]),
+    ("metrics", &["read"]),
+    ("audit", &["read"]),
+    ("auth", &["manage"]),
+    ("cluster", &["manage"]),
+];
+
+/// What is wrong with each of `permissions` that is not a known `resource:action` (`*`
+/// matching any resource or any action): `(permission, why)`, empty when all are known.
+pub fn unknown_permissions<'a>(
+    permissions: impl IntoIterator<Item = &'a str>,
+) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for p in permissions {
+        let Some((r, a)) = p.split_once(':') else {
+            out.push((p.to_owned(), "not of the form resource:action".to_owned()));
+            continue;
+        };
+        let actions: Vec<&str> = match r {
+            "*" => KNOWN_PERMISSIONS
+                .iter()
+                .flat_map(|(_, a)| a.iter().copied())
+                .collect(),
+            _ => match KNOWN_PERMISSIONS.iter().find(|(n, _)| *n == r) {
+                Some((_, a)) => a.to_vec(),
+                None => {
+                    out.push((p.to_owned(), format!("unknown resource {r:?}")));
+                    continue;
+                }
+            },
+        };
+        if a != "*" && !actions.contains(&a) {
+            out.push((p.to_owned(), format!("unknown action {a:?} of {r:?}")));
+        }
+    }
+    out
+}
+
 /// Every REST route and the permission it needs. `{x}` matches one path segment, `{*x}` the
 /// rest. A route not listed here is denied to everyone but nobody: see [`route_permission`].
 const ROUTES: &[(&str, &str, Permission)] = &[
@@ -112,12 +159,23 @@ const ROUTES: &[(&str, &str, Permission)] = &[
     ("POST", "/api/auth/keys", "auth:manage"),
     ("DELETE", "/api/auth/keys/{id}", "auth:manage"),
     ("GET", "/api/auth/roles", "auth:manage"),
+    ("POST", "/api/auth/roles", "auth:manage"),
     ("POST", "/api/auth/roles/assign", "auth:manage"),
     ("POST", "/api/auth/roles/revoke", "auth:manage"),
+    ("DELETE", "/api/auth/roles/revoke", "auth:manage"),
+    ("DELETE", "/api/auth/roles/{name}", "auth:manage"),
     ("GET", "/api/events", "audit:read"),
     ("GET", "/api/rate_limits", "policy:read"),
     ("PUT", "/api/rate_limits/{id}", "policy:write"),
     ("DELETE", "/api/rate_limits/{id}", "policy:write"),
+    ("GET", "/api/auth/policies", "policy:read"),
+    ("GET", "/api/auth/policies/{scope}/{target}", "policy:read"),
+    ("PUT", "/api/auth/policies/{scope}/{target}", "policy:write"),
+    (
+        "DELETE",
+        "/api/auth/policies/{scope}/{target}",
+        "policy:write",
+    ),
     ("GET", "/api/events/stream", "audit:read"),
     ("GET", "/api/cluster/status", "metrics:read"),
     ("POST", "/api/cluster/init", "cluster:manage"),
@@ -159,6 +217,23 @@ pub fn route_pattern(method: &str, path: &str) -> Option<&'static str> {
         .map(|(_, pattern, _)| *pattern)
 }
 
+/// The server or group a REST request is about, for scoped grants: the `{id}` of
+/// `/api/mcp_servers/{id}…` (`("server", id)`) and `/api/groups/{id}…` (`("group", id)`).
+pub fn route_target(path: &str) -> Option<(&'static str, &str)> {
+    let mut segs = path.split('/');
+    let (Some(""), Some("api"), Some(kind), Some(id)) =
+        (segs.next(), segs.next(), segs.next(), segs.next())
+    else {
+        return None;
+    };
+    let kind = match kind {
+        "mcp_servers" => "server",
+        "groups" => "group",
+        _ => return None,
+    };
+    (!id.is_empty()).then_some((kind, id))
+}
+
 fn matches(pattern: &str, segs: &[&str]) -> bool {
     let pat: Vec<&str> = pattern.split('/').collect();
     for (i, p) in pat.iter().enumerate() {
@@ -198,43 +273,135 @@ pub fn mcp_permission(method: &str) -> Option<Permission> {
     }
 }
 
-/// What a principal may do: the union of its roles' permissions.
+/// What a request is about, for role assignments scoped to a server or a group.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Target {
+    /// Nothing in particular: only global grants count.
+    #[default]
+    None,
+    /// A server, and the groups it is a member of (a group's scope covers its members).
+    Server {
+        /// Server id.
+        id: String,
+        /// Ids of the groups it is a member of.
+        groups: Vec<String>,
+    },
+    /// A group.
+    Group(String),
+}
+
+impl Target {
+    /// Whether a scope (`server:<id>`, `group:<id>`) covers this target.
+    fn covered_by(&self, scope: &str) -> bool {
+        let (kind, sid) = scope.split_once(':').unwrap_or((scope, ""));
+        match (self, kind) {
+            (Target::Server { id, .. }, "server") => id == sid,
+            (Target::Server { groups, .. }, "group") => groups.iter().any(|g| g == sid),
+            (Target::Group(id), "group") => id == sid,
+            _ => false,
+        }
+    }
+}
+
+/// What a principal may do: the union of its roles' permissions, globally and per scope.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Grants {
-    /// Role names held.
+    /// Role names held (globally).
     pub roles: BTreeSet<String>,
-    /// Permissions, `resource:action` with `*` wildcards.
+    /// Permissions, `resource:action` with `*` wildcards (globally).
     pub permissions: BTreeSet<String>,
+    /// Roles held only for one server or group: scope (`server:<id>`, `group:<id>`) → names.
+    pub scoped_roles: BTreeMap<String, BTreeSet<String>>,
+    /// Their permissions by scope: granted only for requests about that server or group (a
+    /// group's scope covers its members).
+    pub scoped_permissions: BTreeMap<String, BTreeSet<String>>,
+}
+
+/// The permissions of `roles`, with `custom` definitions taking precedence over built-ins.
+fn permissions_of(
+    roles: &BTreeSet<String>,
+    custom: &BTreeMap<String, BTreeSet<String>>,
+) -> BTreeSet<String> {
+    let mut permissions = BTreeSet::new();
+    for r in roles {
+        if let Some(c) = custom.get(r) {
+            permissions.extend(c.iter().cloned());
+        } else if let Some((_, ps)) = BUILTIN_ROLES.iter().find(|(n, _)| n == r) {
+            permissions.extend(ps.iter().map(|p| (*p).to_owned()));
+        }
+    }
+    permissions
+}
+
+/// Whether one of `permissions` grants `wanted` (`resource:action`).
+fn any_grants<'a>(permissions: impl IntoIterator<Item = &'a String>, wanted: &str) -> bool {
+    let (wr, wa) = wanted.split_once(':').unwrap_or((wanted, ""));
+    permissions.into_iter().any(|p| {
+        let (r, a) = p.split_once(':').unwrap_or((p, ""));
+        (r == "*" || r == wr) && (a == "*" || a == wa)
+    })
 }
 
 impl Grants {
     /// The grants of `roles`, with `custom` role definitions (name → permissions) taking
     /// precedence over built-ins of the same name.
     pub fn of(roles: &BTreeSet<String>, custom: &BTreeMap<String, BTreeSet<String>>) -> Grants {
-        let mut permissions = BTreeSet::new();
-        for r in roles {
-            if let Some(c) = custom.get(r) {
-                permissions.extend(c.iter().cloned());
-            } else if let Some((_, ps)) = BUILTIN_ROLES.iter().find(|(n, _)| n == r) {
-                permissions.extend(ps.iter().map(|p| (*p).to_owned()));
-            }
-        }
         Grants {
             roles: roles.clone(),
-            permissions,
+            permissions: permissions_of(roles, custom),
+            ..Grants::default()
         }
     }
 
-    /// Whether they include `wanted` (`""` = any authenticated caller).
-    pub fn allows(&self, wanted: &str) -> bool {
-        if wanted.is_empty() {
-            return true;
+    /// These grants plus roles held per scope (`server:<id>` / `group:<id>` → role names),
+    /// with `custom` definitions as in [`Grants::of`].
+    pub fn with_scoped(
+        mut self,
+        scoped: &BTreeMap<String, BTreeSet<String>>,
+        custom: &BTreeMap<String, BTreeSet<String>>,
+    ) -> Grants {
+        for (scope, roles) in scoped {
+            let perms = permissions_of(roles, custom);
+            self.scoped_roles
+                .entry(scope.clone())
+                .or_default()
+                .extend(roles.iter().cloned());
+            self.scoped_permissions
+                .entry(scope.clone())
+                .or_default()
+                .extend(perms);
         }
-        let (wr, wa) = wanted.split_once(':').unwrap_or((wanted, ""));
-        self.permissions.iter().any(|p| {
-            let (r, a) = p.split_once(':').unwrap_or((p, ""));
-            (r == "*" || r == wr) && (a == "*" || a == wa)
-        })
+        self
+    }
+
+    /// Whether they include `wanted` globally (`""` = any authenticated caller).
+    pub fn allows(&self, wanted: &str) -> bool {
+        wanted.is_empty() || any_grants(&self.permissions, wanted)
+    }
+
+    /// Whether they include `wanted` for a request about `target`: globally, or through a
+    /// role scoped to that server, to that group, or to a group the server is a member of.
+    pub fn allows_on(&self, wanted: &str, target: &Target) -> bool {
+        self.allows(wanted)
+            || self
+                .scoped_permissions
+                .iter()
+                .any(|(scope, ps)| target.covered_by(scope) && any_grants(ps, wanted))
+    }
+
+    /// Whether they include `wanted` globally or for at least one server or group (the
+    /// request may go on; the target decides with [`Grants::allows_on`]).
+    pub fn allows_somewhere(&self, wanted: &str) -> bool {
+        self.allows(wanted)
+            || self
+                .scoped_permissions
+                .values()
+                .any(|ps| any_grants(ps, wanted))
+    }
+
+    /// Whether some grant is scoped (a target matters).
+    pub fn has_scoped(&self) -> bool {
+        !self.scoped_permissions.is_empty()
     }
 }
 
@@ -293,6 +460,122 @@ mod tests {
         )]);
         let ops = Grants::of(&BTreeSet::from(["ops".to_owned()]), &custom);
         assert!(ops.allows("mcp_servers:lifecycle") && !ops.allows("mcp_servers:write"));
+    }
+
+    fn set(items: &[&str]) -> BTreeSet<String> {
+        items.iter().map(|i| (*i).to_owned()).collect()
+    }
+
+    fn server(id: &str, groups: &[&str]) -> Target {
+        Target::Server {
+            id: id.to_owned(),
+            groups: groups.iter().map(|g| (*g).to_owned()).collect(),
+        }
+    }
+
+    #[test]
+    fn scoped_grants_count_only_for_their_server_or_group() {
+        let custom = BTreeMap::from([
+            ("caller".to_owned(), set(&["tool:invoke", "tool:list"])),
+            ("ops".to_owned(), set(&["mcp_servers:lifecycle"])),
+        ]);
+        let scoped = BTreeMap::from([
+            ("server:a".to_owned(), set(&["caller"])),
+            ("group:g".to_owned(), set(&["ops", "viewer"])),
+        ]);
+        let g = Grants::of(&set(&["auditor"]), &custom).with_scoped(&scoped, &custom);
+        assert_eq!(g.roles, set(&["auditor"]));
+        assert_eq!(g.scoped_roles["group:g"], set(&["ops", "viewer"]));
+        assert!(g.has_scoped());
+        // Not globally.
+        assert!(!g.allows("tool:invoke") && !g.allows("mcp_servers:lifecycle"));
+        assert!(g.allows("audit:read") && g.allows_on("audit:read", &Target::None));
+        // On server a only.
+        assert!(g.allows_on("tool:invoke", &server("a", &[])));
+        assert!(!g.allows_on("tool:invoke", &server("b", &[])));
+        assert!(!g.allows_on("tool:invoke", &Target::Group("a".into())));
+        assert!(!g.allows_on("tool:invoke", &Target::None));
+        assert!(!g.allows_on("mcp_servers:lifecycle", &server("a", &[])));
+        // On group g, and on its members (a built-in role scoped too).
+        assert!(g.allows_on("mcp_servers:lifecycle", &Target::Group("g".into())));
+        assert!(g.allows_on("mcp_servers:lifecycle", &server("m1", &["x", "g"])));
+        assert!(g.allows_on("mcp_servers:read", &server("m1", &["g"])));
+        assert!(!g.allows_on("mcp_servers:lifecycle", &server("m1", &["x"])));
+        assert!(!g.allows_on("mcp_servers:write", &Target::Group("g".into())));
+        assert!(!g.allows_on("mcp_servers:lifecycle", &Target::Group("gg".into())));
+        // A server id that merely looks like a scope's prefix does not match.
+        assert!(!g.allows_on("tool:invoke", &server("a2", &[])));
+        // Somewhere: the request may proceed to the target check.
+        assert!(g.allows_somewhere("tool:invoke") && g.allows_somewhere("mcp_servers:lifecycle"));
+        assert!(!g.allows_somewhere("auth:manage") && !g.allows_somewhere("mcp_servers:write"));
+        // Global grants hold on every target.
+        let admin = grants(&["admin"]);
+        assert!(!admin.has_scoped());
+        assert!(admin.allows_on("tool:invoke", &server("b", &[])));
+        assert!(admin.allows_somewhere("tool:invoke"));
+        assert!(!Grants::default().allows_somewhere("tool:invoke"));
+    }
+
+    #[test]
+    fn route_targets_are_the_server_or_group_in_the_path() {
+        assert_eq!(
+            route_target("/api/mcp_servers/a/start"),
+            Some(("server", "a"))
+        );
+        assert_eq!(route_target("/api/mcp_servers/a"), Some(("server", "a")));
+        assert_eq!(
+            route_target("/api/groups/g/members/m"),
+            Some(("group", "g"))
+        );
+        assert_eq!(route_target("/api/mcp_servers/"), None);
+        assert_eq!(route_target("/api/mcp_servers"), None);
+        assert_eq!(route_target("/api/auth/keys/k1"), None);
+        assert_eq!(route_target("/api/tools/a"), None);
+        assert_eq!(route_target("/mcp"), None);
+        assert_eq!(
+            route_permission("DELETE", "/api/auth/roles/ops"),
+            Some("auth:manage")
+        );
+        assert_eq!(
+            route_permission("POST", "/api/auth/roles"),
+            Some("auth:manage")
+        );
+    }
+
+    #[test]
+    fn custom_role_permissions_are_checked_against_the_vocabulary() {
+        assert!(
+            unknown_permissions([
+                "tool:invoke",
+                "mcp_servers:*",
+                "*:read",
+                "*:*",
+                "auth:manage",
+                "group:delete"
+            ])
+            .is_empty()
+        );
+        let bad = unknown_permissions([
+            "tools:call",
+            "mcp_servers:fly",
+            "*:fly",
+            "admin",
+            "tool:list",
+        ]);
+        let names: Vec<&str> = bad.iter().map(|(p, _)| p.as_str()).collect();
+        assert_eq!(names, ["tools:call", "mcp_servers:fly", "*:fly", "admin"]);
+        assert!(bad[0].1.contains("unknown resource \"tools\""), "{bad:?}");
+        // Every built-in role's permissions are in the vocabulary.
+        for (name, perms) in BUILTIN_ROLES {
+            assert!(
+                unknown_permissions(perms.iter().copied()).is_empty(),
+                "{name}"
+            );
+        }
+        // And every route's.
+        for (_, _, perm) in ROUTES.iter().filter(|(_, _, p)| !p.is_empty()) {
+            assert!(unknown_permissions([*perm]).is_empty(), "{perm}");
+        }
     }
 
     #[test]

@@ -48,6 +48,25 @@ const EVENT_FLUSH_EVERY: Duration = Duration::from_millis(100);
 /// Events kept while the cluster cannot take them (oldest dropped beyond this, and counted).
 const EVENT_QUEUE_CAP: usize = 100_000;
 
+impl crate::auth::policy::PolicySource for Cluster {
+    fn lookup(&self, keys: &[(&str, &str)]) -> Vec<hangar_raft::state::ToolPolicy> {
+        self.raft.read(|st| {
+            keys.iter()
+                .filter_map(|(scope, target)| st.policy(scope, target).cloned())
+                .collect()
+        })
+    }
+
+    fn any(&self) -> bool {
+        self.raft.read(|st| !st.policies.is_empty())
+    }
+
+    fn key_principal(&self, key_id: &str) -> Option<String> {
+        self.raft
+            .read(|st| st.keys.get(key_id).map(|k| k.principal.clone()))
+    }
+}
+
 impl crate::auth::KeyStore for Cluster {
     fn version(&self) -> u64 {
         self.raft.read(|st| st.auth_version)
@@ -65,6 +84,28 @@ impl crate::auth::KeyStore for Cluster {
                 .filter_map(|r| st.roles.get(r).map(|d| (r.clone(), d.permissions.clone())))
                 .collect();
             (roles, custom)
+        })
+    }
+
+    fn scoped_roles_of(
+        &self,
+        principal: &str,
+    ) -> (
+        BTreeMap<String, BTreeSet<String>>,
+        BTreeMap<String, BTreeSet<String>>,
+    ) {
+        self.raft.read(|st| {
+            let scoped = st
+                .scoped_role_assignments
+                .get(principal)
+                .cloned()
+                .unwrap_or_default();
+            let custom = scoped
+                .values()
+                .flatten()
+                .filter_map(|r| st.roles.get(r).map(|d| (r.clone(), d.permissions.clone())))
+                .collect();
+            (scoped, custom)
         })
     }
 
@@ -1159,6 +1200,16 @@ impl Cluster {
         }
     }
 
+    /// A log index that covers every write acknowledged so far: this node's applied index
+    /// after a ReadIndex round (a write proposed through a follower is answered once the
+    /// leader applied it, possibly before this node did).
+    pub async fn acknowledged_index(&self) -> u64 {
+        if let Err(e) = self.catch_up().await {
+            tracing::debug!(error = %e, "acknowledged_index_catch_up_failed");
+        }
+        self.raft.applied_index()
+    }
+
     /// Wait (at most `within`) until every member has applied the log up to `index`; returns
     /// the members that did not confirm it in time.
     pub async fn wait_applied_everywhere(&self, index: u64, within: Duration) -> Vec<u64> {
@@ -1231,12 +1282,18 @@ impl Cluster {
         if assigned {
             return Ok(());
         }
-        self.assign_role("admin", "admin").await
+        self.assign_role("admin", "admin", None).await
     }
 
-    /// Give `principal` the role `role` (a built-in role is defined in the replicated state
-    /// the first time it is assigned).
-    pub async fn assign_role(&self, principal: &str, role: &str) -> Result<(), ClusterError> {
+    /// Give `principal` the role `role`, everywhere or only within `scope` (`server:<id>`,
+    /// `group:<id>`; a built-in role is defined in the replicated state the first time it is
+    /// assigned).
+    pub async fn assign_role(
+        &self,
+        principal: &str,
+        role: &str,
+        scope: Option<&str>,
+    ) -> Result<(), ClusterError> {
         let defined = self.raft.read(|st| st.roles.contains_key(role));
         if !defined {
             let builtin = crate::auth::rbac::BUILTIN_ROLES
@@ -1267,6 +1324,7 @@ impl Cluster {
         self.propose(Command::AssignRole {
             principal: principal.to_owned(),
             role: role.to_owned(),
+            scope: scope.map(str::to_owned),
         })
         .await?;
         Ok(())

@@ -79,11 +79,17 @@ pub fn load_file(path: &Path) -> Result<Config, ConfigError> {
     let mut cfg = load_str(&text, &|k| std::env::var(k).ok())?;
     // The files a section names must be there and usable (checked here, for a file this node
     // runs, not for a document posted to the API: its paths are another machine's).
-    if let Some(tls) = &cfg.server.tls {
-        let problems = super::server_tls::check_files(tls);
-        if !problems.is_empty() {
-            return Err(ConfigError::Invalid { problems });
-        }
+    let mut problems = match &cfg.server.tls {
+        Some(tls) => super::server_tls::check_files(tls),
+        None => Vec::new(),
+    };
+    // The programs this node would spawn must be allowed here (checked again at spawn).
+    problems.extend(super::command_problems(
+        &cfg.mcp_servers,
+        &super::CommandPolicy::from_env(),
+    ));
+    if !problems.is_empty() {
+        return Err(ConfigError::Invalid { problems });
     }
     cfg.file_hash = Some(sha256_hex(text.as_bytes()));
     Ok(cfg)

@@ -5,6 +5,7 @@
 //! problems. Unknown keys are errors (with a "did you mean" hint).
 
 mod cluster;
+mod commands;
 mod diff;
 mod error;
 mod jwt;
@@ -12,11 +13,16 @@ mod load;
 mod lower;
 mod reader;
 mod reload;
+mod secrets;
 mod server_tls;
 mod spec;
 mod validate;
 
 pub use cluster::{ClusterConfig, ClusterOverrides, ClusterTls, NODE_SERVER_NAME, PeerSpec};
+pub use commands::{
+    ABSOLUTE_COMMANDS_VAR, ALLOWED_COMMANDS_VAR, CommandPolicy, DEFAULT_ALLOWED_COMMANDS,
+    command_problems, raw_command_problems,
+};
 pub use diff::{ConfigDiff, diff};
 pub use error::{ConfigError, Problem, Problems};
 pub use jwt::{
@@ -29,6 +35,7 @@ pub use reload::{
     BoxFuture, ReloadError, ReloadReport, ReloadStatus, ReloadTarget, Reloader, Requester,
     TargetError,
 };
+pub use secrets::{literal_secrets, literal_secrets_in, literal_secrets_in_file};
 pub use server_tls::{ServerTls, TlsMinVersion, certified_key, read_certs, read_roots};
 pub use spec::*;
 

@@ -375,11 +375,15 @@ pub struct ServerConfig {
     pub listen: String,
     /// Request body limit.
     pub max_body_bytes: usize,
+    /// Deepest nesting of `[`/`{` accepted in a JSON request body (MCP and REST).
+    pub max_json_depth: usize,
+    /// Limit on the total size of a request's header fields (names and values).
+    pub max_header_bytes: usize,
     /// Host allow-list.
     pub allowed_hosts: Vec<String>,
     /// Origin allow-list.
     pub allowed_origins: Vec<String>,
-    /// Deadline of one forwarded request.
+    /// Deadline of one forwarded request, and of one REST (`/api`) request.
     pub request_timeout: Duration,
     /// HTTPS at the listener (`server.tls`); `None`: plain HTTP.
     pub tls: Option<super::ServerTls>,

@@ -170,6 +170,14 @@ pub(super) fn build(doc: &Value, p: &ProblemSink, allow_missing_servers: bool) -
             let c = ServerConfig {
                 listen,
                 max_body_bytes: o.int("max_body_bytes", 4 * 1024 * 1024, 1024, 1 << 30) as usize,
+                max_json_depth: o.int("max_json_depth", DEFAULT_JSON_DEPTH as u64, 2, 10_000)
+                    as usize,
+                max_header_bytes: o.int(
+                    "max_header_bytes",
+                    DEFAULT_HEADER_BYTES as u64,
+                    1024,
+                    256 * 1024,
+                ) as usize,
                 allowed_hosts: o.str_list("allowed_hosts").unwrap_or_else(default_hosts),
                 allowed_origins: o.str_list("allowed_origins").unwrap_or_default(),
                 request_timeout: Duration::from_secs_f64(o.num(
@@ -344,10 +352,17 @@ fn default_hosts() -> Vec<String> {
     ]
 }
 
+/// `server.max_json_depth` when not set.
+const DEFAULT_JSON_DEPTH: usize = 64;
+/// `server.max_header_bytes` when not set (16 KiB, HTTP/2's default header list size).
+const DEFAULT_HEADER_BYTES: usize = 16 * 1024;
+
 fn default_server() -> ServerConfig {
     ServerConfig {
         listen: "127.0.0.1:8000".into(),
         max_body_bytes: 4 * 1024 * 1024,
+        max_json_depth: DEFAULT_JSON_DEPTH,
+        max_header_bytes: DEFAULT_HEADER_BYTES,
         allowed_hosts: default_hosts(),
         allowed_origins: Vec::new(),
         request_timeout: Duration::from_secs(60),

@@ -6,6 +6,8 @@
 //! accepts `text/event-stream`), the answer switches to an SSE stream that carries those
 //! messages and ends with the response.
 
+pub mod limits;
+
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::Pin;

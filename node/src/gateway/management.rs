@@ -212,6 +212,8 @@ impl Gateway {
                     Err(_) => return tool_error(format!("unknown_mcp_server: {target}")),
                 };
                 let is_group = self.runtime.group(target).is_some();
+                // Without the tools the tool access policies refuse to this caller.
+                let (base, members) = self.list_rules(ctx, target);
                 for inst in candidates {
                     if inst.ensure_ready().await.is_ok() {
                         let tools: Vec<Value> = inst
@@ -219,6 +221,9 @@ impl Gateway {
                             .map(|c| {
                                 c.tools
                                     .iter()
+                                    .filter(|t| {
+                                        crate::auth::policy::listed(&base, &members, &t.key)
+                                    })
                                     .map(|t| {
                                         json!({"name": t.key, "description": t.field("description"),
                                                     "inputSchema": t.field("inputSchema")})

@@ -23,13 +23,14 @@ use serde_json::value::RawValue;
 use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 
+use crate::auth::policy::{self, Refusal, Rule};
 use crate::config::Naming;
 use crate::jsonrpc::{
     self, FORBIDDEN, INTERNAL_ERROR, INVALID_PARAMS, INVALID_REQUEST, Id, Kind, METHOD_NOT_FOUND,
     Message, RESOURCE_NOT_FOUND, RawObject, RpcError, TIMEOUT_ERROR, UPSTREAM_ERROR, raw,
     raw_from_object, raw_object,
 };
-use crate::routing::{RouteError, RouteRequest, Router, ServingSlot};
+use crate::routing::{MemberGate, RouteError, RouteRequest, Router, ServingSlot};
 use crate::runtime::relay::Home;
 use crate::runtime::{Instance, Runtime, RuntimeEvent, ServerState};
 use crate::upstream::{CallEvent, Outcome, UpstreamError};
@@ -79,6 +80,15 @@ pub struct Broadcast {
 
 type CallResult = Result<Box<RawValue>, RpcError>;
 
+/// How a forwarded request may be routed.
+#[derive(Clone, Copy)]
+struct Routing<'a> {
+    /// Safe to re-send after a failure that may have reached the upstream.
+    idempotent: bool,
+    /// Asked before each group member is tried (the member's tool access policies).
+    gate: Option<MemberGate<'a>>,
+}
+
 /// The front door.
 pub struct Gateway {
     router: Router,
@@ -94,6 +104,8 @@ pub struct Gateway {
     reloader: RwLock<Option<Arc<dyn management::ConfigReloader>>>,
     /// Cluster-wide rate limits (none until set).
     limits: std::sync::OnceLock<Arc<crate::ratelimit::RateLimits>>,
+    /// The tool access policies set through the API (none until set).
+    policies: std::sync::OnceLock<Arc<dyn policy::PolicySource>>,
 }
 
 impl Gateway {
@@ -110,6 +122,7 @@ impl Gateway {
             inflight: Mutex::new(HashMap::new()),
             reloader: RwLock::new(None),
             limits: std::sync::OnceLock::new(),
+            policies: std::sync::OnceLock::new(),
         });
         let weak = Arc::downgrade(&gw);
         let mut events = gw.runtime.subscribe();
@@ -140,6 +153,11 @@ impl Gateway {
     /// Enforce `limits` on tool calls from now on.
     pub fn set_rate_limits(&self, limits: Arc<crate::ratelimit::RateLimits>) {
         let _ = self.limits.set(limits);
+    }
+
+    /// Enforce the tool access policies of `source` (the replicated ones) from now on.
+    pub fn set_policy_source(&self, source: Arc<dyn policy::PolicySource>) {
+        let _ = self.policies.set(source);
     }
 
     /// `hangar_health`'s `security.rate_limiting`: this node's buckets and the definitions.
@@ -270,7 +288,7 @@ impl Gateway {
             Ok(m) => m.is_some(),
             Err(e) => return self.finish(&method, id, Err(e)),
         };
-        if let Some(e) = forbidden(ctx, &method, &params) {
+        if let Some(e) = forbidden(ctx, &method, &params, &self.runtime) {
             return self.finish(&method, id, Err(e));
         }
         let result = match (&ctx.scope, method.as_str()) {
@@ -282,7 +300,7 @@ impl Gateway {
                 Err(method_not_found(&method))
             }
             // A caller who may not call tools sees none.
-            (_, "tools/list") if !may(ctx, "tool:invoke") => {
+            (_, "tools/list") if !may_in_scope(ctx, &self.runtime, "tool:invoke") => {
                 Ok(raw(&serde_json::json!({"tools": []})))
             }
             (Scope::Server(target), _) => {
@@ -291,14 +309,15 @@ impl Gateway {
                     .forward_transparent(ctx, &target, &method, params, &id)
                     .await;
                 if method == "tools/list" {
-                    r.map(|list| self.without_denied_tools(&target, list))
+                    r.map(|list| self.without_denied_tools(ctx, &target, list))
                 } else {
                     r
                 }
             }
-            (Scope::Aggregate, "tools/list") => {
-                self.full_index().await.map(|i| raw_str(&i.tools_result))
-            }
+            (Scope::Aggregate, "tools/list") => self
+                .full_index()
+                .await
+                .map(|i| self.without_refused(ctx, &i, visible_tools(ctx, &self.runtime, &i))),
             (Scope::Aggregate, "tools/call") => self.tools_call(ctx, params, &id).await,
             (Scope::Aggregate, "prompts/list") => {
                 self.full_index().await.map(|i| raw_str(&i.prompts_result))
@@ -587,13 +606,93 @@ impl Gateway {
             .await
     }
 
-    /// A `tools/list` result of `target` without the tools its policies deny.
-    fn without_denied_tools(&self, target: &str, list: Box<RawValue>) -> Box<RawValue> {
-        let policies = naming::policies_of(&self.runtime, target);
-        if policies.is_empty() {
+    /// The tool access levels of a call by `ctx`'s caller to `target` before a member is
+    /// picked: the config policy of the server or group, and the replicated `global`,
+    /// `server`/`group`, `principal` and `role` policies. Also the group's spec when `target`
+    /// is a group (its members add their own levels, see [`Self::member_rules`]).
+    fn access_rules(
+        &self,
+        ctx: &Ctx,
+        target: &str,
+    ) -> (Vec<Rule>, Option<crate::config::GroupSpec>) {
+        let group = self.runtime.group(target).map(|g| g.spec());
+        let kind = if group.is_some() { "group" } else { "server" };
+        let mut rules: Vec<Rule> = naming::policies_of(&self.runtime, target)
+            .iter()
+            .map(|p| Rule::from_config(format!("the config policy of {kind} `{target}`"), p))
+            .collect();
+        if let Some(source) = self.policies.get().filter(|s| s.any()) {
+            let principals = policy::principal_targets(&ctx.caller.principal);
+            // An API key's principal too (`principal_id`, as role assignments name it).
+            let owner = (!ctx.caller.anonymous)
+                .then(|| source.key_principal(&ctx.caller.principal))
+                .flatten()
+                .filter(|o| !principals.contains(&o.as_str()));
+            let mut keys: Vec<(&str, &str)> = vec![("global", ""), (kind, target)];
+            keys.extend(principals.iter().map(|p| ("principal", *p)));
+            keys.extend(owner.iter().map(|o| ("principal", o.as_str())));
+            if let Some(g) = &ctx.grants {
+                keys.extend(g.roles.iter().map(|r| ("role", r.as_str())));
+            }
+            rules.extend(source.lookup(&keys).iter().map(Rule::from_api));
+        }
+        (rules, group)
+    }
+
+    /// The levels a group member adds when a call of `group` lands on it: its entry's `tools`
+    /// in the group, the member server's own config policy, the replicated `server` policy of
+    /// its id.
+    fn member_rules(&self, group: &str, m: &crate::config::GroupMember) -> Vec<Rule> {
+        let mut rules: Vec<Rule> = m
+            .tools
+            .iter()
+            .map(|p| {
+                Rule::from_config(
+                    format!("the entry of member `{}` in group `{group}`", m.id),
+                    p,
+                )
+            })
+            .collect();
+        rules.extend(
+            naming::policies_of(&self.runtime, &m.id)
+                .iter()
+                .map(|p| Rule::from_config(format!("the config policy of server `{}`", m.id), p)),
+        );
+        if let Some(source) = self.policies.get().filter(|s| s.any()) {
+            rules.extend(
+                source
+                    .lookup(&[("server", m.id.as_str())])
+                    .iter()
+                    .map(Rule::from_api),
+            );
+        }
+        rules
+    }
+
+    /// What decides whether the caller sees a tool of `target` in `tools/list`: the levels
+    /// before a member is picked, and each member's (a group lists a tool some member takes).
+    fn list_rules(&self, ctx: &Ctx, target: &str) -> (Vec<Rule>, Vec<Vec<Rule>>) {
+        let (base, group) = self.access_rules(ctx, target);
+        let members: Vec<Vec<Rule>> = group
+            .map(|g| {
+                g.members
+                    .iter()
+                    .map(|m| self.member_rules(target, m))
+                    .collect()
+            })
+            .unwrap_or_default();
+        if members.iter().all(Vec::is_empty) {
+            return (base, Vec::new());
+        }
+        (base, members)
+    }
+
+    /// A `tools/list` result of `target` without the tools its policies refuse to the caller.
+    fn without_denied_tools(&self, ctx: &Ctx, target: &str, list: Box<RawValue>) -> Box<RawValue> {
+        let (base, members) = self.list_rules(ctx, target);
+        if base.iter().all(Rule::is_empty) && members.is_empty() {
             return list;
         }
-        let refs: Vec<&crate::config::ToolPolicy> = policies.iter().collect();
         let Ok(mut v) = serde_json::from_str::<serde_json::Value>(list.get()) else {
             return list;
         };
@@ -601,10 +700,66 @@ impl Gateway {
             tools.retain(|t| {
                 t.get("name")
                     .and_then(|n| n.as_str())
-                    .is_some_and(|n| crate::auth::policy::refusal(&refs, n).is_none())
+                    .is_some_and(|n| policy::listed(&base, &members, n))
             });
         }
         raw(&v)
+    }
+
+    /// The aggregate `tools/list` without the tools the replicated policies refuse to the
+    /// caller (the index already leaves out what the config policies refuse).
+    fn without_refused(&self, ctx: &Ctx, idx: &Index, list: Box<RawValue>) -> Box<RawValue> {
+        if !self.policies.get().is_some_and(|s| s.any()) {
+            return list;
+        }
+        let Ok(mut v) = serde_json::from_str::<serde_json::Value>(list.get()) else {
+            return list;
+        };
+        let mut by_target: HashMap<String, (Vec<Rule>, Vec<Vec<Rule>>)> = HashMap::new();
+        if let Some(tools) = v.get_mut("tools").and_then(|t| t.as_array_mut()) {
+            tools.retain(|t| {
+                // Management tools have no route and no policy.
+                let Some(route) = t
+                    .get("name")
+                    .and_then(|n| n.as_str())
+                    .and_then(|n| idx.tool(n))
+                else {
+                    return true;
+                };
+                let (base, members) = by_target
+                    .entry(route.target.clone())
+                    .or_insert_with(|| self.list_rules(ctx, &route.target));
+                policy::listed(base, members, &route.upstream_name)
+            });
+        }
+        raw(&v)
+    }
+
+    /// Count a refusal by the tool access policies (against the server it concerns: the
+    /// target, or the member a group call was routed to) and build its JSON-RPC error.
+    fn refuse(&self, server: &str, group: Option<&str>, tool: &str, r: &Refusal) -> RpcError {
+        self.runtime
+            .metrics()
+            .tool_access_denied
+            .with_label_values(&[server, r.metric_reason()])
+            .inc();
+        tracing::info!(mcp_server = server, group, tool, reason = r.metric_reason(), detail = %r, "tool_access_denied");
+        let what = match group {
+            Some(g) => format!("Tool '{tool}' of '{g}' (routed to member '{server}')"),
+            None => format!("Tool '{tool}' of '{server}'"),
+        };
+        let message = match r.why {
+            policy::Why::NeedsApproval => {
+                format!("{what} needs an approval, which this Hangar does not support: {r}")
+            }
+            _ => format!("{what} is denied by its tool access policy: {r}"),
+        };
+        let mut data =
+            serde_json::json!({"mcp_server": server, "tool": tool, "error_type": r.error_type()});
+        if let Some(g) = group {
+            data["group"] = serde_json::Value::String(g.to_owned());
+        }
+        RpcError::with_data(FORBIDDEN, message, &data)
     }
 
     async fn call_tool(
@@ -615,20 +770,23 @@ impl Gateway {
         params: RawObject,
         id: &Id,
     ) -> CallResult {
-        let policies = naming::policies_of(&self.runtime, target);
-        let refs: Vec<&crate::config::ToolPolicy> = policies.iter().collect();
-        if let Some(why) = crate::auth::policy::refusal(&refs, tool) {
-            self.runtime
-                .metrics()
-                .tool_access_denied
-                .with_label_values(&[target, "tool_not_in_access_policy"])
-                .inc();
-            return Err(RpcError::with_data(
-                FORBIDDEN,
-                format!("Tool '{tool}' of '{target}' is denied by its tool access policy: {why}"),
-                &serde_json::json!({"mcp_server": target, "tool": tool, "error_type": "ToolAccessDeniedError"}),
-            ));
+        if let Some(e) = forbidden_on(ctx, &self.runtime, target, tool) {
+            return Err(e);
         }
+        let (rules, group) = self.access_rules(ctx, target);
+        if let Some(r) = policy::decide(&rules, tool) {
+            return Err(self.refuse(target, None, tool, &r));
+        }
+        // A group call is also decided by the levels of the member it is routed to.
+        let refused: Mutex<Option<(String, Refusal)>> = Mutex::new(None);
+        let gate = |member: &str| -> Option<String> {
+            let m = group.as_ref()?.members.iter().find(|m| m.id == member)?;
+            let r = policy::decide(&self.member_rules(target, m), tool)?;
+            let reason = r.detail.clone();
+            *refused.lock() = Some((member.to_owned(), r));
+            Some(reason)
+        };
+        let gate: Option<MemberGate<'_>> = group.is_some().then_some(&gate as MemberGate<'_>);
         if let Some(limits) = self.limits.get()
             && let Err(limited) = limits.check(
                 &ctx.caller,
@@ -648,15 +806,20 @@ impl Gateway {
         let idempotent = self.router.is_idempotent(target, tool);
         let t0 = Instant::now();
         let res = self
-            .forward(
+            .forward_gated(
                 ctx,
                 target,
                 "tools/call",
                 Some(raw_from_object(&params)),
-                idempotent,
+                Routing { idempotent, gate },
                 id,
             )
             .await;
+        if res.is_err()
+            && let Some((member, r)) = refused.lock().take()
+        {
+            return Err(self.refuse(&member, Some(target), tool, &r));
+        }
         let metrics = self.runtime.metrics();
         match res {
             Ok((inst, Outcome::Result(r))) => {
@@ -720,6 +883,25 @@ impl Gateway {
         idempotent: bool,
         client_id: &Id,
     ) -> Result<(Arc<Instance>, Outcome), (&'static str, RpcError)> {
+        let routing = Routing {
+            idempotent,
+            gate: None,
+        };
+        self.forward_gated(ctx, target, method, params, routing, client_id)
+            .await
+    }
+
+    /// [`Self::forward`] with a gate asked before each group member is tried.
+    async fn forward_gated(
+        &self,
+        ctx: &Ctx,
+        target: &str,
+        method: &str,
+        params: Option<Box<RawValue>>,
+        routing: Routing<'_>,
+        client_id: &Id,
+    ) -> Result<(Arc<Instance>, Outcome), (&'static str, RpcError)> {
+        let Routing { idempotent, gate } = routing;
         let call = self.runtime.relays().next_call();
         let (sink, mut rx) = match &ctx.out {
             Some(_) => {
@@ -737,6 +919,7 @@ impl Gateway {
             timeout,
             idempotent,
             slot: Some(slot.clone()),
+            gate,
         };
         let token = CancellationToken::new();
         // Removes the entry and the call's relays even if this future is dropped (the client
@@ -1057,23 +1240,75 @@ impl Gateway {
     }
 }
 
-/// Whether the caller may do `permission` (always, when auth is off).
-fn may(ctx: &Ctx, permission: &str) -> bool {
-    ctx.grants.as_ref().is_none_or(|g| g.allows(permission))
+/// Whether the caller may do `permission` (always, when auth is off) in the view addressed:
+/// on `/servers/{id}/mcp`, globally or through a role scoped to that server or group; on
+/// `/mcp`, globally or for at least one server or group (the target is checked once known).
+fn may_in_scope(ctx: &Ctx, runtime: &Runtime, permission: &str) -> bool {
+    ctx.grants.as_ref().is_none_or(|g| match &ctx.scope {
+        Scope::Server(target) => crate::auth::allows_on_id(g, permission, runtime, target),
+        Scope::Aggregate => g.allows_somewhere(permission),
+    })
+}
+
+/// The aggregate `tools/list` result the caller may see: all of it with a global
+/// `tool:invoke`, else only the tools of the servers and groups its scoped roles let it call
+/// (never the management tools, which need global permissions).
+fn visible_tools(ctx: &Ctx, runtime: &Runtime, idx: &Index) -> Box<RawValue> {
+    let Some(grants) = ctx.grants.as_ref().filter(|g| !g.allows("tool:invoke")) else {
+        return raw_str(&idx.tools_result);
+    };
+    let Ok(mut v) = serde_json::from_str::<serde_json::Value>(&idx.tools_result) else {
+        return raw(&serde_json::json!({"tools": []}));
+    };
+    let mut allowed: HashMap<String, bool> = HashMap::new();
+    if let Some(tools) = v.get_mut("tools").and_then(|t| t.as_array_mut()) {
+        tools.retain(|t| {
+            let route = t
+                .get("name")
+                .and_then(|n| n.as_str())
+                .and_then(|n| idx.tool(n));
+            route.is_some_and(|r| {
+                *allowed.entry(r.target.clone()).or_insert_with(|| {
+                    crate::auth::allows_on_id(grants, "tool:invoke", runtime, &r.target)
+                })
+            })
+        });
+    }
+    raw(&v)
+}
+
+/// The JSON-RPC error for a call of `tool` on `target` the caller may not make (`tool:invoke`
+/// neither global nor scoped to that server, that group or a group the server is in).
+fn forbidden_on(ctx: &Ctx, runtime: &Runtime, target: &str, tool: &str) -> Option<RpcError> {
+    let grants = ctx.grants.as_ref()?;
+    if crate::auth::allows_on_id(grants, "tool:invoke", runtime, target) {
+        return None;
+    }
+    Some(RpcError::with_data(
+        FORBIDDEN,
+        format!("Not authorized to call '{tool}' of '{target}': tool:invoke permission required"),
+        &serde_json::json!({"required_permission": "tool:invoke", "mcp_server": target,
+            "roles": grants.roles, "scoped_roles": grants.scoped_roles}),
+    ))
 }
 
 /// The JSON-RPC error for a request the caller may not make, if it may not: each method needs
 /// a permission, and management tools need theirs (starting and stopping servers, reloading
-/// the configuration). The upstream never sees a refused call.
-fn forbidden(ctx: &Ctx, method: &str, params: &RawObject) -> Option<RpcError> {
+/// the configuration). The upstream never sees a refused call. On `/servers/{id}/mcp` roles
+/// scoped to that server or group count; on `/mcp` they count for `tools/list` and
+/// `tools/call` of upstream tools (the target is checked once resolved), while management
+/// tools and the other methods need global permissions.
+fn forbidden(ctx: &Ctx, method: &str, params: &RawObject, runtime: &Runtime) -> Option<RpcError> {
     let grants = ctx.grants.as_ref()?;
     let mut needed = crate::auth::rbac::mcp_permission(method)?;
     let mut what = format!("'{method}'");
+    let mut management = false;
     if method == "tools/call"
         && let Some(tool) = params
             .get("name")
             .and_then(|v| serde_json::from_str::<String>(v.get()).ok())
     {
+        management = management::TOOLS.contains(&tool.as_str());
         needed = match tool.as_str() {
             "hangar_start" | "hangar_stop" | "hangar_warm" => "mcp_servers:lifecycle",
             "hangar_reload_config" => "config:reload",
@@ -1082,7 +1317,14 @@ fn forbidden(ctx: &Ctx, method: &str, params: &RawObject) -> Option<RpcError> {
         };
         what = format!("'{tool}'");
     }
-    if grants.allows(needed) {
+    let allowed = match &ctx.scope {
+        Scope::Server(target) => crate::auth::allows_on_id(grants, needed, runtime, target),
+        Scope::Aggregate if !management && matches!(method, "tools/call" | "tools/list") => {
+            grants.allows_somewhere(needed)
+        }
+        Scope::Aggregate => grants.allows(needed),
+    };
+    if allowed {
         return None;
     }
     Some(RpcError::with_data(
@@ -1171,6 +1413,11 @@ pub fn route_error(e: &RouteError) -> RpcError {
             UPSTREAM_ERROR,
             e.to_string(),
             &data(serde_json::json!({ "group": group, "retry_after_s": retry_in_s })),
+        ),
+        RouteError::Refused { group, member, .. } => RpcError::with_data(
+            FORBIDDEN,
+            e.to_string(),
+            &data(serde_json::json!({ "group": group, "mcp_server": member })),
         ),
         RouteError::Upstream { server, source } => {
             let code = if matches!(source, UpstreamError::Timeout { .. }) {

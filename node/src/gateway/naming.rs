@@ -122,6 +122,8 @@ pub struct TargetCatalog {
     pub predefined: Vec<CatalogEntry>,
     /// Its tool access policies, broad to narrow (a denied tool is not listed).
     pub policies: Vec<ToolPolicy>,
+    /// For a group: each member's own config policies (a tool no member takes is not listed).
+    pub members: Vec<Vec<ToolPolicy>>,
 }
 
 /// The tool access policies of `target` (a server or a group), broad to narrow.
@@ -136,6 +138,23 @@ pub fn policies_of(runtime: &Runtime, target: &str) -> Vec<ToolPolicy> {
         Some(ToolsSpec::Policy(p)) => vec![p],
         _ => Vec::new(),
     }
+}
+
+/// For a group: the config policies of each member, by member id: the member entry's `tools`
+/// in the group and the member server's own `tools` policy (empty for a server).
+pub fn member_policies_of(runtime: &Runtime, target: &str) -> Vec<(String, Vec<ToolPolicy>)> {
+    let Some(g) = runtime.group(target) else {
+        return Vec::new();
+    };
+    g.spec()
+        .members
+        .into_iter()
+        .map(|m| {
+            let own = policies_of(runtime, &m.id);
+            let levels = m.tools.into_iter().chain(own).collect();
+            (m.id, levels)
+        })
+        .collect()
 }
 
 /// Visible targets: standalone servers (not members of a group) and groups (showing their
@@ -156,6 +175,7 @@ pub fn visible_targets(runtime: &Runtime) -> Vec<TargetCatalog> {
             catalog: runtime.catalog_of(&inst),
             predefined: predefined(&inst.spec()),
             policies: policies_of(runtime, inst.id()),
+            members: Vec::new(),
         });
     }
     for g in groups {
@@ -177,6 +197,10 @@ pub fn visible_targets(runtime: &Runtime) -> Vec<TargetCatalog> {
             catalog,
             predefined: pre,
             policies: policies_of(runtime, g.id()),
+            members: member_policies_of(runtime, g.id())
+                .into_iter()
+                .map(|(_, levels)| levels)
+                .collect(),
         });
     }
     out
@@ -309,15 +333,26 @@ pub fn build(
     idx
 }
 
-/// The tools `t` exposes: its catalogue (or predefined list) minus what its policies deny.
+/// The tools `t` exposes: its catalogue (or predefined list) minus what its policies deny
+/// (for a group: minus what every member's own policies deny).
 fn tools_of(t: &TargetCatalog) -> impl Iterator<Item = &CatalogEntry> {
+    use crate::auth::policy::{Rule, listed};
     let all = match &t.catalog {
         Some(c) => &c.tools,
         None => &t.predefined,
     };
-    let policies: Vec<&ToolPolicy> = t.policies.iter().collect();
-    all.iter()
-        .filter(move |e| crate::auth::policy::refusal(&policies, &e.key).is_none())
+    let rules = |ps: &[ToolPolicy]| -> Vec<Rule> {
+        ps.iter()
+            .map(|p| Rule::from_config(String::new(), p))
+            .collect()
+    };
+    let base = rules(&t.policies);
+    let members: Vec<Vec<Rule>> = if t.members.iter().all(Vec::is_empty) {
+        Vec::new()
+    } else {
+        t.members.iter().map(|m| rules(m)).collect()
+    };
+    all.iter().filter(move |e| listed(&base, &members, &e.key))
 }
 
 #[cfg(test)]
@@ -341,6 +376,7 @@ mod tests {
             })),
             predefined: Vec::new(),
             policies: Vec::new(),
+            members: Vec::new(),
         }
     }
 

@@ -25,6 +25,11 @@ use crate::upstream::{CallSink, Outcome, Upstream, UpstreamError};
 /// gateway to answer server→client requests relayed during the call).
 pub type ServingSlot = Arc<Mutex<Option<Arc<Upstream>>>>;
 
+/// Asked before a request goes to a group member (by member id): `Some(reason)` refuses the
+/// request there, and the whole request fails with [`RouteError::Refused`] (the gateway's
+/// tool access policies of the member the call was routed to).
+pub type MemberGate<'a> = &'a (dyn Fn(&str) -> Option<String> + Send + Sync);
+
 /// Why a routed request failed.
 #[derive(Debug, thiserror::Error)]
 pub enum RouteError {
@@ -52,6 +57,16 @@ pub enum RouteError {
         /// Seconds until a probe is allowed.
         retry_in_s: f64,
     },
+    /// The member the request was routed to refused it (its [`MemberGate`]).
+    #[error("group '{group}' routed the request to member '{member}', which refuses it: {reason}")]
+    Refused {
+        /// Group id.
+        group: String,
+        /// Member id.
+        member: String,
+        /// Why.
+        reason: String,
+    },
     /// The transport failed during the call.
     #[error("MCP server '{server}' failed: {source}")]
     Upstream {
@@ -70,6 +85,7 @@ impl RouteError {
             RouteError::Unknown(_) => "McpServerNotFoundError",
             RouteError::NoAvailableMember { .. } => "NoAvailableMemberError",
             RouteError::GroupCircuitOpen { .. } => "CircuitBreakerOpen",
+            RouteError::Refused { .. } => "ToolAccessDeniedError",
             RouteError::Start(StartError::CircuitOpen { .. }) => "CircuitBreakerOpen",
             RouteError::Start(_) => "McpServerStartError",
             RouteError::Upstream { source, .. } => match source {
@@ -94,6 +110,8 @@ pub struct RouteRequest<'a> {
     pub idempotent: bool,
     /// Filled with the upstream serving the call.
     pub slot: Option<ServingSlot>,
+    /// Asked before each group member is tried (not for a lone server).
+    pub gate: Option<MemberGate<'a>>,
 }
 
 /// Why one try on one instance failed.
@@ -578,7 +596,12 @@ impl Router {
         };
         let result = self.request_inner(target, group.as_deref(), req).await;
         if let Some(g) = guard.group.take() {
-            self.breaker_record(&g, result.is_ok());
+            // A refusal by a member's gate says nothing about the group's health.
+            if matches!(result, Err(RouteError::Refused { .. })) {
+                self.breaker_release_probe(g.id());
+            } else {
+                self.breaker_record(&g, result.is_ok());
+            }
         }
         result
     }
@@ -616,6 +639,15 @@ impl Router {
             .collect();
         let mut failures: Vec<String> = Vec::new();
         while let Some((inst, restarted)) = queue.pop_front() {
+            if group.is_some()
+                && let Some(reason) = req.gate.and_then(|gate| gate(inst.id()))
+            {
+                return Err(RouteError::Refused {
+                    group: target.to_owned(),
+                    member: inst.id().to_owned(),
+                    reason,
+                });
+            }
             // A lone server waits for its instance to be re-placed when its host is
             // unreachable; a group member gives way to the next member at once.
             let err = match self.attempt(&inst, &req, group.is_none()).await {
@@ -828,6 +860,7 @@ impl Router {
             timeout: Duration::from_secs(60),
             idempotent: true,
             slot: None,
+            gate: None,
         };
         self.attempt_elsewhere(inst, &req, true)
             .await

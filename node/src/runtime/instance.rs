@@ -1033,6 +1033,18 @@ async fn connect(
     spec: &ServerSpec,
     lease: Option<LeaseWatch>,
 ) -> Result<Arc<Upstream>, UpstreamError> {
+    // The allow-list again, with this node's environment (the definition may have been
+    // validated on another node, or before the list changed).
+    if let ServerSpec::Subprocess(s) = spec
+        && let Some(program) = s.command.first()
+        && let Err(why) = crate::config::CommandPolicy::from_env().check(program)
+    {
+        tracing::warn!(mcp_server = id, program = %program, "subprocess_command_refused");
+        return Err(UpstreamError::Spawn {
+            server: id.to_owned(),
+            message: why,
+        });
+    }
     let transport = crate::config::transport_spec(spec);
     let opts = ConnectOptions {
         server_id: id.to_owned(),

@@ -183,6 +183,8 @@ pub enum DomainEvent {
         principal_id: String,
         /// Role.
         role_name: String,
+        /// Where it applies: `global`, `server:<id>` or `group:<id>`.
+        scope: String,
     },
     /// A role was taken from a principal.
     RoleRevoked {
@@ -190,6 +192,45 @@ pub enum DomainEvent {
         principal_id: String,
         /// Role.
         role_name: String,
+        /// The assignment's scope.
+        scope: String,
+    },
+    /// A custom role was defined.
+    CustomRoleCreated {
+        /// Role.
+        role_name: String,
+        /// Its permissions.
+        permissions: Vec<String>,
+    },
+    /// A custom role's permissions or description were replaced.
+    CustomRoleUpdated {
+        /// Role.
+        role_name: String,
+        /// Its permissions now.
+        permissions: Vec<String>,
+    },
+    /// A custom role was deleted.
+    CustomRoleDeleted {
+        /// Role.
+        role_name: String,
+    },
+    /// A tool access policy was set through `/api/auth/policies` (replicated).
+    ToolAccessPolicySet {
+        /// `global`, `server`, `group`, `principal` or `role`.
+        scope: String,
+        /// Its id within the scope (`*` for `global`).
+        target: String,
+        /// Allowed tool globs (empty: all).
+        allow_list: Vec<String>,
+        /// Denied tool globs.
+        deny_list: Vec<String>,
+    },
+    /// A tool access policy set through `/api/auth/policies` was removed.
+    ToolAccessPolicyCleared {
+        /// Scope.
+        scope: String,
+        /// Its id within the scope (`*` for `global`).
+        target: String,
     },
     /// This node lost its rate-limit lease (no leader reachable in time): each rule applies
     /// its `on_partition` mode until a grant comes back.

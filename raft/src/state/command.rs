@@ -134,13 +134,20 @@ pub enum Command {
         principal: String,
         /// Role name.
         role: String,
+        /// Where it applies: absent or `global` (everywhere), `server:<id>` or `group:<id>`
+        /// (see [`RoleScope`](super::RoleScope)).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        scope: Option<String>,
     },
-    /// Take a role from a principal (idempotent).
+    /// Take a role from a principal (idempotent); only the assignment of that scope.
     UnassignRole {
         /// Principal.
         principal: String,
         /// Role name.
         role: String,
+        /// The assignment's scope (absent or `global`: the global one).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        scope: Option<String>,
     },
     /// Create or replace the tool access policy for one scope/target.
     PutToolPolicy {

@@ -31,6 +31,7 @@ pub use model::NodeRecord;
 pub use model::Placement;
 pub use model::RateLimitDef;
 pub use model::RoleDef;
+pub use model::RoleScope;
 pub use model::ServerRecord;
 pub use model::StoredEvent;
 pub use model::ToolPolicy;
@@ -76,8 +77,11 @@ pub struct State {
     pub auth_version: u64,
     /// Roles by name.
     pub roles: BTreeMap<String, RoleDef>,
-    /// Principal → role names.
+    /// Principal → role names (global assignments).
     pub role_assignments: BTreeMap<String, BTreeSet<String>>,
+    /// Principal → scope (`server:<id>`, `group:<id>`) → role names held only there.
+    #[serde(default)]
+    pub scoped_role_assignments: BTreeMap<String, BTreeMap<String, BTreeSet<String>>>,
     /// Tool access policies by `<scope>:<target>`.
     pub policies: BTreeMap<String, ToolPolicy>,
     /// Rate-limit definitions by id.
@@ -282,30 +286,80 @@ fn apply_command(state: &mut State, cmd: &Command, ctx: ApplyCtx) -> Response {
                 roles.remove(name);
             }
             state.role_assignments.retain(|_, roles| !roles.is_empty());
+            for scopes in state.scoped_role_assignments.values_mut() {
+                for roles in scopes.values_mut() {
+                    roles.remove(name);
+                }
+                scopes.retain(|_, roles| !roles.is_empty());
+            }
+            state
+                .scoped_role_assignments
+                .retain(|_, scopes| !scopes.is_empty());
             Response::Ok
         }
-        Command::AssignRole { principal, role } => {
+        Command::AssignRole {
+            principal,
+            role,
+            scope,
+        } => {
             if principal.is_empty() {
                 return Response::rejected(
                     RejectCode::InvalidArgument,
                     "principal must not be empty",
                 );
             }
+            let scope = match scope.as_deref().map(RoleScope::parse) {
+                None | Some(Ok(RoleScope::Global)) => None,
+                Some(Ok(_)) => scope.as_deref(),
+                Some(Err(problem)) => {
+                    return Response::rejected(RejectCode::InvalidArgument, problem);
+                }
+            };
             if !state.roles.contains_key(role) {
                 return role_not_found(role);
             }
-            state
-                .role_assignments
-                .entry(principal.clone())
-                .or_default()
-                .insert(role.clone());
+            let roles = match scope {
+                None => state.role_assignments.entry(principal.clone()).or_default(),
+                Some(scope) => state
+                    .scoped_role_assignments
+                    .entry(principal.clone())
+                    .or_default()
+                    .entry(scope.to_owned())
+                    .or_default(),
+            };
+            roles.insert(role.clone());
             Response::Ok
         }
-        Command::UnassignRole { principal, role } => {
-            if let Some(roles) = state.role_assignments.get_mut(principal) {
-                roles.remove(role);
-                if roles.is_empty() {
-                    state.role_assignments.remove(principal);
+        Command::UnassignRole {
+            principal,
+            role,
+            scope,
+        } => {
+            match scope.as_deref().map(RoleScope::parse) {
+                None | Some(Ok(RoleScope::Global)) => {
+                    if let Some(roles) = state.role_assignments.get_mut(principal) {
+                        roles.remove(role);
+                        if roles.is_empty() {
+                            state.role_assignments.remove(principal);
+                        }
+                    }
+                }
+                Some(Ok(_)) => {
+                    let scope = scope.as_deref().unwrap_or_default();
+                    if let Some(scopes) = state.scoped_role_assignments.get_mut(principal) {
+                        if let Some(roles) = scopes.get_mut(scope) {
+                            roles.remove(role);
+                            if roles.is_empty() {
+                                scopes.remove(scope);
+                            }
+                        }
+                        if scopes.is_empty() {
+                            state.scoped_role_assignments.remove(principal);
+                        }
+                    }
+                }
+                Some(Err(problem)) => {
+                    return Response::rejected(RejectCode::InvalidArgument, problem);
                 }
             }
             Response::Ok

@@ -187,6 +187,44 @@ pub struct RoleDef {
     pub description: String,
 }
 
+/// Where a role assignment applies: everywhere (`global`), or only to requests about one
+/// server (`server:<id>`) or one group and its members (`group:<id>`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RoleScope<'a> {
+    /// Every request.
+    Global,
+    /// Requests about this server.
+    Server(&'a str),
+    /// Requests about this group (and its members).
+    Group(&'a str),
+}
+
+impl<'a> RoleScope<'a> {
+    /// Parse `global`, `server:<id>` or `group:<id>` (ids as server ids: 1-64 letters,
+    /// digits, `_` and `-`); the error says what is accepted.
+    pub fn parse(scope: &'a str) -> Result<RoleScope<'a>, String> {
+        if scope == "global" {
+            return Ok(RoleScope::Global);
+        }
+        let (kind, id) = scope.split_once(':').unwrap_or((scope, ""));
+        let valid_id = !id.is_empty()
+            && id.len() <= 64
+            && id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+        match kind {
+            "server" | "group" if !valid_id => Err(format!(
+                "role scope {scope:?}: the {kind} id must be 1-64 letters, digits, `_` or `-`"
+            )),
+            "server" => Ok(RoleScope::Server(id)),
+            "group" => Ok(RoleScope::Group(id)),
+            _ => Err(format!(
+                "role scope {scope:?} is not one of \"global\", \"server:<id>\", \"group:<id>\""
+            )),
+        }
+    }
+}
+
 /// Tool access lists for one scope/target. Evaluation (deny > approval > allow) is the auth
 /// room's business; the state only stores the lists.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -540,6 +540,7 @@ fn roles_and_assignments() {
             Command::AssignRole {
                 principal: "alice".into(),
                 role: "dev".into(),
+                scope: None,
             },
         ),
         RejectCode::RoleNotFound,
@@ -551,6 +552,7 @@ fn roles_and_assignments() {
     let assign = |p: &str| Command::AssignRole {
         principal: p.into(),
         role: "dev".into(),
+        scope: None,
     };
     assert_eq!(run(&mut s, assign("alice")), Response::Ok);
     assert_eq!(run(&mut s, assign("alice")), Response::Ok);
@@ -565,7 +567,8 @@ fn roles_and_assignments() {
             &mut s,
             Command::UnassignRole {
                 principal: "bob".into(),
-                role: "dev".into()
+                role: "dev".into(),
+                scope: None,
             }
         ),
         Response::Ok
@@ -588,6 +591,168 @@ fn roles_and_assignments() {
         &run(&mut s, Command::PutRole { role: nameless }),
         RejectCode::InvalidArgument,
     );
+}
+
+#[test]
+fn scoped_role_assignments_custom_roles_and_deletion() {
+    let mut s = State::default();
+    let role = |name: &str, perms: &[&str]| RoleDef {
+        name: name.into(),
+        permissions: perms.iter().map(|p| (*p).to_owned()).collect(),
+        description: "custom".into(),
+    };
+    let assign = |p: &str, r: &str, scope: Option<&str>| Command::AssignRole {
+        principal: p.into(),
+        role: r.into(),
+        scope: scope.map(str::to_owned),
+    };
+    let unassign = |p: &str, r: &str, scope: Option<&str>| Command::UnassignRole {
+        principal: p.into(),
+        role: r.into(),
+        scope: scope.map(str::to_owned),
+    };
+    assert_eq!(
+        run(
+            &mut s,
+            Command::PutRole {
+                role: role("ops", &["mcp_servers:lifecycle"])
+            }
+        ),
+        Response::Ok
+    );
+    // Create-or-replace.
+    assert_eq!(
+        run(
+            &mut s,
+            Command::PutRole {
+                role: role("ops", &["mcp_servers:lifecycle", "tool:invoke"])
+            }
+        ),
+        Response::Ok
+    );
+    assert_eq!(s.roles["ops"].permissions.len(), 2);
+    let version = s.auth_version;
+    // Scoped and global assignments are kept apart; `global` is the same as no scope.
+    assert_eq!(
+        run(&mut s, assign("svc", "ops", Some("server:a"))),
+        Response::Ok
+    );
+    assert_eq!(
+        run(&mut s, assign("svc", "ops", Some("group:g-1"))),
+        Response::Ok
+    );
+    assert_eq!(
+        run(&mut s, assign("ann", "ops", Some("global"))),
+        Response::Ok
+    );
+    assert_eq!(s.auth_version, version + 3);
+    assert!(!s.role_assignments.contains_key("svc"));
+    assert_eq!(
+        s.role_assignments["ann"],
+        BTreeSet::from(["ops".to_owned()])
+    );
+    assert_eq!(
+        s.scoped_role_assignments["svc"],
+        BTreeMap::from([
+            ("group:g-1".to_owned(), BTreeSet::from(["ops".to_owned()])),
+            ("server:a".to_owned(), BTreeSet::from(["ops".to_owned()])),
+        ])
+    );
+    // Bad scopes are refused and change nothing.
+    for bad in [
+        "tenant:acme",
+        "server:",
+        "server:a/b",
+        "group",
+        "everywhere",
+        "",
+    ] {
+        assert_rejected(
+            &run(&mut s, assign("svc", "ops", Some(bad))),
+            RejectCode::InvalidArgument,
+        );
+        assert_rejected(
+            &run(&mut s, unassign("svc", "ops", Some(bad))),
+            RejectCode::InvalidArgument,
+        );
+    }
+    assert_eq!(s.auth_version, version + 3);
+    assert_rejected(
+        &run(&mut s, assign("svc", "nope", Some("server:a"))),
+        RejectCode::RoleNotFound,
+    );
+    // Revoking the global assignment leaves the scoped ones, and the other way round.
+    assert_eq!(run(&mut s, unassign("svc", "ops", None)), Response::Ok);
+    assert_eq!(s.scoped_role_assignments["svc"].len(), 2);
+    assert_eq!(
+        run(&mut s, unassign("svc", "ops", Some("server:a"))),
+        Response::Ok
+    );
+    assert_eq!(
+        s.scoped_role_assignments["svc"].keys().collect::<Vec<_>>(),
+        ["group:g-1"]
+    );
+    assert_eq!(
+        run(&mut s, unassign("ann", "ops", Some("server:a"))),
+        Response::Ok
+    );
+    assert!(s.role_assignments.contains_key("ann"));
+    // Deleting the role removes every assignment of it, scoped ones included.
+    assert_eq!(
+        run(&mut s, Command::DeleteRole { name: "ops".into() }),
+        Response::Ok
+    );
+    assert!(s.role_assignments.is_empty());
+    assert!(s.scoped_role_assignments.is_empty());
+}
+
+#[test]
+fn role_scopes_parse() {
+    assert_eq!(RoleScope::parse("global"), Ok(RoleScope::Global));
+    assert_eq!(
+        RoleScope::parse("server:math"),
+        Ok(RoleScope::Server("math"))
+    );
+    assert_eq!(
+        RoleScope::parse("group:g_1-x"),
+        Ok(RoleScope::Group("g_1-x"))
+    );
+    for bad in [
+        "Global",
+        "tenant:a",
+        "server:",
+        "server:a:b",
+        "group: a",
+        "x",
+    ] {
+        assert!(RoleScope::parse(bad).is_err(), "{bad}");
+    }
+    let long = format!("server:{}", "a".repeat(65));
+    assert!(RoleScope::parse(&long).is_err());
+}
+
+#[test]
+fn entries_and_snapshots_from_before_scopes_still_read() {
+    // A log entry and a state written before role scopes existed.
+    let cmd: Command =
+        serde_json::from_value(json!({"type": "assign_role", "principal": "p", "role": "viewer"}))
+            .unwrap();
+    assert_eq!(
+        cmd,
+        Command::AssignRole {
+            principal: "p".into(),
+            role: "viewer".into(),
+            scope: None,
+        }
+    );
+    // A global assignment is written as before (no `scope` field).
+    assert!(serde_json::to_value(&cmd).unwrap().get("scope").is_none());
+    let mut old = serde_json::to_value(State::default()).unwrap();
+    old.as_object_mut()
+        .unwrap()
+        .remove("scoped_role_assignments");
+    let st: State = serde_json::from_value(old).unwrap();
+    assert!(st.scoped_role_assignments.is_empty());
 }
 
 #[test]
@@ -993,6 +1158,7 @@ fn auth_version_moves_with_every_applied_key_or_role_change_only() {
     let assign = Command::AssignRole {
         principal: "svc".into(),
         role: "viewer".into(),
+        scope: None,
     };
     // No such role yet: refused.
     assert!(matches!(

@@ -8,7 +8,7 @@ use hangar_tests::*;
 fn validate_exit_codes_and_paths() {
     let dir = tempfile::tempdir().unwrap();
     let good = dir.path().join("good.yaml");
-    std::fs::write(&good, "mcp_servers:\n  a:\n    command: [x]\n").unwrap();
+    std::fs::write(&good, "mcp_servers:\n  a:\n    command: [npx, x]\n").unwrap();
     let bad = dir.path().join("bad.yaml");
     std::fs::write(
         &bad,
