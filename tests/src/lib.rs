@@ -246,6 +246,24 @@ impl Node {
     }
 }
 
+/// Run `hangarctl` against `node` (no endpoint or key from the environment): exit code,
+/// stdout, stderr.
+pub fn hangarctl_on(node: &Node, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(bin("hangarctl"))
+        .arg("--endpoint")
+        .arg(&node.base)
+        .args(args)
+        .env_remove("HANGAR_ENDPOINT")
+        .env_remove("HANGAR_API_KEY")
+        .output()
+        .expect("run hangarctl");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 /// A fixture MCP server over Streamable HTTP.
 pub struct FixtureHttp {
     /// The process.

@@ -3,7 +3,6 @@
 //! `tool_access.naming: plain`, the `idempotent_tools` retry, `NoAvailableMemberError`,
 //! non-default group health thresholds and `hangarctl servers|tools|call`.
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use hangar_tests::*;
@@ -491,19 +490,7 @@ async fn coverage_member_leaves_rotation_exactly_at_a_custom_unhealthy_threshold
 
 /// Run `hangarctl --endpoint <node> args…`; returns (exit code, stdout, stderr).
 fn ctl(node: &Node, args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(bin("hangarctl"))
-        .arg("--endpoint")
-        .arg(&node.base)
-        .args(args)
-        .env_remove("HANGAR_ENDPOINT")
-        .env_remove("HANGAR_API_KEY")
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    hangarctl_on(node, args)
 }
 
 /// `ctl` that must succeed; returns stdout.

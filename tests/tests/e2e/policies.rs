@@ -3,26 +3,13 @@
 //! deleted, a group member's policy applies to the calls routed to that member, principal and
 //! role policies apply to some callers only.
 
-use std::process::Command;
 use std::time::Duration;
 
 use hangar_tests::*;
 use serde_json::{Value, json};
 
 fn ctl(node: &Node, args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(bin("hangarctl"))
-        .arg("--endpoint")
-        .arg(&node.base)
-        .args(args)
-        .env_remove("HANGAR_ENDPOINT")
-        .env_remove("HANGAR_API_KEY")
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    hangarctl_on(node, args)
 }
 
 /// Send a request with an optional API key and JSON body: (status, body).

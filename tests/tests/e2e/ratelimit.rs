@@ -4,26 +4,13 @@
 //! (The cluster-wide behaviour — shares across nodes, leader loss, partitions — is in the
 //! `cluster` test binary.)
 
-use std::process::Command;
 use std::time::Duration;
 
 use hangar_tests::*;
 use serde_json::{Value, json};
 
 fn ctl(node: &Node, args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(bin("hangarctl"))
-        .arg("--endpoint")
-        .arg(&node.base)
-        .args(args)
-        .env_remove("HANGAR_ENDPOINT")
-        .env_remove("HANGAR_API_KEY")
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    hangarctl_on(node, args)
 }
 
 async fn limit_ids(c: &reqwest::Client, node: &Node) -> Vec<String> {
