@@ -454,36 +454,30 @@ REPORT_RC=0
         echo "- raft: 3 \`hangar serve\` processes on 127.0.0.1 (static peers, default timings: heartbeat 50 ms, election 250–500 ms; the Raft log's RocksDB WAL is fsynced before an append is acknowledged); writes = \`POST /api/auth/keys\`; load average (1, 5, 15 min) right after raft-commit: $RAFT_LOADAVG_COMMIT, after raft-failover: $RAFT_LOADAVG_FAILOVER"
     fi
     echo
+    # ab_rounds OFF ON FILE: the comparisons of the two rounds of an off/on mode (off → on
+    # labelled OFF and ON, then on → off labelled OFF-2 and ON-2).
+    ab_rounds() {
+        echo "Round 1 (off, then on):"
+        echo
+        "$BIN/hangar-bench" report "$WORK/runs.jsonl" --baseline "$1" \
+            --candidate "$2" --max-added-p50-us 5 >"$WORK/$3.md" || REPORT_RC=$?
+        sed 's/^### /#### /' "$WORK/$3.md"
+        echo
+        echo "Round 2 (on, then off):"
+        echo
+        "$BIN/hangar-bench" report "$WORK/runs.jsonl" --baseline "$1-2" \
+            --candidate "$2-2" --max-added-p50-us 5 >"$WORK/${3}2.md" || REPORT_RC=$?
+        sed 's/^### /#### /' "$WORK/${3}2.md"
+        echo
+    }
     if [ "$WHAT" = auth ]; then
         echo "- auth: two single-node \`hangar serve\` processes on 127.0.0.1, each fronting \`hangar-fixture stdio\`; auth-off = \`auth.enabled: false\`, auth-on = \`auth.enabled: true\` with a developer API key in X-API-Key (SHA-256 lookup in the replicated state + role check on every call); server CPU = the node with its children"
         echo
-        echo "Round 1 (off, then on):"
-        echo
-        "$BIN/hangar-bench" report "$WORK/runs.jsonl" --baseline auth-off \
-            --candidate auth-on --max-added-p50-us 5 >"$WORK/report-auth.md" || REPORT_RC=$?
-        sed 's/^### /#### /' "$WORK/report-auth.md"
-        echo
-        echo "Round 2 (on, then off):"
-        echo
-        "$BIN/hangar-bench" report "$WORK/runs.jsonl" --baseline auth-off-2 \
-            --candidate auth-on-2 --max-added-p50-us 5 >"$WORK/report-auth2.md" || REPORT_RC=$?
-        sed 's/^### /#### /' "$WORK/report-auth2.md"
-        echo
+        ab_rounds auth-off auth-on report-auth
     elif [ "$WHAT" = ratelimit ]; then
         echo "- ratelimit: two single-node \`hangar serve\` processes on 127.0.0.1 (auth off), each fronting \`hangar-fixture stdio\`; limits-off = no \`rate_limits\`, limits-on = two rules at 1e9 calls/s, burst 1e9 (\`per-caller-tool\`: key [principal, tool]; \`global\`: one bucket), so every \`tools/call\` takes two GCRA decisions and none is refused; server CPU = the node with its children"
         echo
-        echo "Round 1 (off, then on):"
-        echo
-        "$BIN/hangar-bench" report "$WORK/runs.jsonl" --baseline limits-off \
-            --candidate limits-on --max-added-p50-us 5 >"$WORK/report-rl.md" || REPORT_RC=$?
-        sed 's/^### /#### /' "$WORK/report-rl.md"
-        echo
-        echo "Round 2 (on, then off):"
-        echo
-        "$BIN/hangar-bench" report "$WORK/runs.jsonl" --baseline limits-off-2 \
-            --candidate limits-on-2 --max-added-p50-us 5 >"$WORK/report-rl2.md" || REPORT_RC=$?
-        sed 's/^### /#### /' "$WORK/report-rl2.md"
-        echo
+        ab_rounds limits-off limits-on report-rl
         # rl_get LABEL C FIELD: a number from the run's JSON line.
         rl_get() {
             grep "\"label\":\"$1\"" "$WORK/runs.jsonl" | grep "\"concurrency\":$2," | tail -1 \

@@ -264,6 +264,21 @@ pub fn hangarctl_on(node: &Node, args: &[&str]) -> (i32, String, String) {
     )
 }
 
+/// Send a request: its status, its `WWW-Authenticate` header ("" when absent) and its JSON
+/// body (`null` when it is not JSON).
+pub async fn status_www_body(rb: reqwest::RequestBuilder) -> (u16, String, Value) {
+    let r = rb.send().await.unwrap();
+    let status = r.status().as_u16();
+    let www = r
+        .headers()
+        .get("www-authenticate")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
+    let body = serde_json::from_str(&r.text().await.unwrap()).unwrap_or_default();
+    (status, www, body)
+}
+
 /// A fixture MCP server over Streamable HTTP.
 pub struct FixtureHttp {
     /// The process.

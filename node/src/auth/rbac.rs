@@ -200,21 +200,21 @@ const ROUTES: &[(&str, &str, Permission)] = &[
 /// The permission a REST request needs: `Some("")` = any authenticated caller, `None` = the
 /// route is not in the table (denied).
 pub fn route_permission(method: &str, path: &str) -> Option<Permission> {
-    let segs: Vec<&str> = path.split('/').collect();
-    ROUTES
-        .iter()
-        .find(|(m, pattern, _)| *m == method && matches(pattern, &segs))
-        .map(|(_, _, p)| *p)
+    route(method, path).map(|(_, _, p)| *p)
 }
 
 /// The route pattern a REST request matches (e.g. `/api/mcp_servers/{id}/start`), if any: the
 /// command kind the command rate limiter counts it under.
 pub fn route_pattern(method: &str, path: &str) -> Option<&'static str> {
+    route(method, path).map(|(_, pattern, _)| *pattern)
+}
+
+/// The entry of the route table a REST request matches.
+fn route(method: &str, path: &str) -> Option<&'static (&'static str, &'static str, Permission)> {
     let segs: Vec<&str> = path.split('/').collect();
     ROUTES
         .iter()
         .find(|(m, pattern, _)| *m == method && matches(pattern, &segs))
-        .map(|(_, pattern, _)| *pattern)
 }
 
 /// The server or group a REST request is about, for scoped grants: the `{id}` of

@@ -145,10 +145,8 @@ impl Quotas {
         let mut ack_now = false;
         loop {
             let started = tokio::time::Instant::now();
+            // The definitions follow the replicated state in the cluster's applier.
             let limits = &self.limits;
-            raft.read(|st| {
-                limits.set_definitions(&st.limits);
-            });
             let status = raft.status();
             limits.set_members(status.voters.len() + status.learners.len());
             // Reported even without rules: the lease is then current when a rule appears.

@@ -1548,16 +1548,7 @@ async fn get_with_key(c: &reqwest::Client, url: &str, key: Option<&str>) -> (u16
     if let Some(k) = key {
         rb = rb.header("X-API-Key", k);
     }
-    let r = rb.send().await.unwrap();
-    let status = r.status().as_u16();
-    let www = r
-        .headers()
-        .get("www-authenticate")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_owned();
-    let body = serde_json::from_str(&r.text().await.unwrap()).unwrap_or_default();
-    (status, www, body)
+    status_www_body(rb).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

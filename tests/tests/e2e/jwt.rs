@@ -97,16 +97,7 @@ async fn issuer(doc: Arc<Mutex<String>>) -> String {
 
 /// A request's status, `WWW-Authenticate` and JSON body.
 async fn send(rb: reqwest::RequestBuilder) -> (u16, String, Value) {
-    let r = rb.send().await.unwrap();
-    let status = r.status().as_u16();
-    let www = r
-        .headers()
-        .get("www-authenticate")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_owned();
-    let body = serde_json::from_str(&r.text().await.unwrap()).unwrap_or_default();
-    (status, www, body)
+    status_www_body(rb).await
 }
 
 fn bearer(rb: reqwest::RequestBuilder, token: Option<&str>) -> reqwest::RequestBuilder {
