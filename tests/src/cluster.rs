@@ -113,6 +113,8 @@ pub struct Member {
     env: Vec<(String, String)>,
     child: Option<Child>,
     starts: u32,
+    /// `http` or `https` (a cluster with `server.tls`, see [`Cluster::https`]).
+    scheme: &'static str,
 }
 
 impl Member {
@@ -131,14 +133,14 @@ impl Member {
         &self.raft
     }
 
-    /// `http://127.0.0.1:PORT`.
+    /// `http://127.0.0.1:PORT` (`https://` for a cluster with `server.tls`).
     pub fn base(&self) -> String {
-        format!("http://{}", self.http)
+        format!("{}://{}", self.scheme, self.http)
     }
 
     /// URL of a path on its HTTP API.
     pub fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.http)
+        format!("{}{path}", self.base())
     }
 
     /// Its directory (config, data, ready file, logs).
@@ -190,6 +192,10 @@ pub struct Cluster {
     /// [`Cluster::kill9`] returns right after the signal.
     killed: Vec<Child>,
     client: reqwest::Client,
+    /// The API key the harness sends, if any ([`Cluster::api_key`]).
+    key: Option<String>,
+    /// The CA the harness trusts for HTTPS members ([`Cluster::https`]).
+    ca: Option<PathBuf>,
     // Last field: removed after `Drop::drop` has killed the processes.
     root: tempfile::TempDir,
 }
@@ -237,6 +243,8 @@ impl Cluster {
             members: Vec::new(),
             killed: Vec::new(),
             client,
+            key: None,
+            ca: None,
             root,
         })
     }
@@ -252,15 +260,36 @@ impl Cluster {
     /// Send this API key (X-API-Key) with the harness's own requests (status polls), for a
     /// cluster with `auth` on.
     pub fn api_key(mut self, key: &str) -> Result<Self> {
-        let mut headers = reqwest::header::HeaderMap::new();
-        let v = reqwest::header::HeaderValue::from_str(key)
-            .map_err(|e| ClusterError::BadApiKey(e.to_string()))?;
-        headers.insert("x-api-key", v);
-        self.client = reqwest::Client::builder()
-            .default_headers(headers)
-            .build()
-            .map_err(ClusterError::Client)?;
+        self.key = Some(key.to_owned());
+        self.client = self.harness_client()?;
         Ok(self)
+    }
+
+    /// Members serve HTTPS (`server.tls`) with certificates of the CA in `ca_pem`: their URLs
+    /// start with `https://` and the harness trusts that CA. Call before adding members.
+    pub fn https(mut self, ca_pem: &Path) -> Result<Self> {
+        self.ca = Some(ca_pem.to_owned());
+        for m in &mut self.members {
+            m.scheme = "https";
+        }
+        self.client = self.harness_client()?;
+        Ok(self)
+    }
+
+    /// The harness's own client: its API key and trusted CA, if any.
+    fn harness_client(&self) -> Result<reqwest::Client> {
+        let mut b = reqwest::Client::builder();
+        if let Some(key) = &self.key {
+            let mut headers = reqwest::header::HeaderMap::new();
+            let v = reqwest::header::HeaderValue::from_str(key)
+                .map_err(|e| ClusterError::BadApiKey(e.to_string()))?;
+            headers.insert("x-api-key", v);
+            b = b.default_headers(headers);
+        }
+        if let Some(ca) = &self.ca {
+            b = b.tls_backend_preconfigured(crate::tls_config(&[ca], None));
+        }
+        b.build().map_err(ClusterError::Client)
     }
 
     /// Run every node with this environment variable too.
@@ -298,6 +327,7 @@ impl Cluster {
             env: Vec::new(),
             child: None,
             starts: 0,
+            scheme: if self.ca.is_some() { "https" } else { "http" },
         });
         Ok(&self.members[self.members.len() - 1])
     }

@@ -6,6 +6,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 pub mod cluster;
+pub mod jwt;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -647,4 +648,45 @@ impl Listener {
         }
         panic!("no {method} on the stream within {within:?}; saw {seen:?}");
     }
+}
+
+/// A TLS client config trusting the CAs in `cas`, presenting `identity` (cert, key) if given.
+pub fn tls_config(cas: &[&Path], identity: Option<(&Path, &Path)>) -> rustls::ClientConfig {
+    use rustls::pki_types::pem::PemObject;
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in cas {
+        for c in rustls::pki_types::CertificateDer::pem_file_iter(ca).unwrap() {
+            roots.add(c.unwrap()).unwrap();
+        }
+    }
+    let b = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots);
+    let mut c = match identity {
+        Some((cert, key)) => b
+            .with_client_auth_cert(
+                rustls::pki_types::CertificateDer::pem_file_iter(cert)
+                    .unwrap()
+                    .map(Result::unwrap)
+                    .collect(),
+                rustls::pki_types::PrivateKeyDer::from_pem_file(key).unwrap(),
+            )
+            .unwrap(),
+        None => b.with_no_client_auth(),
+    };
+    c.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    c
+}
+
+/// An HTTPS client (30 s timeout) built on [`tls_config`].
+pub fn https_client(cas: &[&Path], identity: Option<(&Path, &Path)>) -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .tls_backend_preconfigured(tls_config(cas, identity))
+        .build()
+        .unwrap()
 }

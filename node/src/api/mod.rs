@@ -141,8 +141,50 @@ pub fn routes(state: ApiState) -> Router {
         .route("/health/ready", get(system::ready))
         .route("/health/startup", get(system::startup))
         .route("/metrics", get(system::metrics))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            linearizable_reads,
+        ))
         .with_state(state)
         .merge(cluster)
+}
+
+/// The header that asks for a linearizable read (`X-Hangar-Consistency: linearizable`, or the
+/// query parameter `consistency=linearizable`).
+pub const CONSISTENCY_HEADER: &str = "x-hangar-consistency";
+
+/// Whether a request asks for a linearizable read.
+fn wants_linearizable(req: &axum::extract::Request) -> bool {
+    let header = req
+        .headers()
+        .get(CONSISTENCY_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("linearizable"));
+    let query = req
+        .uri()
+        .query()
+        .is_some_and(|q| q.split('&').any(|kv| kv == "consistency=linearizable"));
+    header || query
+}
+
+/// Reads of replicated state (`GET /api/...`) are served from this node's applied state: fast,
+/// and at most one replication round behind the leader. A client that needs to observe every
+/// write acknowledged anywhere before its request (a linearizable read) asks for it; the node
+/// first catches up with the leader's commit index (ReadIndex: the leader confirms it still
+/// leads with a majority round), then answers. Without a leader it answers 503.
+async fn linearizable_reads(
+    axum::extract::State(st): axum::extract::State<ApiState>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    if req.method() == axum::http::Method::GET
+        && wants_linearizable(&req)
+        && let Err(e) = st.cluster.catch_up().await
+    {
+        return ApiError::from(e).into_response();
+    }
+    next.run(req).await
 }
 
 async fn api_not_found(Path(rest): Path<String>) -> ApiError {

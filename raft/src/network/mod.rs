@@ -111,14 +111,23 @@ pub(crate) struct PeerPool {
     channels: Arc<parking_lot::Mutex<HashMap<String, Channel>>>,
     /// Mutual TLS to the peers (`None`: plaintext).
     tls: Option<tonic::transport::ClientTlsConfig>,
+    /// Source address of outgoing connections: the IP the Raft listener is bound to, when it
+    /// is a specific one (a multi-homed host talks to its peers from its cluster interface,
+    /// and a peer's firewall or a fault-injecting proxy can tell the nodes apart).
+    local_ip: Option<std::net::IpAddr>,
 }
 
 impl PeerPool {
-    /// A pool whose channels use `tls` (mutual TLS) when given.
-    pub(crate) fn new(tls: Option<tonic::transport::ClientTlsConfig>) -> PeerPool {
+    /// A pool whose channels use `tls` (mutual TLS) when given, and leave from `bind_ip`
+    /// unless it is unspecified (`0.0.0.0`, `::`).
+    pub(crate) fn new(
+        tls: Option<tonic::transport::ClientTlsConfig>,
+        bind_ip: std::net::IpAddr,
+    ) -> PeerPool {
         PeerPool {
             channels: Default::default(),
             tls,
+            local_ip: (!bind_ip.is_unspecified()).then_some(bind_ip),
         }
     }
 
@@ -136,6 +145,7 @@ impl PeerPool {
                 .map_err(|e| invalid(e.to_string()))?;
         }
         Ok(ep
+            .local_address(self.local_ip)
             .connect_timeout(CONNECT_TIMEOUT)
             .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
             .keep_alive_timeout(KEEPALIVE_TIMEOUT)

@@ -210,7 +210,10 @@ impl RaftHandle {
             ),
             None => None,
         };
-        let pool = PeerPool::new(cfg.tls.as_ref().map(|t| t.client_config()));
+        let pool = PeerPool::new(
+            cfg.tls.as_ref().map(|t| t.client_config()),
+            cfg.raft_addr.ip(),
+        );
         let raft = openraft::Raft::new(
             cfg.node_id,
             config,

@@ -14,6 +14,7 @@ use hangar_tests::*;
 use serde_json::{Value, json};
 
 mod ratelimit;
+mod secure;
 mod tls;
 
 /// A cluster of `n` members (ids 1..=n, not started) running `hangar` with `args`, logging

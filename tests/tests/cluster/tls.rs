@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 use super::{cluster, hangarctl};
 
 /// `hangarctl cluster gen-certs` into `dir` for nodes 1..=n.
-fn gen_certs(dir: &std::path::Path, n: u64) {
+pub(super) fn gen_certs(dir: &std::path::Path, n: u64) {
     let (ok, out, err) = hangarctl(
         "http://127.0.0.1:9",
         &[
@@ -30,7 +30,7 @@ fn gen_certs(dir: &std::path::Path, n: u64) {
     assert!(dir.join("ca.pem").exists() && dir.join(format!("node-{n}-key.pem")).exists());
 }
 
-fn tls_keys(dir: &std::path::Path, id: u64) -> String {
+pub(super) fn tls_keys(dir: &std::path::Path, id: u64) -> String {
     format!(
         "  tls:\n    ca_file: \"{}\"\n    cert_file: \"{}\"\n    key_file: \"{}\"\n",
         dir.join("ca.pem").display(),

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use hangar_tests::*;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::pki_types::{CertificateDer, ServerName};
 use serde_json::{Value, json};
 
 fn hangarctl(args: &[&str]) -> (bool, String, String) {
@@ -55,45 +55,6 @@ fn der(pem_file: &Path) -> Vec<u8> {
         .unwrap()
         .as_ref()
         .to_vec()
-}
-
-/// A TLS client config trusting the CAs in `cas`, presenting `identity` (cert, key) if given.
-fn tls_config(cas: &[&Path], identity: Option<(&Path, &Path)>) -> rustls::ClientConfig {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let mut roots = rustls::RootCertStore::empty();
-    for ca in cas {
-        for c in CertificateDer::pem_file_iter(ca).unwrap() {
-            roots.add(c.unwrap()).unwrap();
-        }
-    }
-    let b = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots);
-    let mut c = match identity {
-        Some((cert, key)) => b
-            .with_client_auth_cert(
-                CertificateDer::pem_file_iter(cert)
-                    .unwrap()
-                    .map(Result::unwrap)
-                    .collect(),
-                PrivateKeyDer::from_pem_file(key).unwrap(),
-            )
-            .unwrap(),
-        None => b.with_no_client_auth(),
-    };
-    c.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    c
-}
-
-fn https_client(cas: &[&Path], identity: Option<(&Path, &Path)>) -> reqwest::Client {
-    reqwest::Client::builder()
-        .timeout(Duration::from_secs(30))
-        .tls_backend_preconfigured(tls_config(cas, identity))
-        .build()
-        .unwrap()
 }
 
 /// The DER of the certificate the listener at `base` (`https://HOST:PORT`) serves to a new
