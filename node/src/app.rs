@@ -286,6 +286,7 @@ impl Node {
                     gateway: gateway.clone(),
                     reloader: Some(reloader.clone()),
                     cluster: cluster.clone(),
+                    auth: auth.clone(),
                 }))
                 // Bodies are read (and limited) only once the caller authenticated.
                 .layer(axum::middleware::from_fn_with_state(

@@ -9,6 +9,8 @@ use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use hangar_raft::Command;
 use hangar_raft::state::{ApiKeyRecord, RoleDef, RoleScope};
+
+use crate::config::RoleAssignmentSpec;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -203,42 +205,50 @@ fn is_builtin(name: &str) -> bool {
     rbac::BUILTIN_ROLES.iter().any(|(n, _)| *n == name)
 }
 
-/// Who holds `role`: `[{"principal_id", "scope"}]`, global assignments first.
-fn holders(s: &hangar_raft::state::State, role: &str) -> Vec<Value> {
+/// Who holds `role`: `[{"principal_id", "scope", "source"}]`, replicated assignments (global
+/// first, `source: api`), then the config file's (`source: config`).
+fn holders(s: &hangar_raft::state::State, file: &[RoleAssignmentSpec], role: &str) -> Vec<Value> {
     let global = s
         .role_assignments
         .iter()
         .filter(|(_, roles)| roles.contains(role))
-        .map(|(p, _)| json!({"principal_id": p, "scope": "global"}));
+        .map(|(p, _)| json!({"principal_id": p, "scope": "global", "source": "api"}));
     let scoped = s.scoped_role_assignments.iter().flat_map(|(p, scopes)| {
         scopes
             .iter()
             .filter(|(_, roles)| roles.contains(role))
-            .map(move |(scope, _)| json!({"principal_id": p, "scope": scope}))
+            .map(move |(scope, _)| json!({"principal_id": p, "scope": scope, "source": "api"}))
     });
-    global.chain(scoped).collect()
+    let from_file = file
+        .iter()
+        .filter(|a| a.role == role)
+        .map(|a| json!({"principal_id": a.principal, "scope": a.scope, "source": "config"}));
+    global.chain(scoped).chain(from_file).collect()
 }
 
 /// `GET /api/auth/roles`: the built-in and custom roles with their permissions and who holds
 /// each (`assignments` of every role, with scopes); `assignments` (global, principal → roles)
 /// and `scoped_assignments` (principal → scope → roles) as maps.
 pub(super) async fn roles(State(st): State<ApiState>) -> ApiResult {
+    let file = st.auth.file_role_assignments();
     let body = st.cluster.raft().read(|s| {
         let mut roles: Vec<Value> = rbac::BUILTIN_ROLES
             .iter()
             .map(|(name, perms)| {
                 json!({"name": name, "permissions": perms, "builtin": true,
-                    "assignments": holders(s, name)})
+                    "assignments": holders(s, &file, name)})
             })
             .collect();
         for (name, r) in s.roles.iter().filter(|(n, _)| !is_builtin(n)) {
             roles.push(
                 json!({"name": name, "permissions": r.permissions, "builtin": false,
-                "description": r.description, "assignments": holders(s, name)}),
+                "description": r.description, "assignments": holders(s, &file, name)}),
             );
         }
         json!({"roles": roles, "assignments": s.role_assignments,
-            "scoped_assignments": s.scoped_role_assignments})
+            "scoped_assignments": s.scoped_role_assignments,
+            "file_assignments": file.iter().map(|a| json!({"principal_id": a.principal,
+                "role": a.role, "scope": a.scope})).collect::<Vec<_>>()})
     });
     Ok(axum::Json(body).into_response())
 }
@@ -364,7 +374,7 @@ pub(super) async fn delete_role(State(st): State<ApiState>, Path(name): Path<Str
     let (exists, assigned) = st
         .cluster
         .raft()
-        .read(|s| (s.roles.contains_key(&name), holders(s, &name)));
+        .read(|s| (s.roles.contains_key(&name), holders(s, &[], &name)));
     if !exists {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,

@@ -41,6 +41,8 @@ pub struct ApiState {
     pub reloader: Option<Arc<config::Reloader>>,
     /// The cluster: desired config changes go through Raft.
     pub cluster: Arc<crate::cluster::Cluster>,
+    /// Authentication and authorization (its file settings, e.g. `auth.role_assignments`).
+    pub auth: Arc<crate::auth::Auth>,
 }
 
 impl ApiState {

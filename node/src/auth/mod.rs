@@ -316,7 +316,45 @@ impl Auth {
             // Grants of JWT principals depend on the issuers' `group_roles`.
             *self.cache.lock() = Cache::default();
         }
+        if self.cfg.read().role_assignments != cfg.role_assignments {
+            *self.cache.lock() = Cache::default();
+        }
         *self.cfg.write() = cfg;
+    }
+
+    /// Add the file's role assignments (`auth.role_assignments`) of a caller known by any of
+    /// `names` (an API key's principal id; a JWT's subject and `group:<g>` per group), of
+    /// `tenant`: `global` and matching `tenant:<id>` ones to `roles`, `server:`/`group:` ones
+    /// to `scoped`.
+    fn add_config_roles(
+        &self,
+        names: &[String],
+        tenant: Option<&str>,
+        roles: &mut std::collections::BTreeSet<String>,
+        scoped: &mut std::collections::BTreeMap<String, std::collections::BTreeSet<String>>,
+    ) {
+        let cfg = self.cfg.read();
+        for a in cfg
+            .role_assignments
+            .iter()
+            .filter(|a| names.contains(&a.principal))
+        {
+            match a.scope.strip_prefix("tenant:") {
+                Some(t) if tenant == Some(t) => {
+                    roles.insert(a.role.clone());
+                }
+                Some(_) => {}
+                None if a.scope == "global" => {
+                    roles.insert(a.role.clone());
+                }
+                None => {
+                    scoped
+                        .entry(a.scope.clone())
+                        .or_default()
+                        .insert(a.role.clone());
+                }
+            }
+        }
     }
 
     /// The JWT verifier, when `auth.jwt` is configured.
@@ -332,30 +370,48 @@ impl Auth {
                 &std::collections::BTreeSet::from(["admin".to_owned()]),
                 &Default::default(),
             )),
-            Principal::ApiKey { principal, .. } => {
+            Principal::ApiKey {
+                principal, tenant, ..
+            } => {
                 let version = self.keys.version();
-                if let Some(g) = self.cache.lock().at(version).grants.get(principal) {
+                // The tenant matters for `tenant:` scoped assignments of the file; a NUL is
+                // in no principal name.
+                let cache_key = match tenant {
+                    Some(t) => format!("{principal}\0tenant\0{t}"),
+                    None => principal.clone(),
+                };
+                if let Some(g) = self.cache.lock().at(version).grants.get(&cache_key) {
                     return g.clone();
                 }
-                let (roles, custom) = self.keys.roles_of(principal);
-                let (scoped, scoped_custom) = self.keys.scoped_roles_of(principal);
+                let (mut roles, custom) = self.keys.roles_of(principal);
+                let (mut scoped, scoped_custom) = self.keys.scoped_roles_of(principal);
+                self.add_config_roles(
+                    std::slice::from_ref(principal),
+                    tenant.as_deref(),
+                    &mut roles,
+                    &mut scoped,
+                );
                 let g = Arc::new(Grants::of(&roles, &custom).with_scoped(&scoped, &scoped_custom));
                 self.cache
                     .lock()
                     .at(version)
                     .grants
-                    .insert(principal.clone(), g.clone());
+                    .insert(cache_key, g.clone());
                 g
             }
             Principal::Jwt {
                 subject,
                 issuer,
                 groups,
-                ..
+                tenant,
             } => {
                 let version = self.keys.version();
                 // Not a principal name an API key can have (those hold no NUL).
-                let cache_key = format!("\0jwt\0{issuer}\0{subject}\0{}", groups.join("\0"));
+                let cache_key = format!(
+                    "\0jwt\0{issuer}\0{subject}\0{}\0tenant\0{}",
+                    groups.join("\0"),
+                    tenant.as_deref().unwrap_or("")
+                );
                 if let Some(g) = self.cache.lock().at(version).grants.get(&cache_key) {
                     return g.clone();
                 }
@@ -375,6 +431,10 @@ impl Auth {
                 if let Some(v) = self.jwt() {
                     roles.extend(v.group_roles(issuer, groups));
                 }
+                let names: Vec<String> = std::iter::once(subject.clone())
+                    .chain(groups.iter().map(|g| format!("group:{g}")))
+                    .collect();
+                self.add_config_roles(&names, tenant.as_deref(), &mut roles, &mut scoped);
                 let g = Arc::new(Grants::of(&roles, &custom).with_scoped(&scoped, &scoped_custom));
                 self.cache
                     .lock()
@@ -399,6 +459,11 @@ impl Auth {
             .keys
             .insert(sha.to_owned(), r.clone());
         Some(r)
+    }
+
+    /// The file's role assignments (`auth.role_assignments`).
+    pub fn file_role_assignments(&self) -> Vec<crate::config::RoleAssignmentSpec> {
+        self.cfg.read().role_assignments.clone()
     }
 
     /// Whether requests must authenticate.
@@ -983,5 +1048,130 @@ mod tests {
         assert!(constant_time_eq("abc", "abc"));
         assert!(!constant_time_eq("abc", "abd"));
         assert!(!constant_time_eq("abc", "abcd"));
+    }
+
+    #[test]
+    fn role_assignments_of_the_file_add_global_tenant_and_scoped_roles() {
+        let a = auth(true, false);
+        let assign = |principal: &str, role: &str, scope: &str| crate::config::RoleAssignmentSpec {
+            principal: principal.into(),
+            role: role.into(),
+            scope: scope.into(),
+        };
+        let mut cfg = a.cfg.read().clone();
+        cfg.role_assignments = vec![
+            assign("svc", "viewer", "global"),
+            assign("svc", "developer", "tenant:acme"),
+            assign("svc", "provider-admin", "server:s1"),
+            assign("someone-else", "admin", "global"),
+        ];
+        a.set_config(cfg);
+        let key = |tenant: Option<&str>| Principal::ApiKey {
+            key_id: "k1".into(),
+            principal: "svc".into(),
+            tenant: tenant.map(str::to_owned),
+        };
+        let plain = a.grants(&key(None));
+        assert!(plain.allows("mcp_servers:read") && !plain.allows("tool:invoke"));
+        assert!(!plain.allows("policy:write"));
+        let s1 = rbac::Target::Server {
+            id: "s1".into(),
+            groups: vec![],
+        };
+        let s2 = rbac::Target::Server {
+            id: "s2".into(),
+            groups: vec![],
+        };
+        assert!(plain.allows_on("policy:write", &s1) && !plain.allows_on("policy:write", &s2));
+        // The tenant's role counts for a caller of that tenant only (not cached across them).
+        assert!(a.grants(&key(Some("acme"))).allows("tool:invoke"));
+        assert!(!a.grants(&key(Some("other"))).allows("tool:invoke"));
+        assert!(!a.grants(&key(None)).allows("tool:invoke"));
+        // JWT callers: by subject or by group.
+        let jwt = |subject: &str, groups: &[&str]| Principal::Jwt {
+            subject: subject.into(),
+            issuer: "https://idp".into(),
+            tenant: None,
+            groups: groups.iter().map(|g| (*g).to_owned()).collect(),
+        };
+        assert!(a.grants(&jwt("svc", &[])).allows("mcp_servers:read"));
+        assert!(!a.grants(&jwt("bob", &[])).allows("mcp_servers:read"));
+        let mut cfg = a.cfg.read().clone();
+        cfg.role_assignments = vec![assign("group:ops", "admin", "global")];
+        a.set_config(cfg);
+        assert!(a.grants(&jwt("bob", &["ops"])).allows("auth:manage"));
+        // A reload that drops the assignment takes the role away at once.
+        let mut cfg = a.cfg.read().clone();
+        cfg.role_assignments.clear();
+        a.set_config(cfg);
+        assert!(!a.grants(&jwt("bob", &["ops"])).allows("auth:manage"));
+    }
+
+    /// Bounded fuzzing of the credential headers: arbitrary bytes (valid header values, not
+    /// necessarily UTF-8) in `Authorization` and `X-API-Key`, alone or together, never panic
+    /// and never authenticate; a good key with bytes appended or cut never does either.
+    mod fuzz {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn header_bytes() -> impl Strategy<Value = Vec<u8>> {
+            prop_oneof![
+                // Visible ASCII, tabs and obs-text bytes: everything a header value may hold.
+                proptest::collection::vec(
+                    prop_oneof![0x20u8..=0x7e, Just(b'\t'), 0x80u8..=0xff],
+                    0..600
+                ),
+                // Near misses of real credentials.
+                (
+                    prop_oneof![
+                        Just(b"Bearer ".to_vec()),
+                        Just(b"bearer  ".to_vec()),
+                        Just(b"Basic ".to_vec()),
+                        Just(Vec::new())
+                    ],
+                    prop_oneof![
+                        Just(GOOD.as_bytes().to_vec()),
+                        Just(b"mcp_".to_vec()),
+                        Just(b"eyJhbGciOiJFUzI1NiJ9.e30.".to_vec())
+                    ],
+                    proptest::collection::vec(0x21u8..=0x7e, 0..40),
+                    any::<bool>(),
+                )
+                    .prop_map(|(scheme, cred, tail, cut)| {
+                        let mut v = scheme;
+                        if cut && cred.len() > 5 {
+                            v.extend_from_slice(&cred[..cred.len() - 1]);
+                        } else {
+                            v.extend_from_slice(&cred);
+                            v.extend_from_slice(&tail);
+                        }
+                        if tail.is_empty() && !cut {
+                            v.push(b'!');
+                        }
+                        v
+                    }),
+            ]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
+            #[test]
+            fn credential_headers_of_any_bytes_never_panic_or_authenticate(
+                authz in proptest::option::of(header_bytes()),
+                key in proptest::option::of(header_bytes()),
+            ) {
+                let a = auth(true, false);
+                let mut h = HeaderMap::new();
+                for (name, v) in [("authorization", &authz), ("x-api-key", &key)] {
+                    if let Some(v) = v
+                        && let Ok(value) = HeaderValue::from_bytes(v)
+                    {
+                        h.insert(axum::http::HeaderName::from_static(name), value);
+                    }
+                }
+                let got = a.authenticate(&h, 5_000);
+                prop_assert!(got.is_err(), "authenticated {:?} / {:?}: {:?}", authz, key, got);
+            }
+        }
     }
 }

@@ -402,6 +402,20 @@ pub struct AuthConfig {
     pub rate_limit: AuthLockout,
     /// Bearer JWTs from trusted issuers (`auth.jwt`, or MCP Hangar's `auth.oidc`).
     pub jwt: Option<super::JwtConfig>,
+    /// Roles given in the file (`auth.role_assignments`), on top of the replicated ones.
+    pub role_assignments: Vec<RoleAssignmentSpec>,
+}
+
+/// One `auth.role_assignments[]` entry: `{principal, role, scope}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RoleAssignmentSpec {
+    /// An API key's principal id, a JWT subject, or `group:<JWT group>`.
+    pub principal: String,
+    /// A built-in role (custom roles are assigned through the API).
+    pub role: String,
+    /// `global`, `server:<id>`, `group:<id>` (requests about that server or group), or
+    /// `tenant:<id>` (every request of a caller of that tenant).
+    pub scope: String,
 }
 
 /// `auth.rate_limit`: failed-attempt lockout.

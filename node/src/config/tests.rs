@@ -225,6 +225,49 @@ fn auth_with_api_keys() {
 }
 
 #[test]
+fn role_assignments_in_the_file() {
+    let c = load(
+        "mcp_servers: {}\nauth:\n  enabled: true\n  role_assignments:\n    - {principal: \"service:ci\", role: developer}\n    - {principal: \"group:ops\", role: admin, scope: \"tenant:acme\"}\n    - {principal: alice, role: viewer, scope: \"server:math\"}\n",
+    )
+    .unwrap();
+    let a = &c.auth.role_assignments;
+    assert_eq!(a.len(), 3);
+    assert_eq!(
+        (
+            a[0].principal.as_str(),
+            a[0].role.as_str(),
+            a[0].scope.as_str()
+        ),
+        ("service:ci", "developer", "global")
+    );
+    assert_eq!(a[1].scope, "tenant:acme");
+    assert_eq!(a[2].scope, "server:math");
+    let p = problems(
+        "mcp_servers: {}\nauth:\n  role_assignments:\n    - {principal: a, role: wizard}\n    - {principal: b, role: viewer, scope: \"planet:mars\"}\n    - {role: viewer}\n    - {principal: c, role: viewer, colour: red}\n",
+    );
+    let has = |needle: &str| p.iter().any(|m| m.contains(needle));
+    assert!(
+        has("auth.role_assignments[0].role: unknown role `wizard`"),
+        "{p:?}"
+    );
+    assert!(
+        has("auth.role_assignments[1].scope: `planet:mars` is not a scope"),
+        "{p:?}"
+    );
+    assert!(has("auth.role_assignments[2].principal"), "{p:?}");
+    assert!(has("auth.role_assignments[3].colour"), "{p:?}");
+    let p = problems("mcp_servers: {}\nauth:\n  role_assignments: {a: admin}\n");
+    assert!(
+        has_any(&p, "auth.role_assignments: must be a list"),
+        "{p:?}"
+    );
+}
+
+fn has_any(p: &[String], needle: &str) -> bool {
+    p.iter().any(|m| m.contains(needle))
+}
+
+#[test]
 fn yaml_errors_and_shapes() {
     assert!(matches!(load(""), Err(ConfigError::Invalid { .. })));
     let p = problems("- a\n- b\n");

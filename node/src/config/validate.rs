@@ -791,21 +791,85 @@ pub(super) fn server_spec(v: &Value, path: &str, p: &ProblemSink) -> Option<Serv
     spec
 }
 
-/// `auth:`: API keys, bearer JWTs (`jwt`, or MCP Hangar's `oidc`: see [`super::jwt`]) and the
-/// failed-attempt lockout; OPA and role assignments in the file are refused with a clear
-/// error until they exist.
-fn auth(o: &Obj<'_>) -> AuthConfig {
-    for (key, what) in [
-        ("opa", "OPA authorization"),
-        ("role_assignments", "role assignments"),
-    ] {
-        if o.has(key) {
+/// `auth.role_assignments`: `[{principal, role, scope}]` (MCP Hangar's shape; `scope`
+/// defaults to `global`).
+fn role_assignments(o: &Obj<'_>) -> Vec<RoleAssignmentSpec> {
+    let Some(v) = o.raw("role_assignments") else {
+        return Vec::new();
+    };
+    let Value::Array(items) = v else {
+        o.p.push(
+            &o.at("role_assignments"),
+            format!(
+                "must be a list of {{principal, role, scope}} entries, got {}",
+                type_name(v)
+            ),
+        );
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for (i, item) in items.iter().enumerate() {
+        let path = format!("{}[{i}]", o.at("role_assignments"));
+        let Some(a) = Obj::new(item, &path, o.p) else {
+            continue;
+        };
+        let principal = a.req_str(
+            "principal",
+            "the API key principal id, JWT subject or group:<name>",
+        );
+        let role = a.req_str("role", "a built-in role");
+        let scope = a.str("scope").unwrap_or_else(|| "global".to_owned());
+        a.finish();
+        if let Some(r) = &role
+            && !crate::auth::rbac::BUILTIN_ROLES.iter().any(|(n, _)| n == r)
+        {
+            let known: Vec<&str> = crate::auth::rbac::BUILTIN_ROLES
+                .iter()
+                .map(|(n, _)| *n)
+                .collect();
             o.p.push(
-                &o.at(key),
-                format!("{what} is not supported by this Hangar version yet; remove `{key}` (API keys work: auth.api_key; JWTs: auth.jwt)"),
+                &format!("{path}.role"),
+                format!(
+                    "unknown role `{r}`: the file assigns built-in roles ({}); assign custom roles through POST /api/auth/roles/assign",
+                    known.join(", ")
+                ),
             );
+            continue;
+        }
+        let scope_ok = match scope.strip_prefix("tenant:") {
+            Some(t) => !t.is_empty() && t.len() <= 128 && !t.contains(char::is_whitespace),
+            None => hangar_raft::state::RoleScope::parse(&scope).is_ok(),
+        };
+        if !scope_ok {
+            o.p.push(
+                &format!("{path}.scope"),
+                format!(
+                    "`{scope}` is not a scope: use global, server:<id>, group:<id> or tenant:<id>"
+                ),
+            );
+            continue;
+        }
+        if let (Some(principal), Some(role)) = (principal, role) {
+            out.push(RoleAssignmentSpec {
+                principal,
+                role,
+                scope,
+            });
         }
     }
+    out
+}
+
+/// `auth:`: API keys, bearer JWTs (`jwt`, or MCP Hangar's `oidc`: see [`super::jwt`]), role
+/// assignments and the failed-attempt lockout; OPA is refused with a clear error.
+fn auth(o: &Obj<'_>) -> AuthConfig {
+    if o.has("opa") {
+        o.p.push(
+            &o.at("opa"),
+            "OPA authorization is not supported by this Hangar version; remove `opa` (roles: auth.role_assignments or the API; tool policies: tool_access)",
+        );
+    }
+    let role_assignments = role_assignments(o);
     // Keys live in the cluster's replicated state whatever MCP Hangar's `storage` says.
     o.allow(&["opa", "role_assignments", "storage"]);
     if o.has("jwt") && o.has("oidc") {
@@ -874,6 +938,7 @@ fn auth(o: &Obj<'_>) -> AuthConfig {
         api_key,
         rate_limit,
         jwt: jwt.or(oidc),
+        role_assignments,
     };
     if c.enabled && !c.api_key.enabled && c.jwt.is_none() && !c.allow_anonymous {
         o.p.push(

@@ -369,3 +369,114 @@ async fn custom_roles_scoped_to_a_server_or_group_grant_only_there() {
     })
     .await;
 }
+
+/// A key for `principal` (of `tenant`, if given), created with `admin`: its raw secret.
+async fn key_for(
+    c: &reqwest::Client,
+    node: &Node,
+    admin: &str,
+    principal: &str,
+    tenant: Option<&str>,
+) -> String {
+    let mut body = json!({"principal_id": principal, "name": principal});
+    if let Some(t) = tenant {
+        body["tenant"] = json!(t);
+    }
+    let (s, v) = post(c, node.url("/api/auth/keys"), admin, body).await;
+    assert_eq!(s, 201, "{v}");
+    v["raw_key"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn role_assignments_in_the_config_file_grant_by_principal_and_tenant_and_follow_reloads() {
+    let admin = format!("mcp_{:064x}", u128::from(std::process::id()) << 64 | 0xf11e);
+    let head = "auth:\n  enabled: true\n  api_key:\n    bootstrap_key: ${HANGAR_BOOTSTRAP_KEY}\n";
+    let servers = format!("mcp_servers:\n{}", fixture_stdio_yaml("a", ""));
+    let assignments = "  role_assignments:\n    - {principal: \"svc:file\", role: developer}\n    - {principal: \"svc:tenant\", role: developer, scope: \"tenant:acme\"}\n";
+    let node = Node::start_with(
+        &format!("{head}{assignments}{servers}"),
+        &[("HANGAR_BOOTSTRAP_KEY", &admin)],
+    );
+    let c = client();
+    let file_key = wait_for(
+        "the admin creates a key",
+        Duration::from_secs(30),
+        || async {
+            let (s, v) = post(
+                &c,
+                node.url("/api/auth/keys"),
+                &admin,
+                json!({"principal_id": "svc:file", "name": "svc:file"}),
+            )
+            .await;
+            (s != 503).then(|| {
+                assert_eq!(s, 201, "{v}");
+                v["raw_key"].as_str().unwrap().to_owned()
+            })
+        },
+    )
+    .await;
+    let acme = key_for(&c, &node, &admin, "svc:tenant", Some("acme")).await;
+    let other = key_for(&c, &node, &admin, "svc:tenant", Some("other")).await;
+    let call = |key: String| {
+        let c = c.clone();
+        let url = node.url("/mcp");
+        async move {
+            mcp(
+                &c,
+                url,
+                &key,
+                "tools/call",
+                json!({"name": "a__echo", "arguments": {"message": "m"}}),
+            )
+            .await
+        }
+    };
+    // The file's global assignment, and its tenant-scoped one for the tenant's keys only.
+    assert_eq!(
+        call(file_key.clone()).await["result"]["content"][0]["text"],
+        "m"
+    );
+    assert_eq!(
+        call(acme.clone()).await["result"]["content"][0]["text"],
+        "m"
+    );
+    let denied = call(other.clone()).await;
+    assert_eq!(denied["error"]["code"], -32003, "{denied}");
+    let (s, me) = send(c.get(node.url("/api/system/me")), &file_key).await;
+    assert_eq!((s, &me["roles"]), (200, &json!(["developer"])), "{me}");
+    // Listed with their source.
+    let (s, roles) = send(c.get(node.url("/api/auth/roles")), &admin).await;
+    assert_eq!(s, 200);
+    let dev = roles["roles"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["name"] == "developer")
+        .unwrap();
+    assert!(
+        dev["assignments"].as_array().unwrap().contains(
+            &json!({"principal_id": "svc:tenant", "scope": "tenant:acme", "source": "config"})
+        ),
+        "{dev}"
+    );
+    // A reload without them takes the roles away at once; a bad one keeps them.
+    node.write_config(&format!(
+        "{head}  role_assignments:\n    - {{principal: \"svc:file\", role: sorcerer}}\n{servers}"
+    ));
+    let (s, body) = post(&c, node.url("/api/config/reload"), &admin, json!({})).await;
+    assert!(s >= 400, "{body}");
+    assert!(
+        body.to_string().contains("unknown role `sorcerer`"),
+        "{body}"
+    );
+    assert_eq!(
+        call(file_key.clone()).await["result"]["content"][0]["text"],
+        "m"
+    );
+    node.write_config(&format!("{head}{servers}"));
+    let (s, body) = post(&c, node.url("/api/config/reload"), &admin, json!({})).await;
+    assert_eq!(s, 200, "{body}");
+    let denied = call(file_key).await;
+    assert_eq!(denied["error"]["code"], -32003, "{denied}");
+}
