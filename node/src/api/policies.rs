@@ -147,11 +147,43 @@ async fn acknowledge(st: &ApiState, mut body: Value) -> Value {
 
 /// `GET /api/auth/policies`.
 pub(super) async fn list(State(st): State<ApiState>) -> ApiResult {
-    let policies: Vec<Value> = st
-        .cluster
-        .raft()
-        .read(|s| s.policies.values().map(policy_json).collect());
+    let mut policies: Vec<Value> = st.cluster.raft().read(|s| {
+        s.policies
+            .values()
+            .map(|p| {
+                let mut v = policy_json(p);
+                v["source"] = json!("api");
+                v
+            })
+            .collect()
+    });
+    policies.extend(config_policies(&st));
     Ok(axum::Json(json!({"count": policies.len(), "policies": policies})).into_response())
+}
+
+/// The config file's policies (`source: config`): each server's and group's `tools`, and each
+/// group member entry's (`scope: member`, `target: <group>/<member>`). They are changed in the
+/// file, not through this API.
+fn config_policies(st: &ApiState) -> Vec<Value> {
+    let runtime = st.runtime();
+    let shown = |scope: &str, target: &str, p: &crate::config::ToolPolicy| {
+        json!({"scope": scope, "target": target, "allow": p.allow_list, "deny": p.deny_list,
+            "approval": p.approval_list, "source": "config"})
+    };
+    let mut out = Vec::new();
+    for id in runtime.specs().keys() {
+        let group = runtime.group(id);
+        let kind = if group.is_some() { "group" } else { "server" };
+        for p in crate::gateway::naming::policies_of(runtime, id) {
+            out.push(shown(kind, id, &p));
+        }
+        for m in group.map(|g| g.spec().members).unwrap_or_default() {
+            if let Some(p) = &m.tools {
+                out.push(shown("member", &format!("{id}/{}", m.id), p));
+            }
+        }
+    }
+    out
 }
 
 /// `GET /api/auth/policies/{scope}/{target}`.

@@ -37,7 +37,17 @@ fn not_sent(status: &tonic::Status) -> bool {
         text.push_str(&s.to_string().to_ascii_lowercase());
         source = s.source();
     }
-    text.contains("connect") || text.contains("service was not ready")
+    // Only failures to establish the connection: "connection reset" or "connection closed"
+    // happen after the request may have been sent, and must not be retried.
+    [
+        "error trying to connect",
+        "tcp connect error",
+        "connection refused",
+        "client error (connect)",
+        "service was not ready",
+    ]
+    .iter()
+    .any(|m| text.contains(m))
 }
 
 /// Sends operations and read-index requests to the current leader.
@@ -145,11 +155,23 @@ impl Forwarder {
                 let reply = reply.into_inner();
                 match decode_bytes::<ForwardResult>(reply.format, &reply.result) {
                     Ok(ForwardResult::Done { response }) => Attempt::Done(Ok(response)),
+                    // Refused before anything was appended: try the new leader.
                     Ok(ForwardResult::Failed {
-                        error:
-                            e @ (RaftError::NotLeader { .. }
-                            | RaftError::NoLeader
-                            | RaftError::ShuttingDown),
+                        error: e @ (RaftError::NotLeader { .. } | RaftError::NoLeader),
+                    }) => Attempt::Retry(e),
+                    // A leader shutting down may have appended the entry already (a later
+                    // leader can commit it): retrying could apply it twice.
+                    Ok(ForwardResult::Failed {
+                        error: RaftError::ShuttingDown,
+                    }) if matches!(op, ForwardOp::Propose { .. }) => {
+                        Attempt::Done(Err(RaftError::OutcomeUnknown {
+                            message: format!(
+                                "leader {leader} at {addr} shut down while proposing; the write may or may not take effect"
+                            ),
+                        }))
+                    }
+                    Ok(ForwardResult::Failed {
+                        error: e @ RaftError::ShuttingDown,
                     }) => Attempt::Retry(e),
                     Ok(ForwardResult::Failed { error }) => Attempt::Done(Err(error)),
                     Ok(ForwardResult::ReadIndex { .. }) => Attempt::Done(Err(RaftError::internal(
@@ -222,6 +244,31 @@ impl Forwarder {
             ForwardResult::Done { .. } => Err(RaftError::internal(
                 "leader answered a read index with a write result",
             )),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::not_sent;
+
+    #[test]
+    fn only_failures_to_connect_count_as_not_sent() {
+        for sent in [
+            "transport error: connection reset by peer",
+            "transport error: connection closed before message completed",
+            "h2 protocol error: stream disconnected",
+            "timeout expired",
+        ] {
+            assert!(!not_sent(&tonic::Status::unavailable(sent)), "{sent}");
+        }
+        for unsent in [
+            "error trying to connect: tcp connect error: Connection refused (os error 111)",
+            "client error (Connect)",
+            "tcp connect error",
+            "Service was not ready: transport error",
+        ] {
+            assert!(not_sent(&tonic::Status::unavailable(unsent)), "{unsent}");
         }
     }
 }

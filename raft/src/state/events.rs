@@ -13,6 +13,15 @@ pub const DEFAULT_EVENT_MAX_COUNT: u64 = 10_000;
 /// Default maximum event age: 7 days.
 pub const DEFAULT_EVENT_MAX_AGE_MS: u64 = 7 * 24 * 3600 * 1000;
 
+/// How many of the newest events a new event's id is checked against (see
+/// [`EventLog::append`]).
+pub(super) const DEDUP_WINDOW: usize = 4096;
+
+/// The id a node gave an event (`data.event_id`), if any.
+fn event_id(e: &EventRecord) -> Option<&str> {
+    e.data.get("event_id").and_then(serde_json::Value::as_str)
+}
+
 /// The replicated event log.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EventLog {
@@ -38,9 +47,25 @@ impl Default for EventLog {
 
 impl EventLog {
     /// Append events; returns the (first, last) seq assigned, `None` for an empty batch.
+    ///
+    /// An event whose `data.event_id` is already among the last [`DEDUP_WINDOW`] events is
+    /// skipped: a node re-proposes a batch whose first proposal had an unknown outcome (the
+    /// leader died after appending it), and the log must hold each event once.
     pub(crate) fn append(&mut self, events: &[EventRecord], now_ms: u64) -> Option<(u64, u64)> {
         let first = self.next_seq;
+        let mut seen: std::collections::HashSet<String> = self
+            .events
+            .iter()
+            .rev()
+            .take(DEDUP_WINDOW)
+            .filter_map(|e| event_id(&e.event).map(str::to_owned))
+            .collect();
         for event in events {
+            if let Some(id) = event_id(event)
+                && !seen.insert(id.to_owned())
+            {
+                continue;
+            }
             self.events.push_back(StoredEvent {
                 seq: self.next_seq,
                 appended_at_ms: now_ms,
@@ -49,11 +74,7 @@ impl EventLog {
             self.next_seq += 1;
         }
         self.apply_retention(now_ms);
-        if events.is_empty() {
-            None
-        } else {
-            Some((first, self.next_seq - 1))
-        }
+        (self.next_seq > first).then(|| (first, self.next_seq - 1))
     }
 
     /// Change retention and apply it at once.

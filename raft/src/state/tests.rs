@@ -1186,3 +1186,54 @@ fn auth_version_moves_with_every_applied_key_or_role_change_only() {
     assert!(run(&mut s, drain).is_rejected(), "no node 1 registered");
     assert_eq!(s.auth_version, 4);
 }
+
+#[test]
+fn a_re_proposed_event_batch_is_appended_once() {
+    let with_id = |kind: &str, id: &str| {
+        let mut e = ev(kind);
+        e.data = serde_json::json!({"event_id": id});
+        e
+    };
+    let mut s = State::default();
+    let batch = vec![with_id("a", "e1"), with_id("b", "e2")];
+    run(
+        &mut s,
+        Command::AppendEvents {
+            events: batch.clone(),
+        },
+    );
+    // The same batch again (its first proposal's outcome was unknown), now with a new event.
+    let mut again = batch;
+    again.push(with_id("c", "e3"));
+    again.push(ev("no-id"));
+    again.push(ev("no-id"));
+    let r = run(&mut s, Command::AppendEvents { events: again });
+    assert_eq!(
+        r,
+        Response::EventsAppended {
+            first_seq: Some(3),
+            last_seq: Some(5)
+        }
+    );
+    // Only repeats are dropped: events without an id are all kept, a batch of repeats alone
+    // appends nothing.
+    let kinds: Vec<String> = s
+        .events_since(0, 100)
+        .into_iter()
+        .map(|e| e.event.kind)
+        .collect();
+    assert_eq!(kinds, ["a", "b", "c", "no-id", "no-id"]);
+    let r = run(
+        &mut s,
+        Command::AppendEvents {
+            events: vec![with_id("a", "e1")],
+        },
+    );
+    assert_eq!(
+        r,
+        Response::EventsAppended {
+            first_seq: None,
+            last_seq: None
+        }
+    );
+}

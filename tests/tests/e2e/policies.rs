@@ -327,6 +327,14 @@ async fn a_members_policy_applies_to_the_calls_routed_to_that_member() {
             .await
             .contains(&"pool__echo".to_owned())
     );
+    // The file's member policy is listed with the API's, marked as the file's.
+    let (_, v) = get_json(&c, &node.url("/api/auth/policies")).await;
+    assert_eq!(v["count"], 1, "{v}");
+    assert_eq!(
+        v["policies"][0],
+        json!({"scope": "member", "target": "pool/b", "allow": [], "deny": ["echo"],
+            "approval": [], "source": "config"})
+    );
 
     // A replicated policy on a member's server id applies when calls land on it; a tool no
     // member takes is not listed.
