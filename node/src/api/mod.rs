@@ -170,10 +170,12 @@ fn wants_linearizable(req: &axum::extract::Request) -> bool {
 }
 
 /// Reads of replicated state (`GET /api/...`) are served from this node's applied state: fast,
-/// and at most one replication round behind the leader. A client that needs to observe every
-/// write acknowledged anywhere before its request (a linearizable read) asks for it; the node
-/// first catches up with the leader's commit index (ReadIndex: the leader confirms it still
-/// leads with a majority round), then answers. Without a leader it answers 503.
+/// usually a replication round behind the leader, but without bound on a node cut off from the
+/// majority (it keeps answering from what it has). A client that needs to observe every write
+/// acknowledged anywhere before its request (a linearizable read) asks for it; the node first
+/// catches up with the leader's commit index (ReadIndex: the leader confirms it still leads
+/// with a majority round), then answers. When that cannot happen (no leader, or this node is
+/// cut off from the majority) it answers 503 after the operation timeout instead of stale data.
 async fn linearizable_reads(
     axum::extract::State(st): axum::extract::State<ApiState>,
     req: axum::extract::Request,

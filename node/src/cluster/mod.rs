@@ -1373,11 +1373,21 @@ impl Cluster {
         let mut running_version: Option<u64> = None;
         let mut catalogs: BTreeMap<String, String> = BTreeMap::new();
         let mut delivered = self.raft.read(|st| st.events.last_seq());
+        let mut policies = self.raft.read(|st| st.policies.clone());
         loop {
             // Rate-limit definitions: enforced as soon as applied here (and listed).
             {
                 let limits = self.quotas.limits();
                 self.raft.read(|st| limits.set_definitions(&st.limits));
+            }
+            // Tool access policies: clients listening on this node learn that their tool lists
+            // may have changed, whichever node took the write.
+            let now = self.raft.read(|st| {
+                (st.policies != policies).then(|| st.policies.clone())
+            });
+            if let Some(now) = now {
+                policies = now;
+                runtime.tool_access_changed();
             }
             // Config.
             let (version, entries) = self.raft.read(|st| {

@@ -226,7 +226,7 @@ impl Gateway {
                     });
                 }
             }
-            RuntimeEvent::ServersChanged => {
+            RuntimeEvent::ServersChanged | RuntimeEvent::ToolAccessChanged => {
                 *self.index.write() = None;
                 let json =
                     Message::notification("notifications/tools/list_changed", None).to_json();

@@ -44,6 +44,9 @@ pub enum RuntimeEvent {
     },
     /// A server was added or removed.
     ServersChanged,
+    /// The tool access policies changed (replicated ones, set through the API): which tools a
+    /// caller may list and call may have changed.
+    ToolAccessChanged,
     /// An upstream sent a notification not tied to a call (e.g. `notifications/resources/updated`).
     UpstreamNotification {
         /// Which server sent it.
@@ -412,6 +415,11 @@ impl Runtime {
     /// Whether `id` names a server or a group.
     pub fn exists(&self, id: &str) -> bool {
         self.instances.read().contains_key(id) || self.groups.read().contains_key(id)
+    }
+
+    /// Tell listeners that the tool access policies changed.
+    pub fn tool_access_changed(&self) {
+        let _ = self.events.send(RuntimeEvent::ToolAccessChanged);
     }
 
     /// Add a server at run time (REST/CLI). It starts COLD.

@@ -1876,3 +1876,65 @@ fn grep_dir(dir: &std::path::Path, needle: &str) -> Vec<std::path::PathBuf> {
     }
     hits
 }
+
+/// The tool names `tools/list` shows through `url`.
+async fn listed_tools(c: &reqwest::Client, url: &str) -> Vec<String> {
+    rpc(c, url, "tools/list", json!({})).await.response()["result"]["tools"]
+        .as_array()
+        .map(|t| {
+            t.iter()
+                .filter_map(|t| t["name"].as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_written_through_one_node_changes_the_tool_lists_of_the_others() {
+    let c = client();
+    let mut cl = cluster(3, &[]);
+    let id = format!("pol{}", std::process::id());
+    let head = format!("mcp_servers:\n{}", fixture_stdio_yaml(&id, ""));
+    start_static(&mut cl, &head, "").await;
+    let (n1, n2, n3) = (
+        cl.member(1).unwrap(),
+        cl.member(2).unwrap(),
+        cl.member(3).unwrap(),
+    );
+    let echo = format!("{id}__echo");
+    wait_for(
+        "the tools listed on node 3",
+        Duration::from_secs(20),
+        || async {
+            listed_tools(&c, &n3.url("/mcp"))
+                .await
+                .contains(&echo)
+                .then_some(())
+        },
+    )
+    .await;
+    let mut listener = Listener::open(&c, &n3.url("/mcp")).await;
+    let r = c
+        .put(n1.url(&format!("/api/auth/policies/server/{id}")))
+        .header("Content-Type", "application/json")
+        .body(json!({"deny": ["echo"]}).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200, "{}", r.text().await.unwrap());
+    // Node 3's listeners hear of it, and its list no longer shows the tool.
+    listener
+        .expect("notifications/tools/list_changed", Duration::from_secs(10))
+        .await;
+    assert!(!listed_tools(&c, &n3.url("/mcp")).await.contains(&echo));
+    let r = c
+        .delete(n2.url(&format!("/api/auth/policies/server/{id}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    listener
+        .expect("notifications/tools/list_changed", Duration::from_secs(10))
+        .await;
+    assert!(listed_tools(&c, &n3.url("/mcp")).await.contains(&echo));
+}
