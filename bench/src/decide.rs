@@ -61,35 +61,29 @@ fn limiter(on: bool) -> Arc<RateLimits> {
     Arc::new(l)
 }
 
-/// Decide for `duration` from `concurrency` threads (8 callers, 4 tools each).
-pub fn run(on: bool, concurrency: usize, duration: Duration) -> anyhow::Result<DecideResult> {
-    let l = limiter(on);
+/// Per-call timings of an operation run from C threads at once: each call is timed alone
+/// (`Instant` around it). `op(thread)` makes a thread's operation; it returns an error to stop.
+pub(crate) fn per_call<F, O>(
+    concurrency: usize,
+    duration: Duration,
+    op: F,
+) -> anyhow::Result<(u64, f64, u64, u64)>
+where
+    F: Fn(usize) -> O,
+    O: FnMut() -> anyhow::Result<()> + Send + 'static,
+{
     let start = Instant::now();
     let threads: Vec<_> = (0..concurrency)
         .map(|t| {
-            let l = l.clone();
+            let mut call = op(t);
             std::thread::spawn(move || -> anyhow::Result<(u64, Histogram<u64>)> {
                 let mut h = Histogram::<u64>::new(3)?;
-                let callers: Vec<Caller> = (0..8)
-                    .map(|i| Caller {
-                        principal: format!("key_{t}_{i}"),
-                        anonymous: false,
-                        tenant: String::new(),
-                    })
-                    .collect();
-                let tools = ["echo", "add", "whoami", "sleep"];
                 let mut n = 0u64;
                 while start.elapsed() < duration {
-                    for (i, c) in callers.iter().enumerate() {
-                        let subject = Subject::Tool {
-                            server: "fixture",
-                            tool: tools[i % tools.len()],
-                        };
+                    for _ in 0..64 {
                         let t0 = Instant::now();
-                        let r = l.check(c, subject);
-                        let ns = t0.elapsed().as_nanos() as u64;
-                        anyhow::ensure!(r.is_ok(), "a decision refused a call: {r:?}");
-                        h.record(ns.max(1))?;
+                        call()?;
+                        h.record((t0.elapsed().as_nanos() as u64).max(1))?;
                         n += 1;
                     }
                 }
@@ -102,17 +96,50 @@ pub fn run(on: bool, concurrency: usize, duration: Duration) -> anyhow::Result<D
     for t in threads {
         let (n, h) = t
             .join()
-            .map_err(|_| anyhow::anyhow!("a decision thread panicked"))??;
+            .map_err(|_| anyhow::anyhow!("a measuring thread panicked"))??;
         calls += n;
         total.add(h)?;
     }
-    let secs = start.elapsed().as_secs_f64();
+    let per_sec = calls as f64 / start.elapsed().as_secs_f64();
+    Ok((
+        calls,
+        per_sec,
+        total.value_at_quantile(0.5),
+        total.value_at_quantile(0.99),
+    ))
+}
+
+/// Decide for `duration` from `concurrency` threads (8 callers, 4 tools each).
+pub fn run(on: bool, concurrency: usize, duration: Duration) -> anyhow::Result<DecideResult> {
+    let l = limiter(on);
+    let (calls, per_sec, p50_ns, p99_ns) = per_call(concurrency, duration, |t| {
+        let l = l.clone();
+        let callers: Vec<Caller> = (0..8)
+            .map(|i| Caller {
+                principal: format!("key_{t}_{i}"),
+                anonymous: false,
+                tenant: String::new(),
+            })
+            .collect();
+        let tools = ["echo", "add", "whoami", "sleep"];
+        let mut i = 0usize;
+        move || {
+            i = (i + 1) % callers.len();
+            let subject = Subject::Tool {
+                server: "fixture",
+                tool: tools[i % tools.len()],
+            };
+            let r = l.check(&callers[i], subject);
+            anyhow::ensure!(r.is_ok(), "a decision refused a call: {r:?}");
+            Ok(())
+        }
+    })?;
     Ok(DecideResult {
         label: if on { "on" } else { "off" },
         concurrency,
         calls,
-        per_sec: calls as f64 / secs,
-        p50_ns: total.value_at_quantile(0.5),
-        p99_ns: total.value_at_quantile(0.99),
+        per_sec,
+        p50_ns,
+        p99_ns,
     })
 }

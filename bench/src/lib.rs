@@ -18,6 +18,7 @@
 
 #![warn(missing_docs, unreachable_pub)]
 
+pub mod authn;
 pub mod cold;
 pub mod cpu;
 pub mod decide;

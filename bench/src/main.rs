@@ -43,6 +43,16 @@ enum Command {
         #[arg(long, default_value_t = 3.0)]
         secs: f64,
     },
+    /// The cost of authenticating and authorizing one call (the `/mcp` middleware's
+    /// `Auth::authenticate` + grants) with auth off, an API key and a JWT, in the same run.
+    Authn {
+        /// Threads at once (comma list).
+        #[arg(long, default_value = "1,8")]
+        concurrency: String,
+        /// Seconds per configuration.
+        #[arg(long, default_value_t = 3.0)]
+        secs: f64,
+    },
     /// Spawn an MCP server on stdio, handshake, and drive tools/call from N workers over its pipe.
     Stdio {
         /// The server's command line, e.g. "node .../server-everything/dist/index.js stdio".
@@ -205,6 +215,7 @@ fn main() -> ExitCode {
         Command::Stdio { load, .. } | Command::Http { load, .. } => load.threads.max(1),
         Command::Report { .. }
         | Command::Decide { .. }
+        | Command::Authn { .. }
         | Command::Cold { .. }
         | Command::RaftCommit(_)
         | Command::RaftFailover(_)
@@ -245,6 +256,21 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 // Off and on alternate, twice, so that neither always runs first.
                 for on in [false, true, true, false] {
                     let r = hangar_bench::decide::run(on, c, Duration::from_secs_f64(secs))?;
+                    println!(
+                        "| {} | {} | {:.0} | {} | {} |",
+                        r.concurrency, r.label, r.per_sec, r.p50_ns, r.p99_ns
+                    );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Authn { concurrency, secs } => {
+            use hangar_bench::authn::{Mode, run};
+            println!("| c | auth | calls/s | p50 ns | p99 ns |");
+            println!("|--:|---|--:|--:|--:|");
+            for c in parse_concurrency(&concurrency)? {
+                for mode in [Mode::Off, Mode::ApiKey, Mode::Jwt, Mode::Off] {
+                    let r = run(mode, c, Duration::from_secs_f64(secs))?;
                     println!(
                         "| {} | {} | {:.0} | {} | {} |",
                         r.concurrency, r.label, r.per_sec, r.p50_ns, r.p99_ns

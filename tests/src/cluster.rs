@@ -9,6 +9,7 @@
 
 use std::fmt::Write as _;
 use std::fs::File;
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -108,6 +109,8 @@ pub struct Member {
     id: u64,
     http: String,
     raft: String,
+    /// The Raft address the other nodes use (`--advertise-addr`), when not `raft`.
+    advertise: Option<String>,
     dir: PathBuf,
     args: Vec<String>,
     env: Vec<(String, String)>,
@@ -128,9 +131,16 @@ impl Member {
         &self.http
     }
 
-    /// `127.0.0.1:PORT` of its Raft gRPC endpoint.
+    /// `127.0.0.1:PORT` of its Raft gRPC endpoint (the address it binds; see
+    /// [`Cluster::add_with_ips`]).
     pub fn raft_addr(&self) -> &str {
         &self.raft
+    }
+
+    /// The Raft address the other members are told to use: [`Member::raft_addr`], unless
+    /// the member was added with [`Cluster::add_with_ips`].
+    pub fn advertise_addr(&self) -> &str {
+        self.advertise.as_deref().unwrap_or(&self.raft)
     }
 
     /// `http://127.0.0.1:PORT` (`https://` for a cluster with `server.tls`).
@@ -203,10 +213,16 @@ pub struct Cluster {
 /// Distinct free TCP ports on 127.0.0.1, none of them in `taken` (bound and released; a tiny
 /// race with other programs is accepted).
 fn free_ports(n: usize, taken: &[u16]) -> Result<Vec<u16>> {
+    free_ports_on(IpAddr::V4(Ipv4Addr::LOCALHOST), n, taken)
+}
+
+/// Distinct free TCP ports on `ip`, none of them in `taken` (as [`free_ports`]).
+fn free_ports_on(ip: IpAddr, n: usize, taken: &[u16]) -> Result<Vec<u16>> {
     let mut held = Vec::with_capacity(n);
     let mut ports = Vec::with_capacity(n);
     while ports.len() < n {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(io("bind a free port"))?;
+        let l = std::net::TcpListener::bind((ip, 0))
+            .map_err(io(format!("bind a free port on {ip}")))?;
         let port = l.local_addr().map_err(io("read a bound port"))?.port();
         if !taken.contains(&port) {
             ports.push(port);
@@ -310,18 +326,14 @@ impl Cluster {
         if self.member(id).is_some() {
             return Err(ClusterError::Duplicate(id));
         }
-        let taken: Vec<u16> = self
-            .members
-            .iter()
-            .flat_map(|m| [port_of(&m.http), port_of(&m.raft)])
-            .collect();
-        let ports = free_ports(2, &taken)?;
+        let ports = free_ports(2, &self.taken_ports())?;
         let dir = self.root.path().join(format!("node{id}"));
         std::fs::create_dir_all(&dir).map_err(io(format!("create {}", dir.display())))?;
         self.members.push(Member {
             id,
             http: format!("127.0.0.1:{}", ports[0]),
             raft: format!("127.0.0.1:{}", ports[1]),
+            advertise: None,
             dir,
             args: args.iter().map(|s| (*s).to_owned()).collect(),
             env: Vec::new(),
@@ -332,6 +344,48 @@ impl Cluster {
         Ok(&self.members[self.members.len() - 1])
     }
 
+    /// Every port a member uses (HTTP, Raft, advertised Raft).
+    fn taken_ports(&self) -> Vec<u16> {
+        self.members
+            .iter()
+            .flat_map(|m| {
+                [port_of(&m.http), port_of(&m.raft)]
+                    .into_iter()
+                    .chain(m.advertise.as_deref().map(port_of))
+            })
+            .collect()
+    }
+
+    /// Add a member (not started) like [`Cluster::add`], whose Raft listener binds a free
+    /// port of `raft_ip` and which advertises `advertise_ip:PORT2` (another free port) as
+    /// its Raft address (`--advertise-addr`); its HTTP API stays on 127.0.0.1. Something else
+    /// (a proxy) must listen at the advertised address and forward to the bound one; the
+    /// static peers of [`Cluster::static_peers_config`] name the advertised address. Since
+    /// a node's outgoing Raft connections leave from the IP its listener binds, a distinct
+    /// `raft_ip` per member tells the members apart by source IP.
+    pub fn add_with_ips(
+        &mut self,
+        id: u64,
+        raft_ip: IpAddr,
+        advertise_ip: IpAddr,
+        args: &[&str],
+    ) -> Result<&Member> {
+        if self.member(id).is_some() {
+            return Err(ClusterError::Duplicate(id));
+        }
+        let mut taken = self.taken_ports();
+        let raft = free_ports_on(raft_ip, 1, &taken)?[0];
+        taken.push(raft);
+        let advertise = free_ports_on(advertise_ip, 1, &taken)?[0];
+        // An ordinary member (HTTP on 127.0.0.1), then its Raft addresses.
+        self.add(id, args)?;
+        let i = self.index(id)?;
+        let m = &mut self.members[i];
+        m.raft = std::net::SocketAddr::new(raft_ip, raft).to_string();
+        m.advertise = Some(std::net::SocketAddr::new(advertise_ip, advertise).to_string());
+        Ok(&self.members[i])
+    }
+
     /// Write member `id`'s config file (read at its next start).
     pub fn write_config(&self, id: u64, yaml: &str) -> Result<()> {
         let path = self.get(id)?.config_path();
@@ -339,14 +393,16 @@ impl Cluster {
     }
 
     /// A config: `head` (top-level keys), then `cluster:` with `cluster_extra` (indented
-    /// keys) and every member as a static peer.
+    /// keys) and every member as a static peer (at its [`Member::advertise_addr`]).
     pub fn static_peers_config(&self, head: &str, cluster_extra: &str) -> String {
         let mut s = format!("{head}cluster:\n{cluster_extra}  peers:\n");
         for m in &self.members {
             let _ = writeln!(
                 s,
                 "    - {{node_id: {}, raft_addr: \"{}\", api_addr: \"{}\"}}",
-                m.id, m.raft, m.http
+                m.id,
+                m.advertise_addr(),
+                m.http
             );
         }
         s
@@ -444,6 +500,11 @@ impl Cluster {
             .args(["--listen", &m.http])
             .args(["--raft-addr", &m.raft])
             .args(["--node-id", &m.id.to_string()])
+            .args(
+                m.advertise
+                    .iter()
+                    .flat_map(|a| ["--advertise-addr", a.as_str()]),
+            )
             .arg("--data-dir")
             .arg(m.data_dir())
             .arg("--ready-file")
