@@ -28,6 +28,25 @@ struct Cli {
     /// system's roots are trusted.
     #[arg(long, env = "HANGAR_CA_FILE", global = true, value_name = "PEM")]
     ca_file: Option<std::path::PathBuf>,
+    /// Client certificate (PEM, chain first) for an `https://` endpoint that asks for one
+    /// (`server.tls.client_ca_file`); needs --client-key.
+    #[arg(
+        long,
+        env = "HANGAR_CLIENT_CERT",
+        global = true,
+        value_name = "PEM",
+        requires = "client_key"
+    )]
+    client_cert: Option<std::path::PathBuf>,
+    /// The private key (PEM) of --client-cert.
+    #[arg(
+        long,
+        env = "HANGAR_CLIENT_KEY",
+        global = true,
+        value_name = "PEM",
+        requires = "client_cert"
+    )]
+    client_key: Option<std::path::PathBuf>,
     /// Output format.
     #[arg(long, value_enum, default_value_t = Output::Table, global = true)]
     output: Output,
@@ -186,8 +205,24 @@ struct Client {
     private_ca: bool,
 }
 
-/// TLS trusting only the CA certificates in `file` (ring provider, ALPN h2 and http/1.1).
-fn tls_trusting(file: &std::path::Path) -> anyhow::Result<rustls::ClientConfig> {
+/// A client certificate: (certificate chain file, private key file).
+type ClientIdentity<'a> = (&'a std::path::Path, &'a std::path::Path);
+
+/// The PEM of a client certificate and its key, read and checked.
+fn identity_pem((cert, key): ClientIdentity<'_>) -> anyhow::Result<(Vec<u8>, Vec<u8>)> {
+    let cert_pem = std::fs::read(cert)
+        .with_context(|| format!("--client-cert: cannot read {}", cert.display()))?;
+    let key_pem = std::fs::read(key)
+        .with_context(|| format!("--client-key: cannot read {}", key.display()))?;
+    Ok((cert_pem, key_pem))
+}
+
+/// TLS trusting only the CA certificates in `file` (ring provider, ALPN h2 and http/1.1),
+/// presenting `identity` when given.
+fn tls_trusting(
+    file: &std::path::Path,
+    identity: Option<ClientIdentity<'_>>,
+) -> anyhow::Result<rustls::ClientConfig> {
     use rustls::pki_types::CertificateDer;
     use rustls::pki_types::pem::PemObject;
     let pem = std::fs::read(file)
@@ -207,13 +242,36 @@ fn tls_trusting(file: &std::path::Path) -> anyhow::Result<rustls::ClientConfig> 
     if roots.is_empty() {
         bail!("--ca-file: {} holds no PEM certificate", file.display());
     }
-    let mut tls = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+    let builder = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
     .with_safe_default_protocol_versions()
     .context("TLS versions")?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
+    .with_root_certificates(roots);
+    let mut tls = match identity {
+        None => builder.with_no_client_auth(),
+        Some(id) => {
+            use rustls::pki_types::PrivateKeyDer;
+            let (cert_pem, key_pem) = identity_pem(id)?;
+            let chain = CertificateDer::pem_slice_iter(&cert_pem)
+                .collect::<Result<Vec<_>, _>>()
+                .with_context(|| {
+                    format!(
+                        "--client-cert: {} is not a PEM certificate file",
+                        id.0.display()
+                    )
+                })?;
+            if chain.is_empty() {
+                bail!("--client-cert: {} holds no PEM certificate", id.0.display());
+            }
+            let key = PrivateKeyDer::from_pem_slice(&key_pem).with_context(|| {
+                format!("--client-key: {} holds no PEM private key", id.1.display())
+            })?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .context("--client-cert/--client-key: the key does not match the certificate")?
+        }
+    };
     tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(tls)
 }
@@ -243,10 +301,20 @@ impl Client {
         endpoint: &str,
         api_key: Option<String>,
         ca_file: Option<&std::path::Path>,
+        identity: Option<ClientIdentity<'_>>,
     ) -> anyhow::Result<Self> {
         let mut http = reqwest::Client::builder().timeout(std::time::Duration::from_secs(120));
-        if let Some(f) = ca_file {
-            http = http.tls_backend_preconfigured(tls_trusting(f)?);
+        match (ca_file, identity) {
+            (Some(f), id) => http = http.tls_backend_preconfigured(tls_trusting(f, id)?),
+            (None, Some(id)) => {
+                let (mut pem, key_pem) = identity_pem(id)?;
+                pem.extend_from_slice(b"\n");
+                pem.extend_from_slice(&key_pem);
+                let identity = reqwest::Identity::from_pem(&pem)
+                    .context("--client-cert/--client-key: not a PEM certificate and private key")?;
+                http = http.identity(identity);
+            }
+            (None, None) => {}
         }
         let http = http.build().context("building the HTTP client")?;
         Ok(Client {
@@ -452,7 +520,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let api_key = std::env::var("HANGAR_API_KEY")
         .ok()
         .filter(|k| !k.trim().is_empty());
-    let c = Client::new(&cli.endpoint, api_key, cli.ca_file.as_deref())?;
+    let identity = cli.client_cert.as_deref().zip(cli.client_key.as_deref());
+    let c = Client::new(&cli.endpoint, api_key, cli.ca_file.as_deref(), identity)?;
     let out = cli.output;
     match cli.command {
         Cmd::Servers { cmd } => match cmd {

@@ -290,6 +290,38 @@ async fn required_client_certificates_refuse_clients_without_one_of_the_ca() {
         },
     )
     .await;
+    // hangarctl presents a client certificate when given one (--client-cert/--client-key,
+    // with or without --ca-file), and is refused without.
+    let ca_arg = ca.to_str().unwrap();
+    let cert = certs.join("node-2.pem");
+    let key = certs.join("node-2-key.pem");
+    let (cert, key) = (cert.to_str().unwrap(), key.to_str().unwrap());
+    let (ok, out, err) = hangarctl(&[
+        "--endpoint",
+        &base,
+        "--ca-file",
+        ca_arg,
+        "--client-cert",
+        cert,
+        "--client-key",
+        key,
+        "servers",
+        "list",
+    ]);
+    assert!(ok && out.contains("fx"), "{out}{err}");
+    let (ok, _, err) = hangarctl(&["--endpoint", &base, "--ca-file", ca_arg, "servers", "list"]);
+    assert!(!ok, "without a client certificate: {err}");
+    let (ok, _, err) = hangarctl(&[
+        "--endpoint",
+        &base,
+        "--ca-file",
+        ca_arg,
+        "--client-cert",
+        cert,
+        "servers",
+        "list",
+    ]);
+    assert!(!ok && err.contains("--client-key"), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
