@@ -1,7 +1,9 @@
 //! A JWT issuer for tests: P-256 keys, ES256 tokens with good default claims, and a JWKS
-//! endpoint served on 127.0.0.1 (plain HTTP, which Hangar allows on loopback).
+//! endpoint served on 127.0.0.1 (plain HTTP, which Hangar allows on loopback), with an OIDC
+//! discovery document (`/.well-known/openid-configuration`) naming it.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use base64::Engine;
@@ -65,13 +67,32 @@ pub fn token(signer: &Key, kid: &str, claims: Value) -> String {
     jsonwebtoken::encode(&h, &c, &signer.enc).unwrap()
 }
 
-/// The issuer's JWKS endpoint: `GET /jwks.json` answers whatever `doc` holds.
+/// The issuer's JWKS endpoint: `GET /jwks.json` answers whatever `doc` holds (and `GET
+/// /.well-known/openid-configuration` the discovery document naming it). Its URL.
 pub async fn issuer(doc: Arc<Mutex<String>>) -> String {
+    let base = serve(doc, Arc::new(AtomicBool::new(true))).await;
+    format!("{base}/jwks.json")
+}
+
+/// An issuer found by OIDC discovery: its URL (`http://127.0.0.1:PORT`, the `iss` its tokens
+/// must carry), where `GET /.well-known/openid-configuration` answers `{issuer, jwks_uri:
+/// <issuer>/jwks.json}` — 503 while `discoverable` is false — and `GET /jwks.json` whatever
+/// `doc` holds.
+pub async fn oidc_issuer(doc: Arc<Mutex<String>>, discoverable: Arc<AtomicBool>) -> String {
+    serve(doc, discoverable).await
+}
+
+/// Serve the JWKS and discovery documents on 127.0.0.1; the base URL.
+async fn serve(doc: Arc<Mutex<String>>, discoverable: Arc<AtomicBool>) -> String {
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
+    let base = format!("http://{}", l.local_addr().unwrap());
+    let discovery = json!({"issuer": base, "jwks_uri": format!("{base}/jwks.json"),
+        "id_token_signing_alg_values_supported": ["ES256"]})
+    .to_string();
     tokio::spawn(async move {
         while let Ok((mut s, _)) = l.accept().await {
-            let doc = doc.clone();
+            let (doc, discoverable, discovery) =
+                (doc.clone(), discoverable.clone(), discovery.clone());
             tokio::spawn(async move {
                 let mut got = Vec::new();
                 let mut buf = [0u8; 2048];
@@ -81,13 +102,17 @@ pub async fn issuer(doc: Arc<Mutex<String>>) -> String {
                         Ok(n) => got.extend_from_slice(&buf[..n]),
                     }
                 }
-                let found = got.starts_with(b"GET /jwks.json ");
-                let body = if found {
-                    doc.lock().unwrap().clone()
+                let (status, body) = if got.starts_with(b"GET /jwks.json ") {
+                    ("200 OK", doc.lock().unwrap().clone())
+                } else if got.starts_with(b"GET /.well-known/openid-configuration ") {
+                    if discoverable.load(Ordering::SeqCst) {
+                        ("200 OK", discovery)
+                    } else {
+                        ("503 Service Unavailable", String::new())
+                    }
                 } else {
-                    String::new()
+                    ("404 Not Found", String::new())
                 };
-                let status = if found { "200 OK" } else { "404 Not Found" };
                 let resp = format!(
                     "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
                     body.len()
@@ -96,5 +121,5 @@ pub async fn issuer(doc: Arc<Mutex<String>>) -> String {
             });
         }
     });
-    format!("http://{addr}/jwks.json")
+    base
 }

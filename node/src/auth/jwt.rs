@@ -10,6 +10,12 @@
 //! issuer's settings and the time): `aud`, `exp` (required), `nbf`, `iat` with the leeway,
 //! the lifetime cap, the subject, tenant and groups.
 //!
+//! Audiences per tenant (`strict_tenant_audience`, `tenant_audiences`): strict, a token must
+//! name a tenant that is a key of `tenant_audiences` ([`JwtError::TenantNotAllowed`]
+//! otherwise, [`JwtError::MissingClaim`] without one) and its `aud` must name one of that
+//! tenant's audiences — the issuer's `audience` is not used. Not strict, a tenant's audiences
+//! are accepted for its tokens in addition to the issuer's (see `config/jwt.rs`).
+//!
 //! The claims are checked here rather than by `jsonwebtoken::Validation`: every time claim must
 //! be a JSON number, a wrong type refuses the token (jsonwebtoken 9 skips a time claim of the
 //! wrong type, GHSA-h395-gr6q-cpjc), and each refusal gets a distinct reason.
@@ -20,6 +26,23 @@
 //! token whose `kid` no key has triggers one refetch (at most one per issuer every
 //! [`KID_REFETCH_EVERY`]) and its request waits for it at most [`KID_REFETCH_WAIT`] — how a
 //! key rotation at the issuer is picked up without waiting for the next refresh.
+//!
+//! OIDC discovery: an issuer with neither `jwks_uri` nor `public_keys` gets its JWKS URL from
+//! `<issuer>/.well-known/openid-configuration` (its `jwks_uri`), fetched by the same loop,
+//! with the same client (deadlines, redirects only to https or loopback http) and a size
+//! limit ([`MAX_DISCOVERY_BYTES`]). The document's `issuer`, when present, must be the
+//! configured issuer, and its `jwks_uri` must be https — plain http only to a loopback host
+//! and only when the document itself came from one. (It should be on the issuer's host or at
+//! least an https URL the operator trusts as much: whoever serves the discovery document
+//! chooses the keys.) The URL found is kept and used by later fetches; it is discovered again
+//! on every unknown-`kid` refetch (rate-limited as above) and after
+//! [`REDISCOVER_AFTER_FAILURES`] JWKS fetches in a row failed; a failed rediscovery keeps the
+//! URL found before. Until discovery and a first JWKS fetch succeed, the issuer's tokens are
+//! refused with [`JwtError::UnknownKey`] whose code is `keys_unavailable` (401
+//! `invalid_token`; the node logs the reason, never the token), and each failed attempt is
+//! logged (`oidc_discovery_failed`, `jwks_fetch_failed`); a success is logged as
+//! `oidc_discovered` (with the URL found) and `jwks_fetched`. There is no status endpoint or
+//! metric for the key state: those log lines are it, and [`Jwt::discovered_jwks_uri`].
 
 use std::collections::{BTreeSet, HashMap};
 use std::str::FromStr;
@@ -50,6 +73,10 @@ const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
 const RETRY_FIRST: Duration = Duration::from_secs(5);
 /// Largest JWKS document read.
 const MAX_JWKS_BYTES: usize = 1 << 20;
+/// Largest OIDC discovery document read.
+pub const MAX_DISCOVERY_BYTES: usize = 256 * 1024;
+/// JWKS fetches failing in a row before the JWKS URL is discovered again (OIDC discovery).
+pub const REDISCOVER_AFTER_FAILURES: u32 = 2;
 /// Keys kept from one JWKS.
 const MAX_KEYS: usize = 100;
 /// Keys tried for one token (one without a `kid`, or a `kid` matching several keys).
@@ -96,13 +123,16 @@ pub enum JwtError {
     /// No `iss`, or one no configured issuer has.
     #[error("the token's issuer is not a trusted issuer")]
     UntrustedIssuer,
-    /// No key of the issuer matches (yet).
-    #[error("no signing key of issuer {issuer} matches the token (kid {kid})")]
+    /// No key of the issuer matches (yet): a `kid` it does not have, or no keys at all yet
+    /// (`pending`: its JWKS, or the OIDC discovery of its URL, has not succeeded).
+    #[error("{}", unknown_key_message(.issuer, .kid, *.pending))]
     UnknownKey {
         /// The configured issuer.
         issuer: String,
         /// The header's `kid` (shortened, escaped), or `none`.
         kid: String,
+        /// Why the issuer has no keys at all, when it has none yet.
+        pending: Option<Pending>,
     },
     /// The signature does not verify.
     #[error("the token's signature does not verify with the keys of issuer {issuer}")]
@@ -148,6 +178,11 @@ pub enum JwtError {
         /// The claim's name.
         claim: String,
     },
+    /// `strict_tenant_audience`: the token's tenant is not a key of `tenant_audiences`.
+    #[error(
+        "tenant not allowed: the token's tenant is not one this issuer's tokens are accepted for (strict_tenant_audience)"
+    )]
+    TenantNotAllowed,
     /// The subject is a principal id Hangar reserves (`admin`, `group:…`).
     #[error(
         "the token's subject is a reserved principal id (`admin` is the bootstrap key's, `group:…` names group role assignments)"
@@ -164,7 +199,10 @@ impl JwtError {
             JwtError::BadHeader(_) => "bad_header",
             JwtError::AlgorithmNotAllowed { .. } => "algorithm_not_allowed",
             JwtError::UntrustedIssuer => "untrusted_issuer",
-            JwtError::UnknownKey { .. } => "unknown_key",
+            JwtError::UnknownKey { pending: None, .. } => "unknown_key",
+            JwtError::UnknownKey {
+                pending: Some(_), ..
+            } => "keys_unavailable",
             JwtError::BadSignature { .. } => "bad_signature",
             JwtError::WrongAudience { .. } => "wrong_audience",
             JwtError::Expired { .. } => "expired",
@@ -173,7 +211,29 @@ impl JwtError {
             JwtError::MissingClaim { .. } => "missing_claim",
             JwtError::InvalidClaim { .. } => "invalid_claim",
             JwtError::ReservedSubject => "reserved_subject",
+            JwtError::TenantNotAllowed => "tenant_not_allowed",
         }
+    }
+}
+
+/// Why an issuer has no keys yet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pending {
+    /// OIDC discovery has not found its JWKS URL yet.
+    Discovery,
+    /// Its JWKS has not been fetched yet.
+    Jwks,
+}
+
+fn unknown_key_message(issuer: &str, kid: &str, pending: Option<Pending>) -> String {
+    match pending {
+        None => format!("no signing key of issuer {issuer} matches the token (kid {kid})"),
+        Some(Pending::Discovery) => format!(
+            "the signing keys of issuer {issuer} are not available: the OIDC discovery of its JWKS URL has not succeeded yet"
+        ),
+        Some(Pending::Jwks) => format!(
+            "the signing keys of issuer {issuer} are not available: its JWKS has not been fetched yet"
+        ),
     }
 }
 
@@ -255,9 +315,17 @@ impl KeySet {
     }
 }
 
+/// Where an issuer's JWKS URL comes from.
+enum Source {
+    /// `jwks_uri`, as configured.
+    Configured(String),
+    /// OIDC discovery: the discovery document at this URL names it.
+    Discovery(String),
+}
+
 /// A JWKS URL's fetch state.
 struct Fetch {
-    url: String,
+    source: Source,
     /// Wakes the fetch loop (an unknown `kid`).
     wake: Notify,
     /// Counts finished fetch attempts (waiters watch it move).
@@ -269,6 +337,10 @@ struct Fetch {
 struct FetchState {
     in_flight: bool,
     last_kid_refetch: Option<Instant>,
+    /// The JWKS URL discovery found (OIDC discovery only).
+    discovered: Option<String>,
+    /// Discover the JWKS URL again at the next attempt (an unknown `kid`).
+    rediscover: bool,
 }
 
 /// One trusted issuer and its keys.
@@ -324,8 +396,8 @@ impl Jwt {
                     cfg: is.clone(),
                     static_keys: KeySet::new(keys),
                     fetched: ArcSwap::from_pointee(KeySet::default()),
-                    fetch: is.jwks_uri.as_ref().map(|url| Fetch {
-                        url: url.clone(),
+                    fetch: source(is).map(|source| Fetch {
+                        source,
                         wake: Notify::new(),
                         done: watch::channel(0).0,
                         state: Mutex::new(FetchState::default()),
@@ -336,7 +408,7 @@ impl Jwt {
         let client = cfg
             .issuers
             .iter()
-            .any(|i| i.jwks_uri.is_some())
+            .any(|i| source(i).is_some())
             .then(http_client)
             .flatten();
         Arc::new(Jwt {
@@ -365,6 +437,20 @@ impl Jwt {
         for is in self.issuers.iter().filter(|i| i.fetch.is_some()) {
             rt.spawn(fetch_loop(is.clone(), client.clone(), self.stop.clone()));
         }
+    }
+
+    /// The JWKS URL OIDC discovery found for `issuer` (`None`: not discovered yet, or the
+    /// issuer does not use discovery).
+    pub fn discovered_jwks_uri(&self, issuer: &str) -> Option<String> {
+        self.issuers
+            .iter()
+            .find(|i| i.cfg.issuer == issuer)?
+            .fetch
+            .as_ref()?
+            .state
+            .lock()
+            .discovered
+            .clone()
     }
 
     /// The roles `groups` map to under `issuer`'s `group_roles`.
@@ -438,6 +524,7 @@ impl Jwt {
             return Err(JwtError::UnknownKey {
                 issuer: issuer.cfg.issuer.clone(),
                 kid: kid.map_or_else(|| "none".to_owned(), shorten),
+                pending: issuer.pending(),
             });
         }
         let mut validation = Validation::new(alg);
@@ -459,6 +546,7 @@ impl Jwt {
     /// After [`JwtError::UnknownKey`] for `issuer`: fetch its JWKS again (at most once per
     /// [`KID_REFETCH_EVERY`]; a fetch already under way counts) and wait for it at most
     /// [`KID_REFETCH_WAIT`]. `true` when a fetch finished (the token is worth checking again).
+    /// An issuer using OIDC discovery discovers its JWKS URL again first.
     pub async fn refetch(&self, issuer: &str) -> bool {
         self.start();
         let Some(fetch) = self
@@ -485,6 +573,7 @@ impl Jwt {
                     return false;
                 }
                 st.last_kid_refetch = Some(now);
+                st.rediscover = matches!(fetch.source, Source::Discovery(_));
                 fetch.wake.notify_one();
             }
         }
@@ -495,7 +584,34 @@ impl Jwt {
     }
 }
 
-/// The HTTP client for JWKS: short deadlines, redirects only to https (or loopback http).
+impl Issuer {
+    /// Why it has no keys at all, if it has none.
+    fn pending(&self) -> Option<Pending> {
+        let fetch = self.fetch.as_ref()?;
+        if self.static_keys.len() > 0 || self.fetched.load().len() > 0 {
+            return None;
+        }
+        match fetch.source {
+            Source::Discovery(_) if fetch.state.lock().discovered.is_none() => {
+                Some(Pending::Discovery)
+            }
+            _ => Some(Pending::Jwks),
+        }
+    }
+}
+
+/// Where `is`'s JWKS URL comes from, if it has one: `jwks_uri`, else OIDC discovery when it
+/// has no static keys either.
+fn source(is: &JwtIssuer) -> Option<Source> {
+    match (&is.jwks_uri, is.discovery_url()) {
+        (Some(url), _) => Some(Source::Configured(url.clone())),
+        (None, Some(url)) => Some(Source::Discovery(url)),
+        (None, None) => None,
+    }
+}
+
+/// The HTTP client for JWKS and discovery documents: short deadlines, redirects only to https
+/// (or loopback http).
 fn http_client() -> Option<reqwest::Client> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let policy = reqwest::redirect::Policy::custom(|attempt| {
@@ -529,21 +645,25 @@ async fn fetch_loop(issuer: Arc<Issuer>, client: reqwest::Client, stop: Cancella
     let Some(fetch) = &issuer.fetch else { return };
     let mut failures = 0u32;
     loop {
-        fetch.state.lock().in_flight = true;
+        let rediscover = {
+            let mut st = fetch.state.lock();
+            st.in_flight = true;
+            std::mem::take(&mut st.rediscover) || failures >= REDISCOVER_AFTER_FAILURES
+        };
         let result = tokio::select! {
-            r = fetch_jwks(&client, &fetch.url) => r,
+            r = fetch_keys(&issuer, fetch, &client, rediscover) => r,
             () = stop.cancelled() => return,
         };
         let next = match result {
-            Ok(keys) => {
+            Ok((url, keys)) => {
                 failures = 0;
-                tracing::info!(issuer = %issuer.cfg.issuer, keys = keys.len(), "jwks_fetched");
+                tracing::info!(issuer = %issuer.cfg.issuer, url = %url, keys = keys.len(), "jwks_fetched");
                 issuer.fetched.store(Arc::new(keys));
                 issuer.cfg.jwks_refresh
             }
             Err(e) => {
                 failures += 1;
-                tracing::warn!(issuer = %issuer.cfg.issuer, url = %fetch.url, error = %e, failures, "jwks_fetch_failed (the keys fetched before stay in use)");
+                tracing::warn!(issuer = %issuer.cfg.issuer, error = %e, failures, "jwks_fetch_failed (the keys fetched before stay in use)");
                 (RETRY_FIRST * (1 << failures.min(10))).min(issuer.cfg.jwks_refresh)
             }
         };
@@ -557,8 +677,52 @@ async fn fetch_loop(issuer: Arc<Issuer>, client: reqwest::Client, stop: Cancella
     }
 }
 
-/// GET a JWKS and decode its signing keys.
-async fn fetch_jwks(client: &reqwest::Client, url: &str) -> Result<KeySet, String> {
+/// One attempt: the JWKS URL (configured, or discovered — again when `rediscover`, or when
+/// not yet found), then its keys. The error says which step failed and where.
+async fn fetch_keys(
+    issuer: &Issuer,
+    fetch: &Fetch,
+    client: &reqwest::Client,
+    rediscover: bool,
+) -> Result<(String, KeySet), String> {
+    let url = match &fetch.source {
+        Source::Configured(url) => url.clone(),
+        Source::Discovery(config_url) => {
+            let known = fetch.state.lock().discovered.clone();
+            match known {
+                Some(url) if !rediscover => url,
+                known => match discover(client, config_url, &issuer.cfg.issuer).await {
+                    Ok(url) => {
+                        if known.as_deref() == Some(url.as_str()) {
+                            tracing::debug!(issuer = %issuer.cfg.issuer, jwks_uri = %url, "oidc_discovered (unchanged)");
+                        } else {
+                            tracing::info!(issuer = %issuer.cfg.issuer, discovery = %config_url, jwks_uri = %url, "oidc_discovered");
+                        }
+                        fetch.state.lock().discovered = Some(url.clone());
+                        url
+                    }
+                    Err(e) => match known {
+                        Some(url) => {
+                            tracing::warn!(issuer = %issuer.cfg.issuer, discovery = %config_url, error = %e, "oidc_discovery_failed (the JWKS URL found before stays in use)");
+                            url
+                        }
+                        None => {
+                            tracing::warn!(issuer = %issuer.cfg.issuer, discovery = %config_url, error = %e, "oidc_discovery_failed (its tokens are refused until it succeeds)");
+                            return Err(format!("OIDC discovery at {config_url}: {e}"));
+                        }
+                    },
+                },
+            }
+        }
+    };
+    match fetch_jwks(client, &url).await {
+        Ok(keys) => Ok((url, keys)),
+        Err(e) => Err(format!("JWKS at {url}: {e}")),
+    }
+}
+
+/// GET `url` as JSON, at most `max` bytes of it.
+async fn get_json(client: &reqwest::Client, url: &str, max: usize) -> Result<Vec<u8>, String> {
     let mut resp = client
         .get(url)
         .header(reqwest::header::ACCEPT, "application/json")
@@ -568,14 +732,66 @@ async fn fetch_jwks(client: &reqwest::Client, url: &str) -> Result<KeySet, Strin
     if !resp.status().is_success() {
         return Err(format!("HTTP {}", resp.status()));
     }
+    if resp.content_length().is_some_and(|n| n > max as u64) {
+        return Err(format!("the document is larger than {max} bytes"));
+    }
     let mut body = Vec::new();
     while let Some(chunk) = resp.chunk().await.map_err(|e| e.to_string())? {
         body.extend_from_slice(&chunk);
-        if body.len() > MAX_JWKS_BYTES {
-            return Err(format!("the JWKS is larger than {MAX_JWKS_BYTES} bytes"));
+        if body.len() > max {
+            return Err(format!("the document is larger than {max} bytes"));
         }
     }
-    parse_jwks(&body)
+    Ok(body)
+}
+
+/// GET a JWKS and decode its signing keys.
+async fn fetch_jwks(client: &reqwest::Client, url: &str) -> Result<KeySet, String> {
+    parse_jwks(&get_json(client, url, MAX_JWKS_BYTES).await?)
+}
+
+/// GET an OIDC discovery document and the JWKS URL it names.
+async fn discover(client: &reqwest::Client, url: &str, issuer: &str) -> Result<String, String> {
+    let body = get_json(client, url, MAX_DISCOVERY_BYTES).await?;
+    let from_loopback = reqwest::Url::parse(url)
+        .is_ok_and(|u| u.scheme() == "http" && crate::config::is_loopback_url(&u));
+    parse_discovery(&body, issuer, from_loopback)
+}
+
+/// The `jwks_uri` of an OIDC discovery document for `issuer` (fetched over loopback http when
+/// `from_loopback`): its `issuer`, when present, must be `issuer`; the URL must be https, or
+/// loopback http when the document came from loopback http too.
+fn parse_discovery(body: &[u8], issuer: &str, from_loopback: bool) -> Result<String, String> {
+    let doc: Map<String, Value> = serde_json::from_slice(body)
+        .map_err(|e| format!("not an OIDC discovery document (a JSON object): {e}"))?;
+    match doc.get("issuer") {
+        None | Some(Value::Null) => {}
+        Some(Value::String(i)) if i == issuer => {}
+        Some(Value::String(i)) => {
+            return Err(format!(
+                "the document is for issuer {}, not {issuer}",
+                shorten(i)
+            ));
+        }
+        Some(_) => return Err("its `issuer` is not a string".into()),
+    }
+    let url = match doc.get("jwks_uri") {
+        Some(Value::String(u)) if !u.trim().is_empty() => u,
+        None | Some(Value::Null) | Some(Value::String(_)) => {
+            return Err("it has no `jwks_uri` (give the issuer's `jwks_uri` in the config)".into());
+        }
+        Some(_) => return Err("its `jwks_uri` is not a URL string".into()),
+    };
+    let parsed = reqwest::Url::parse(url)
+        .map_err(|e| format!("its `jwks_uri` {} is not a URL ({e})", shorten(url)))?;
+    match parsed.scheme() {
+        "https" => Ok(url.clone()),
+        "http" if from_loopback && crate::config::is_loopback_url(&parsed) => Ok(url.clone()),
+        _ => Err(format!(
+            "its `jwks_uri` {} is refused: keys must come from an https URL (plain http only to a loopback host, from a loopback issuer)",
+            shorten(url)
+        )),
+    }
 }
 
 /// The signing keys of a JWKS document (keys it cannot use — encryption keys, symmetric
@@ -726,26 +942,43 @@ pub fn check_claims(
     now_s: f64,
 ) -> Result<Identity, JwtError> {
     // Audience: a string or a list; one of them must be ours.
-    let aud_ok = match claims.get("aud") {
+    let auds: Vec<&str> = match claims.get("aud") {
         None | Some(Value::Null) => {
             return Err(JwtError::MissingClaim {
                 claim: "aud".into(),
             });
         }
-        Some(Value::String(a)) => cfg.audiences.contains(a),
-        Some(Value::Array(items)) => items.iter().any(|a| {
-            a.as_str()
-                .is_some_and(|a| cfg.audiences.iter().any(|c| c == a))
-        }),
+        Some(Value::String(a)) => vec![a.as_str()],
+        Some(Value::Array(items)) => items.iter().filter_map(Value::as_str).collect(),
         Some(_) => {
             return Err(JwtError::InvalidClaim {
                 claim: "aud".into(),
             });
         }
     };
-    if !aud_ok {
+    let tenant = string_claim(claims, &cfg.tenant_claim)?;
+    // Ours: the issuer's audiences and the tenant's; strict, the tenant's only (and a tenant
+    // the map does not have is refused).
+    let tenant_auds = tenant.as_ref().and_then(|t| cfg.tenant_audiences.get(t));
+    let expected: Vec<&String> = if cfg.strict_tenant_audience {
+        if tenant.is_none() {
+            return Err(JwtError::MissingClaim {
+                claim: cfg.tenant_claim.clone(),
+            });
+        }
+        let Some(allowed) = tenant_auds else {
+            return Err(JwtError::TenantNotAllowed);
+        };
+        allowed.iter().collect()
+    } else {
+        cfg.audiences
+            .iter()
+            .chain(tenant_auds.into_iter().flatten())
+            .collect()
+    };
+    if !auds.iter().any(|a| expected.iter().any(|e| e == a)) {
         return Err(JwtError::WrongAudience {
-            expected: cfg.audiences.clone(),
+            expected: expected.into_iter().cloned().collect(),
         });
     }
     let leeway = cfg.leeway.as_secs_f64();
@@ -790,7 +1023,6 @@ pub fn check_claims(
     if subject == "admin" || subject.starts_with("group:") {
         return Err(JwtError::ReservedSubject);
     }
-    let tenant = string_claim(claims, &cfg.tenant_claim)?;
     if cfg.require_tenant && tenant.is_none() {
         return Err(JwtError::MissingClaim {
             claim: cfg.tenant_claim.clone(),
@@ -876,6 +1108,8 @@ mod tests {
             group_roles: [("platform-admins".to_owned(), vec!["admin".to_owned()])]
                 .into_iter()
                 .collect(),
+            strict_tenant_audience: false,
+            tenant_audiences: Default::default(),
         }
     }
 
@@ -1524,5 +1758,516 @@ mod tests {
         assert_eq!(v.verify(&unknown, now).unwrap_err().code(), "unknown_key");
         assert!(v.refetch(ISS).await, "the attempt finished (and failed)");
         assert!(v.verify(&t, now).is_ok(), "the old keys stay");
+    }
+
+    /// `issuer_cfg` with `acme` and `globex` audiences, strict or not.
+    fn tenant_cfg(strict: bool) -> JwtIssuer {
+        let mut cfg = issuer_cfg();
+        cfg.strict_tenant_audience = strict;
+        cfg.tenant_audiences = [
+            ("acme".to_owned(), vec!["hangar-acme".to_owned()]),
+            (
+                "globex".to_owned(),
+                vec!["hangar-globex".to_owned(), "hangar-globex-2".to_owned()],
+            ),
+        ]
+        .into_iter()
+        .collect();
+        cfg
+    }
+
+    fn check(cfg: &JwtIssuer, patch: Value) -> Result<Identity, JwtError> {
+        check_claims(cfg, with(patch).as_object().unwrap(), NOW)
+    }
+
+    #[test]
+    fn strict_tenant_audiences_bind_each_tenant_to_its_own_audiences() {
+        let cfg = tenant_cfg(true);
+        // The right tenant with one of its audiences.
+        let id = check(&cfg, json!({"tenant": "acme", "aud": "hangar-acme"})).unwrap();
+        assert_eq!(id.tenant.as_deref(), Some("acme"));
+        assert!(
+            check(
+                &cfg,
+                json!({"tenant": "globex", "aud": ["x", "hangar-globex-2"]})
+            )
+            .is_ok()
+        );
+        // The right tenant with another tenant's audience, or the issuer's (not used when strict).
+        for aud in [json!("hangar-globex"), json!(AUD), json!(["other", "x"])] {
+            let e = check(&cfg, json!({"tenant": "acme", "aud": aud})).unwrap_err();
+            assert_eq!(
+                e,
+                JwtError::WrongAudience {
+                    expected: vec!["hangar-acme".into()]
+                },
+                "{aud}"
+            );
+        }
+        // A tenant the map does not have: refused, without echoing it.
+        let e = check(&cfg, json!({"tenant": "initech", "aud": "hangar-acme"})).unwrap_err();
+        assert_eq!(e.code(), "tenant_not_allowed");
+        let msg = e.to_string();
+        assert!(msg.starts_with("tenant not allowed"), "{msg}");
+        assert!(
+            !msg.contains("initech") && !msg.contains("hangar-acme"),
+            "{msg}"
+        );
+        // No tenant (absent, empty): the tenant claim is required.
+        for t in [json!(null), json!("")] {
+            assert_eq!(
+                check(&cfg, json!({"tenant": t, "aud": "hangar-acme"})).unwrap_err(),
+                JwtError::MissingClaim {
+                    claim: "tenant".into()
+                }
+            );
+        }
+        // A tenant of the wrong type.
+        assert_eq!(
+            check(&cfg, json!({"tenant": ["acme"], "aud": "hangar-acme"}))
+                .unwrap_err()
+                .code(),
+            "invalid_claim"
+        );
+        // Through the verifier too (a signed token).
+        let k = ec_key("k1");
+        let v = verifier(cfg, &[&k.jwk]);
+        let ok = es256(&k, &with(json!({"tenant": "acme", "aud": "hangar-acme"})));
+        assert_eq!(v.verify(&ok, NOW).unwrap().tenant.as_deref(), Some("acme"));
+        let other = es256(&k, &with(json!({"tenant": "globex", "aud": "hangar-acme"})));
+        assert_eq!(v.verify(&other, NOW).unwrap_err().code(), "wrong_audience");
+        let unknown = es256(
+            &k,
+            &with(json!({"tenant": "umbrella", "aud": "hangar-acme"})),
+        );
+        assert_eq!(
+            v.verify(&unknown, NOW).unwrap_err().code(),
+            "tenant_not_allowed"
+        );
+    }
+
+    #[test]
+    fn without_strict_a_tenants_audiences_are_accepted_besides_the_issuers() {
+        let cfg = tenant_cfg(false);
+        // The tenant's own additional audience.
+        assert!(check(&cfg, json!({"tenant": "acme", "aud": "hangar-acme"})).is_ok());
+        assert!(
+            check(
+                &cfg,
+                json!({"tenant": "globex", "aud": ["hangar-globex-2"]})
+            )
+            .is_ok()
+        );
+        // The issuer's audiences still, for every tenant, one not in the map, and none.
+        for t in [json!("acme"), json!("initech"), json!(null)] {
+            assert!(check(&cfg, json!({"tenant": t, "aud": AUD})).is_ok(), "{t}");
+        }
+        // Another tenant's audience is not one of ours.
+        let e = check(&cfg, json!({"tenant": "globex", "aud": "hangar-acme"})).unwrap_err();
+        assert_eq!(e.code(), "wrong_audience");
+        for t in [json!("initech"), json!(null)] {
+            assert_eq!(
+                check(&cfg, json!({"tenant": t, "aud": "hangar-acme"}))
+                    .unwrap_err()
+                    .code(),
+                "wrong_audience",
+                "{t}"
+            );
+        }
+        // Without the map, an issuer's audiences only (as before).
+        assert_eq!(
+            check(
+                &issuer_cfg(),
+                json!({"tenant": "acme", "aud": "hangar-acme"})
+            )
+            .unwrap_err()
+            .code(),
+            "wrong_audience"
+        );
+    }
+
+    #[test]
+    fn discovery_documents_name_an_https_jwks_uri_of_their_issuer() {
+        let iss = "https://idp.example.com/realms/prod";
+        let doc = |v: Value| v.to_string().into_bytes();
+        // Success: an https URL (on the issuer's host or elsewhere); `issuer` may be absent.
+        assert_eq!(
+            parse_discovery(
+                &doc(
+                    json!({"issuer": iss, "jwks_uri": "https://idp.example.com/certs",
+                    "authorization_endpoint": "https://idp.example.com/auth"})
+                ),
+                iss,
+                false
+            ),
+            Ok("https://idp.example.com/certs".into())
+        );
+        assert_eq!(
+            parse_discovery(
+                &doc(json!({"jwks_uri": "https://keys.example.net/k"})),
+                iss,
+                false
+            ),
+            Ok("https://keys.example.net/k".into())
+        );
+        // Loopback http, only from a loopback document.
+        assert_eq!(
+            parse_discovery(
+                &doc(json!({"jwks_uri": "http://127.0.0.1:9/jwks"})),
+                iss,
+                true
+            ),
+            Ok("http://127.0.0.1:9/jwks".into())
+        );
+        let refused = |v: Value, from_loopback: bool| {
+            parse_discovery(&doc(v), iss, from_loopback).unwrap_err()
+        };
+        // Not https.
+        for (u, lo) in [
+            ("http://idp.example.com/certs", false),
+            ("http://idp.example.com/certs", true),
+            ("http://127.0.0.1:9/jwks", false),
+            ("ftp://idp.example.com/certs", false),
+            ("file:///etc/keys.json", true),
+        ] {
+            let e = refused(json!({"jwks_uri": u}), lo);
+            assert!(
+                e.contains("is refused: keys must come from an https URL"),
+                "{u}: {e}"
+            );
+        }
+        // No `jwks_uri`, or not a string / URL.
+        for v in [
+            json!({"issuer": iss}),
+            json!({"jwks_uri": null}),
+            json!({"jwks_uri": ""}),
+        ] {
+            assert!(
+                refused(v.clone(), false).contains("has no `jwks_uri`"),
+                "{v}"
+            );
+        }
+        assert!(refused(json!({"jwks_uri": 7}), false).contains("not a URL string"));
+        assert!(refused(json!({"jwks_uri": "not a url"}), false).contains("is not a URL"));
+        // Another issuer's document, not JSON, not an object.
+        let e = refused(
+            json!({"issuer": "https://evil.example", "jwks_uri": "https://evil.example/k"}),
+            false,
+        );
+        assert!(e.contains("is for issuer \"https://evil.example\""), "{e}");
+        assert!(parse_discovery(b"<html>", iss, false).is_err());
+        assert!(parse_discovery(b"[]", iss, false).is_err());
+    }
+
+    /// Paths served by [`routed_server`]: status and body each, and the requests each got.
+    #[derive(Default)]
+    struct Routes {
+        docs: HashMap<String, (u16, String)>,
+        hits: HashMap<String, u64>,
+    }
+
+    impl Routes {
+        fn set(&mut self, path: &str, status: u16, body: impl Into<String>) {
+            self.docs.insert(path.into(), (status, body.into()));
+        }
+        fn hits(&self, path: &str) -> u64 {
+            self.hits.get(path).copied().unwrap_or(0)
+        }
+    }
+
+    /// An HTTP server on 127.0.0.1 answering from `routes` (404 elsewhere); its base URL.
+    async fn routed_server(routes: Arc<Mutex<Routes>>) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                let routes = routes.clone();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 4096];
+                    let mut got = Vec::new();
+                    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match s.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => got.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    let head = String::from_utf8_lossy(&got).into_owned();
+                    let path = head.split(' ').nth(1).unwrap_or("").to_owned();
+                    let (status, body) = {
+                        let mut r = routes.lock();
+                        *r.hits.entry(path.clone()).or_default() += 1;
+                        r.docs.get(&path).cloned().unwrap_or((404, String::new()))
+                    };
+                    let resp = format!(
+                        "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let _ = s.write_all(resp.as_bytes()).await;
+                });
+            }
+        });
+        format!("http://{addr}")
+    }
+
+    const DISCOVERY: &str = "/.well-known/openid-configuration";
+
+    /// A verifier of one issuer at `base` (keys by discovery), refreshing every `refresh`.
+    fn discovering(base: &str, refresh: Duration) -> Arc<Jwt> {
+        let mut cfg = issuer_cfg();
+        cfg.issuer = base.to_owned();
+        cfg.jwks_refresh = refresh;
+        assert!(cfg.discovery_url().is_some());
+        Jwt::new(&JwtConfig { issuers: vec![cfg] })
+    }
+
+    /// A fresh token of the issuer at `base`, signed by `k`.
+    fn token_of(base: &str, k: &EcKey) -> String {
+        let now = crate::telemetry::unix_now();
+        es256(
+            k,
+            &with(json!({"iss": base, "iat": now, "exp": now + 300.0})),
+        )
+    }
+
+    /// Wait until the fetch loop of `v`'s first issuer finished `n` attempts.
+    async fn attempts(v: &Jwt, n: u64) {
+        let mut done = v.issuers[0].fetch.as_ref().unwrap().done.subscribe();
+        tokio::time::timeout(Duration::from_secs(10), done.wait_for(|c| *c >= n))
+            .await
+            .expect("the fetch loop makes progress")
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn discovery_that_fails_is_retried_and_its_tokens_verify_once_it_succeeds() {
+        let a = ec_key("a");
+        let routes = Arc::new(Mutex::new(Routes::default()));
+        let base = routed_server(routes.clone()).await;
+        routes.lock().set(DISCOVERY, 500, "{}");
+        routes
+            .lock()
+            .set("/jwks.json", 200, json!({"keys": [a.jwk]}).to_string());
+        let v = discovering(&base, Duration::from_secs(300));
+        v.start();
+        attempts(&v, 1).await;
+        // Discovery failed: the issuer has no keys; its tokens are refused, saying why.
+        let t = token_of(&base, &a);
+        let e = v.verify(&t, crate::telemetry::unix_now()).unwrap_err();
+        assert_eq!(e.code(), "keys_unavailable");
+        assert!(
+            matches!(
+                e,
+                JwtError::UnknownKey {
+                    pending: Some(Pending::Discovery),
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        assert!(e.to_string().contains("OIDC discovery"), "{e}");
+        assert!(!e.to_string().contains(t.as_str()));
+        assert_eq!(v.discovered_jwks_uri(&base), None);
+        assert_eq!(routes.lock().hits("/jwks.json"), 0, "nothing to fetch yet");
+        // The discovery document appears: the unknown-kid refetch discovers, then fetches.
+        routes.lock().set(
+            DISCOVERY,
+            200,
+            json!({"issuer": base, "jwks_uri": format!("{base}/jwks.json")}).to_string(),
+        );
+        assert!(v.refetch(&base).await, "the refetch finished");
+        assert_eq!(
+            v.discovered_jwks_uri(&base),
+            Some(format!("{base}/jwks.json"))
+        );
+        let id = v.verify(&t, crate::telemetry::unix_now()).unwrap();
+        assert_eq!(id.issuer, base);
+        assert_eq!(routes.lock().hits(DISCOVERY), 2);
+        assert_eq!(routes.lock().hits("/jwks.json"), 1);
+    }
+
+    #[tokio::test]
+    async fn an_unknown_kid_discovers_again_and_follows_a_moved_jwks() {
+        let (a, b) = (ec_key("a"), ec_key("b"));
+        let routes = Arc::new(Mutex::new(Routes::default()));
+        let base = routed_server(routes.clone()).await;
+        let disc = |path: &str| json!({"jwks_uri": format!("{base}{path}")}).to_string();
+        routes.lock().set(DISCOVERY, 200, disc("/a.json"));
+        routes
+            .lock()
+            .set("/a.json", 200, json!({"keys": [a.jwk]}).to_string());
+        routes
+            .lock()
+            .set("/b.json", 200, json!({"keys": [b.jwk]}).to_string());
+        let v = discovering(&base, Duration::from_secs(300));
+        v.start();
+        attempts(&v, 1).await;
+        let now = crate::telemetry::unix_now;
+        assert!(v.verify(&token_of(&base, &a), now()).is_ok());
+        // The issuer moves its JWKS (and rotates): a b token triggers rediscovery.
+        routes.lock().set(DISCOVERY, 200, disc("/b.json"));
+        let tb = token_of(&base, &b);
+        assert_eq!(v.verify(&tb, now()).unwrap_err().code(), "unknown_key");
+        assert!(v.refetch(&base).await);
+        assert_eq!(v.discovered_jwks_uri(&base), Some(format!("{base}/b.json")));
+        assert!(v.verify(&tb, now()).is_ok());
+        assert_eq!(routes.lock().hits(DISCOVERY), 2);
+        // Rate-limited like the refetch: no second rediscovery within 10 s.
+        assert!(!v.refetch(&base).await);
+        assert_eq!(routes.lock().hits(DISCOVERY), 2);
+    }
+
+    #[tokio::test]
+    async fn a_failing_jwks_is_discovered_again_and_a_refused_or_missing_jwks_uri_is_no_key() {
+        let a = ec_key("a");
+        let routes = Arc::new(Mutex::new(Routes::default()));
+        let base = routed_server(routes.clone()).await;
+        // A JWKS URL that is not https (nor loopback): refused, never fetched.
+        routes.lock().set(
+            DISCOVERY,
+            200,
+            json!({"jwks_uri": "http://192.0.2.1/jwks.json"}).to_string(),
+        );
+        let v = discovering(&base, Duration::from_millis(100));
+        v.start();
+        attempts(&v, 2).await;
+        let now = crate::telemetry::unix_now;
+        assert_eq!(v.discovered_jwks_uri(&base), None);
+        assert_eq!(
+            v.verify(&token_of(&base, &a), now()).unwrap_err().code(),
+            "keys_unavailable"
+        );
+        // No `jwks_uri` at all: the same.
+        routes
+            .lock()
+            .set(DISCOVERY, 200, json!({"issuer": base}).to_string());
+        let seen = routes.lock().hits(DISCOVERY);
+        let done = *v.issuers[0].fetch.as_ref().unwrap().done.borrow();
+        attempts(&v, done + 2).await;
+        assert!(routes.lock().hits(DISCOVERY) > seen);
+        assert_eq!(v.discovered_jwks_uri(&base), None);
+        assert_eq!(
+            v.verify(&token_of(&base, &a), now()).unwrap_err().code(),
+            "keys_unavailable"
+        );
+        // Found, but the JWKS fails: after a few failures in a row, discovered again.
+        routes.lock().set(
+            DISCOVERY,
+            200,
+            json!({"jwks_uri": format!("{base}/old.json")}).to_string(),
+        );
+        routes.lock().set("/old.json", 503, "");
+        let old_hits = || routes.lock().hits("/old.json");
+        let t0 = Instant::now();
+        while old_hits() < 1 + REDISCOVER_AFTER_FAILURES as u64 + 1 {
+            assert!(t0.elapsed() < Duration::from_secs(10), "the loop retries");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(
+            v.discovered_jwks_uri(&base),
+            Some(format!("{base}/old.json"))
+        );
+        routes.lock().set(
+            DISCOVERY,
+            200,
+            json!({"jwks_uri": format!("{base}/new.json")}).to_string(),
+        );
+        routes
+            .lock()
+            .set("/new.json", 200, json!({"keys": [a.jwk]}).to_string());
+        let t0 = Instant::now();
+        while v.verify(&token_of(&base, &a), now()).is_err() {
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "rediscovered after failures"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(
+            v.discovered_jwks_uri(&base),
+            Some(format!("{base}/new.json"))
+        );
+        // Once it works, refreshes fetch the JWKS without discovering again.
+        let (disc, new) = {
+            let r = routes.lock();
+            (r.hits(DISCOVERY), r.hits("/new.json"))
+        };
+        let t0 = Instant::now();
+        while routes.lock().hits("/new.json") < new + 3 {
+            assert!(t0.elapsed() < Duration::from_secs(10), "refreshes go on");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(routes.lock().hits(DISCOVERY), disc);
+    }
+
+    #[tokio::test]
+    async fn a_rediscovery_that_fails_keeps_the_jwks_uri_found_before() {
+        let (a, b) = (ec_key("a"), ec_key("b"));
+        let routes = Arc::new(Mutex::new(Routes::default()));
+        let base = routed_server(routes.clone()).await;
+        routes.lock().set(
+            DISCOVERY,
+            200,
+            json!({"jwks_uri": format!("{base}/jwks.json")}).to_string(),
+        );
+        routes
+            .lock()
+            .set("/jwks.json", 200, json!({"keys": [a.jwk]}).to_string());
+        let v = discovering(&base, Duration::from_secs(300));
+        v.start();
+        attempts(&v, 1).await;
+        routes.lock().set(DISCOVERY, 500, "");
+        routes
+            .lock()
+            .set("/jwks.json", 200, json!({"keys": [b.jwk]}).to_string());
+        let now = crate::telemetry::unix_now;
+        let tb = token_of(&base, &b);
+        assert_eq!(v.verify(&tb, now()).unwrap_err().code(), "unknown_key");
+        assert!(v.refetch(&base).await);
+        assert_eq!(
+            routes.lock().hits(DISCOVERY),
+            2,
+            "discovery was tried again"
+        );
+        assert_eq!(
+            v.discovered_jwks_uri(&base),
+            Some(format!("{base}/jwks.json"))
+        );
+        assert!(
+            v.verify(&tb, now()).is_ok(),
+            "the JWKS URL found before was used"
+        );
+    }
+
+    #[test]
+    fn an_issuer_with_a_jwks_uri_or_static_keys_does_not_discover() {
+        let mut cfg = issuer_cfg();
+        cfg.jwks_uri = Some("https://idp.example.com/certs".into());
+        let v = Jwt::new(&JwtConfig {
+            issuers: vec![cfg.clone()],
+        });
+        assert!(matches!(
+            v.issuers[0].fetch.as_ref().unwrap().source,
+            Source::Configured(_)
+        ));
+        // Not fetched yet: keys_unavailable, naming the JWKS (not discovery).
+        let k = ec_key("k1");
+        let e = v.verify(&es256(&k, &good_claims()), NOW).unwrap_err();
+        assert_eq!(e.code(), "keys_unavailable");
+        assert!(e.to_string().contains("JWKS has not been fetched"), "{e}");
+        cfg.jwks_uri = None;
+        cfg.public_keys = vec![crate::config::JwtPublicKey {
+            kid: None,
+            pem: k.pub_pem.clone(),
+        }];
+        let v = Jwt::new(&JwtConfig { issuers: vec![cfg] });
+        assert!(v.issuers[0].fetch.is_none() && v.client.is_none());
+        let other = ec_key("k2");
+        assert_eq!(
+            v.verify(&es256(&other, &good_claims()), NOW)
+                .unwrap_err()
+                .code(),
+            "bad_signature"
+        );
     }
 }

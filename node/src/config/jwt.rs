@@ -9,6 +9,22 @@
 //! defaults: `auth.oidc` keeps MCP Hangar's (off unless `enabled: true`, 60 s leeway, tokens
 //! of at most an hour, tenant in `tenant_id`), so a file written for MCP Hangar means what it
 //! meant there; `auth.jwt` is on when present, with 30 s, a day and `tenant`.
+//!
+//! Keys: an issuer with neither `jwks_uri` nor `public_keys` finds its JWKS URL by OIDC
+//! discovery (`<issuer>/.well-known/openid-configuration`, its `jwks_uri`; see
+//! [`JwtIssuer::discovery_url`]), which needs the issuer to be an https URL (plain http only
+//! to a loopback host), as a `jwks_uri` has to be.
+//!
+//! Per-tenant audiences (MCP Hangar's `strict_tenant_audience` + `tenant_audiences`, a
+//! mapping of tenant → audience or list of audiences, at the top or per issuer like every
+//! other field): with `strict_tenant_audience: true` a token must name a tenant that is a key
+//! of `tenant_audiences`, and its `aud` must name one of that tenant's audiences — instead of
+//! the issuer's `audience` (which is then optional and not used, nor is `resource_uri`); a
+//! tenant absent from the map is refused. Without `strict_tenant_audience`, a tenant's
+//! audiences are accepted *in addition to* the issuer's `audience` for tokens of that tenant
+//! (a tenant absent from the map gets the issuer's audiences only): the map can only widen
+//! what a tenant's tokens may carry, never narrow what the issuer accepts; narrowing is what
+//! `strict_tenant_audience` is for.
 
 use std::collections::BTreeMap;
 use std::str::FromStr;
@@ -56,6 +72,26 @@ pub struct JwtIssuer {
     pub require_tenant: bool,
     /// Group name → Hangar roles granted to members of that group.
     pub group_roles: BTreeMap<String, Vec<String>>,
+    /// Bind each tenant's tokens to that tenant's audiences: the tenant claim is required and
+    /// must be a key of `tenant_audiences`, and `aud` must name one of its audiences
+    /// (`audiences` is not used then).
+    pub strict_tenant_audience: bool,
+    /// Tenant → its audiences. Strict: the only audiences its tokens are accepted with;
+    /// otherwise accepted for its tokens besides `audiences`.
+    pub tenant_audiences: BTreeMap<String, Vec<String>>,
+}
+
+impl JwtIssuer {
+    /// Where OIDC discovery finds this issuer's JWKS URL: `<issuer>/.well-known/openid-configuration`,
+    /// when it has neither `jwks_uri` nor `public_keys` (`None` otherwise).
+    pub fn discovery_url(&self) -> Option<String> {
+        (self.jwks_uri.is_none() && self.public_keys.is_empty()).then(|| {
+            format!(
+                "{}/.well-known/openid-configuration",
+                self.issuer.trim_end_matches('/')
+            )
+        })
+    }
 }
 
 /// A static public key.
@@ -147,6 +183,8 @@ struct Fields {
     tenant_claim: Option<String>,
     require_tenant: Option<bool>,
     group_roles: Option<BTreeMap<String, Vec<String>>>,
+    strict_tenant_audience: Option<bool>,
+    tenant_audiences: Option<BTreeMap<String, Vec<String>>>,
 }
 
 impl Fields {
@@ -168,6 +206,8 @@ impl Fields {
             tenant_claim: self.tenant_claim.or(b.tenant_claim),
             require_tenant: self.require_tenant.or(b.require_tenant),
             group_roles: self.group_roles.or(b.group_roles),
+            strict_tenant_audience: self.strict_tenant_audience.or(b.strict_tenant_audience),
+            tenant_audiences: self.tenant_audiences.or(b.tenant_audiences),
         }
     }
 }
@@ -309,19 +349,10 @@ fn fields(o: &Obj<'_>) -> Fields {
     f.group_roles = group_roles(o);
     // Accepted for MCP Hangar files; nothing here depends on them.
     let _ = (o.str("client_id"), o.str("email_claim"));
-    for key in ["strict_tenant_audience", "tenant_audiences"] {
-        let asks = match o.raw(key) {
-            None | Some(Value::Bool(false)) => false,
-            Some(Value::Object(m)) => !m.is_empty(),
-            Some(_) => true,
-        };
-        if asks {
-            o.p.push(
-                &o.at(key),
-                "per-tenant audiences are not supported by this Hangar version yet; remove it (every tenant's tokens are checked against `audience`)",
-            );
-        }
+    if o.has("strict_tenant_audience") {
+        f.strict_tenant_audience = Some(o.bool("strict_tenant_audience", false));
     }
+    f.tenant_audiences = tenant_audiences(o);
     f
 }
 
@@ -334,9 +365,19 @@ fn resolve(o: &Obj<'_>, f: Fields, d: &Defaults, resource_uri: Option<&str>) -> 
             "is required (the exact `iss` this issuer's tokens carry)",
         );
     }
+    let strict = f.strict_tenant_audience.unwrap_or(false);
+    let tenant_audiences = f.tenant_audiences.unwrap_or_default();
+    if strict && tenant_audiences.is_empty() {
+        o.p.push(
+            &o.at("tenant_audiences"),
+            "is required with `strict_tenant_audience: true`: map each tenant to its audience(s), e.g. {acme: https://hangar.example.com/acme} (a tenant absent from it is refused)",
+        );
+    }
     // MCP Hangar: `resource_uri`, when set, is the audience of every issuer (RFC 8707).
     let audiences = match resource_uri {
         Some(r) => Some(vec![r.to_owned()]),
+        // Strict: the tenant's audiences are checked instead.
+        None if strict => Some(f.audiences.unwrap_or_default()),
         None => f.audiences,
     };
     if audiences.is_none() {
@@ -346,11 +387,12 @@ fn resolve(o: &Obj<'_>, f: Fields, d: &Defaults, resource_uri: Option<&str>) -> 
         );
     }
     let public_keys = f.public_keys.unwrap_or_default();
-    if f.jwks_uri.is_none() && public_keys.is_empty() {
-        o.p.push(
-            &o.path_str(),
-            "needs keys: `jwks_uri` (the issuer's JWKS, fetched and cached) or `public_keys` (PEM)",
-        );
+    if f.jwks_uri.is_none()
+        && public_keys.is_empty()
+        && let Some(iss) = &issuer
+        && let Some(problem) = discovery_issuer_problem(iss)
+    {
+        o.p.push(&o.at("issuer"), problem);
     }
     let max_lifetime_s = f.max_lifetime_s.unwrap_or(d.max_lifetime_s);
     Some(JwtIssuer {
@@ -367,7 +409,40 @@ fn resolve(o: &Obj<'_>, f: Fields, d: &Defaults, resource_uri: Option<&str>) -> 
         tenant_claim: f.tenant_claim.unwrap_or_else(|| d.tenant_claim.to_owned()),
         require_tenant: f.require_tenant.unwrap_or(false),
         group_roles: f.group_roles.unwrap_or_default(),
+        strict_tenant_audience: strict,
+        tenant_audiences,
     })
+}
+
+/// Why `issuer` cannot be where its keys are discovered (no `jwks_uri`, no `public_keys`), if
+/// it cannot: discovery fetches `<issuer>/.well-known/openid-configuration`, so the issuer
+/// must be an https URL (plain http only to a loopback host), without query or fragment.
+fn discovery_issuer_problem(issuer: &str) -> Option<String> {
+    const NO_KEYS: &str = "has neither `jwks_uri` nor `public_keys`, so its keys are found by OIDC discovery (<issuer>/.well-known/openid-configuration)";
+    let url = match reqwest::Url::parse(issuer) {
+        Ok(url) => url,
+        Err(_) => {
+            return Some(format!(
+                "{NO_KEYS}, which needs the issuer to be an https:// URL: give `jwks_uri` (the issuer's JWKS) or `public_keys` (PEM)"
+            ));
+        }
+    };
+    if url.query().is_some() || url.fragment().is_some() {
+        return Some(format!(
+            "{NO_KEYS}, which needs an issuer URL without query or fragment: give `jwks_uri` or `public_keys`"
+        ));
+    }
+    match url.scheme() {
+        "https" => None,
+        "http" if is_loopback(&url) => None,
+        "http" => Some(format!(
+            "{NO_KEYS}, which must be https: a discovery document fetched over plain http from {} could be replaced by anyone on the path (http is accepted for loopback addresses only); give an https issuer, `jwks_uri` or `public_keys`",
+            url.host_str().unwrap_or("?")
+        )),
+        other => Some(format!(
+            "{NO_KEYS}, which needs an https:// issuer URL, got `{other}:`; give `jwks_uri` or `public_keys`"
+        )),
+    }
 }
 
 /// Why `u` cannot be a JWKS URL, if it cannot: http(s) only, and plain http only to a
@@ -544,6 +619,52 @@ fn group_roles(o: &Obj<'_>) -> Option<BTreeMap<String, Vec<String>>> {
     Some(out)
 }
 
+/// `tenant_audiences`: tenant → an audience or a list of audiences (non-empty strings).
+fn tenant_audiences(o: &Obj<'_>) -> Option<BTreeMap<String, Vec<String>>> {
+    let v = o.raw("tenant_audiences")?;
+    let Value::Object(m) = v else {
+        o.p.push(
+            &o.at("tenant_audiences"),
+            format!(
+                "must be a mapping of tenants to audiences (e.g. {{acme: https://hangar.example.com/acme, globex: [a, b]}}), got {}",
+                type_name(v)
+            ),
+        );
+        return None;
+    };
+    let mut out = BTreeMap::new();
+    for (tenant, auds) in m {
+        let path = format!("{}.{tenant}", o.at("tenant_audiences"));
+        if tenant.trim().is_empty() {
+            o.p.push(&path, "a tenant name must not be empty");
+            continue;
+        }
+        let auds: Vec<String> = match auds {
+            Value::String(a) => vec![a.clone()],
+            Value::Array(items) if items.iter().all(Value::is_string) => items
+                .iter()
+                .filter_map(|a| a.as_str().map(str::to_owned))
+                .collect(),
+            other => {
+                o.p.push(
+                    &path,
+                    format!(
+                        "must be an audience or a list of audiences, got {}",
+                        type_name(other)
+                    ),
+                );
+                continue;
+            }
+        };
+        if auds.is_empty() || auds.iter().any(|a| a.trim().is_empty()) {
+            o.p.push(&path, "must name at least one non-empty audience");
+            continue;
+        }
+        out.insert(tenant.clone(), auds);
+    }
+    Some(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::{ConfigError, load_str};
@@ -669,7 +790,15 @@ mod tests {
             ),
             (
                 "  jwt:\n    issuers: [{issuer: a, audience: b}]\n",
-                "auth.jwt.issuers[0]: needs keys",
+                "auth.jwt.issuers[0].issuer: has neither `jwks_uri` nor `public_keys`, so its keys are found by OIDC discovery",
+            ),
+            (
+                "  jwt:\n    issuers: [{issuer: \"http://idp.example.com/realms/x\", audience: b}]\n",
+                "auth.jwt.issuers[0].issuer: has neither `jwks_uri` nor `public_keys`, so its keys are found by OIDC discovery (<issuer>/.well-known/openid-configuration), which must be https",
+            ),
+            (
+                "  jwt:\n    issuers: [{issuer: \"https://idp.example.com/?realm=x\", audience: b}]\n",
+                "auth.jwt.issuers[0].issuer: has neither `jwks_uri` nor `public_keys`, so its keys are found by OIDC discovery (<issuer>/.well-known/openid-configuration), which needs an issuer URL without query",
             ),
             (
                 "  jwt:\n    issuers: [{issuer: a, audience: b, public_keys: [\"not a key\"]}]\n",
@@ -697,7 +826,39 @@ mod tests {
             ),
             (
                 "  oidc:\n    enabled: true\n    strict_tenant_audience: true\n    issuers: [{issuer: a, audience: b, jwks_uri: \"https://a/j\"}]\n",
-                "auth.oidc.strict_tenant_audience: per-tenant audiences are not supported",
+                "auth.oidc.issuers[0].tenant_audiences: is required with `strict_tenant_audience: true`",
+            ),
+            (
+                "  jwt: {issuer: a, audience: b, jwks_uri: \"https://a/j\", strict_tenant_audience: true, tenant_audiences: {}}\n",
+                "auth.jwt.tenant_audiences: is required with `strict_tenant_audience: true`",
+            ),
+            (
+                "  jwt: {issuer: a, audience: b, jwks_uri: \"https://a/j\", strict_tenant_audience: maybe, tenant_audiences: {t: x}}\n",
+                "auth.jwt.strict_tenant_audience: must be true or false",
+            ),
+            (
+                "  jwt: {issuer: a, audience: b, jwks_uri: \"https://a/j\", tenant_audiences: [x]}\n",
+                "auth.jwt.tenant_audiences: must be a mapping of tenants to audiences",
+            ),
+            (
+                "  jwt: {issuer: a, audience: b, jwks_uri: \"https://a/j\", tenant_audiences: {acme: \"\"}}\n",
+                "auth.jwt.tenant_audiences.acme: must name at least one non-empty audience",
+            ),
+            (
+                "  jwt: {issuer: a, audience: b, jwks_uri: \"https://a/j\", tenant_audiences: {acme: []}}\n",
+                "auth.jwt.tenant_audiences.acme: must name at least one non-empty audience",
+            ),
+            (
+                "  jwt: {issuer: a, audience: b, jwks_uri: \"https://a/j\", tenant_audiences: {acme: [x, 3]}}\n",
+                "auth.jwt.tenant_audiences.acme: must be an audience or a list of audiences, got a list",
+            ),
+            (
+                "  jwt: {issuer: a, audience: b, jwks_uri: \"https://a/j\", tenant_audiences: {acme: {x: 1}}}\n",
+                "auth.jwt.tenant_audiences.acme: must be an audience or a list of audiences, got a mapping",
+            ),
+            (
+                "  jwt: {issuer: a, jwks_uri: \"https://a/j\", tenant_audiences: {acme: x}}\n",
+                "auth.jwt.audience: is required",
             ),
             (
                 "  jwt: {issuer: a, audience: b, jwks_uri: \"https://a/j\"}\n  oidc: {issuer: a, audience: b, jwks_uri: \"https://a/j\"}\n",
@@ -723,5 +884,100 @@ mod tests {
                 "{url}"
             );
         }
+    }
+
+    #[test]
+    fn an_issuer_without_keys_discovers_them_when_it_is_an_https_url() {
+        let c = load("  jwt: {issuer: \"https://idp.example.com/realms/prod/\", audience: b}\n")
+            .unwrap();
+        let is = &c.auth.jwt.unwrap().issuers[0];
+        assert_eq!(is.jwks_uri, None);
+        assert!(is.public_keys.is_empty());
+        assert_eq!(
+            is.discovery_url().as_deref(),
+            Some("https://idp.example.com/realms/prod/.well-known/openid-configuration")
+        );
+        // Loopback http, as for a jwks_uri; in MCP Hangar's section too.
+        for issuer in ["http://127.0.0.1:8080", "http://localhost/realms/x"] {
+            let c = load(&format!(
+                "  oidc: {{enabled: true, issuers: [{{issuer: \"{issuer}\", audience: b}}]}}\n"
+            ))
+            .unwrap();
+            let is = &c.auth.jwt.unwrap().issuers[0];
+            assert_eq!(
+                is.discovery_url(),
+                Some(format!("{issuer}/.well-known/openid-configuration"))
+            );
+        }
+        // With a jwks_uri or static keys, nothing is discovered (and the issuer may be any string).
+        let c = load("  jwt: {issuer: a, audience: b, jwks_uri: \"https://a/j\"}\n").unwrap();
+        assert_eq!(c.auth.jwt.unwrap().issuers[0].discovery_url(), None);
+        let c = load(&format!(
+            "  jwt: {{issuer: a, audience: b, public_keys: [{}]}}\n",
+            serde_json::to_string(PUB).unwrap()
+        ))
+        .unwrap();
+        assert_eq!(c.auth.jwt.unwrap().issuers[0].discovery_url(), None);
+        // Not a URL, another scheme: refused, naming the issuer and the ways out.
+        for (issuer, want) in [
+            ("acme-idp", "needs the issuer to be an https:// URL"),
+            ("ftp://idp.example.com", "got `ftp:`"),
+            ("http://10.0.0.1/realms/x", "must be https"),
+        ] {
+            let p = problems(&format!("  jwt: {{issuer: \"{issuer}\", audience: b}}\n"));
+            assert!(
+                p.iter()
+                    .any(|m| m.starts_with("auth.jwt.issuer: has neither")
+                        && m.contains(want)
+                        && m.contains("`jwks_uri`")),
+                "{issuer}: {p:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn tenant_audiences_are_read_and_inherited() {
+        let c = load(
+            "  oidc:\n    enabled: true\n    strict_tenant_audience: true\n    tenant_audiences: {acme: https://hangar.example.com/acme, globex: [g1, g2]}\n    issuers:\n      - {issuer: a, jwks_uri: \"https://a/j\"}\n      - {issuer: b, audience: hb, jwks_uri: \"https://b/j\", strict_tenant_audience: false, tenant_audiences: {initech: i1}}\n      - {issuer: c, audience: hc, jwks_uri: \"https://c/j\", strict_tenant_audience: false}\n",
+        )
+        .unwrap();
+        let jwt = c.auth.jwt.unwrap();
+        let (a, b, cc) = (&jwt.issuers[0], &jwt.issuers[1], &jwt.issuers[2]);
+        // Strict: `audience` may be left out (the tenant's audiences are checked instead).
+        assert!(a.strict_tenant_audience);
+        assert!(a.audiences.is_empty());
+        assert_eq!(
+            a.tenant_audiences["acme"],
+            vec!["https://hangar.example.com/acme".to_owned()]
+        );
+        assert_eq!(
+            a.tenant_audiences["globex"],
+            vec!["g1".to_owned(), "g2".to_owned()]
+        );
+        // Each field is inherited on its own, and overridden on its own.
+        assert!(!b.strict_tenant_audience);
+        assert_eq!(
+            b.tenant_audiences.keys().collect::<Vec<_>>(),
+            vec!["initech"]
+        );
+        assert!(!cc.strict_tenant_audience);
+        assert_eq!(cc.tenant_audiences, a.tenant_audiences);
+        // Off by default; an empty map without strict is nothing.
+        let c = load(
+            "  jwt: {issuer: a, audience: b, jwks_uri: \"https://a/j\", tenant_audiences: {}}\n",
+        )
+        .unwrap();
+        let is = &c.auth.jwt.unwrap().issuers[0];
+        assert!(!is.strict_tenant_audience && is.tenant_audiences.is_empty());
+        // Strict inherited from the top, map missing everywhere: the issuer's entry is named.
+        let p = problems(
+            "  jwt:\n    strict_tenant_audience: true\n    issuers: [{issuer: a, audience: b, jwks_uri: \"https://a/j\"}]\n",
+        );
+        assert!(
+            p.iter().any(|m| m.starts_with(
+                "auth.jwt.issuers[0].tenant_audiences: is required with `strict_tenant_audience: true`"
+            )),
+            "{p:?}"
+        );
     }
 }

@@ -1,12 +1,14 @@
 //! Bearer JWTs against a real node: an issuer served by this test on 127.0.0.1 (a JWKS over
 //! plain HTTP, allowed on loopback), ES256 tokens signed here, roles from the replicated
 //! assignments and from `group_roles`, refusals with `Bearer error="invalid_token"`, a key
-//! rotation picked up by the unknown-`kid` refetch, and the lockout counting bad tokens.
+//! rotation picked up by the unknown-`kid` refetch, and the lockout counting bad tokens; an
+//! issuer whose JWKS URL is found by OIDC discovery, and per-tenant audiences.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use hangar_tests::jwt::{AUD, ISS, issuer, key, now, token};
+use hangar_tests::jwt::{AUD, ISS, issuer, key, now, oidc_issuer, token};
 use hangar_tests::*;
 use serde_json::{Value, json};
 
@@ -182,6 +184,131 @@ async fn jwt_bearer_tokens_authenticate_map_roles_and_follow_key_rotation() {
     let log = node.proc.stderr();
     assert!(log.contains("authentication_failed"), "{log}");
     for t in [&alice, &expired, &wrong_aud, &forged, &rotated] {
+        let sig = t.rsplit('.').next().unwrap();
+        assert!(!log.contains(sig), "a token is in the log");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jwt_keys_found_by_oidc_discovery_and_strict_tenant_audiences() {
+    let (d, s) = (key("disc-1"), key("strict-1"));
+    // Issuer 1: no jwks_uri, its discovery document unavailable at first.
+    let discoverable = Arc::new(AtomicBool::new(false));
+    let base = oidc_issuer(
+        Arc::new(Mutex::new(json!({"keys": [d.jwk]}).to_string())),
+        discoverable.clone(),
+    )
+    .await;
+    // Issuer 2: a jwks_uri, and each tenant bound to its own audiences.
+    let strict_jwks = issuer(Arc::new(Mutex::new(json!({"keys": [s.jwk]}).to_string()))).await;
+    let cfg = format!(
+        "auth:\n  enabled: true\n  api_key: {{enabled: false}}\n  rate_limit: {{max_attempts: 1000, window_seconds: 60, lockout_seconds: 1}}\n  jwt:\n    algorithms: [ES256]\n    issuers:\n      - issuer: \"{base}\"\n        audience: {AUD}\n        tenant_audiences: {{acme: hangar-acme-extra}}\n      - issuer: {ISS}\n        audience: {AUD}\n        jwks_uri: {strict_jwks}\n        strict_tenant_audience: true\n        tenant_audiences: {{acme: hangar-acme, globex: [hangar-globex, hangar-globex-2]}}\nmcp_servers: {{}}\n"
+    );
+    let node = Node::start(&cfg);
+    let c = client();
+    let me = async |t: &str| send(bearer(c.get(node.url("/api/system/me")), Some(t))).await;
+
+    // Until discovery succeeds, the issuer's tokens are refused (401 invalid_token).
+    let by_discovery = token(&d, d.kid, json!({"iss": base}));
+    let (st, www, body) = me(&by_discovery).await;
+    assert_eq!(st, 401, "{body}");
+    assert!(www.contains("Bearer error=\"invalid_token\""), "{www}");
+    assert_eq!(body["details"]["reason"], "keys_unavailable", "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("OIDC discovery")),
+        "{body}"
+    );
+
+    // The document appears: the node discovers the JWKS URL (retry or unknown-kid refetch,
+    // each at most every ~10 s) and the same token verifies.
+    discoverable.store(true, Ordering::SeqCst);
+    let who = wait_for("discovery succeeds", Duration::from_secs(40), || async {
+        let (st, _, body) = me(&by_discovery).await;
+        (st == 200).then_some(body)
+    })
+    .await;
+    assert_eq!(who["principal_id"], "alice", "{who}");
+    assert_eq!(who["issuer"], base.as_str(), "{who}");
+    assert_eq!(who["auth_method"], "jwt", "{who}");
+    let log = node.proc.stderr();
+    assert!(log.contains("oidc_discovery_failed"), "{log}");
+    assert!(log.contains("oidc_discovered"), "{log}");
+    assert!(log.contains(&format!("{base}/jwks.json")), "{log}");
+    // Not strict: acme's own audience is accepted besides the issuer's, for acme only.
+    let extra = token(
+        &d,
+        d.kid,
+        json!({"iss": base, "tenant": "acme", "aud": "hangar-acme-extra"}),
+    );
+    let (st, _, body) = me(&extra).await;
+    assert_eq!(st, 200, "{body}");
+    assert_eq!(body["tenant"], "acme");
+    let not_globex = token(
+        &d,
+        d.kid,
+        json!({"iss": base, "tenant": "globex", "aud": "hangar-acme-extra"}),
+    );
+    let (st, _, body) = me(&not_globex).await;
+    assert_eq!(st, 401, "{body}");
+    assert_eq!(body["details"]["reason"], "wrong_audience", "{body}");
+
+    // Strict: the right tenant with one of its audiences only.
+    let strict = |claims: Value| token(&s, s.kid, claims);
+    let acme = strict(json!({"tenant": "acme", "aud": "hangar-acme"}));
+    let (st, _, body) = me(&acme).await;
+    assert_eq!(st, 200, "{body}");
+    assert_eq!(
+        (&body["tenant"], &body["issuer"]),
+        (&json!("acme"), &json!(ISS))
+    );
+    let globex = strict(json!({"tenant": "globex", "aud": ["other", "hangar-globex-2"]}));
+    let (st, _, body) = me(&globex).await;
+    assert_eq!(st, 200, "{body}");
+    let refused = [
+        (
+            "another tenant's audience",
+            strict(json!({"tenant": "acme", "aud": "hangar-globex"})),
+            "wrong_audience",
+        ),
+        (
+            "the issuer's audience",
+            strict(json!({"tenant": "acme", "aud": AUD})),
+            "wrong_audience",
+        ),
+        (
+            "a tenant not in the map",
+            strict(json!({"tenant": "initech", "aud": "hangar-acme"})),
+            "tenant_not_allowed",
+        ),
+        (
+            "no tenant",
+            strict(json!({"tenant": null, "aud": "hangar-acme"})),
+            "missing_claim",
+        ),
+    ];
+    for (what, t, reason) in &refused {
+        let (st, www, body) = me(t).await;
+        assert_eq!(st, 401, "{what}: {body}");
+        assert!(
+            www.contains("Bearer error=\"invalid_token\""),
+            "{what}: {www}"
+        );
+        assert_eq!(body["details"]["reason"], *reason, "{what}: {body}");
+    }
+    let (_, _, body) = me(&refused[2].1).await;
+    let msg = body["message"].as_str().unwrap_or_default();
+    assert!(msg.contains("tenant not allowed"), "{body}");
+    assert!(!msg.contains("initech"), "{body}");
+
+    // The log names reasons, never a token.
+    let log = node.proc.stderr();
+    assert!(log.contains("tenant not allowed"), "{log}");
+    for t in [&by_discovery, &extra, &not_globex, &acme, &globex]
+        .into_iter()
+        .chain(refused.iter().map(|r| &r.1))
+    {
         let sig = t.rsplit('.').next().unwrap();
         assert!(!log.contains(sig), "a token is in the log");
     }
