@@ -47,7 +47,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::str::FromStr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
@@ -56,6 +56,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use parking_lot::Mutex;
 use serde_json::{Map, Value};
+use sha2::Digest;
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
@@ -343,12 +344,31 @@ struct FetchState {
     rediscover: bool,
 }
 
+/// Most tokens whose signature is remembered per issuer (all are forgotten when full).
+const VERIFIED_CAP: usize = 4096;
+
 /// One trusted issuer and its keys.
 struct Issuer {
     cfg: JwtIssuer,
     static_keys: KeySet,
     fetched: ArcSwap<KeySet>,
+    /// Bumped each time `fetched` is replaced: a remembered signature is valid for one
+    /// generation of keys only (a key dropped from the JWKS verifies nothing any more).
+    keys_gen: AtomicU64,
+    /// SHA-256 of tokens whose signature verified → the key generation it verified under.
+    /// A client sends the same token on every call until it expires; its signature (tens of
+    /// µs for RS/ES/PS) is checked once per key generation, its claims on every call.
+    verified: Mutex<HashMap<[u8; 32], u64>>,
     fetch: Option<Fetch>,
+}
+
+impl Issuer {
+    /// Replace the fetched keys (a new key generation: remembered signatures are checked
+    /// again).
+    fn set_fetched(&self, keys: KeySet) {
+        self.fetched.store(Arc::new(keys));
+        self.keys_gen.fetch_add(1, Ordering::AcqRel);
+    }
 }
 
 /// The verifier of one `auth.jwt` configuration; stops its fetch tasks when dropped.
@@ -396,6 +416,8 @@ impl Jwt {
                     cfg: is.clone(),
                     static_keys: KeySet::new(keys),
                     fetched: ArcSwap::from_pointee(KeySet::default()),
+                    keys_gen: AtomicU64::new(0),
+                    verified: Mutex::new(HashMap::new()),
                     fetch: source(is).map(|source| Fetch {
                         source,
                         wake: Notify::new(),
@@ -517,6 +539,12 @@ impl Jwt {
                     .collect::<Vec<_>>()
                     .join(", "),
             })?;
+        // Read before the keys: a refresh in between makes what is remembered here stale.
+        let keys_gen = issuer.keys_gen.load(Ordering::Acquire);
+        let digest: [u8; 32] = sha2::Sha256::digest(token.as_bytes()).into();
+        if issuer.verified.lock().get(&digest) == Some(&keys_gen) {
+            return check_claims(&issuer.cfg, &claims, now_s);
+        }
         let mut candidates = Vec::new();
         issuer.static_keys.candidates(kid, alg, &mut candidates);
         issuer.fetched.load().candidates(kid, alg, &mut candidates);
@@ -539,6 +567,13 @@ impl Jwt {
             return Err(JwtError::BadSignature {
                 issuer: issuer.cfg.issuer.clone(),
             });
+        }
+        {
+            let mut remembered = issuer.verified.lock();
+            if remembered.len() >= VERIFIED_CAP {
+                remembered.clear();
+            }
+            remembered.insert(digest, keys_gen);
         }
         check_claims(&issuer.cfg, &claims, now_s)
     }
@@ -658,7 +693,7 @@ async fn fetch_loop(issuer: Arc<Issuer>, client: reqwest::Client, stop: Cancella
             Ok((url, keys)) => {
                 failures = 0;
                 tracing::info!(issuer = %issuer.cfg.issuer, url = %url, keys = keys.len(), "jwks_fetched");
-                issuer.fetched.store(Arc::new(keys));
+                issuer.set_fetched(keys);
                 issuer.cfg.jwks_refresh
             }
             Err(e) => {
@@ -1118,9 +1153,7 @@ mod tests {
         let v = Jwt::new(&JwtConfig { issuers: vec![cfg] });
         if !jwks.is_empty() {
             let doc = json!({"keys": jwks}).to_string();
-            v.issuers[0]
-                .fetched
-                .store(Arc::new(parse_jwks(doc.as_bytes()).unwrap()));
+            v.issuers[0].set_fetched(parse_jwks(doc.as_bytes()).unwrap());
         }
         v
     }
@@ -1161,6 +1194,37 @@ mod tests {
             b64(claims.to_string().as_bytes()),
             b64(sig)
         )
+    }
+
+    #[test]
+    fn a_remembered_signature_counts_for_one_generation_of_keys_only() {
+        let k = ec_key("k1");
+        let v = verifier(issuer_cfg(), &[&k.jwk]);
+        let token = es256(&k, &good_claims());
+        assert!(v.verify(&token, NOW).is_ok());
+        // Remembered: the claims are still checked on every call.
+        assert!(v.verify(&token, NOW).is_ok());
+        assert!(matches!(
+            v.verify(&token, NOW + 3600.0),
+            Err(JwtError::Expired { .. })
+        ));
+        assert_eq!(v.issuers[0].verified.lock().len(), 1);
+        // The issuer drops the key: the same token no longer verifies.
+        let other = ec_key("k2");
+        let doc = json!({"keys": [other.jwk]}).to_string();
+        v.issuers[0].set_fetched(parse_jwks(doc.as_bytes()).unwrap());
+        assert!(v.verify(&token, NOW).is_err());
+        // A token differing in one signature byte is not taken for the remembered one.
+        let good = es256(&other, &good_claims());
+        let mut forged = good.clone().into_bytes();
+        let last = forged.len() - 2;
+        forged[last] = if forged[last] == b'A' { b'B' } else { b'A' };
+        let forged = String::from_utf8(forged).unwrap();
+        assert!(v.verify(&good, NOW).is_ok());
+        assert!(matches!(
+            v.verify(&forged, NOW),
+            Err(JwtError::BadSignature { .. })
+        ));
     }
 
     #[test]
