@@ -1382,9 +1382,9 @@ impl Cluster {
             }
             // Tool access policies: clients listening on this node learn that their tool lists
             // may have changed, whichever node took the write.
-            let now = self.raft.read(|st| {
-                (st.policies != policies).then(|| st.policies.clone())
-            });
+            let now = self
+                .raft
+                .read(|st| (st.policies != policies).then(|| st.policies.clone()));
             if let Some(now) = now {
                 policies = now;
                 runtime.tool_access_changed();
