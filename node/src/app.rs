@@ -237,6 +237,9 @@ impl Node {
         cluster.boot().await?;
         let metrics = Arc::new(Metrics::new());
         let events = Arc::new(crate::telemetry::events::EventLog::new(&node_name, 10_000));
+        // The replicated log is this node's event log before anything is served: a request
+        // arriving during start-up must not read the (empty) node-local ring instead.
+        events.attach(cluster.clone());
         // Servers come from the replicated state (the applier), never straight from the file.
         let mut boot_cfg = cfg.clone();
         boot_cfg.mcp_servers.clear();

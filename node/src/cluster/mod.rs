@@ -1075,6 +1075,7 @@ impl Cluster {
         runtime: Arc<Runtime>,
         file: Option<(BTreeMap<String, Value>, Vec<RateLimitDef>, String)>,
     ) -> Result<(), ClusterError> {
+        // (Idempotent: `app` attaches the log before serving; a second attach changes nothing.)
         runtime.events().attach(self.clone());
         // One gateway: single-instance servers run where the leader places them, and calls
         // for them are forwarded there.

@@ -528,6 +528,22 @@ fn check_fence(state: &State, term: u64, ctx: ApplyCtx) -> Option<Response> {
             ),
         ));
     }
+    // A decision of an earlier term that reaches the log only now: a leader cut off from the
+    // majority decided it (e.g. "the host is lost, move the instance here"), could not commit
+    // it, and its forwarder handed it to the next leader once the partition healed. That
+    // leader's own view (the host is alive, the instance runs there) must win: applying the
+    // old decision would move the instance without the stop-first handoff, and two copies
+    // would run at once.
+    if term < ctx.term {
+        return Some(Response::rejected(
+            RejectCode::StaleTerm,
+            format!(
+                "placement decided in term {term} reached the log in term {}: only the leader \
+                 of a term places instances in it",
+                ctx.term
+            ),
+        ));
+    }
     None
 }
 

@@ -355,6 +355,14 @@ fn placement_fencing_rejects_older_terms() {
         apply(&mut s, &place("git#0", 3, 5), ctx(5, 4)),
         Response::Ok
     );
+    // A decision of term 5 that reaches the log only in term 6 (a leader cut off from the
+    // majority decided it; its forwarder gave it to the next leader after the partition), even
+    // when no placement of term 6 came before it: refused, the instance stays where it runs.
+    assert_rejected(
+        &apply(&mut s, &place("git#0", 1, 5), ctx(6, 4)),
+        RejectCode::StaleTerm,
+    );
+    assert_eq!(s.placements["git#0"].node_id, 3);
 
     let remove = |inst: &str, term: u64| Command::RemovePlacement {
         instance_id: inst.into(),
