@@ -279,14 +279,15 @@ async fn custom_roles_scoped_to_a_server_or_group_grant_only_there() {
     assert_eq!(role("caller")["description"], "calls tools");
     assert_eq!(
         role("caller")["assignments"],
-        json!([{"principal_id": "svc:a", "scope": "group:g"}, {"principal_id": "svc:a", "scope": "server:a"}])
+        json!([{"principal_id": "svc:a", "scope": "group:g", "source": "api"},
+            {"principal_id": "svc:a", "scope": "server:a", "source": "api"}])
     );
     assert_eq!(role("viewer")["builtin"], true);
     let (s, body) = send(c.delete(node.url("/api/auth/roles/ops")), &admin).await;
     assert_eq!(s, 409, "{body}");
     assert_eq!(
         body["error"]["details"]["assignments"],
-        json!([{"principal_id": "svc:a", "scope": "server:a"}])
+        json!([{"principal_id": "svc:a", "scope": "server:a", "source": "api"}])
     );
     let (s, _) = send(c.delete(node.url("/api/auth/roles/viewer")), &admin).await;
     assert_eq!(s, 409, "a built-in role");
