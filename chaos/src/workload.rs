@@ -16,6 +16,13 @@
 //! * **events** ([`WorkloadKind::Events`]): `GET /api/events?since=0&limit=10000` (a plain,
 //!   possibly stale read), recorded as `[{"seq", "id"}]`.
 //!
+//! For long runs two options bound what each read records (the history would otherwise grow
+//! with the square of the run's length): [`Workload::set_period`] starts a new set every
+//! period (set `<set_key>-g<n>`: the keys of principal `chaos-g<n>`, named
+//! `chaos-g<n>-<process>-<k>`, read with `?principal_id=chaos-g<n>`), and
+//! [`Workload::events_tail`] makes each event-log read start that many events before the
+//! last one the client saw on that node.
+//!
 //! Every operation goes to a node drawn from a seeded generator among all targets, dead or
 //! alive (a request to a dead node simply fails). Its outcome follows the rules of
 //! [`classify`]. After an operation ends `Info` the client continues as a new process (a
@@ -31,6 +38,7 @@ mod ops;
 pub mod recorder;
 pub mod stats;
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::str::FromStr;
 use std::sync::Arc;
@@ -151,6 +159,12 @@ pub struct Workload {
     pub events_interval: Duration,
     /// How long [`final_reads`] keeps retrying a read that fails.
     pub final_read_limit: Duration,
+    /// Start a new set every this long (`None`: one set for the whole run); see the module
+    /// documentation.
+    pub set_period: Option<Duration>,
+    /// Event-log reads start this many events before the last one the client read on the
+    /// same node (`None`: from the start of the log).
+    pub events_tail: Option<u64>,
 }
 
 impl Default for Workload {
@@ -165,6 +179,8 @@ impl Default for Workload {
             fail_backoff: Duration::from_millis(100),
             events_interval: Duration::from_millis(250),
             final_read_limit: Duration::from_secs(30),
+            set_period: None,
+            events_tail: None,
         }
     }
 }
@@ -180,9 +196,43 @@ impl Workload {
         format!("{NAME_PREFIX}{process}-{n}")
     }
 
+    /// The generation of the set at `now_ns` (`None` without [`Workload::set_period`]).
+    pub fn set_generation(&self, now_ns: u64) -> Option<u64> {
+        self.set_period
+            .map(|p| now_ns / u64::try_from(p.as_nanos()).unwrap_or(u64::MAX).max(1))
+    }
+
+    /// The key of the set of generation `generation`.
+    pub fn set_key_of(&self, generation: Option<u64>) -> String {
+        match generation {
+            None => self.set_key.clone(),
+            Some(g) => format!("{}-g{g}", self.set_key),
+        }
+    }
+
+    /// The principal the elements of generation `generation` are created for.
+    fn set_principal(generation: Option<u64>) -> String {
+        match generation {
+            None => "chaos".to_owned(),
+            Some(g) => format!("chaos-g{g}"),
+        }
+    }
+
+    /// The prefix of the element names of generation `generation`.
+    fn set_prefix(generation: Option<u64>) -> String {
+        match generation {
+            None => NAME_PREFIX.to_owned(),
+            Some(g) => format!("{NAME_PREFIX}g{g}-"),
+        }
+    }
+
     /// Refuse a configuration that cannot run.
     pub fn validate(&self) -> anyhow::Result<()> {
         anyhow::ensure!(self.processes > 0, "at least one process per workload");
+        anyhow::ensure!(
+            self.set_period.is_none_or(|p| !p.is_zero()),
+            "the set period must be positive"
+        );
         anyhow::ensure!(
             !self.workloads.contains(&WorkloadKind::Register) || !self.register_keys.is_empty(),
             "the register workload needs at least one key"
@@ -257,6 +307,7 @@ pub async fn run(
                 rng: StdRng::seed_from_u64(client_seed(seed, workload, slot)),
                 sent: 0,
                 register_values: register_values.clone(),
+                events_seen: BTreeMap::new(),
             };
             tasks.spawn(client.run(stop.clone()));
         }
@@ -290,7 +341,12 @@ pub async fn final_reads(
         .iter()
         .map(|key| Plan::Read { key: key.clone() })
         .collect();
-    plans.push(Plan::ReadSet);
+    match cfg.set_generation(recorder.now_ns()) {
+        None => plans.push(Plan::ReadSet { generation: None }),
+        Some(last) => plans.extend((0..=last).map(|g| Plan::ReadSet {
+            generation: Some(g),
+        })),
+    }
     plans.push(Plan::AllEvents);
     let per_node = targets.iter().map(|(node, base)| {
         let (http, plans) = (&http, &plans);
@@ -299,8 +355,8 @@ pub async fn final_reads(
             let process = recorder.new_process();
             for plan in plans {
                 loop {
-                    let outcome = perform(http, cfg, recorder, process, *node, base, plan).await;
-                    if outcome == Outcome::Ok {
+                    let op = perform(http, cfg, recorder, process, *node, base, plan).await;
+                    if op.outcome == Outcome::Ok {
                         break;
                     }
                     if Instant::now() >= deadline {
@@ -339,13 +395,18 @@ enum Plan {
     },
     Add {
         name: String,
+        generation: Option<u64>,
     },
-    ReadSet,
+    ReadSet {
+        generation: Option<u64>,
+    },
     Call {
         message: String,
     },
-    /// The first page of the event log, plain read (the events workload).
-    Events,
+    /// The first page of the event log after `since`, plain read (the events workload).
+    Events {
+        since: u64,
+    },
     /// The whole event log, linearizable (final reads).
     AllEvents,
 }
@@ -356,32 +417,34 @@ impl Plan {
             Plan::Write { .. } => OpKind::Write,
             Plan::Read { .. } => OpKind::Read,
             Plan::Add { .. } => OpKind::Add,
-            Plan::ReadSet => OpKind::ReadSet,
+            Plan::ReadSet { .. } => OpKind::ReadSet,
             Plan::Call { .. } => OpKind::Call,
-            Plan::Events | Plan::AllEvents => OpKind::Events,
+            Plan::Events { .. } | Plan::AllEvents => OpKind::Events,
         }
     }
 
     fn key(&self, cfg: &Workload) -> String {
         match self {
             Plan::Write { key, .. } | Plan::Read { key } => key.clone(),
-            Plan::Add { .. } | Plan::ReadSet => cfg.set_key.clone(),
+            Plan::Add { generation, .. } | Plan::ReadSet { generation } => {
+                cfg.set_key_of(*generation)
+            }
             Plan::Call { .. } => cfg.call_tool.clone(),
-            Plan::Events | Plan::AllEvents => EVENTS_KEY.to_owned(),
+            Plan::Events { .. } | Plan::AllEvents => EVENTS_KEY.to_owned(),
         }
     }
 
     fn describe(&self, cfg: &Workload) -> String {
         match self {
             Plan::Read { key } => format!("read register {key}"),
-            Plan::ReadSet => format!("read set {}", cfg.set_key),
+            Plan::ReadSet { generation } => format!("read set {}", cfg.set_key_of(*generation)),
             Plan::AllEvents => "read the event log".to_owned(),
             other => format!("{other:?}"),
         }
     }
 }
 
-/// Invoke `plan` on `node`, record it, and return its outcome.
+/// Invoke `plan` on `node`, record it, and return it as recorded.
 async fn perform(
     http: &reqwest::Client,
     cfg: &Workload,
@@ -390,35 +453,41 @@ async fn perform(
     node: u64,
     base: &str,
     plan: &Plan,
-) -> Outcome {
+) -> Op {
     let inv = recorder.invoke();
     let done: Done = match plan {
         Plan::Write { key, value } => {
             ops::write_register(http, base, &Workload::limit_id(key), *value).await
         }
         Plan::Read { key } => ops::read_register(http, base, &Workload::limit_id(key)).await,
-        Plan::Add { name } => ops::add_key(http, base, name).await,
-        Plan::ReadSet => ops::read_keys(http, base, NAME_PREFIX).await,
+        Plan::Add { name, generation } => {
+            ops::add_key(http, base, name, &Workload::set_principal(*generation)).await
+        }
+        Plan::ReadSet { generation } => {
+            let principal = generation.map(|g| Workload::set_principal(Some(g)));
+            let prefix = Workload::set_prefix(*generation);
+            ops::read_keys(http, base, &prefix, principal.as_deref()).await
+        }
         Plan::Call { message } => {
             ops::call_echo(http, base, &cfg.call_tool, message, inv.index).await
         }
-        Plan::Events => ops::read_events(http, base, false, false).await,
-        Plan::AllEvents => ops::read_events(http, base, true, true).await,
+        Plan::Events { since } => ops::read_events(http, base, *since, false, false).await,
+        Plan::AllEvents => ops::read_events(http, base, 0, true, true).await,
     };
-    let outcome = done.outcome;
-    recorder.record(Op {
+    let op = Op {
         index: inv.index,
         process,
         node,
         kind: plan.kind(),
         key: plan.key(cfg),
         value: done.value,
-        outcome,
+        outcome: done.outcome,
         invoke_ns: inv.invoke_ns,
         complete_ns: recorder.now_ns(),
         error: done.error,
-    });
-    outcome
+    };
+    recorder.record(op.clone());
+    op
 }
 
 /// One logical client of one workload.
@@ -435,14 +504,22 @@ struct Client {
     sent: u64,
     /// The next register value (shared by the register clients: unique and increasing).
     register_values: Arc<AtomicU64>,
+    /// Per node, the highest event sequence number this client has read there.
+    events_seen: BTreeMap<u64, u64>,
 }
 
 impl Client {
     async fn run(mut self, mut stop: watch::Receiver<bool>) {
         while !stopped(&stop) {
             let (node, base) = self.target();
-            let plan = self.plan();
-            let outcome = perform(
+            let mut plan = self.plan();
+            if let (Plan::Events { since }, Some(tail)) = (&mut plan, self.cfg.events_tail) {
+                // From the node's own log as this client last saw it: a correct node still
+                // has at least that much, so the read is never empty by construction.
+                let seen = self.events_seen.get(&node).copied().unwrap_or(0);
+                *since = seen.saturating_sub(tail);
+            }
+            let op = perform(
                 &self.http,
                 &self.cfg,
                 &self.recorder,
@@ -452,6 +529,14 @@ impl Client {
                 &plan,
             )
             .await;
+            let outcome = op.outcome;
+            if op.kind == OpKind::Events && outcome == Outcome::Ok {
+                let last = op.value.as_array().and_then(|a| a.last());
+                if let Some(seq) = last.and_then(|e| e["seq"].as_u64()) {
+                    let seen = self.events_seen.entry(node).or_default();
+                    *seen = (*seen).max(seq);
+                }
+            }
             self.process = process_after(outcome, self.process, &self.recorder);
             if outcome == Outcome::Fail {
                 pause(self.cfg.fail_backoff, &mut stop).await;
@@ -484,18 +569,20 @@ impl Client {
                 }
             }
             WorkloadKind::Set => {
+                let generation = self.cfg.set_generation(self.recorder.now_ns());
                 if self.rng.random_ratio(1, 3) {
                     Plan::Add {
-                        name: Workload::element_name(self.process, n),
+                        name: format!("{}{}-{n}", Workload::set_prefix(generation), self.process),
+                        generation,
                     }
                 } else {
-                    Plan::ReadSet
+                    Plan::ReadSet { generation }
                 }
             }
             WorkloadKind::Calls => Plan::Call {
                 message: format!("{NAME_PREFIX}{}-{n}", self.process),
             },
-            WorkloadKind::Events => Plan::Events,
+            WorkloadKind::Events => Plan::Events { since: 0 },
         }
     }
 }

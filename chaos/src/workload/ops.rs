@@ -128,10 +128,15 @@ pub(super) fn register_value(body: &Value, limit_id: &str) -> Option<Value> {
 
 // ------------------------------------------------------------------ set
 
-/// `POST /api/auth/keys` named `name` (the set add). Only the name is kept: the answer holds
+/// `POST /api/auth/keys` named `name`, for `principal` (the set add). Only the name is kept: the answer holds
 /// the key's secret, which is neither recorded nor logged.
-pub(super) async fn add_key(http: &reqwest::Client, base: &str, name: &str) -> Done {
-    let body = json!({"principal_id": "chaos", "name": name});
+pub(super) async fn add_key(
+    http: &reqwest::Client,
+    base: &str,
+    name: &str,
+    principal: &str,
+) -> Done {
+    let body = json!({"principal_id": principal, "name": name});
     let reply = send(
         http.post(format!("{base}/api/auth/keys"))
             .header("Content-Type", "application/json")
@@ -150,10 +155,20 @@ pub(super) async fn add_key(http: &reqwest::Client, base: &str, name: &str) -> D
     )
 }
 
-/// Linearizable `GET /api/auth/keys`: the names starting with `prefix`, sorted (duplicates
-/// kept: two keys with one name would be an anomaly worth seeing).
-pub(super) async fn read_keys(http: &reqwest::Client, base: &str, prefix: &str) -> Done {
-    let reply = send(linearizable_get(http, format!("{base}/api/auth/keys"))).await;
+/// Linearizable `GET /api/auth/keys` (of `principal` only, when given): the names starting
+/// with `prefix`, sorted (duplicates kept: two keys with one name would be an anomaly worth
+/// seeing).
+pub(super) async fn read_keys(
+    http: &reqwest::Client,
+    base: &str,
+    prefix: &str,
+    principal: Option<&str>,
+) -> Done {
+    let url = match principal {
+        Some(p) => format!("{base}/api/auth/keys?principal_id={p}"),
+        None => format!("{base}/api/auth/keys"),
+    };
+    let reply = send(linearizable_get(http, url)).await;
     let value = reply
         .is_success()
         .then(|| key_names(&reply.json(), prefix))
@@ -266,16 +281,17 @@ pub(super) fn tool_text(body: &str, rpc_id: u64) -> Result<String, String> {
 
 // ------------------------------------------------------------------ events
 
-/// `GET /api/events` from the start: `[{"seq", "id"}]` of the first page (`all`: of every
+/// `GET /api/events` after seq `from`: `[{"seq", "id"}]` of the first page (`all`: of every
 /// page, following `since`), linearizable if asked.
 pub(super) async fn read_events(
     http: &reqwest::Client,
     base: &str,
+    from: u64,
     linearizable: bool,
     all: bool,
 ) -> Done {
     let mut events: Vec<Value> = Vec::new();
-    let mut since = 0;
+    let mut since = from;
     loop {
         let url = format!("{base}/api/events?since={since}&limit={EVENTS_PAGE}");
         let rb = if linearizable {

@@ -148,6 +148,7 @@ fn a_seed_fixes_the_choices_of_a_client() {
             rng: StdRng::seed_from_u64(client_seed(seed, WorkloadKind::Register, slot)),
             sent: 0,
             register_values: Arc::new(AtomicU64::new(1)),
+            events_seen: BTreeMap::new(),
         };
         (0..50)
             .map(|_| (c.target().0, c.plan()))
