@@ -13,21 +13,7 @@ use hangar_raft::state::ApiKeyRecord;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::json;
 
-/// One measured configuration.
-pub struct AuthnResult {
-    /// `off`, `api-key` or `jwt`.
-    pub label: &'static str,
-    /// Threads at once.
-    pub concurrency: usize,
-    /// Calls authenticated.
-    pub calls: u64,
-    /// Calls per second, all threads together.
-    pub per_sec: f64,
-    /// Per-call latency, ns.
-    pub p50_ns: u64,
-    /// Per-call latency, ns.
-    pub p99_ns: u64,
-}
+use crate::decide::PerCall;
 
 /// What is measured.
 #[derive(Clone, Copy, Debug)]
@@ -123,9 +109,14 @@ fn setup(mode: Mode) -> anyhow::Result<(Arc<Auth>, HeaderMap)> {
 
 /// Authenticate and authorize one `tools/call` per iteration for `duration` from
 /// `concurrency` threads.
-pub fn run(mode: Mode, concurrency: usize, duration: Duration) -> anyhow::Result<AuthnResult> {
+pub fn run(mode: Mode, concurrency: usize, duration: Duration) -> anyhow::Result<PerCall> {
     let (auth, headers) = setup(mode)?;
-    let (calls, per_sec, p50_ns, p99_ns) = crate::decide::per_call(concurrency, duration, |_| {
+    let label = match mode {
+        Mode::Off => "off",
+        Mode::ApiKey => "api-key",
+        Mode::Jwt => "jwt",
+    };
+    crate::decide::per_call(label, concurrency, duration, |_| {
         let auth = auth.clone();
         let headers = headers.clone();
         move || {
@@ -137,17 +128,5 @@ pub fn run(mode: Mode, concurrency: usize, duration: Duration) -> anyhow::Result
             anyhow::ensure!(allowed, "the bench caller may not call tools");
             Ok(())
         }
-    })?;
-    Ok(AuthnResult {
-        label: match mode {
-            Mode::Off => "off",
-            Mode::ApiKey => "api-key",
-            Mode::Jwt => "jwt",
-        },
-        concurrency,
-        calls,
-        per_sec,
-        p50_ns,
-        p99_ns,
     })
 }

@@ -11,19 +11,19 @@ use hangar_node::ratelimit::{Caller, RateLimits, Subject};
 use hangar_raft::state::RateLimitDef;
 use hdrhistogram::Histogram;
 
-/// One measured configuration.
-pub struct DecideResult {
-    /// `off` (no rules) or `on` (the rules).
+/// One measured configuration of a per-call benchmark (`decide`, `authn`).
+pub struct PerCall {
+    /// What was measured (`off`/`on` rules; `off`/`api-key`/`jwt` auth).
     pub label: &'static str,
-    /// Threads deciding at once.
+    /// Threads calling at once.
     pub concurrency: usize,
-    /// Decisions made.
+    /// Calls made.
     pub calls: u64,
-    /// Decisions per second, all threads together.
+    /// Calls per second, all threads together.
     pub per_sec: f64,
-    /// Per-decision latency, ns.
+    /// Per-call latency, ns.
     pub p50_ns: u64,
-    /// Per-decision latency, ns.
+    /// Per-call latency, ns.
     pub p99_ns: u64,
 }
 
@@ -64,10 +64,11 @@ fn limiter(on: bool) -> Arc<RateLimits> {
 /// Per-call timings of an operation run from C threads at once: each call is timed alone
 /// (`Instant` around it). `op(thread)` makes a thread's operation; it returns an error to stop.
 pub(crate) fn per_call<F, O>(
+    label: &'static str,
     concurrency: usize,
     duration: Duration,
     op: F,
-) -> anyhow::Result<(u64, f64, u64, u64)>
+) -> anyhow::Result<PerCall>
 where
     F: Fn(usize) -> O,
     O: FnMut() -> anyhow::Result<()> + Send + 'static,
@@ -100,19 +101,21 @@ where
         calls += n;
         total.add(h)?;
     }
-    let per_sec = calls as f64 / start.elapsed().as_secs_f64();
-    Ok((
+    Ok(PerCall {
+        label,
+        concurrency,
         calls,
-        per_sec,
-        total.value_at_quantile(0.5),
-        total.value_at_quantile(0.99),
-    ))
+        per_sec: calls as f64 / start.elapsed().as_secs_f64(),
+        p50_ns: total.value_at_quantile(0.5),
+        p99_ns: total.value_at_quantile(0.99),
+    })
 }
 
 /// Decide for `duration` from `concurrency` threads (8 callers, 4 tools each).
-pub fn run(on: bool, concurrency: usize, duration: Duration) -> anyhow::Result<DecideResult> {
+pub fn run(on: bool, concurrency: usize, duration: Duration) -> anyhow::Result<PerCall> {
     let l = limiter(on);
-    let (calls, per_sec, p50_ns, p99_ns) = per_call(concurrency, duration, |t| {
+    let label = if on { "on" } else { "off" };
+    per_call(label, concurrency, duration, |t| {
         let l = l.clone();
         let callers: Vec<Caller> = (0..8)
             .map(|i| Caller {
@@ -133,13 +136,5 @@ pub fn run(on: bool, concurrency: usize, duration: Duration) -> anyhow::Result<D
             anyhow::ensure!(r.is_ok(), "a decision refused a call: {r:?}");
             Ok(())
         }
-    })?;
-    Ok(DecideResult {
-        label: if on { "on" } else { "off" },
-        concurrency,
-        calls,
-        per_sec,
-        p50_ns,
-        p99_ns,
     })
 }

@@ -15,7 +15,7 @@ use hangar_tests::jwt::{AUD, ISS, issuer, key, now, token};
 use hangar_tests::*;
 use serde_json::{Value, json};
 
-use super::tls::{gen_certs, tls_keys};
+use super::tls::{gen_certs, metric, tls_keys};
 use super::{assign, get_with_key, grep_dir, new_key, test_key};
 
 /// One credential: how it is sent (`X-API-Key` or a bearer token).
@@ -128,16 +128,6 @@ async fn grpc_answered(client: &reqwest::Client, raft_addr: &str, path: &str) ->
         .send()
         .await
         .is_ok()
-}
-
-async fn metric(c: &reqwest::Client, url: &str, name: &str) -> f64 {
-    get_text(c, url)
-        .await
-        .lines()
-        .find(|l| l.starts_with(name))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -56,7 +56,8 @@ fn member_ids(st: &Value) -> Vec<u64> {
     ids
 }
 
-async fn metric(c: &reqwest::Client, url: &str, name: &str) -> f64 {
+/// The value of the first sample of metric `name` on the `/metrics` page at `url` (0 when absent).
+pub(super) async fn metric(c: &reqwest::Client, url: &str, name: &str) -> f64 {
     get_text(c, url)
         .await
         .lines()
