@@ -398,7 +398,11 @@ impl Node {
     }
 
     /// Serve until a shutdown signal (or stdin EOF in stdio mode), then shut down in order.
-    pub async fn run_until_shutdown(self: Arc<Self>) {
+    /// Returns why the node had to stop on its own, if it did: its Raft core failed (e.g. the
+    /// data directory's disk is full). A node whose Raft core stopped cannot take part in the
+    /// cluster any more; it stops (fail-stop) so that a supervisor restarts it on its data once
+    /// the cause is gone, instead of lingering unready forever.
+    pub async fn run_until_shutdown(self: Arc<Self>) -> Option<String> {
         let stdio_done = async {
             if self.stdio {
                 if let Err(e) = crate::gateway::stdio::serve(self.gateway.clone()).await {
@@ -409,9 +413,15 @@ impl Node {
                 std::future::pending::<()>().await;
             }
         };
+        let raft = self.cluster.raft().clone();
+        let mut failed = None;
         tokio::select! {
             sig = signals(self.reloader.clone()) => tracing::info!(signal = sig, "shutdown_requested"),
             _ = stdio_done => {},
+            reason = raft.fatal() => {
+                tracing::error!(error = %reason, "raft_core_failed: this node stops (restart it once the cause, e.g. a full disk, is gone)");
+                failed = Some(reason);
+            }
         }
         self.shutdown.cancel();
         if let Some((_, task)) = &self.http {
@@ -432,6 +442,7 @@ impl Node {
             let _ = std::fs::remove_dir_all(dir);
         }
         tracing::info!("server_lifecycle_shutdown_complete");
+        failed
     }
 }
 

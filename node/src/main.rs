@@ -384,6 +384,8 @@ fn env_listen() -> Option<String> {
 async fn run(opts: ServeOptions) -> anyhow::Result<()> {
     let node = app::Node::start(opts).await.context("starting the node")?;
     let node = Arc::new(node);
-    node.run_until_shutdown().await;
+    if let Some(reason) = node.run_until_shutdown().await {
+        anyhow::bail!("the node stopped because its Raft core failed: {reason}");
+    }
     Ok(())
 }

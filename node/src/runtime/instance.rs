@@ -58,6 +58,9 @@ pub struct Instance {
     remote_proofs: AtomicU64,
     /// This node's placement lease: a single-instance server runs here only while it holds.
     lease: LeaseWatch,
+    /// Failed connections being killed: their processes may still be alive, so this node
+    /// still holds the instance until they exited (no other node may start it meanwhile).
+    closing: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// A point-in-time view of an instance for REST and management tools.
@@ -157,6 +160,7 @@ impl Instance {
             reported: Mutex::new(None),
             remote_proofs: AtomicU64::new(0),
             lease,
+            closing: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
         };
         let mode = inst.spec.read().mode_name();
         inst.metrics
@@ -372,7 +376,14 @@ impl Instance {
                     if let Some((c, _)) = inner.conn.take() {
                         inner.dead_conn = Some(c.clone());
                         inner.dead_logs.clear();
-                        tokio::spawn(async move { c.shutdown().await });
+                        // A failing process (hung, wedged, SIGSTOPped) would ignore an orderly
+                        // stop for seconds: kill it, and hold the instance until it exited.
+                        let closing = self.closing.clone();
+                        closing.fetch_add(1, Ordering::SeqCst);
+                        tokio::spawn(async move {
+                            c.kill().await;
+                            closing.fetch_sub(1, Ordering::SeqCst);
+                        });
                     }
                 }
                 Action::Degraded {
@@ -458,7 +469,9 @@ impl Instance {
     /// Whether this node may have a process of it right now: connected, or a start or a stop
     /// in progress.
     pub fn holds_process(&self) -> bool {
-        self.start_lock.try_lock().is_err() || self.inner.lock().conn.is_some()
+        self.start_lock.try_lock().is_err()
+            || self.inner.lock().conn.is_some()
+            || self.closing.load(Ordering::SeqCst) > 0
     }
 
     /// Under the start lock: run the start the lifecycle asked for, or refuse.
@@ -478,7 +491,17 @@ impl Instance {
                         failures,
                     });
                 }
-                Action::Connect => return self.start_locked().await,
+                Action::Connect => {
+                    // A failed connection's process must be gone before another starts (one
+                    // copy at a time, here as across nodes); the kill takes milliseconds.
+                    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+                    while self.closing.load(Ordering::SeqCst) > 0
+                        && tokio::time::Instant::now() < deadline
+                    {
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                    return self.start_locked().await;
+                }
                 _ => {}
             }
         }

@@ -470,6 +470,15 @@ impl Upstream {
         }
     }
 
+    /// Stop at once, for a connection that failed: stdio: SIGKILL the process group and wait
+    /// (bounded) for the exit; HTTP: as [`Upstream::shutdown`].
+    pub async fn kill(&self) {
+        match &self.transport {
+            Transport::Stdio(c) => c.kill_now().await,
+            Transport::Http(c) => c.shutdown().await,
+        }
+    }
+
     /// Requests in flight.
     pub fn in_flight(&self) -> usize {
         self.in_flight.load(Ordering::Relaxed)

@@ -473,6 +473,21 @@ impl StdioConn {
     }
 
     /// Orderly stop: close stdin, wait 3 s, SIGTERM the group, wait 2 s, SIGKILL. Idempotent.
+    /// Kill the process group now (a child that stopped answering gets no orderly stop: a
+    /// stopped or wedged process would ignore it), and wait a bounded time for the exit.
+    pub(super) async fn kill_now(&self) {
+        let _one_at_a_time = self.shutdown_lock.lock().await;
+        self.shared.stopping.store(true, Ordering::Relaxed);
+        self.kill.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.shared.exited.cancelled()).await;
+        if tokio::time::timeout(EXIT_GRACE * 2, self.shared.closed.cancelled())
+            .await
+            .is_err()
+        {
+            self.shared.close("killed by Hangar");
+        }
+    }
+
     pub(super) async fn shutdown(&self) {
         let _one_at_a_time = self.shutdown_lock.lock().await;
         let exited = &self.shared.exited;

@@ -487,6 +487,22 @@ impl RaftHandle {
         }
     }
 
+    /// Resolves when the Raft core stopped on an error it cannot recover from (a storage
+    /// failure such as a full disk): the reason. Never resolves while the core runs.
+    pub async fn fatal(&self) -> String {
+        let mut m = self.core().raft.metrics();
+        loop {
+            if let Err(e) = &m.borrow_and_update().running_state {
+                return e.to_string();
+            }
+            if m.changed().await.is_err() {
+                // The core is gone without saying why (it only drops its metrics when it
+                // stops).
+                return "the Raft core stopped".to_owned();
+            }
+        }
+    }
+
     /// Watch the applied log index.
     pub fn subscribe_applied(&self) -> watch::Receiver<u64> {
         self.core().sm.subscribe()
