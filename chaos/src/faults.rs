@@ -122,6 +122,24 @@ pub enum Fault {
     /// SIGKILL one of the run's upstream (fixture) processes; Hangar is expected to start it
     /// again on the next call.
     KillUpstream,
+    /// SIGSTOP the fixture process (the instance, not its `hangar exec-child` shim) for
+    /// `duration`, then SIGCONT it if it still exists. Calls to it hang: Hangar's call timeout
+    /// fails them, and it may replace the instance — after killing the hung process.
+    HangUpstream {
+        /// How long it is stopped.
+        #[serde(with = "millis")]
+        duration: Duration,
+    },
+    /// Fill a node's data directory (a small tmpfs: [`crate::nodes::Options::small_disks`],
+    /// root only) with a filler file until ENOSPC, for `duration`; then delete the filler and
+    /// start the node again if it exited meanwhile.
+    DiskFull {
+        /// Victim.
+        target: Target,
+        /// How long the disk stays full.
+        #[serde(with = "millis")]
+        duration: Duration,
+    },
 }
 
 impl Fault {
@@ -138,6 +156,8 @@ impl Fault {
             },
             Fault::Delay { .. } => FaultKind::Delay,
             Fault::KillUpstream => FaultKind::KillUpstream,
+            Fault::HangUpstream { .. } => FaultKind::HangUpstream,
+            Fault::DiskFull { .. } => FaultKind::DiskFull,
         }
     }
 
@@ -147,7 +167,9 @@ impl Fault {
             Fault::Kill { down_for, .. } => *down_for,
             Fault::Pause { duration, .. }
             | Fault::Partition { duration, .. }
-            | Fault::Delay { duration, .. } => *duration,
+            | Fault::Delay { duration, .. }
+            | Fault::HangUpstream { duration }
+            | Fault::DiskFull { duration, .. } => *duration,
             Fault::Restart { .. } | Fault::KillUpstream => Duration::ZERO,
         }
     }
@@ -182,11 +204,15 @@ pub enum FaultKind {
     Delay,
     /// [`Fault::KillUpstream`].
     KillUpstream,
+    /// [`Fault::HangUpstream`].
+    HangUpstream,
+    /// [`Fault::DiskFull`] (root only).
+    DiskFull,
 }
 
 impl FaultKind {
-    /// Every kind.
-    pub const ALL: [FaultKind; 8] = [
+    /// Every kind (`all` is every kind but those that [need root](FaultKind::needs_root)).
+    pub const ALL: [FaultKind; 10] = [
         FaultKind::Kill,
         FaultKind::Restart,
         FaultKind::Pause,
@@ -195,7 +221,19 @@ impl FaultKind {
         FaultKind::Blackhole,
         FaultKind::Delay,
         FaultKind::KillUpstream,
+        FaultKind::HangUpstream,
+        FaultKind::DiskFull,
     ];
+
+    /// Why this kind cannot run without root, if it needs root.
+    pub fn needs_root(self) -> Option<&'static str> {
+        match self {
+            FaultKind::DiskFull => {
+                Some("disk-full needs root to mount a tmpfs; run as root or leave it out")
+            }
+            _ => None,
+        }
+    }
 
     /// Its name (as parsed).
     pub fn name(self) -> &'static str {
@@ -208,16 +246,22 @@ impl FaultKind {
             FaultKind::Blackhole => "blackhole",
             FaultKind::Delay => "delay",
             FaultKind::KillUpstream => "kill-upstream",
+            FaultKind::HangUpstream => "hang-upstream",
+            FaultKind::DiskFull => "disk-full",
         }
     }
 
     /// Parse a comma-separated list of kinds; `partition` stands for `isolate`,
-    /// `majority-minority` and `blackhole`, `all` for every kind.
+    /// `majority-minority` and `blackhole`, `all` for every kind that needs no root (so that
+    /// a seed means the same schedule whoever runs it: name `disk-full` to have it).
     pub fn parse_list(s: &str) -> Result<Vec<FaultKind>> {
         let mut kinds = Vec::new();
         for name in s.split(',').map(str::trim).filter(|n| !n.is_empty()) {
             let more: Vec<FaultKind> = match name {
-                "all" => FaultKind::ALL.to_vec(),
+                "all" => FaultKind::ALL
+                    .into_iter()
+                    .filter(|k| k.needs_root().is_none())
+                    .collect(),
                 "partition" => vec![
                     FaultKind::Isolate,
                     FaultKind::MajorityMinority,
@@ -272,6 +316,11 @@ impl FaultKind {
                 duration,
             },
             FaultKind::KillUpstream => Fault::KillUpstream,
+            FaultKind::HangUpstream => Fault::HangUpstream { duration },
+            FaultKind::DiskFull => Fault::DiskFull {
+                target: draw_target(rng, false),
+                duration,
+            },
         }
     }
 }
@@ -290,6 +339,8 @@ impl FromStr for FaultKind {
         let alias = match s.as_str() {
             "majority" | "minority" | "split" => "majority-minority",
             "upstream" => "kill-upstream",
+            "hang" => "hang-upstream",
+            "disk" | "enospc" => "disk-full",
             other => other,
         };
         FaultKind::ALL
@@ -306,7 +357,7 @@ impl FromStr for FaultKind {
 }
 
 /// A uniformly drawn duration in `[lo, hi]` (whole milliseconds).
-fn between(rng: &mut StdRng, lo: Duration, hi: Duration) -> Duration {
+pub(crate) fn between(rng: &mut StdRng, lo: Duration, hi: Duration) -> Duration {
     let lo = lo.as_millis() as u64;
     let hi = (hi.as_millis() as u64).max(lo);
     Duration::from_millis(rng.random_range(lo..=hi))
@@ -314,7 +365,7 @@ fn between(rng: &mut StdRng, lo: Duration, hi: Duration) -> Duration {
 
 /// A target: the leader 40 %, a follower 30 %, any node 30 % (with `host`, the host of
 /// [`SERVER_ID`] takes a share too).
-fn draw_target(rng: &mut StdRng, host: bool) -> Target {
+pub(crate) fn draw_target(rng: &mut StdRng, host: bool) -> Target {
     let mut choices = vec![
         (Target::Leader, 4),
         (Target::Follower, 3),
@@ -390,6 +441,10 @@ enum Undo {
     Resume(Vec<NodeId>),
     /// Put these links back to these rules.
     Links(Vec<(NodeId, NodeId, Rule)>),
+    /// SIGCONT this (paused) upstream process, if it still exists.
+    ResumeUpstream(u32),
+    /// Delete the filler on this node's disk; start the node again if it exited.
+    FreeDisk(NodeId),
 }
 
 /// What [`Injector::apply`] did.
@@ -444,6 +499,11 @@ pub struct FaultRecord {
     pub heal_ns: u64,
     /// When healing was done (a restarted node had written its ready file).
     pub end_ns: u64,
+    /// What happened to the victim, as seen when healing began (a full disk: whether the node
+    /// kept running, refused writes or exited; a hung upstream: whether it still existed and
+    /// which fixture processes ran) and what the heal did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outcome: Option<String>,
     /// Why it could not be injected or healed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
@@ -522,6 +582,7 @@ impl Injector {
                     start_ns: at,
                     heal_ns: at,
                     end_ns: self.ns(Instant::now()),
+                    outcome: None,
                     error: Some(format!("{e:#}")),
                 });
                 Err(e.context(format!("inject {fault}")))
@@ -533,7 +594,7 @@ impl Injector {
     /// fails is logged with its error, and returned as one.
     pub async fn heal(&mut self, nodes: &mut Nodes, injected: Injected) -> Result<FaultRecord> {
         let heal = Instant::now();
-        let result = undo(nodes, &injected.undo).await;
+        let (outcome, result) = undo(nodes, &injected.undo).await;
         let record = FaultRecord {
             index: injected.index,
             kind: injected.fault.kind(),
@@ -544,6 +605,7 @@ impl Injector {
             start_ns: self.ns(injected.start),
             heal_ns: self.ns(heal),
             end_ns: self.ns(Instant::now()),
+            outcome,
             error: result.as_ref().err().map(|e| format!("{e:#}")),
         };
         self.log.push(record.clone());
@@ -690,6 +752,56 @@ impl Injector {
                 );
                 (host.into_iter().collect(), Some(pid), detail, Undo::Nothing)
             }
+            Fault::HangUpstream { .. } => {
+                let procs = nodes.fixture_hosts();
+                let Some(&(pid, host)) = procs.choose(&mut self.rng) else {
+                    bail!("no upstream process of this run is running");
+                };
+                at = Instant::now();
+                nodes.pause_upstream(pid)?;
+                let detail = format!(
+                    "SIGSTOP upstream process {pid} (host {})",
+                    host.map_or("none".to_owned(), |h| format!("node {h}"))
+                );
+                (
+                    host.into_iter().collect(),
+                    Some(pid),
+                    detail,
+                    Undo::ResumeUpstream(pid),
+                )
+            }
+            Fault::DiskFull { target, .. } => {
+                let (id, how) = self.resolve(nodes, target).await?;
+                at = Instant::now();
+                let filled = match nodes.fill_disk(id).await {
+                    Ok(f) => f,
+                    Err(e) => {
+                        // Nothing may stay full when the fault failed half-way.
+                        let _ = nodes.free_disk(id);
+                        return Err(e);
+                    }
+                };
+                let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+                let detail = format!(
+                    "filled node {id}'s disk ({how}) with {:.0} MiB{}{}",
+                    mib(filled.bytes),
+                    if filled.full {
+                        ": ENOSPC"
+                    } else {
+                        " (its size; no ENOSPC)"
+                    },
+                    // (A page's slack per file is no preallocation.)
+                    if filled.preallocated >= 1024 * 1024 {
+                        format!(
+                            "; its write-ahead log holds {:.1} MiB preallocated",
+                            mib(filled.preallocated)
+                        )
+                    } else {
+                        String::new()
+                    }
+                );
+                (vec![id], None, detail, Undo::FreeDisk(id))
+            }
         };
         Ok(Applied {
             nodes: hit,
@@ -793,10 +905,25 @@ fn set_links(nodes: &Nodes, links: &[(NodeId, NodeId)], rule: Rule) -> Result<Un
     Ok(Undo::Links(before))
 }
 
-/// Undo a fault.
-async fn undo(nodes: &mut Nodes, undo: &Undo) -> Result<()> {
+/// Undo a fault: what happened to its victim (for the record), and whether the undo worked.
+async fn undo(nodes: &mut Nodes, undo: &Undo) -> (Option<String>, Result<()>) {
     match undo {
-        Undo::Nothing => Ok(()),
+        Undo::ResumeUpstream(pid) => {
+            let (outcome, result) = resume_upstream(nodes, *pid);
+            (Some(outcome), result)
+        }
+        Undo::FreeDisk(id) => {
+            let (outcome, result) = free_disk(nodes, *id).await;
+            (Some(outcome), result)
+        }
+        other => (None, undo_plain(nodes, other).await),
+    }
+}
+
+/// Undo a fault that needs no account of what happened.
+async fn undo_plain(nodes: &mut Nodes, undo: &Undo) -> Result<()> {
+    match undo {
+        Undo::Nothing | Undo::ResumeUpstream(_) | Undo::FreeDisk(_) => Ok(()),
         Undo::Restart(ids) => {
             for &id in ids {
                 if !nodes.alive().contains(&id) {
@@ -818,6 +945,62 @@ async fn undo(nodes: &mut Nodes, undo: &Undo) -> Result<()> {
                 nodes.proxy().set_link(a, b, rule)?;
             }
             Ok(())
+        }
+    }
+}
+
+/// Heal a hung upstream: note the fixture processes (and which are stopped), SIGCONT `pid`
+/// if it is still there.
+fn resume_upstream(nodes: &mut Nodes, pid: u32) -> (String, Result<()>) {
+    let stopped = nodes.stopped_fixtures();
+    let running: Vec<String> = nodes
+        .fixture_hosts()
+        .into_iter()
+        .map(|(p, host)| {
+            format!(
+                "{p}{} ({})",
+                if stopped.contains(&p) { " stopped" } else { "" },
+                host.map_or("no node".to_owned(), |h| format!("node {h}"))
+            )
+        })
+        .collect();
+    let seen = format!("fixture processes at heal: [{}]", running.join(", "));
+    match nodes.resume_upstream(pid) {
+        Ok(true) => (
+            format!("{seen}; the hung process {pid} still existed: resumed"),
+            Ok(()),
+        ),
+        Ok(false) => (
+            format!("{seen}; the hung process {pid} was gone (ended by Hangar)"),
+            Ok(()),
+        ),
+        Err(e) => (format!("{seen}; resuming {pid} failed"), Err(e)),
+    }
+}
+
+/// Heal a full disk: note how the node fared, delete the filler, start the node again if it
+/// exited.
+async fn free_disk(nodes: &mut Nodes, id: NodeId) -> (String, Result<()>) {
+    let condition = nodes.condition(id).await;
+    let mut outcome = format!("node {id}: {condition}");
+    if let Err(e) = nodes.free_disk(id) {
+        return (
+            format!("{outcome}; the filler could not be removed"),
+            Err(e),
+        );
+    }
+    outcome.push_str("; filler removed");
+    if nodes.alive().contains(&id) {
+        return (outcome, Ok(()));
+    }
+    match nodes.restart(id).await {
+        Ok(()) => {
+            outcome.push_str("; node started again");
+            (outcome, Ok(()))
+        }
+        Err(e) => {
+            outcome.push_str("; the node did not start again");
+            (outcome, Err(e))
         }
     }
 }
@@ -845,7 +1028,7 @@ mod tests {
     #[test]
     fn scheduled_faults_fit_their_interval_and_never_overlap() {
         let interval = 4 * SECOND;
-        let s = Schedule::generate(7, &FaultKind::ALL, 120 * SECOND, interval);
+        let s = Schedule::generate(7, &FaultKind::ALL, 240 * SECOND, interval);
         let mut end = Duration::ZERO;
         for (i, p) in s.faults.iter().enumerate() {
             let slot = interval * i as u32;
@@ -900,10 +1083,22 @@ mod tests {
                 FaultKind::Blackhole
             ]
         );
+        // `all`: every kind but disk-full (root only), which must be named.
+        let all = FaultKind::parse_list("all").unwrap();
+        assert_eq!(all.len(), FaultKind::ALL.len() - 1);
+        assert!(all.contains(&FaultKind::HangUpstream));
+        assert!(!all.contains(&FaultKind::DiskFull));
         assert_eq!(
-            FaultKind::parse_list("all").unwrap(),
+            FaultKind::parse_list("all,disk-full").unwrap(),
             FaultKind::ALL.to_vec()
         );
+        assert_eq!(
+            "hang_upstream".parse::<FaultKind>().unwrap(),
+            FaultKind::HangUpstream
+        );
+        assert_eq!("disk".parse::<FaultKind>().unwrap(), FaultKind::DiskFull);
+        assert!(FaultKind::DiskFull.needs_root().unwrap().contains("root"));
+        assert!(FaultKind::HangUpstream.needs_root().is_none());
         assert_eq!(
             "kill_upstream".parse::<FaultKind>().unwrap(),
             FaultKind::KillUpstream
@@ -942,6 +1137,7 @@ mod tests {
             start_ns: 1,
             heal_ns: 2,
             end_ns: 3,
+            outcome: None,
             error: None,
         };
         let j = serde_json::to_value(&r).unwrap();
@@ -956,6 +1152,32 @@ mod tests {
             serde_json::to_string(&k).unwrap(),
             r#"{"kill":{"target":{"host_of_instance":"counter"},"down_for":1000}}"#
         );
+        let h = Fault::HangUpstream { duration: SECOND };
+        assert_eq!(
+            serde_json::to_string(&h).unwrap(),
+            r#"{"hang_upstream":{"duration":1000}}"#
+        );
+        assert_eq!((h.kind(), h.duration()), (FaultKind::HangUpstream, SECOND));
+        let d = Fault::DiskFull {
+            target: Target::Follower,
+            duration: 2 * SECOND,
+        };
+        assert_eq!(
+            serde_json::to_string(&d).unwrap(),
+            r#"{"disk_full":{"target":"follower","duration":2000}}"#
+        );
+        assert_eq!((d.kind(), d.duration()), (FaultKind::DiskFull, 2 * SECOND));
+        // A record says what happened to the victim; older records (no outcome) still parse.
+        let r = FaultRecord {
+            kind: d.kind(),
+            fault: d.clone(),
+            outcome: Some("node 2: exited on its own (exit status: 1)".into()),
+            ..r
+        };
+        let j = serde_json::to_value(&r).unwrap();
+        assert_eq!(j["kind"], "disk-full");
+        assert_eq!(j["outcome"], "node 2: exited on its own (exit status: 1)");
+        assert_eq!(serde_json::from_value::<FaultRecord>(j).unwrap(), r);
     }
 
     #[test]

@@ -43,8 +43,9 @@ struct RunArgs {
     #[arg(long, default_value_t = 3)]
     nodes: u64,
     /// Fault kinds to draw from, one per interval: kill, restart, pause, isolate,
-    /// majority-minority, blackhole, delay, kill-upstream; `partition` = isolate,
-    /// majority-minority and blackhole; `all`.
+    /// majority-minority, blackhole, delay, kill-upstream, hang-upstream, disk-full (root
+    /// only); `partition` = isolate, majority-minority and blackhole; `all` = every kind but
+    /// disk-full.
     #[arg(long, default_value = "kill,pause,partition")]
     faults: String,
     /// Exact fault counts instead: `NAME:N,…`, e.g. `kill-leader:100,pause:50,partition-majority:20`

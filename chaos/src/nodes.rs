@@ -19,12 +19,19 @@
 //! unique to this run, so its processes can be found in `/proc` ([`Nodes::fixture_processes`])
 //! and none is left behind. Auth is off (loopback).
 //!
-//! Dropping [`Nodes`] resumes paused nodes, kills every node, then kills any process of this
-//! run still alive (reported on stderr: it outlived its node).
+//! With [`Options::small_disks`] (root only), every node's data directory is a small tmpfs
+//! mounted before the node first starts, so that a fault can fill it ([`Nodes::fill_disk`]).
+//!
+//! Dropping [`Nodes`] resumes paused upstream processes and paused nodes, kills every node,
+//! then kills any process of this run still alive (reported on stderr: it outlived its node),
+//! and finally unmounts the small disks.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::io::Write as _;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -43,6 +50,23 @@ pub const POLL: Duration = Duration::from_millis(50);
 const STATUS_LIMIT: Duration = Duration::from_millis(800);
 /// How long dropped nodes' upstream processes get to die with them before they are killed.
 const ORPHAN_GRACE: Duration = Duration::from_secs(3);
+/// How long an unmount is retried while the killed nodes release their files.
+const UNMOUNT_GRACE: Duration = Duration::from_secs(5);
+/// The filler file [`Nodes::fill_disk`] writes in a node's data directory.
+pub const FILLER: &str = ".hangar-chaos-filler";
+/// Room a node's small disk leaves while the node starts: less than the 64 MiB RocksDB
+/// preallocates for a new write-ahead log, so that the preallocation fails (RocksDB ignores
+/// that) and the log is allocated as it is written; the disk grows to its full size once the
+/// log has been written to (see [`Nodes::restart`]).
+pub const STARTING_ROOM: u64 = 16 * 1024 * 1024;
+const MIB: u64 = 1024 * 1024;
+/// Why a cluster with small disks cannot start without root.
+pub const SMALL_DISKS_NEED_ROOT: &str = "small disks need root to mount a tmpfs on each node's data directory; run as root or leave them out";
+
+/// Whether this process runs as root (may mount a tmpfs).
+pub fn is_root() -> bool {
+    rustix::process::geteuid().is_root()
+}
 
 /// The IP node `id`'s Raft listener binds, and its outgoing Raft connections leave from.
 pub fn raft_ip(id: u64) -> IpAddr {
@@ -143,6 +167,13 @@ pub struct Options {
     pub config_extra: String,
     /// `MCP_LOG_LEVEL` of the nodes.
     pub log_level: String,
+    /// Mount a tmpfs of this many MiB on every node's data directory before the nodes first
+    /// start (root only: [`Nodes::start_with`] fails otherwise), for [`Nodes::fill_disk`].
+    /// Each node starts with less room ([`STARTING_ROOM`]): see [`Nodes::restart`].
+    pub small_disks: Option<u64>,
+    /// `server.request_timeout_s`: how long a node waits for an upstream's answer to a call
+    /// (Hangar's default is 60 s). `None`: Hangar's default.
+    pub upstream_request_timeout: Option<Duration>,
 }
 
 impl Options {
@@ -162,6 +193,8 @@ impl Options {
             server_extra: String::new(),
             config_extra: String::new(),
             log_level: "info".into(),
+            small_disks: None,
+            upstream_request_timeout: None,
         }
     }
 }
@@ -174,8 +207,116 @@ pub struct Nodes {
     proxy: Proxy,
     cluster: Cluster,
     paused: BTreeSet<u64>,
+    /// Upstream processes stopped with [`Nodes::pause_upstream`] and not resumed yet.
+    paused_upstreams: BTreeSet<u32>,
+    /// The tmpfs mounted on each node's data directory ([`Options::small_disks`]).
+    mounts: BTreeMap<u64, PathBuf>,
+    /// The filler files written by [`Nodes::fill_disk`] and not removed yet.
+    fillers: BTreeMap<u64, PathBuf>,
+    /// Nodes that exited on their own ([`Nodes::exited`]) and were not started since: status.
+    exits: BTreeMap<u64, String>,
     marker: String,
     client: reqwest::Client,
+}
+
+/// What [`Nodes::fill_disk`] did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Filled {
+    /// The filler file.
+    pub path: PathBuf,
+    /// Bytes written to it.
+    pub bytes: u64,
+    /// The tmpfs said ENOSPC (else the bound, the tmpfs size, was reached first).
+    pub full: bool,
+    /// Space the node's write-ahead logs held beyond their length when the filling began
+    /// (preallocated by RocksDB: the node can go on appending into it with a full disk).
+    pub preallocated: u64,
+}
+
+/// What a node looks like (typically under a fault): [`Nodes::condition`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeCondition {
+    /// Its process runs.
+    pub running: bool,
+    /// It exited on its own, with this status.
+    pub exited: Option<String>,
+    /// It answered `/api/cluster/status?local=true`.
+    pub answers: bool,
+    /// Its Raft core stopped on a fatal error (the status's `fatal`).
+    pub raft_fatal: Option<String>,
+    /// `/health/ready` answered 200.
+    pub ready: bool,
+    /// Its applied index.
+    pub applied_index: Option<u64>,
+    /// The commit index its leader reports (when another node leads and answers).
+    pub leader_committed: Option<u64>,
+    /// Lines of its current log that mention a full disk (`No space left on device`,
+    /// `os error 28`, `ENOSPC`, `StorageFull`).
+    pub enospc_lines: usize,
+    /// The first of them (at most 300 characters).
+    pub first_enospc: Option<String>,
+}
+
+impl NodeCondition {
+    /// It refused writes: it logged a full disk, or its Raft core stopped.
+    pub fn refused_writes(&self) -> bool {
+        self.enospc_lines > 0 || self.raft_fatal.is_some()
+    }
+
+    /// Every line of `log` that mentions a full disk.
+    fn enospc(log: &str) -> Vec<&str> {
+        const SIGNS: [&str; 4] = [
+            "No space left on device",
+            "os error 28",
+            "ENOSPC",
+            "StorageFull",
+        ];
+        log.lines()
+            .filter(|l| SIGNS.iter().any(|s| l.contains(s)))
+            .collect()
+    }
+}
+
+impl fmt::Display for NodeCondition {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let short = |s: &str| -> String {
+            let mut t: String = s.trim().chars().take(240).collect();
+            if t.len() < s.trim().len() {
+                t.push('…');
+            }
+            t
+        };
+        match &self.exited {
+            Some(status) => write!(f, "exited on its own ({status})")?,
+            None if !self.running => f.write_str("not running (stopped by hangar-chaos)")?,
+            None if !self.answers => f.write_str("kept running, does not answer its status")?,
+            None => {
+                f.write_str("kept running")?;
+                if let Some(e) = &self.raft_fatal {
+                    write!(f, ", Raft stopped: {}", short(e))?;
+                }
+                write!(f, ", {}", if self.ready { "ready" } else { "not ready" })?;
+                match (self.applied_index, self.leader_committed) {
+                    (Some(a), Some(c)) => write!(f, ", applied {a} of the leader's {c}")?,
+                    (Some(a), None) => write!(f, ", applied {a}")?,
+                    _ => {}
+                }
+            }
+        }
+        if self.enospc_lines > 0 {
+            write!(
+                f,
+                "; refused writes: {} log line(s) about the full disk",
+                self.enospc_lines
+            )?;
+            if self.raft_fatal.is_none()
+                && let Some(l) = &self.first_enospc
+            {
+                write!(f, ", first: {}", short(l))?;
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Nodes {
@@ -194,6 +335,9 @@ impl Nodes {
                 "{}: no such file (the fixture MCP server)",
                 opts.fixture.display()
             );
+        }
+        if opts.small_disks.is_some() && !is_root() {
+            bail!(SMALL_DISKS_NEED_ROOT);
         }
         let mut cluster = Cluster::new(&opts.hangar)
             .context("start a chaos cluster")?
@@ -234,15 +378,27 @@ impl Nodes {
         let client = reqwest::Client::builder()
             .build()
             .context("build an HTTP client")?;
+        let small_disks = opts.small_disks;
         let mut nodes = Nodes {
             opts,
             proxy,
             cluster,
             paused: BTreeSet::new(),
+            paused_upstreams: BTreeSet::new(),
+            mounts: BTreeMap::new(),
+            fillers: BTreeMap::new(),
+            exits: BTreeMap::new(),
             marker,
             client,
         };
-        // From here on, a failure drops `nodes`, which cleans up.
+        // From here on, a failure drops `nodes`, which cleans up (and unmounts).
+        if let Some(mib) = small_disks {
+            for id in nodes.ids() {
+                nodes
+                    .mount_small_disk(id, mib)
+                    .with_context(|| format!("node {id}: mount a {mib} MiB tmpfs"))?;
+            }
+        }
         nodes
             .cluster
             .start_all()
@@ -257,6 +413,11 @@ impl Nodes {
                 );
             }
             return Err(e.context(nodes.cluster.logs_tail(15)));
+        }
+        // Every node created its store and wrote to its log (the format version): the small
+        // disks may grow to their size.
+        for id in nodes.mounts.keys().copied().collect::<Vec<_>>() {
+            nodes.grow_disk(id)?;
         }
         Ok(nodes)
     }
@@ -359,11 +520,47 @@ impl Nodes {
 
     /// Start node `id` again (after a kill or a stop) on its data; returns once it has
     /// written its ready file (not necessarily caught up: see [`Nodes::wait_all_ready`]).
+    ///
+    /// On a small disk, the node starts with little room (what its files hold, the length
+    /// of its write-ahead logs — room for RocksDB to recover them — and [`STARTING_ROOM`])
+    /// so that RocksDB's 64 MiB preallocation of its new log fails, and the disk grows to
+    /// its size once that log was first written to (or after 3 s). Otherwise a full disk
+    /// would not stop the node's writes until it had filled those 64 MiB. (Best effort: a
+    /// node whose old logs held more than about 24 MiB may still get its preallocation;
+    /// [`Filled::preallocated`] tells.)
     pub async fn restart(&mut self, id: u64) -> Result<()> {
-        self.cluster
+        self.exits.remove(&id);
+        let before = match self.mounts.contains_key(&id) {
+            // Best effort: never keep a node from starting.
+            true => match self.shrink_disk_for_start(id) {
+                Ok(before) => Some(before),
+                Err(e) => {
+                    eprintln!("hangar-chaos: {e:#}; node {id} starts on its full disk");
+                    None
+                }
+            },
+            false => None,
+        };
+        let started = self
+            .cluster
             .restart(id)
             .await
-            .with_context(|| format!("restart node {id}"))
+            .with_context(|| format!("restart node {id}"));
+        if let Some(before) = before {
+            let deadline = Instant::now() + Duration::from_secs(3);
+            while started.is_ok() && Instant::now() < deadline {
+                let written = self
+                    .wal_files(id)
+                    .iter()
+                    .any(|(p, len, _)| *len > 0 && !before.contains(p));
+                if written {
+                    break;
+                }
+                tokio::time::sleep(POLL).await;
+            }
+            self.grow_disk(id)?;
+        }
+        started
     }
 
     /// Stop node `id` gracefully (SIGTERM, killed after the harness's limit); its exit code.
@@ -593,6 +790,272 @@ impl Nodes {
         signal(pid, Signal::KILL)
     }
 
+    /// SIGSTOP upstream process `pid` (one of this run's fixture processes) and wait until it
+    /// is stopped: calls to it hang until [`Nodes::resume_upstream`]. Dropping the cluster
+    /// resumes it too.
+    pub fn pause_upstream(&mut self, pid: u32) -> Result<()> {
+        if !self.fixture_processes().iter().any(|&(p, _)| p == pid) {
+            bail!("process {pid} is no upstream process of this run");
+        }
+        signal(pid, Signal::STOP).with_context(|| format!("pause upstream process {pid}"))?;
+        self.paused_upstreams.insert(pid);
+        // The signal is delivered asynchronously: return once it took effect.
+        let deadline = std::time::Instant::now() + Duration::from_millis(500);
+        while !matches!(process_state(pid), Some('T' | 't') | None) {
+            if std::time::Instant::now() >= deadline {
+                bail!("upstream process {pid} did not stop within 500 ms of SIGSTOP");
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        Ok(())
+    }
+
+    /// SIGCONT upstream process `pid` after [`Nodes::pause_upstream`], if it still exists (and
+    /// is still a fixture process of this run: pids are reused); whether it did.
+    pub fn resume_upstream(&mut self, pid: u32) -> Result<bool> {
+        self.paused_upstreams.remove(&pid);
+        if !self.fixture_processes().iter().any(|&(p, _)| p == pid) {
+            return Ok(false);
+        }
+        match signal(pid, Signal::CONT) {
+            Ok(()) => Ok(true),
+            // Gone between the look and the signal.
+            Err(_) if process_state(pid).is_none() => Ok(false),
+            Err(e) => Err(e.context(format!("resume upstream process {pid}"))),
+        }
+    }
+
+    /// Upstream processes paused with [`Nodes::pause_upstream`] and not resumed.
+    pub fn paused_upstreams(&self) -> Vec<u32> {
+        self.paused_upstreams.iter().copied().collect()
+    }
+
+    /// Resume every paused upstream process still there; the pids resumed.
+    pub fn resume_upstreams(&mut self) -> Vec<u32> {
+        let mut resumed = Vec::new();
+        for pid in self.paused_upstreams() {
+            if let Ok(true) = self.resume_upstream(pid) {
+                resumed.push(pid);
+            }
+        }
+        resumed
+    }
+
+    /// This run's fixture processes that are stopped (state `T` or `t` in `/proc`), whoever
+    /// stopped them.
+    pub fn stopped_fixtures(&self) -> Vec<u32> {
+        self.fixture_processes()
+            .into_iter()
+            .map(|(pid, _)| pid)
+            .filter(|&pid| matches!(process_state(pid), Some('T' | 't')))
+            .collect()
+    }
+
+    /// Node `id`'s data directory (`--data-dir`).
+    pub fn data_dir(&self, id: u64) -> Option<PathBuf> {
+        self.cluster.member(id).map(|m| m.data_dir())
+    }
+
+    /// The tmpfs mounted on each node's data directory ([`Options::small_disks`]).
+    pub fn small_disks(&self) -> &BTreeMap<u64, PathBuf> {
+        &self.mounts
+    }
+
+    /// Mount a tmpfs on node `id`'s data directory before it first starts: [`STARTING_ROOM`]
+    /// while it starts, `mib` MiB once it runs ([`Nodes::start_with`] grows it).
+    fn mount_small_disk(&mut self, id: u64, mib: u64) -> Result<()> {
+        let dir = self.data_dir(id).ok_or_else(|| anyhow!("no node {id}"))?;
+        std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+        let size = STARTING_ROOM.min(mib * MIB);
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0700")])
+            .arg(&self.marker)
+            .arg(&dir)
+            .output()
+            .context("run mount")?;
+        if !out.status.success() {
+            bail!(
+                "mount -t tmpfs {}: {}: {}",
+                dir.display(),
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        self.mounts.insert(id, dir);
+        Ok(())
+    }
+
+    /// Set node `id`'s small disk to `bytes` (at least what it holds: the kernel refuses
+    /// less).
+    fn resize_disk(&self, id: u64, bytes: u64) -> Result<()> {
+        let dir = self
+            .mounts
+            .get(&id)
+            .ok_or_else(|| anyhow!("node {id} has no small disk"))?;
+        let out = Command::new("mount")
+            .args(["-o", &format!("remount,size={bytes}")])
+            .arg(dir)
+            .output()
+            .context("run mount")?;
+        if !out.status.success() {
+            bail!(
+                "mount -o remount,size={bytes} {}: {}: {}",
+                dir.display(),
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(())
+    }
+
+    /// Give node `id`'s small disk its full size.
+    fn grow_disk(&self, id: u64) -> Result<()> {
+        self.resize_disk(id, self.opts.small_disks.unwrap_or(0) * MIB)
+            .with_context(|| format!("grow node {id}'s disk"))
+    }
+
+    /// Shrink node `id`'s small disk for a start (see [`Nodes::restart`]); its write-ahead
+    /// logs before the start.
+    fn shrink_disk_for_start(&self, id: u64) -> Result<BTreeSet<PathBuf>> {
+        let files = self.disk_usage(id);
+        let held: u64 = files.iter().map(|f| f.2).sum();
+        let wal = self.wal_files(id);
+        let logged: u64 = wal.iter().map(|f| f.1).sum();
+        let size = (held + logged + STARTING_ROOM).min(self.opts.small_disks.unwrap_or(0) * MIB);
+        self.resize_disk(id, size)
+            .with_context(|| format!("shrink node {id}'s disk for its start"))?;
+        Ok(wal.into_iter().map(|f| f.0).collect())
+    }
+
+    /// Node `id`'s write-ahead logs (RocksDB's `*.log`): `(path, length, allocated)`.
+    fn wal_files(&self, id: u64) -> Vec<(PathBuf, u64, u64)> {
+        self.disk_usage(id)
+            .into_iter()
+            .filter(|(p, _, _)| p.extension().is_some_and(|e| e == "log"))
+            .collect()
+    }
+
+    /// Fill node `id`'s small disk with a filler file ([`FILLER`]) until the tmpfs says ENOSPC
+    /// (bounded by its size). The node's own writes fail from then on, except into space its
+    /// files already hold. Undo with [`Nodes::free_disk`].
+    pub async fn fill_disk(&mut self, id: u64) -> Result<Filled> {
+        let dir = self
+            .mounts
+            .get(&id)
+            .cloned()
+            .ok_or_else(|| anyhow!("node {id} has no small disk (Options::small_disks)"))?;
+        let limit = self.opts.small_disks.unwrap_or(0) * MIB;
+        let preallocated = self
+            .wal_files(id)
+            .iter()
+            .map(|(_, len, alloc)| alloc.saturating_sub(*len))
+            .sum();
+        let path = dir.join(FILLER);
+        self.fillers.insert(id, path.clone());
+        let filled = tokio::task::spawn_blocking(move || fill(&path, limit))
+            .await
+            .context("the filler task")??;
+        Ok(Filled {
+            preallocated,
+            ..filled
+        })
+    }
+
+    /// The files of node `id`'s data directory (the filler included): `(path, length,
+    /// allocated bytes)`, the allocation being what the disk gave them (it exceeds the
+    /// length where space was preallocated).
+    pub fn disk_usage(&self, id: u64) -> Vec<(PathBuf, u64, u64)> {
+        use std::os::unix::fs::MetadataExt;
+        let mut out = Vec::new();
+        let mut dirs: Vec<PathBuf> = self.data_dir(id).into_iter().collect();
+        while let Some(dir) = dirs.pop() {
+            for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+                let Ok(m) = e.metadata() else { continue };
+                if m.is_dir() {
+                    dirs.push(e.path());
+                } else {
+                    out.push((e.path(), m.len(), m.blocks() * 512));
+                }
+            }
+        }
+        out.sort();
+        out
+    }
+
+    /// Remove the filler of node `id`'s small disk; whether there was one.
+    pub fn free_disk(&mut self, id: u64) -> Result<bool> {
+        let Some(path) = self.fillers.remove(&id) else {
+            return Ok(false);
+        };
+        match std::fs::remove_file(&path) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(anyhow!(e).context(format!("remove {}", path.display()))),
+        }
+    }
+
+    /// Nodes whose small disk holds a filler.
+    pub fn full_disks(&self) -> Vec<u64> {
+        self.fillers.keys().copied().collect()
+    }
+
+    /// Nodes that exited on their own since the harness last looked, with their exit status;
+    /// they count as stopped from now on ([`Nodes::restart`] starts them again).
+    pub fn exited(&mut self) -> Vec<(u64, String)> {
+        let mut out = Vec::new();
+        for _ in 0..self.ids().len() {
+            match self.cluster.check_alive("looking for nodes that exited") {
+                Ok(()) => break,
+                Err(hangar_tests::cluster::ClusterError::Exited { node, status, .. }) => {
+                    self.exits.insert(node, status.clone());
+                    out.push((node, status));
+                }
+                Err(_) => break,
+            }
+        }
+        out
+    }
+
+    /// How node `id` is doing: exited (noticed by the harness), its status, readiness, how far
+    /// it applied against its leader's commit index, and what its log says about a full disk.
+    pub async fn condition(&mut self, id: u64) -> NodeCondition {
+        let mut c = NodeCondition::default();
+        self.exited();
+        c.running = self.alive().contains(&id);
+        if !c.running {
+            c.exited = self.exits.get(&id).cloned();
+        }
+        let log = self.log_path(id).map(std::fs::read_to_string);
+        if let Some(Ok(text)) = &log {
+            let lines = NodeCondition::enospc(text);
+            c.enospc_lines = lines.len();
+            c.first_enospc = lines.first().map(|l| l.trim().chars().take(300).collect());
+        }
+        if !c.running || self.paused.contains(&id) {
+            return c;
+        }
+        let Some(s) = self.cluster.local_status(id, STATUS_LIMIT).await else {
+            return c;
+        };
+        c.answers = true;
+        c.raft_fatal = s["fatal"].as_str().map(str::to_owned);
+        c.applied_index = s["applied_index"].as_u64();
+        if let Some(l) = s["leader_id"].as_u64().filter(|&l| l != id)
+            && self.responsive().contains(&l)
+        {
+            c.leader_committed = self
+                .cluster
+                .local_status(l, STATUS_LIMIT)
+                .await
+                .and_then(|s| s["committed_index"].as_u64());
+        }
+        c.ready = matches!(
+            self.get(id, "/health/ready", STATUS_LIMIT).await,
+            Ok((200, _))
+        );
+        c
+    }
+
     /// Fixture processes of this run that descend from no running node of the cluster
     /// (their node was killed or stopped): each one is a leak. Right after a kill, allow
     /// the kernel a moment to deliver the parent-death signal (poll).
@@ -612,6 +1075,13 @@ impl Nodes {
 
 impl Drop for Nodes {
     fn drop(&mut self) {
+        // No stopped process is left behind: a paused upstream is resumed before its node is
+        // killed (it would die stopped anyway, but nothing may stay frozen).
+        for pid in std::mem::take(&mut self.paused_upstreams) {
+            if self.fixture_processes().iter().any(|&(p, _)| p == pid) {
+                let _ = signal(pid, Signal::CONT);
+            }
+        }
         for id in std::mem::take(&mut self.paused) {
             if let Some(pid) = self.pid(id) {
                 let _ = signal(pid, Signal::CONT);
@@ -636,7 +1106,123 @@ impl Drop for Nodes {
             );
             let _ = signal(p.pid, Signal::KILL);
         }
+        // The small disks, once the killed nodes have let go of their files.
+        for (_, dir) in std::mem::take(&mut self.mounts) {
+            if let Err(e) = unmount(&dir) {
+                eprintln!("hangar-chaos: {e:#}");
+            }
+        }
     }
+}
+
+/// Write `path` in 1 MiB chunks until the file system says ENOSPC or `limit` bytes are written.
+fn fill(path: &Path, limit: u64) -> Result<Filled> {
+    let mut file = std::fs::File::create(path)
+        .with_context(|| format!("create the filler {}", path.display()))?;
+    let chunk = vec![0xa5u8; 1024 * 1024];
+    let mut bytes = 0u64;
+    let mut full = false;
+    while bytes < limit {
+        let want = usize::try_from(limit - bytes).map_or(chunk.len(), |l| l.min(chunk.len()));
+        match file.write(&chunk[..want]) {
+            Ok(0) => {
+                full = true;
+                break;
+            }
+            Ok(n) => bytes += n as u64,
+            Err(e) if e.kind() == std::io::ErrorKind::StorageFull => {
+                full = true;
+                break;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                return Err(anyhow!(e).context(format!("write the filler {}", path.display())));
+            }
+        }
+    }
+    Ok(Filled {
+        path: path.to_owned(),
+        bytes,
+        full,
+        preallocated: 0,
+    })
+}
+
+/// Whether `path` is a mount point (listed in `/proc/self/mounts`).
+pub fn is_mount_point(path: &Path) -> bool {
+    let Ok(mounts) = std::fs::read_to_string("/proc/self/mounts") else {
+        return false;
+    };
+    mounts.lines().any(|l| {
+        l.split_whitespace()
+            .nth(1)
+            .is_some_and(|m| Path::new(&unescape_mount(m)) == path)
+    })
+}
+
+/// A mount point as `/proc/self/mounts` writes it: space, tab, newline and backslash as
+/// octal escapes.
+fn unescape_mount(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(i) = rest.find('\\') {
+        out.push_str(&rest[..i]);
+        let code = rest
+            .get(i + 1..i + 4)
+            .and_then(|o| u8::from_str_radix(o, 8).ok());
+        match code {
+            Some(c) => {
+                out.push(char::from(c));
+                rest = &rest[i + 4..];
+            }
+            None => {
+                out.push('\\');
+                rest = &rest[i + 1..];
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// Unmount `dir`, retrying for [`UNMOUNT_GRACE`] while it is busy (killed processes letting
+/// go of their files), then lazily (detached now, freed when the last user goes).
+fn unmount(dir: &Path) -> Result<()> {
+    let deadline = std::time::Instant::now() + UNMOUNT_GRACE;
+    let mut last = String::new();
+    while is_mount_point(dir) {
+        if std::time::Instant::now() >= deadline {
+            let lazy = Command::new("umount").arg("-l").arg(dir).output();
+            return match lazy {
+                Ok(o) if o.status.success() => Err(anyhow!(
+                    "{} was still busy after {UNMOUNT_GRACE:?} ({last}): unmounted lazily",
+                    dir.display()
+                )),
+                Ok(o) => Err(anyhow!(
+                    "cannot unmount {}: {}",
+                    dir.display(),
+                    String::from_utf8_lossy(&o.stderr).trim()
+                )),
+                Err(e) => Err(anyhow!(e).context(format!("umount -l {}", dir.display()))),
+            };
+        }
+        match Command::new("umount").arg(dir).output() {
+            Ok(o) if o.status.success() => {}
+            Ok(o) => {
+                last = String::from_utf8_lossy(&o.stderr).trim().to_owned();
+                std::thread::sleep(POLL);
+            }
+            Err(e) => return Err(anyhow!(e).context(format!("umount {}", dir.display()))),
+        }
+    }
+    Ok(())
+}
+
+/// The state letter of `pid` in `/proc/<pid>/stat` (`R`, `S`, `T` stopped, `Z` zombie…),
+/// `None` when there is no such process.
+pub fn process_state(pid: u32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat[stat.rfind(')')? + 1..].trim_start().chars().next()
 }
 
 /// The leader that at least a majority of a `size`-node cluster reports in `reports` (each
@@ -738,8 +1324,12 @@ fn head_config(opts: &Options, marker: &str) -> Result<String> {
         .to_str()
         .ok_or_else(|| anyhow!("{}: not UTF-8", opts.fixture.display()))?;
     let q = |s: &str| serde_json::Value::String(s.to_owned()).to_string();
+    let server = opts
+        .upstream_request_timeout
+        .map(|t| format!("server:\n  request_timeout_s: {}\n", t.as_secs_f64()))
+        .unwrap_or_default();
     Ok(format!(
-        "mcp_servers:\n  {SERVER_ID}:\n    mode: subprocess\n    command: [{}, stdio, --name, {SERVER_ID}, --chaos-run, {}]\n{}{}",
+        "mcp_servers:\n  {SERVER_ID}:\n    mode: subprocess\n    command: [{}, stdio, --name, {SERVER_ID}, --chaos-run, {}]\n{}{server}{}",
         q(fixture),
         q(marker),
         opts.server_extra,
@@ -800,6 +1390,76 @@ mod tests {
         let me = std::process::id();
         assert!(ancestors(me).contains(&parent_of(me).unwrap()));
         assert!(marked_processes("no-such-marker-anywhere-42").is_empty());
+    }
+
+    #[test]
+    fn mount_points_are_unescaped() {
+        assert_eq!(unescape_mount("/tmp/a\\040b"), "/tmp/a b");
+        assert_eq!(unescape_mount("/x\\134y\\011"), "/x\\y\t");
+        assert_eq!(unescape_mount("/plain"), "/plain");
+        assert_eq!(unescape_mount("/odd\\9"), "/odd\\9");
+        assert!(is_mount_point(Path::new("/proc")));
+        assert!(!is_mount_point(Path::new("/proc/self")));
+    }
+
+    #[test]
+    fn a_full_disk_is_read_from_the_log_and_told() {
+        let log =
+            "a\nERROR raft: IO error: No space left on device While appending\nb os error 28\nc";
+        assert_eq!(NodeCondition::enospc(log).len(), 2);
+        let c = NodeCondition {
+            running: true,
+            answers: true,
+            raft_fatal: Some("storage".into()),
+            applied_index: Some(7),
+            leader_committed: Some(9),
+            enospc_lines: 2,
+            first_enospc: Some("IO error".into()),
+            ..NodeCondition::default()
+        };
+        assert!(c.refused_writes());
+        assert_eq!(
+            c.to_string(),
+            "kept running, Raft stopped: storage, not ready, applied 7 of the leader's 9; refused writes: 2 log line(s) about the full disk"
+        );
+        let c = NodeCondition {
+            raft_fatal: None,
+            ready: true,
+            ..c
+        };
+        assert_eq!(
+            c.to_string(),
+            "kept running, ready, applied 7 of the leader's 9; refused writes: 2 log line(s) about the full disk, first: IO error"
+        );
+        let e = NodeCondition {
+            exited: Some("exit status: 1".into()),
+            ..NodeCondition::default()
+        };
+        assert!(!e.refused_writes());
+        assert_eq!(e.to_string(), "exited on its own (exit status: 1)");
+    }
+
+    #[test]
+    fn a_filler_stops_at_its_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = fill(&dir.path().join(FILLER), 3 * 1024 * 1024 + 5).unwrap();
+        assert_eq!(f.bytes, 3 * 1024 * 1024 + 5);
+        assert!(!f.full);
+        assert_eq!(std::fs::metadata(&f.path).unwrap().len(), f.bytes);
+        assert!(matches!(process_state(std::process::id()), Some('R' | 'S')));
+        assert_eq!(process_state(u32::MAX), None);
+    }
+
+    #[test]
+    fn the_request_timeout_goes_under_server() {
+        let mut o = Options::new(3, Path::new("/h"), Path::new("/f"), 1);
+        assert!(!head_config(&o, "m").unwrap().contains("server:"));
+        o.upstream_request_timeout = Some(Duration::from_millis(1500));
+        assert!(
+            head_config(&o, "m")
+                .unwrap()
+                .contains("\nserver:\n  request_timeout_s: 1.5\n")
+        );
     }
 
     #[test]

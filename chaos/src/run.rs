@@ -27,6 +27,11 @@
 //! of it, so faults never overlap and the cluster has at least a quarter of a slot to recover.
 //! A pause always lasts at least twice the election timeout (the others elect anew if it
 //! led), so pauses need slots of at least four election timeouts (2 s by default).
+//!
+//! Two kinds change how the cluster is set up when they are planned: `disk-full` puts every
+//! node's data directory on a tmpfs of [`SMALL_DISK_MIB`] (root only: the plan is refused
+//! otherwise, never silently skipped), and `hang-upstream` sets the nodes' call timeout to
+//! [`HANG_REQUEST_TIMEOUT`] so that Hangar's own timeout fails the calls to a hung upstream.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
@@ -44,6 +49,7 @@ use tokio::time::Instant;
 use crate::checker::{self, Check, Report};
 use crate::faults::{
     DelayScope, Fault, FaultKind, FaultRecord, Injector, PartitionKind, Planned, Schedule, Target,
+    between, draw_target,
 };
 use crate::history::{Op, Outcome};
 use crate::nodes::{self, Nodes, SERVER_ID};
@@ -67,6 +73,12 @@ pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(6);
 pub const SET_PERIOD: Duration = Duration::from_secs(15);
 /// See [`SET_PERIOD`].
 pub const EVENTS_TAIL: u64 = 50;
+/// The size of every node's data directory (a tmpfs) when `disk-full` is planned.
+pub const SMALL_DISK_MIB: u64 = 256;
+/// The nodes' call timeout (`server.request_timeout_s`) when `hang-upstream` is planned:
+/// shorter than the clients' 2 s, so that Hangar's own timeout fails the calls to a hung
+/// upstream (its default, 60 s, would leave them to the clients).
+pub const HANG_REQUEST_TIMEOUT: Duration = Duration::from_millis(1500);
 
 /// What to run; [`RunOptions::new`] gives the defaults of `hangar-chaos run`.
 #[derive(Clone, Debug)]
@@ -133,8 +145,15 @@ impl RunOptions {
 
     /// The faults this run injects, and the slot length, for a cluster whose longest
     /// election timeout is `election`. Fails when pauses cannot outlast twice the election
-    /// timeout inside their slot.
+    /// timeout inside their slot, and when a fault needs root (`disk-full`) and this process
+    /// is not root.
     pub fn plan(&self, election: Duration) -> Result<(Schedule, Duration)> {
+        let planned = self.plan_unchecked(election)?;
+        refuse_unprivileged(&planned.0, nodes::is_root())?;
+        Ok(planned)
+    }
+
+    fn plan_unchecked(&self, election: Duration) -> Result<(Schedule, Duration)> {
         let min_pause = election * 2;
         let (mut schedule, interval) = if let Some(s) = &self.schedule {
             // The shortest time between two faults (the whole run for one fault).
@@ -197,6 +216,22 @@ impl RunOptions {
             self.fixture.display()
         );
         self.workload.validate()
+    }
+}
+
+/// Refuse a schedule with a fault that needs root (`disk-full`) unless `root`: never skip it
+/// silently.
+fn refuse_unprivileged(schedule: &Schedule, root: bool) -> Result<()> {
+    if root {
+        return Ok(());
+    }
+    match schedule
+        .faults
+        .iter()
+        .find_map(|p| p.fault.kind().needs_root())
+    {
+        Some(why) => bail!("{why}"),
+        None => Ok(()),
     }
 }
 
@@ -269,10 +304,12 @@ fn parse_mix_name(name: &str) -> Result<(Vec<FaultKind>, Option<Target>)> {
         }
     };
     let kinds = FaultKind::parse_list(base)?;
-    if let Some(k) = kinds
-        .iter()
-        .find(|k| matches!(k, FaultKind::MajorityMinority | FaultKind::KillUpstream))
-    {
+    if let Some(k) = kinds.iter().find(|k| {
+        matches!(
+            k,
+            FaultKind::MajorityMinority | FaultKind::KillUpstream | FaultKind::HangUpstream
+        )
+    }) {
         bail!("{k} takes no target (-{suffix})");
     }
     Ok((kinds, Some(target)))
@@ -345,30 +382,6 @@ fn mix_schedule(
     Ok((Schedule { seed, faults }, interval))
 }
 
-/// A uniformly drawn duration in `[lo, hi]` (whole milliseconds).
-fn between(rng: &mut StdRng, lo: Duration, hi: Duration) -> Duration {
-    let lo = lo.as_millis() as u64;
-    let hi = (hi.as_millis() as u64).max(lo);
-    Duration::from_millis(rng.random_range(lo..=hi))
-}
-
-/// A target drawn like the schedule generator does: the leader 40 %, a follower 30 %, any
-/// node 30 % (with `host`, the host of the fixture's instance takes a share too).
-fn draw_target(rng: &mut StdRng, host: bool) -> Target {
-    let mut choices = vec![
-        (Target::Leader, 4),
-        (Target::Follower, 3),
-        (Target::Random, 3),
-    ];
-    if host {
-        choices.push((Target::HostOfInstance(SERVER_ID.to_owned()), 3));
-    }
-    choices
-        .choose_weighted(rng, |c| c.1)
-        .map(|c| c.0.clone())
-        .unwrap_or(Target::Random)
-}
-
 /// A fault of `kind` at `target` (drawn when `None`), lasting a quarter to a half of
 /// `interval` (a pause at least `min_pause`).
 fn draw_fault(
@@ -420,6 +433,11 @@ fn draw_fault(
             }
         }
         FaultKind::KillUpstream => Fault::KillUpstream,
+        FaultKind::HangUpstream => Fault::HangUpstream { duration },
+        FaultKind::DiskFull => Fault::DiskFull {
+            target: pick(rng, false),
+            duration,
+        },
     }
 }
 
@@ -680,6 +698,22 @@ impl RunReport {
                 u("calls"),
                 u("events"),
             );
+        }
+        let told: Vec<&FaultRecord> = self.faults.iter().filter(|r| r.outcome.is_some()).collect();
+        if !told.is_empty() {
+            let _ = writeln!(s, "  what the victims did (faults.jsonl has all):");
+            for r in told.iter().take(10) {
+                let _ = writeln!(
+                    s,
+                    "    {} {}: {}",
+                    r.index + 1,
+                    r.kind,
+                    r.outcome.as_deref().unwrap_or("")
+                );
+            }
+            if told.len() > 10 {
+                let _ = writeln!(s, "    … and {} more", told.len() - 10);
+            }
         }
         let _ = writeln!(s, "\nworkloads:");
         for w in &self.workloads {
@@ -970,6 +1004,7 @@ fn aims_at_leader(fault: &Fault) -> bool {
             scope: DelayScope::Node(t),
             ..
         } => leader(t),
+        Fault::DiskFull { target, .. } => leader(target),
         _ => false,
     }
 }
@@ -1010,9 +1045,16 @@ struct FaultTally {
 /// cannot be written); what Hangar got wrong is in [`RunReport::problems`].
 pub async fn run(opts: RunOptions) -> Result<RunReport> {
     opts.validate()?;
-    let node_opts = nodes::Options::new(opts.nodes, &opts.hangar, &opts.fixture, opts.seed);
+    let mut node_opts = nodes::Options::new(opts.nodes, &opts.hangar, &opts.fixture, opts.seed);
     let election = Duration::from_millis(node_opts.election_max_ms);
     let (schedule, interval) = opts.plan(election)?;
+    let planned = |k: FaultKind| schedule.faults.iter().any(|p| p.fault.kind() == k);
+    if planned(FaultKind::DiskFull) {
+        node_opts.small_disks = Some(SMALL_DISK_MIB);
+    }
+    if planned(FaultKind::HangUpstream) {
+        node_opts.upstream_request_timeout = Some(HANG_REQUEST_TIMEOUT);
+    }
     let mut cfg = opts.workload.clone();
     cfg.call_tool = format!("{SERVER_ID}__echo");
     let out = output_dir(opts.out.as_deref())?;
@@ -1140,8 +1182,11 @@ pub async fn run(opts: RunOptions) -> Result<RunReport> {
                 tokio::time::sleep_until(injected.until).await;
                 match inj.heal(&mut nodes, injected).await {
                     Ok(rec) => say.line(format_args!(
-                        "  healed in {:.0} ms",
-                        (rec.end_ns - rec.heal_ns) as f64 / 1e6
+                        "  healed in {:.0} ms{}",
+                        (rec.end_ns - rec.heal_ns) as f64 / 1e6,
+                        rec.outcome
+                            .as_deref()
+                            .map_or(String::new(), |o| format!(": {o}"))
                     )),
                     Err(e) => {
                         *tally.heal_failed.entry(kind).or_default() += 1;
@@ -1334,6 +1379,16 @@ async fn recover(nodes: &mut Nodes, limit: Duration, since: Instant, say: &Say) 
             say.line(format_args!("resume node {id}: {e:#}"));
         }
     }
+    for pid in nodes.resume_upstreams() {
+        say.line(format_args!(
+            "upstream process {pid} was still paused: resumed"
+        ));
+    }
+    for id in nodes.full_disks() {
+        if let Err(e) = nodes.free_disk(id) {
+            say.line(format_args!("free node {id}'s disk: {e:#}"));
+        }
+    }
     let deadline = since + limit;
     loop {
         for id in nodes.ids() {
@@ -1369,9 +1424,15 @@ async fn recover(nodes: &mut Nodes, limit: Duration, since: Instant, say: &Say) 
                     recovery.exited.extend(new);
                     continue;
                 }
-                recovery.error = Some(format!(
-                    "not every node was ready {limit:?} after the faults stopped: {e:#}"
-                ));
+                let mut why =
+                    format!("not every node was ready {limit:?} after the faults stopped: {e:#}");
+                for id in nodes.ids() {
+                    let c = nodes.condition(id).await;
+                    if !c.ready {
+                        why.push_str(&format!("; node {id}: {c}"));
+                    }
+                }
+                recovery.error = Some(why);
                 break;
             }
         }
@@ -1694,6 +1755,54 @@ mod tests {
         ] {
             assert!(parse_mix(bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn the_new_kinds_mix_and_plan() {
+        let m = parse_mix("hang-upstream:2,disk-full-follower:1,disk-full:1").unwrap();
+        assert_eq!(m[0].kinds, vec![FaultKind::HangUpstream]);
+        assert_eq!(m[0].target, None);
+        assert_eq!(m[1].kinds, vec![FaultKind::DiskFull]);
+        assert_eq!(m[1].target, Some(Target::Follower));
+        assert!(parse_mix("hang-upstream-leader:1").is_err());
+        let (s, _) =
+            mix_schedule(3, &m, Duration::from_secs(40), None, Duration::from_secs(1)).unwrap();
+        assert_eq!(s.faults.len(), 4);
+        for p in &s.faults {
+            let d = p.fault.duration();
+            assert!(
+                d >= Duration::from_millis(2500) && d <= Duration::from_secs(5),
+                "{p:?}"
+            );
+        }
+        assert!(s.faults.iter().any(|p| matches!(
+            &p.fault,
+            Fault::DiskFull {
+                target: Target::Follower,
+                ..
+            }
+        )));
+        // Without root a disk-full is refused at planning, never skipped.
+        let err = refuse_unprivileged(&s, false).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "disk-full needs root to mount a tmpfs; run as root or leave it out"
+        );
+        assert!(refuse_unprivileged(&s, true).is_ok());
+        let hangs = Schedule {
+            seed: 3,
+            faults: s
+                .faults
+                .iter()
+                .filter(|p| p.fault.kind() == FaultKind::HangUpstream)
+                .cloned()
+                .collect(),
+        };
+        assert!(refuse_unprivileged(&hangs, false).is_ok());
+        assert!(aims_at_leader(&Fault::DiskFull {
+            target: Target::Leader,
+            duration: Duration::from_secs(1)
+        }));
     }
 
     #[test]
