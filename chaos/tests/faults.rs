@@ -9,8 +9,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use hangar_chaos::faults::{Fault, FaultKind, Injector, PartitionKind, Target};
@@ -201,8 +199,32 @@ async fn a_proxied_cluster_survives_isolation_pause_and_kill() {
     let leader = nodes.wait_leader(LIMIT).await.unwrap();
     let paused = nodes.ids().into_iter().find(|&n| n != leader).unwrap();
     nodes.pause(paused).unwrap();
-    tokio::time::sleep(nodes.election_timeout() * 3).await;
+    let paused_at = Instant::now();
     put_limit(&nodes, leader, "chaos-3").await;
+    // The write was acknowledged without the paused node: the leader reports it behind the
+    // commit index; and it stays out for longer than an election timeout.
+    wait_until(
+        "the paused follower is out past an election timeout",
+        LIMIT,
+        async || {
+            let (_, st) = nodes.get(leader, "/api/cluster/status", LIMIT).await?;
+            let committed = st["committed_index"].as_u64().unwrap_or(0);
+            // The leader's view of the paused member (`matched_index` null: nothing matched).
+            let Some(member) = st["members"]
+                .as_array()
+                .and_then(|m| m.iter().find(|m| m["node_id"] == paused))
+            else {
+                return Ok(None);
+            };
+            let matched = member["matched_index"].as_u64().unwrap_or(0);
+            Ok(
+                (matched < committed && paused_at.elapsed() > nodes.election_timeout() * 3)
+                    .then_some(()),
+            )
+        },
+    )
+    .await
+    .unwrap();
     nodes.resume(paused).unwrap();
     nodes.wait_all_ready(LIMIT).await.unwrap();
     all_see(&nodes, &["chaos-3"]).await;
@@ -397,18 +419,21 @@ type Sample = (Duration, Vec<(u32, char)>);
 /// This run's fixture processes, sampled every 50 ms on a thread of its own: every change of
 /// the set (pid and `/proc` state), with its time.
 struct ProcessSampler {
-    stop: Arc<AtomicBool>,
+    stop: std::sync::mpsc::Sender<()>,
     thread: std::thread::JoinHandle<Vec<Sample>>,
 }
 
 impl ProcessSampler {
     fn start(marker: &str, fixture: &Path, t: Instant) -> ProcessSampler {
-        let stop = Arc::new(AtomicBool::new(false));
-        let (marker, fixture, stop2) = (marker.to_owned(), fixture.to_owned(), stop.clone());
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        let (marker, fixture) = (marker.to_owned(), fixture.to_owned());
         let t = t.into_std();
         let thread = std::thread::spawn(move || {
             let mut changes: Vec<Sample> = Vec::new();
-            while !stop2.load(Ordering::Relaxed) {
+            // A sample every 50 ms until the sender says stop (or is dropped).
+            while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                stopped.recv_timeout(Duration::from_millis(50))
+            {
                 let now: Vec<(u32, char)> = marked_processes(&marker)
                     .into_iter()
                     .filter(|p| p.argv.first().map(PathBuf::from) == Some(fixture.clone()))
@@ -418,7 +443,6 @@ impl ProcessSampler {
                 if changes.last().is_none_or(|(_, last)| *last != now) {
                     changes.push((t.elapsed(), now));
                 }
-                std::thread::sleep(Duration::from_millis(50));
             }
             changes
         });
@@ -426,7 +450,7 @@ impl ProcessSampler {
     }
 
     fn finish(self) -> Vec<Sample> {
-        self.stop.store(true, Ordering::Relaxed);
+        let _ = self.stop.send(());
         self.thread.join().expect("the process sampler")
     }
 }
@@ -586,22 +610,27 @@ async fn put_rps(nodes: &Nodes, via: u64, id: &str, rps: u64, limit: Duration) -
     let url = format!("{}/api/rate_limits/{id}", nodes.api_base(via).unwrap());
     let began = Instant::now();
     let mut last = String::new();
-    while began.elapsed() < limit {
-        let r = reqwest::Client::new()
-            .put(&url)
-            .header("Content-Type", "application/json")
-            .body(json!({"rps": rps, "match": {"tool": "chaos-none"}}).to_string())
-            .timeout(Duration::from_secs(5))
-            .send()
-            .await;
-        match r {
-            Ok(r) if r.status().is_success() => return began.elapsed(),
-            Ok(r) => last = format!("{} {}", r.status(), r.text().await.unwrap_or_default()),
-            Err(e) => last = e.to_string(),
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    panic!("PUT {url} (rps {rps}) not acknowledged within {limit:?}: {last}");
+    let acknowledged = wait_until(
+        &format!("PUT {url} (rps {rps}) acknowledged"),
+        limit,
+        async || {
+            let r = reqwest::Client::new()
+                .put(&url)
+                .header("Content-Type", "application/json")
+                .body(json!({"rps": rps, "match": {"tool": "chaos-none"}}).to_string())
+                .timeout(Duration::from_secs(5))
+                .send()
+                .await;
+            match r {
+                Ok(r) if r.status().is_success() => return Ok(Some(began.elapsed())),
+                Ok(r) => last = format!("{} {}", r.status(), r.text().await.unwrap_or_default()),
+                Err(e) => last = e.to_string(),
+            }
+            Ok(None)
+        },
+    )
+    .await;
+    acknowledged.unwrap_or_else(|e| panic!("{e}: {last}"))
 }
 
 /// The `rps` of rate limit `id` in a linearizable read on node `n` (`None`: absent).
@@ -670,7 +699,11 @@ async fn a_full_disk_stops_one_node_and_the_majority_goes_on() {
         let via = nodes.ids().into_iter().find(|&n| n != victim).unwrap();
         let mut seen: Option<NodeCondition> = None;
         let mut writes = 0;
+        // One write every 100 ms (a paced workload) while the disk is full.
+        let mut pace = tokio::time::interval(Duration::from_millis(100));
+        pace.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         while Instant::now() < injected.until {
+            pace.tick().await;
             rps += 1;
             let took = put_rps(&nodes, via, "chaos-disk", rps, LIMIT).await;
             writes += 1;
@@ -682,7 +715,6 @@ async fn a_full_disk_stops_one_node_and_the_majority_goes_on() {
             if took > Duration::from_secs(1) {
                 phase(&format!("a write through node {via} took {took:?}"), t);
             }
-            tokio::time::sleep(Duration::from_millis(100)).await;
         }
         let last = nodes.condition(victim).await;
         phase(
