@@ -110,6 +110,24 @@ fi
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/hangar-bench.XXXXXX")"
 HANGAR_PID=""
 FORWARD_PIDS=()
+# serve_and_wait NAME CONFIG [ARGS…]: start `hangar serve` on CONFIG (data in $WORK/NAME, ready
+# file $WORK/NAME.json, log $WORK/NAME.log) and wait for its ready file; its pid joins
+# FORWARD_PIDS (stopped by cleanup).
+serve_and_wait() {
+    local name=$1 config=$2
+    shift 2
+    "$BIN/hangar" serve --config "$config" --listen 127.0.0.1:0 --data-dir "$WORK/$name" \
+        --ready-file "$WORK/$name.json" "$@" >"$WORK/$name.log" 2>&1 &
+    FORWARD_PIDS+=($!)
+    for _ in $(seq 300); do
+        [ -s "$WORK/$name.json" ] && break
+        kill -0 "${FORWARD_PIDS[-1]}" 2>/dev/null || die "$name exited during startup: $(tail -5 "$WORK/$name.log")"
+        sleep 0.1
+    done
+    [ -s "$WORK/$name.json" ] || die "$name did not write its ready file within 30 s"
+}
+# http_addr NAME: the HTTP address in $WORK/NAME.json.
+http_addr() { sed -n 's/.*"http_addr" *: *"\([^"]*\)".*/\1/p' "$WORK/$1.json"; }
 cleanup() {
     local rc=$?
     # The forward bench's nodes (their children die with them: parent-death signal).
@@ -246,17 +264,9 @@ EOF
     start_node() {
         local id=$1
         shift
-        "$BIN/hangar" serve --config "$WORK/forward.yaml" --listen 127.0.0.1:0 --node-id "$id" \
-            --data-dir "$WORK/node$id" --ready-file "$WORK/ready$id.json" "$@" >"$WORK/node$id.log" 2>&1 &
-        FORWARD_PIDS+=($!)
-        for _ in $(seq 300); do
-            [ -s "$WORK/ready$id.json" ] && break
-            kill -0 "${FORWARD_PIDS[-1]}" 2>/dev/null || die "node $id exited during startup: $(tail -5 "$WORK/node$id.log")"
-            sleep 0.1
-        done
-        [ -s "$WORK/ready$id.json" ] || die "node $id did not write its ready file within 30 s"
+        serve_and_wait "node$id" "$WORK/forward.yaml" --node-id "$id" "$@"
     }
-    addr_of() { sed -n 's/.*"http_addr" *: *"\([^"]*\)".*/\1/p' "$WORK/ready$1.json"; }
+    addr_of() { http_addr "node$1"; }
     say "forward: starting a 3-node cluster"
     start_node 1
     A1="$(addr_of 1)"
@@ -306,20 +316,12 @@ mcp_servers:
     command: ["$BIN/hangar-fixture", "stdio"]
     idle_ttl_s: 3600
 EOF
-        HANGAR_BOOTSTRAP_KEY="$AUTH_KEY" "$BIN/hangar" serve --config "$WORK/$name.yaml" --listen 127.0.0.1:0 \
-            --data-dir "$WORK/$name" --ready-file "$WORK/$name.json" >"$WORK/$name.log" 2>&1 &
-        FORWARD_PIDS+=($!)
-        for _ in $(seq 300); do
-            [ -s "$WORK/$name.json" ] && break
-            kill -0 "${FORWARD_PIDS[-1]}" 2>/dev/null || die "$name exited during startup: $(tail -5 "$WORK/$name.log")"
-            sleep 0.1
-        done
-        [ -s "$WORK/$name.json" ] || die "$name did not write its ready file within 30 s"
+        HANGAR_BOOTSTRAP_KEY="$AUTH_KEY" serve_and_wait "$name" "$WORK/$name.yaml"
     }
     auth_node auth-off false
     auth_node auth-on true
-    OFF="$(sed -n 's/.*"http_addr" *: *"\([^"]*\)".*/\1/p' "$WORK/auth-off.json")"
-    ON="$(sed -n 's/.*"http_addr" *: *"\([^"]*\)".*/\1/p' "$WORK/auth-on.json")"
+    OFF="$(http_addr auth-off)"
+    ON="$(http_addr auth-on)"
     # The measured key is a developer's, created with the bootstrap admin key (as in production).
     DEV_KEY=""
     for _ in $(seq 100); do
@@ -381,20 +383,12 @@ rate_limits:
 EOF
         fi
         "$BIN/hangar" validate "$WORK/$name.yaml" >&2 || die "the generated $name config is invalid"
-        "$BIN/hangar" serve --config "$WORK/$name.yaml" --listen 127.0.0.1:0 \
-            --data-dir "$WORK/$name" --ready-file "$WORK/$name.json" >"$WORK/$name.log" 2>&1 &
-        FORWARD_PIDS+=($!)
-        for _ in $(seq 300); do
-            [ -s "$WORK/$name.json" ] && break
-            kill -0 "${FORWARD_PIDS[-1]}" 2>/dev/null || die "$name exited during startup: $(tail -5 "$WORK/$name.log")"
-            sleep 0.1
-        done
-        [ -s "$WORK/$name.json" ] || die "$name did not write its ready file within 30 s"
+        serve_and_wait "$name" "$WORK/$name.yaml"
     }
     rl_node limits-off false
     rl_node limits-on true
-    OFF="$(sed -n 's/.*"http_addr" *: *"\([^"]*\)".*/\1/p' "$WORK/limits-off.json")"
-    ON="$(sed -n 's/.*"http_addr" *: *"\([^"]*\)".*/\1/p' "$WORK/limits-on.json")"
+    OFF="$(http_addr limits-off)"
+    ON="$(http_addr limits-on)"
     # The rules reach the limiter through the replicated state, and a node admits nothing on a
     # limited bucket until its first quota grant: probe until a call is admitted and both rules
     # have a bucket with an admitted call (then the measured runs see the rules in effect).

@@ -53,19 +53,24 @@ impl EventLog {
     /// leader died after appending it), and the log must hold each event once.
     pub(crate) fn append(&mut self, events: &[EventRecord], now_ms: u64) -> Option<(u64, u64)> {
         let first = self.next_seq;
-        let mut seen: std::collections::HashSet<String> = self
-            .events
-            .iter()
-            .rev()
-            .take(DEDUP_WINDOW)
-            .filter_map(|e| event_id(&e.event).map(str::to_owned))
-            .collect();
-        for event in events {
-            if let Some(id) = event_id(event)
-                && !seen.insert(id.to_owned())
-            {
-                continue;
+        // Which of `events` to keep, decided while the log is only borrowed (no id is copied).
+        let keep: Vec<bool> = {
+            let mut seen: std::collections::HashSet<&str> = std::collections::HashSet::new();
+            if events.iter().any(|e| event_id(e).is_some()) {
+                seen.extend(
+                    self.events
+                        .iter()
+                        .rev()
+                        .take(DEDUP_WINDOW)
+                        .filter_map(|e| event_id(&e.event)),
+                );
             }
+            events
+                .iter()
+                .map(|e| event_id(e).is_none_or(|id| seen.insert(id)))
+                .collect()
+        };
+        for (event, _) in events.iter().zip(keep).filter(|(_, k)| *k) {
             self.events.push_back(StoredEvent {
                 seq: self.next_seq,
                 appended_at_ms: now_ms,
