@@ -10,12 +10,20 @@
 //! The upstream's requests are registered in the host's relay table before they leave, so
 //! their ids (`hgr/<host>/<seq>`) name the host: the client's answer, wherever the balancer
 //! delivers it, comes back to the host through `Answer`.
+//!
+//! Cost: the host's stream drives the upstream call itself (no task of its own) and holds the
+//! response headers until the first frame, so a call without notifications is answered with
+//! headers, answer and trailers in one write; with the write coalescing of the connections
+//! between nodes, calls forwarded together share system calls (`bench/README.md`, "Any-node
+//! forwarding").
 
 use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use futures::Stream;
+use std::task::{Context, Poll, ready};
+
+use futures::{Stream, StreamExt};
 use hangar_proto::node::v1 as pb;
 use hangar_raft::RaftHandle;
 use pb::call_frame::Frame;
@@ -68,6 +76,43 @@ impl CallServer {
     }
 }
 
+/// Whether `f` ends a call (its answer or failure).
+fn is_last(f: &pb::CallFrame) -> bool {
+    matches!(
+        f.frame,
+        Some(Frame::Result(_) | Frame::RpcError(_) | Frame::Failure(_)) | None
+    )
+}
+
+/// The frames of one forwarded call. The stream drives the call itself (no task of its
+/// own: the upstream's answer wakes the task that writes the response) and ends after the
+/// answer or failure. Dropping it drops the call, which cancels it upstream.
+struct CallFrames {
+    call: Option<Pin<Box<dyn std::future::Future<Output = ()> + Send>>>,
+    rx: mpsc::Receiver<Result<pb::CallFrame, Status>>,
+    done: bool,
+}
+
+impl Stream for CallFrames {
+    type Item = Result<pb::CallFrame, Status>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if self.done {
+            return Poll::Ready(None);
+        }
+        if let Some(call) = self.call.as_mut()
+            && call.as_mut().poll(cx).is_ready()
+        {
+            self.call = None;
+        }
+        let frame = ready!(self.rx.poll_recv(cx));
+        self.done = frame
+            .as_ref()
+            .is_none_or(|f| f.as_ref().map_or(true, is_last));
+        Poll::Ready(frame)
+    }
+}
+
 type FrameStream = Pin<Box<dyn Stream<Item = Result<pb::CallFrame, Status>> + Send>>;
 
 fn failure(message: impl Into<String>, kind: &str, before_send: bool) -> pb::CallFrame {
@@ -95,9 +140,17 @@ impl CallService for CallServer {
             .ok_or_else(|| Status::unavailable("this node is still starting"))?;
         let req = request.into_inner();
         let (tx, rx) = mpsc::channel::<Result<pb::CallFrame, Status>>(64);
-        tokio::spawn(serve_call(runtime, req, tx));
+        let mut frames = CallFrames {
+            call: Some(Box::pin(serve_call(runtime, req, tx))),
+            rx,
+            done: false,
+        };
+        // The response headers wait for the first frame, and the stream ends right after the
+        // answer: a simple call's headers, answer and trailers leave in one write (three
+        // before), which on loopback is most of a forward's cost.
+        let first = frames.next().await;
         Ok(Response::new(Box::pin(
-            tokio_stream::wrappers::ReceiverStream::new(rx),
+            futures::stream::iter(first).chain(frames),
         )))
     }
 
@@ -135,7 +188,9 @@ impl CallService for CallServer {
     }
 }
 
-/// Run one forwarded call and stream its frames to `tx`.
+/// Run one forwarded call and stream its frames to `tx`. Driven by [`CallFrames`]: when the
+/// caller goes away the stream is dropped, and with it this future and the upstream call,
+/// which cancels it upstream.
 async fn serve_call(
     runtime: Arc<Runtime>,
     req: pb::CallRequest,
@@ -209,8 +264,6 @@ async fn serve_call(
         tokio::select! {
             r = &mut call => break r,
             Some(ev) = events.recv() => relay.event(ev).await,
-            // The caller went away: dropping the call cancels it upstream.
-            _ = tx.closed() => return,
         }
     };
     // Notifications sent before the answer go first.
@@ -499,5 +552,73 @@ impl Forward for Forwarder {
         timeout: Duration,
     ) -> ForwardFuture<'a> {
         Box::pin(self.run(node, instance, method, params, sink, timeout))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(f: Frame) -> Result<pb::CallFrame, Status> {
+        Ok(pb::CallFrame { frame: Some(f) })
+    }
+
+    /// The stream drives its call, yields its frames in order and ends with the answer, even
+    /// when the call goes on sending.
+    #[tokio::test]
+    async fn call_frames_end_with_the_answer() {
+        let (tx, rx) = mpsc::channel(2);
+        let call = async move {
+            for f in [
+                Frame::Notification(b"{}".to_vec()),
+                Frame::Notification(b"{}".to_vec()),
+                Frame::Notification(b"{}".to_vec()),
+                Frame::Result(b"1".to_vec()),
+                Frame::Notification(b"late".to_vec()),
+            ] {
+                if tx.send(frame(f)).await.is_err() {
+                    return;
+                }
+            }
+            std::future::pending::<()>().await;
+        };
+        let frames = CallFrames {
+            call: Some(Box::pin(call)),
+            rx,
+            done: false,
+        };
+        let got: Vec<_> = tokio::time::timeout(Duration::from_secs(10), frames.collect::<Vec<_>>())
+            .await
+            .expect("the stream ends after the answer");
+        let kinds: Vec<_> = got
+            .into_iter()
+            .map(|f| match f.unwrap().frame {
+                Some(Frame::Notification(_)) => "n",
+                Some(Frame::Result(_)) => "r",
+                _ => "?",
+            })
+            .collect();
+        assert_eq!(kinds, ["n", "n", "n", "r"]);
+    }
+
+    /// Dropping the stream drops the call it drives (which cancels the upstream request).
+    #[tokio::test]
+    async fn dropping_call_frames_drops_the_call() {
+        let (tx, rx) = mpsc::channel(4);
+        let (dropped_tx, dropped_rx) = tokio::sync::oneshot::channel::<()>();
+        let call = async move {
+            let _guard = dropped_tx;
+            let _ = tx.send(frame(Frame::Notification(b"{}".to_vec()))).await;
+            std::future::pending::<()>().await;
+        };
+        let mut frames = CallFrames {
+            call: Some(Box::pin(call)),
+            rx,
+            done: false,
+        };
+        assert!(frames.next().await.is_some());
+        drop(frames);
+        // The oneshot's sender went with the call.
+        assert!(dropped_rx.await.is_err());
     }
 }
