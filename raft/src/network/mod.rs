@@ -3,9 +3,12 @@
 //! openraft messages travel as JSON inside protobuf `bytes` fields (see the `.proto` file), so
 //! openraft types stay inside this crate. One HTTP/2 [`Channel`] is cached per peer address,
 //! with keepalive (1 s interval, 1 s timeout) so a channel recovers after a healed partition,
-//! and a connect timeout so an unreachable peer yields `Unreachable` quickly.
+//! and a connect timeout so an unreachable peer yields `Unreachable` quickly. Both ends of every
+//! connection between nodes gather the frames written in one round of the runtime into one
+//! system call ([`coalesce`]).
 
 mod client;
+pub(crate) mod coalesce;
 pub(crate) mod tls;
 
 use std::collections::BTreeSet;
@@ -194,7 +197,8 @@ impl PeerPool {
             match map.get(addr) {
                 Some(ch) => ch.clone(),
                 None => {
-                    let ch = self.endpoint(addr)?.connect_lazy();
+                    let connector = coalesce::Connector::new(self.local_ip, CONNECT_TIMEOUT);
+                    let ch = self.endpoint(addr)?.connect_with_connector_lazy(connector);
                     map.insert(addr.to_string(), ch.clone());
                     ch
                 }

@@ -269,11 +269,10 @@ pub(crate) async fn serve(
         // Mutual TLS: our own acceptor, so that refused peers are logged and counted.
         Some(cfg) => {
             let (rx, accept) = crate::network::tls::incoming(listener, cfg, refused);
+            let incoming = tokio_stream::wrappers::ReceiverStream::new(rx)
+                .map(|c| c.map(crate::network::coalesce::Coalesce::new));
             let r = server
-                .serve_with_incoming_shutdown(
-                    tokio_stream::wrappers::ReceiverStream::new(rx),
-                    shutdown,
-                )
+                .serve_with_incoming_shutdown(incoming, shutdown)
                 .await;
             accept.abort();
             r
@@ -284,7 +283,9 @@ pub(crate) async fn serve(
         None => {
             server
                 .serve_with_incoming_shutdown(
-                    TcpIncoming::from(listener).with_nodelay(Some(true)),
+                    TcpIncoming::from(listener)
+                        .with_nodelay(Some(true))
+                        .map(|c| c.map(crate::network::coalesce::Coalesce::new)),
                     shutdown,
                 )
                 .await
