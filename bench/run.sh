@@ -285,6 +285,30 @@ EOF
     timeout --kill-after=5 "$LIMIT" "$BIN/hangar-bench" http --url "http://$A2/mcp" \
         --server-pid "${FORWARD_PIDS[0]}" --server-pid "${FORWARD_PIDS[1]}" --tool fixture__echo \
         --label forward-fixture "${LOAD[@]}" >/dev/null || die "forwarded run failed"
+    # The same two runs with one CPU per node, as on separate machines: node 1 and its
+    # children (the fixture) on CPU 0; nodes 2 and 3 and the load generator on CPU 1.
+    PINNED=0
+    if command -v taskset >/dev/null && [ "$(nproc)" -ge 2 ]; then
+        PINNED=1
+        # pin CPU PID: PID, all its threads and its descendants.
+        pin() {
+            taskset -a -p -c "$1" "$2" >/dev/null || die "taskset failed for pid $2"
+            local c
+            for c in $(pgrep -P "$2" || true); do pin "$1" "$c"; done
+        }
+        pin 0 "${FORWARD_PIDS[0]}"
+        pin 1 "${FORWARD_PIDS[1]}"
+        pin 1 "${FORWARD_PIDS[2]}"
+        say "forward, one CPU per node: local vs forwarded again: c=$CONCURRENCY"
+        timeout --kill-after=5 "$LIMIT" taskset -c 1 "$BIN/hangar-bench" http --url "http://$A1/mcp" \
+            --server-pid "${FORWARD_PIDS[0]}" --tool fixture__echo --label local-fixture-pinned \
+            "${LOAD[@]}" >/dev/null || die "local run (pinned) failed"
+        timeout --kill-after=5 "$LIMIT" taskset -c 1 "$BIN/hangar-bench" http --url "http://$A2/mcp" \
+            --server-pid "${FORWARD_PIDS[0]}" --server-pid "${FORWARD_PIDS[1]}" --tool fixture__echo \
+            --label forward-fixture-pinned "${LOAD[@]}" >/dev/null || die "forwarded run (pinned) failed"
+    else
+        say "forward: skipping the one-CPU-per-node runs (needs taskset and 2 CPUs)"
+    fi
     say "forward: stopping the cluster; instance failover on a fresh one: $MOVE_KILLS host kills"
     for p in "${FORWARD_PIDS[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
     for p in "${FORWARD_PIDS[@]}"; do
@@ -511,10 +535,21 @@ REPORT_RC=0
     elif [ "$WHAT" = forward ]; then
         echo "- forward: 3 \`hangar serve\` processes on 127.0.0.1 (joined, default timings); \`fixture\` placed on node 1; local = calls through node 1, forward = calls through node 2 (a gRPC stream to node 1); server CPU = node 1 (local) or nodes 1 + 2 (forward), with their children"
         echo
-        "$BIN/hangar-bench" report "$WORK/runs.jsonl" --baseline local-fixture \
-            --candidate forward-fixture >"$WORK/report-forward.md" || REPORT_RC=$?
+        grep -v -- '-pinned"' "$WORK/runs.jsonl" >"$WORK/runs-shared.jsonl" || true
+        "$BIN/hangar-bench" report "$WORK/runs-shared.jsonl" --baseline local-fixture \
+            --candidate forward-fixture --min-calls-ratio 0.5 >"$WORK/report-forward.md" || REPORT_RC=$?
         sed 's/^### /#### /' "$WORK/report-forward.md"
         echo
+        if [ "$PINNED" = 1 ]; then
+            echo "- one CPU per node (\`taskset\`): node 1 and the fixture on CPU 0; nodes 2, 3 and the load generator on CPU 1"
+            echo
+            grep -- '-pinned"' "$WORK/runs.jsonl" >"$WORK/runs-pinned.jsonl" || true
+            "$BIN/hangar-bench" report "$WORK/runs-pinned.jsonl" --baseline local-fixture-pinned \
+                --candidate forward-fixture-pinned --min-calls-ratio 0.5 \
+                >"$WORK/report-forward-pinned.md" || REPORT_RC=$?
+            sed 's/^### /#### /' "$WORK/report-forward-pinned.md"
+            echo
+        fi
         echo "- instance failover: a fresh 3-node cluster (static peers, \`node_loss_timeout_ms: $NODE_LOSS_MS\`, placement lease 70 % of it), one \`replicas: 1\` fixture server; kill -9 of its host, then \`tools/call\` probes round robin through the survivors (2 s limit each) until one succeeds; the killed node is restarted between rounds"
         echo
         "$BIN/hangar-bench" report "$WORK/move.jsonl" || REPORT_RC=$?

@@ -143,6 +143,10 @@ enum Command {
         /// Concurrency at which the throughput target applies.
         #[arg(long, default_value_t = 8)]
         at_concurrency: usize,
+        /// Target, replacing --min-calls-per-s: the candidate's calls/s at --at-concurrency as
+        /// a share of the baseline's, e.g. 0.5.
+        #[arg(long)]
+        min_calls_ratio: Option<f64>,
         /// Exit with status 1 when a target is missed.
         #[arg(long)]
         check: bool,
@@ -405,6 +409,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             max_added_p50_us,
             min_calls_per_s,
             at_concurrency,
+            min_calls_ratio,
             check,
         } => {
             let mut records = Vec::new();
@@ -442,6 +447,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 candidate,
                 max_added_p50_us,
                 min_calls_per_s,
+                min_calls_ratio,
                 at_concurrency,
             };
             let mut ok = Some(true);

@@ -188,6 +188,10 @@ pub struct Targets {
     pub max_added_p50_us: f64,
     /// Smallest acceptable candidate throughput at `at_concurrency`, calls/s.
     pub min_calls_per_s: f64,
+    /// Instead of `min_calls_per_s`: the smallest acceptable candidate throughput as a
+    /// fraction of the baseline's at `at_concurrency` (e.g. 0.5 for a forwarded call against
+    /// a local one).
+    pub min_calls_ratio: Option<f64>,
     /// Concurrency at which the throughput target applies.
     pub at_concurrency: usize,
 }
@@ -293,6 +297,39 @@ pub fn markdown(records: &[RunRecord], t: &Targets) -> (String, Option<bool>) {
             c.errors,
             verdict(ok)
         );
+    }
+    if let Some(ratio) = t.min_calls_ratio {
+        match (
+            find(&t.baseline, t.at_concurrency),
+            find(&t.candidate, t.at_concurrency),
+        ) {
+            (Some(b), Some(c)) if b.calls_per_s > 0.0 => {
+                let kept = c.calls_per_s / b.calls_per_s;
+                let ok = kept >= ratio && c.errors == 0;
+                all &= ok;
+                let _ = writeln!(
+                    md,
+                    "- c={}: `{}` keeps {:.1} % of the calls/s of `{}` ({:.0} of {:.0}; target ≥ {:.0} %): {}",
+                    t.at_concurrency,
+                    t.candidate,
+                    100.0 * kept,
+                    t.baseline,
+                    c.calls_per_s,
+                    b.calls_per_s,
+                    100.0 * ratio,
+                    verdict(ok)
+                );
+            }
+            _ => {
+                all = false;
+                let _ = writeln!(
+                    md,
+                    "- no `{}` and `{}` runs at c={}: throughput target not checked",
+                    t.baseline, t.candidate, t.at_concurrency
+                );
+            }
+        }
+        return (md, Some(all));
     }
     match find(&t.candidate, t.at_concurrency) {
         Some(c) => {
@@ -521,8 +558,35 @@ mod tests {
             candidate: "hangar".into(),
             max_added_p50_us: 300.0,
             min_calls_per_s: 10_000.0,
+            min_calls_ratio: None,
             at_concurrency: 8,
         }
+    }
+
+    #[test]
+    fn throughput_target_as_a_share_of_the_baseline() {
+        let t = Targets {
+            baseline: "local".into(),
+            candidate: "forward".into(),
+            min_calls_ratio: Some(0.5),
+            ..targets()
+        };
+        let runs = |fwd: f64| {
+            vec![
+                rec("local", 8, 400.0, 16000.0, 0),
+                rec("forward", 8, 650.0, fwd, 0),
+            ]
+        };
+        let (md, ok) = markdown(&runs(8800.0), &t);
+        assert_eq!(ok, Some(true), "{md}");
+        assert!(
+            md.contains("c=8: `forward` keeps 55.0 % of the calls/s of `local` (8800 of 16000; target ≥ 50 %): met"),
+            "{md}"
+        );
+        let (md, ok) = markdown(&runs(7000.0), &t);
+        assert_eq!(ok, Some(false), "{md}");
+        assert!(md.contains("keeps 43.8 %"), "{md}");
+        assert!(md.contains("**missed**"), "{md}");
     }
 
     #[test]
