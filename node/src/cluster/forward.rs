@@ -44,6 +44,8 @@ const MAX_TIMEOUT: Duration = Duration::from_secs(3600);
 /// Extra time the caller gives the host beyond the call's own deadline (the host enforces
 /// the deadline and answers `timeout` itself).
 const DEADLINE_SLACK: Duration = Duration::from_secs(2);
+/// How long a forward's trailers may take after its answer before the stream is reset.
+const FINISH_TIMEOUT: Duration = Duration::from_secs(5);
 /// Deadline of delivering a client's answer to the node that holds the request.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -435,19 +437,39 @@ impl Forwarder {
                     }
                 }
                 Some(Frame::Result(b)) => {
+                    finish(stream);
                     let text = String::from_utf8(b).map_err(|_| bad("result"))?;
                     let raw = RawValue::from_string(text).map_err(|_| bad("result"))?;
                     return Ok(Outcome::Result(raw));
                 }
                 Some(Frame::RpcError(b)) => {
+                    finish(stream);
                     let e: RpcError = serde_json::from_slice(&b).map_err(|_| bad("error"))?;
                     return Ok(Outcome::Error(e));
                 }
-                Some(Frame::Failure(f)) => return Err(failure_error(instance, node, f, timeout)),
+                Some(Frame::Failure(f)) => {
+                    finish(stream);
+                    return Err(failure_error(instance, node, f, timeout));
+                }
                 None => return Err(bad("frame")),
             }
         }
     }
+}
+
+/// Read a forward's stream to its end after the answer (the host sends its trailers right
+/// behind it, usually in the same packet). A stream dropped before its end is reset
+/// (`RST_STREAM`), which costs a frame each way — and HTTP/2 libraries count such resets
+/// against a per-connection limit.
+fn finish(mut stream: tonic::Streaming<pb::CallFrame>) {
+    use futures::FutureExt;
+    if let Some(Ok(None) | Err(_)) = stream.message().now_or_never() {
+        return;
+    }
+    tokio::spawn(async move {
+        let drain = async { while let Ok(Some(_)) = stream.message().await {} };
+        let _ = tokio::time::timeout(FINISH_TIMEOUT, drain).await;
+    });
 }
 
 /// A failure frame from the host, as the router's error.

@@ -153,6 +153,11 @@ impl PeerPool {
             .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
             .keep_alive_timeout(KEEPALIVE_TIMEOUT)
             .keep_alive_while_idle(true)
+            // The peers are members of the cluster (mutual TLS when configured), not strangers:
+            // h2 ends a connection, and fails every call on it, after 1,024 streams it had to
+            // reset itself (e.g. for frames arriving on a stream this side dropped early and
+            // has forgotten). Forwards read their streams to the end; this is the backstop.
+            .http2_max_local_error_reset_streams(None)
             .tcp_nodelay(true))
     }
 

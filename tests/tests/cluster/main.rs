@@ -944,6 +944,107 @@ async fn placements_seen(
     )
 }
 
+/// A forwarded call whose client goes away resets its HTTP/2 stream between the two nodes,
+/// and every forward ends its stream: neither may disturb the other calls on the connection
+/// (the HTTP/2 library ends a connection after 1,024 streams it had to reset itself). Here a
+/// forwarded call waits for the client's sampling answer while more than 1,100 other forwards
+/// are cancelled and 3,000 more are answered, and must still complete.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn more_than_a_thousand_cancelled_forwards_break_no_other_call() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let c = client();
+    let (cl, id, tool) = fixture_cluster("resets", "", "").await;
+    for m in cl.members() {
+        wait_for("node ready", Duration::from_secs(20), || async {
+            (get_json(&c, &m.url("/health/ready")).await.0 == 200).then_some(())
+        })
+        .await;
+    }
+    let pid = whoami(&c, &cl.members()[0], &tool)
+        .await
+        .expect("the first call works") as u32;
+    let host = cl
+        .members()
+        .iter()
+        .find(|m| m.pid() == parent_of(pid))
+        .map(Member::id)
+        .expect("the instance is a child of one of the nodes");
+    let other = cl.members().iter().find(|m| m.id() != host).unwrap();
+    let url = other.url("/mcp");
+
+    // The call that stays in flight: its sampling request is answered only after the
+    // cancellations.
+    let asked = std::sync::Arc::new(AtomicBool::new(false));
+    let (go, wait) = std::sync::mpsc::channel::<()>();
+    let pending = tokio::spawn({
+        let (c, url, asked) = (c.clone(), url.clone(), asked.clone());
+        let sample = format!("{id}__sample");
+        async move {
+            relay_roundtrip(&c, &url, &url, &sample, move |m| {
+                assert_eq!(m["method"], "sampling/createMessage");
+                asked.store(true, Ordering::SeqCst);
+                tokio::task::block_in_place(|| wait.recv().expect("the test sends go"));
+                json!({"role": "assistant",
+                    "content": {"type": "text", "text": "still here"}, "model": "m"})
+            })
+            .await
+        }
+    });
+    wait_for("the sampling request", Duration::from_secs(20), || async {
+        asked.load(Ordering::SeqCst).then_some(())
+    })
+    .await;
+
+    // 1,300 forwarded calls whose client gives up after 150 ms (the tool takes 2 s).
+    let slow = format!("{id}__slow");
+    let cancelled = futures::stream::iter(0..1300u32)
+        .map(|i| {
+            let (c, url, slow) = (c.clone(), url.clone(), slow.clone());
+            async move {
+                let body = json!({"jsonrpc": "2.0", "id": i, "method": "tools/call",
+                    "params": {"name": slow, "arguments": {"ms": 2000}}});
+                c.post(&url)
+                    .header("Content-Type", "application/json")
+                    .header("Accept", "application/json")
+                    .timeout(Duration::from_millis(150))
+                    .body(body.to_string())
+                    .send()
+                    .await
+                    .is_err_and(|e| e.is_timeout())
+            }
+        })
+        .buffer_unordered(32)
+        .filter(|gave_up| std::future::ready(*gave_up))
+        .count()
+        .await;
+    assert!(cancelled > 1100, "only {cancelled} calls were cancelled");
+    // 3,000 forwarded calls answered at once, 16 at a time: none may fail.
+    let echo = format!("{id}__echo");
+    let failed: Vec<Value> = futures::stream::iter(0..3000u32)
+        .map(|i| {
+            let (c, url, echo) = (c.clone(), url.clone(), echo.clone());
+            async move { call_tool(&c, &url, &echo, json!({"message": format!("m{i}")})).await }
+        })
+        .buffer_unordered(16)
+        .filter(|r| std::future::ready(r.get("result").is_none()))
+        .collect()
+        .await;
+    assert!(
+        failed.is_empty(),
+        "{} calls failed, e.g. {}",
+        failed.len(),
+        failed[0]
+    );
+
+    go.send(()).unwrap();
+    let r = tokio::time::timeout(Duration::from_secs(30), pending)
+        .await
+        .expect("the call in flight ends")
+        .unwrap();
+    assert_eq!(text_of(&r), "sampled: still here", "{r}");
+    assert!(whoami(&c, other, &tool).await.is_some(), "a new call works");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_group_spread_over_nodes_fails_no_call_when_a_node_dies() {
     let c = client();
