@@ -652,6 +652,25 @@ fn parent_of(pid: u32) -> Option<u32> {
 }
 
 /// The pid the fixture reports from `whoami`, called through `m`.
+/// Wait until every member answers `/health/ready` with 200.
+async fn wait_all_ready(c: &reqwest::Client, cl: &Cluster) {
+    for m in cl.members() {
+        wait_for("node ready", Duration::from_secs(20), || async {
+            (get_json(c, &m.url("/health/ready")).await.0 == 200).then_some(())
+        })
+        .await;
+    }
+}
+
+/// The id of the member whose child the process `pid` is.
+fn host_of(cl: &Cluster, pid: u32) -> u64 {
+    cl.members()
+        .iter()
+        .find(|m| m.pid() == parent_of(pid))
+        .map(Member::id)
+        .expect("the instance is a child of one of the nodes")
+}
+
 async fn whoami(c: &reqwest::Client, m: &Member, tool: &str) -> Option<u64> {
     let r = call_tool(c, &m.url("/mcp"), tool, json!({})).await;
     let text = r["result"]["content"][0]["text"].as_str()?;
@@ -662,12 +681,7 @@ async fn whoami(c: &reqwest::Client, m: &Member, tool: &str) -> Option<u64> {
 async fn one_instance_serves_every_node_and_moves_when_its_node_dies() {
     let c = client();
     let (mut cl, id, tool) = fixture_cluster("solo", "", "  node_loss_timeout_ms: 3000\n").await;
-    for m in cl.members() {
-        wait_for("node ready", Duration::from_secs(20), || async {
-            (get_json(&c, &m.url("/health/ready")).await.0 == 200).then_some(())
-        })
-        .await;
-    }
+    wait_all_ready(&c, &cl).await;
     // Every node serves the call; all reach the same process, and only one exists.
     let mut seen = BTreeSet::new();
     for m in cl.members() {
@@ -686,12 +700,7 @@ async fn one_instance_serves_every_node_and_moves_when_its_node_dies() {
         vec![pid],
         "exactly one process machine-wide"
     );
-    let host = cl
-        .members()
-        .iter()
-        .find(|m| m.pid() == parent_of(pid))
-        .map(Member::id)
-        .expect("the instance is a child of one of the nodes");
+    let host = host_of(&cl, pid);
 
     // Progress notifications of a call forwarded across nodes reach the caller in order,
     // with its own token, before the answer.
@@ -954,21 +963,11 @@ async fn more_than_a_thousand_cancelled_forwards_break_no_other_call() {
     use std::sync::atomic::{AtomicBool, Ordering};
     let c = client();
     let (cl, id, tool) = fixture_cluster("resets", "", "").await;
-    for m in cl.members() {
-        wait_for("node ready", Duration::from_secs(20), || async {
-            (get_json(&c, &m.url("/health/ready")).await.0 == 200).then_some(())
-        })
-        .await;
-    }
+    wait_all_ready(&c, &cl).await;
     let pid = whoami(&c, &cl.members()[0], &tool)
         .await
         .expect("the first call works") as u32;
-    let host = cl
-        .members()
-        .iter()
-        .find(|m| m.pid() == parent_of(pid))
-        .map(Member::id)
-        .expect("the instance is a child of one of the nodes");
+    let host = host_of(&cl, pid);
     let other = cl.members().iter().find(|m| m.id() != host).unwrap();
     let url = other.url("/mcp");
 
