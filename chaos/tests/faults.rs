@@ -653,13 +653,18 @@ async fn read_rps(nodes: &Nodes, n: u64, id: &str) -> Option<u64> {
         .map(|r| r as u64)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_full_disk_stops_one_node_and_the_majority_goes_on() {
+/// The small-disk tests mount a tmpfs on every node's data directory.
+fn assert_root_for_tmpfs() {
     assert!(
         is_root(),
         "this test mounts a tmpfs on every node's data directory and needs root (uid 0); run it \
          as root (CI does)"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_stops_one_node_and_the_majority_goes_on() {
+    assert_root_for_tmpfs();
     let t = Instant::now();
     let mut nodes = three_nodes_with(4, |o| o.small_disks = Some(SMALL_DISK_MIB)).await;
     let marker = nodes.marker().to_owned();
@@ -799,11 +804,7 @@ fn wal_of(nodes: &Nodes, id: u64) -> Vec<(u64, u64)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn small_disks_start_small_grow_and_leave_nothing_mounted() {
-    assert!(
-        is_root(),
-        "this test mounts a tmpfs on every node's data directory and needs root (uid 0); run it \
-         as root (CI does)"
-    );
+    assert_root_for_tmpfs();
     let t = Instant::now();
     let mut nodes = three_nodes_with(5, |o| o.small_disks = Some(SMALL_DISK_MIB)).await;
     let marker = nodes.marker().to_owned();

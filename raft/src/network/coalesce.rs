@@ -125,7 +125,7 @@ impl<T: tonic::transport::server::Connected> tonic::transport::server::Connected
 }
 
 /// Dials the peers (TCP, `TCP_NODELAY`, from a given source address) and wraps each
-/// connection in [`Coalesce`]; tonic runs mutual TLS on top when configured.
+/// connection in [`Coalesce`]; tonic runs mutual TLS and the connect timeout on top.
 #[derive(Clone)]
 pub(crate) struct Connector {
     http: hyper_util::client::legacy::connect::HttpConnector,
@@ -134,11 +134,10 @@ pub(crate) struct Connector {
 type Io = hyper_util::rt::TokioIo<Coalesce<tokio::net::TcpStream>>;
 
 impl Connector {
-    pub(crate) fn new(local_ip: Option<std::net::IpAddr>, timeout: std::time::Duration) -> Self {
+    pub(crate) fn new(local_ip: Option<std::net::IpAddr>) -> Self {
         let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
         http.enforce_http(false);
         http.set_nodelay(true);
-        http.set_connect_timeout(Some(timeout));
         http.set_local_address(local_ip);
         Connector { http }
     }

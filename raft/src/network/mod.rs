@@ -147,8 +147,8 @@ impl PeerPool {
                 .tls_config(tls.clone())
                 .map_err(|e| invalid(e.to_string()))?;
         }
+        // TCP options (source address, TCP_NODELAY) are the connector's: see `connector`.
         Ok(ep
-            .local_address(self.local_ip)
             .connect_timeout(CONNECT_TIMEOUT)
             .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
             .keep_alive_timeout(KEEPALIVE_TIMEOUT)
@@ -157,15 +157,20 @@ impl PeerPool {
             // h2 ends a connection, and fails every call on it, after 1,024 streams it had to
             // reset itself (e.g. for frames arriving on a stream this side dropped early and
             // has forgotten). Forwards read their streams to the end; this is the backstop.
-            .http2_max_local_error_reset_streams(None)
-            .tcp_nodelay(true))
+            .http2_max_local_error_reset_streams(None))
+    }
+
+    /// How every connection to a peer is dialled (tonic adds TLS and the connect timeout).
+    fn connector(&self) -> coalesce::Connector {
+        coalesce::Connector::new(self.local_ip)
     }
 
     /// Connect to `addr` now (with the TLS handshake when configured): whether a peer is
     /// reachable and, with mutual TLS, holds a node certificate of this cluster's CA.
     pub(crate) async fn probe(&self, addr: &str) -> Result<(), RaftError> {
         let ep = self.endpoint(addr)?;
-        match tokio::time::timeout(Duration::from_secs(5), ep.connect()).await {
+        let connect = ep.connect_with_connector(self.connector());
+        match tokio::time::timeout(Duration::from_secs(5), connect).await {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(e)) => {
                 let mut msg = e.to_string();
@@ -202,8 +207,9 @@ impl PeerPool {
             match map.get(addr) {
                 Some(ch) => ch.clone(),
                 None => {
-                    let connector = coalesce::Connector::new(self.local_ip, CONNECT_TIMEOUT);
-                    let ch = self.endpoint(addr)?.connect_with_connector_lazy(connector);
+                    let ch = self
+                        .endpoint(addr)?
+                        .connect_with_connector_lazy(self.connector());
                     map.insert(addr.to_string(), ch.clone());
                     ch
                 }
