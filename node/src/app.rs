@@ -436,6 +436,7 @@ impl Node {
                 tracing::warn!("in-flight requests did not finish within the grace period");
             }
         }
+        self.cluster.stop_calls();
         self.runtime.shutdown_all().await;
         self.cluster.shutdown().await;
         if let Some(dir) = &self.temp_data {

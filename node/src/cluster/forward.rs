@@ -1,29 +1,36 @@
 //! Any-node forwarding: the gRPC `CallService` served next to Raft (the host side), and the
 //! [`Forward`] port the router uses to reach an instance on another node (the caller side).
 //!
-//! A call travels as one request and comes back as a stream: the call's notifications
-//! (progress, log messages) and the upstream's requests to the client (sampling, elicitation,
-//! roots) in order, then exactly one answer or failure. Dropping the caller's stream (client
-//! gone, deadline) drops the host's upstream call, which sends `notifications/cancelled`
-//! upstream.
+//! Calls from one node to another share one long-lived stream (`Calls`), opened by the
+//! caller on first use and kept while it works: a call is one `start` message out, and its
+//! frames come back tagged with the caller's number — the call's notifications (progress, log
+//! messages) and the upstream's requests to the client (sampling, elicitation, roots) in
+//! order, then exactly one answer or failure. A caller that gives up (client gone, deadline)
+//! sends `cancel`, which drops the host's upstream call, which sends `notifications/cancelled`
+//! upstream. A stream that breaks fails the calls in flight on it; the next call opens a new
+//! one.
 //!
 //! The upstream's requests are registered in the host's relay table before they leave, so
 //! their ids (`hgr/<host>/<seq>`) name the host: the client's answer, wherever the balancer
 //! delivers it, comes back to the host through `Answer`.
 //!
-//! Cost: the host's stream drives the upstream call itself (no task of its own) and holds the
-//! response headers until the first frame, so a call without notifications is answered with
-//! headers, answer and trailers in one write; with the write coalescing of the connections
-//! between nodes, calls forwarded together share system calls (`bench/README.md`, "Any-node
-//! forwarding").
+//! Cost: a call on an open stream is a message each way, not an HTTP/2 stream of its own
+//! (headers, trailers, stream state on both sides); the host drives all of a stream's calls
+//! from the task that writes its answers, so an upstream's answer goes out without a task
+//! hop; with the write coalescing of the connections between nodes, calls forwarded together
+//! share system calls (`bench/README.md`, "Any-node forwarding").
 
+use std::collections::HashMap;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll};
 
-use futures::{Stream, StreamExt};
+use futures::future::{AbortHandle, Abortable};
+use futures::stream::FuturesUnordered;
+use futures::{Future, Stream, StreamExt};
 use hangar_proto::node::v1 as pb;
 use hangar_raft::RaftHandle;
 use pb::call_frame::Frame;
@@ -31,8 +38,9 @@ use pb::call_service_client::CallServiceClient;
 use pb::call_service_server::{CallService, CallServiceServer};
 use serde_json::value::RawValue;
 use tokio::sync::mpsc;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tonic::transport::Channel;
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response, Status, Streaming};
 
 use crate::jsonrpc::{Id, Message, RpcError};
 use crate::runtime::relay::Relays;
@@ -44,10 +52,13 @@ const MAX_TIMEOUT: Duration = Duration::from_secs(3600);
 /// Extra time the caller gives the host beyond the call's own deadline (the host enforces
 /// the deadline and answers `timeout` itself).
 const DEADLINE_SLACK: Duration = Duration::from_secs(2);
-/// How long a forward's trailers may take after its answer before the stream is reset.
-const FINISH_TIMEOUT: Duration = Duration::from_secs(5);
 /// Deadline of delivering a client's answer to the node that holds the request.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Frames a host's stream holds for writing before its calls wait (HTTP/2 flow control
+/// pushes back beyond that).
+const HOST_QUEUE: usize = 1024;
+/// Messages a host reads from a stream in one turn before it writes what is ready.
+const HOST_READ_TURN: usize = 64;
 
 /// Failure kinds on the wire.
 mod kind {
@@ -57,15 +68,26 @@ mod kind {
     pub(super) const TIMEOUT: &str = "timeout";
     pub(super) const UPSTREAM: &str = "upstream";
     pub(super) const BAD_REQUEST: &str = "bad_request";
+    pub(super) const SHUTTING_DOWN: &str = "shutting_down";
 }
 
 /// The host side: runs forwarded calls on this node's instances.
 #[derive(Default)]
 pub struct CallServer {
     runtime: OnceLock<Arc<Runtime>>,
+    /// Cancelled when the node stops serving calls: streams refuse new calls and end once
+    /// their calls are done.
+    stopping: CancellationToken,
 }
 
 impl CallServer {
+    /// Refuse new calls from now on (`shutting_down`: the caller retries elsewhere, nothing
+    /// was sent) and end every stream once its calls are done, so that the Raft listener
+    /// can close. Called before the node stops its instances.
+    pub fn stop(&self) {
+        self.stopping.cancel();
+    }
+
     /// The service, to be served on the Raft listener; it answers UNAVAILABLE until
     /// [`attach`](Self::attach).
     pub fn routes(self: &Arc<Self>) -> tonic::service::Routes {
@@ -86,37 +108,6 @@ fn is_last(f: &pb::CallFrame) -> bool {
     )
 }
 
-/// The frames of one forwarded call. The stream drives the call itself (no task of its
-/// own: the upstream's answer wakes the task that writes the response) and ends after the
-/// answer or failure. Dropping it drops the call, which cancels it upstream.
-struct CallFrames {
-    call: Option<Pin<Box<dyn std::future::Future<Output = ()> + Send>>>,
-    rx: mpsc::Receiver<Result<pb::CallFrame, Status>>,
-    done: bool,
-}
-
-impl Stream for CallFrames {
-    type Item = Result<pb::CallFrame, Status>;
-
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        if self.done {
-            return Poll::Ready(None);
-        }
-        if let Some(call) = self.call.as_mut()
-            && call.as_mut().poll(cx).is_ready()
-        {
-            self.call = None;
-        }
-        let frame = ready!(self.rx.poll_recv(cx));
-        self.done = frame
-            .as_ref()
-            .is_none_or(|f| f.as_ref().map_or(true, is_last));
-        Poll::Ready(frame)
-    }
-}
-
-type FrameStream = Pin<Box<dyn Stream<Item = Result<pb::CallFrame, Status>> + Send>>;
-
 fn failure(message: impl Into<String>, kind: &str, before_send: bool) -> pb::CallFrame {
     pb::CallFrame {
         frame: Some(Frame::Failure(pb::Failure {
@@ -127,33 +118,189 @@ fn failure(message: impl Into<String>, kind: &str, before_send: bool) -> pb::Cal
     }
 }
 
+/// Where a host's call sends its frames: the stream's queue, tagged with the caller's number.
+#[derive(Clone)]
+struct FrameTx {
+    call: u64,
+    tx: mpsc::Sender<pb::CallDown>,
+}
+
+impl FrameTx {
+    async fn send(&self, frame: pb::CallFrame) {
+        let down = pb::CallDown {
+            call: self.call,
+            frame: Some(frame),
+        };
+        let _ = self.tx.send(down).await;
+    }
+}
+
+type CallFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
+/// A call (its number when done) or a refusal (`None`) driven by a host's stream.
+type CallSlot = Pin<Box<dyn Future<Output = Option<u64>> + Send>>;
+/// How a host runs one call (the runtime's [`serve_call`]; a stand-in in tests).
+type StartCall = Box<dyn Fn(pb::CallRequest, FrameTx) -> CallFuture + Send>;
+
+/// A host's side of one `Calls` stream: reads the caller's starts and cancels, drives the
+/// calls (no task of their own: an upstream's answer wakes the task that writes the stream)
+/// and yields their frames. Ends when the caller closes its side, dropping every call still
+/// running. Once the node stops serving calls, it says so (a `shutting_down` failure for
+/// call number 0) and refuses new calls; the caller then closes its side when its calls here
+/// are done.
+struct HostCalls<S> {
+    /// The caller's messages; `None` once it closed its side.
+    inbound: Option<S>,
+    start: StartCall,
+    calls: FuturesUnordered<Abortable<CallSlot>>,
+    aborts: HashMap<u64, AbortHandle>,
+    tx: mpsc::Sender<pb::CallDown>,
+    rx: mpsc::Receiver<pb::CallDown>,
+    /// Resolves when the node starts stopping.
+    stopping: Pin<Box<WaitForCancellationFutureOwned>>,
+    draining: bool,
+}
+
+impl<S> HostCalls<S> {
+    fn new(inbound: S, start: StartCall, shutdown: CancellationToken) -> Self {
+        let (tx, rx) = mpsc::channel(HOST_QUEUE);
+        HostCalls {
+            inbound: Some(inbound),
+            start,
+            calls: FuturesUnordered::new(),
+            aborts: HashMap::new(),
+            tx,
+            rx,
+            draining: false,
+            stopping: Box::pin(shutdown.cancelled_owned()),
+        }
+    }
+
+    fn on_message(&mut self, up: pb::CallUp) {
+        let id = up.call;
+        match up.op {
+            Some(pb::call_up::Op::Start(req)) => {
+                if self.draining {
+                    let f = failure("this node is shutting down", kind::SHUTTING_DOWN, true);
+                    self.refuse(id, f);
+                } else if id == 0 || self.aborts.contains_key(&id) {
+                    let msg = format!("call number {id} is reserved or already running");
+                    self.refuse(id, failure(msg, kind::BAD_REQUEST, true));
+                } else {
+                    let tx = FrameTx {
+                        call: id,
+                        tx: self.tx.clone(),
+                    };
+                    let call = (self.start)(req, tx);
+                    self.push(id, call);
+                }
+            }
+            Some(pb::call_up::Op::Cancel(_)) => {
+                if let Some(h) = self.aborts.remove(&id) {
+                    h.abort();
+                }
+            }
+            None => {}
+        }
+    }
+
+    /// Answer call number `id` with `f` and nothing else. The frame waits for room in the
+    /// queue like any other, but is no call: it is not cancelled and does not hold the number.
+    fn refuse(&mut self, id: u64, f: pb::CallFrame) {
+        let tx = FrameTx {
+            call: id,
+            tx: self.tx.clone(),
+        };
+        let fut: CallSlot = Box::pin(async move {
+            tx.send(f).await;
+            None
+        });
+        let (_, reg) = AbortHandle::new_pair();
+        self.calls.push(Abortable::new(fut, reg));
+    }
+
+    fn push(&mut self, id: u64, call: CallFuture) {
+        let (handle, reg) = AbortHandle::new_pair();
+        let fut: CallSlot = Box::pin(async move {
+            call.await;
+            Some(id)
+        });
+        self.calls.push(Abortable::new(fut, reg));
+        self.aborts.insert(id, handle);
+    }
+}
+
+impl<S> Stream for HostCalls<S>
+where
+    S: Stream<Item = Result<pb::CallUp, Status>> + Unpin,
+{
+    type Item = Result<pb::CallDown, Status>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        if !this.draining && this.stopping.as_mut().poll(cx).is_ready() {
+            // Tell the caller (call number 0: the stream itself), which sends no new calls
+            // and closes its side once its calls here are done; calls already on their way
+            // are refused.
+            this.draining = true;
+            this.refuse(
+                0,
+                failure("this node is shutting down", kind::SHUTTING_DOWN, true),
+            );
+        }
+        // New calls and cancellations, a bounded number per turn.
+        let mut read = 0;
+        while let Some(inbound) = this.inbound.as_mut() {
+            if read == HOST_READ_TURN {
+                cx.waker().wake_by_ref();
+                break;
+            }
+            match inbound.poll_next_unpin(cx) {
+                Poll::Ready(Some(Ok(up))) => this.on_message(up),
+                // The caller closed its side or the connection broke: nobody is left to
+                // answer. Dropping the calls cancels them upstream.
+                Poll::Ready(Some(Err(_)) | None) => this.inbound = None,
+                Poll::Pending => break,
+            }
+            read += 1;
+        }
+        if this.inbound.is_none() {
+            return Poll::Ready(None);
+        }
+        // Drive the calls; a finished one is forgotten.
+        while let Poll::Ready(Some(done)) = this.calls.poll_next_unpin(cx) {
+            if let Ok(Some(id)) = done {
+                this.aborts.remove(&id);
+            }
+        }
+        match this.rx.poll_recv(cx) {
+            Poll::Ready(Some(down)) => Poll::Ready(Some(Ok(down))),
+            _ => Poll::Pending,
+        }
+    }
+}
+
+type CallsStream = Pin<Box<dyn Stream<Item = Result<pb::CallDown, Status>> + Send>>;
+
 #[tonic::async_trait]
 impl CallService for CallServer {
-    type CallStream = FrameStream;
+    type CallsStream = CallsStream;
 
-    async fn call(
+    async fn calls(
         &self,
-        request: Request<pb::CallRequest>,
-    ) -> Result<Response<Self::CallStream>, Status> {
+        request: Request<Streaming<pb::CallUp>>,
+    ) -> Result<Response<Self::CallsStream>, Status> {
         let runtime = self
             .runtime
             .get()
             .cloned()
             .ok_or_else(|| Status::unavailable("this node is still starting"))?;
-        let req = request.into_inner();
-        let (tx, rx) = mpsc::channel::<Result<pb::CallFrame, Status>>(64);
-        let mut frames = CallFrames {
-            call: Some(Box::pin(serve_call(runtime, req, tx))),
-            rx,
-            done: false,
-        };
-        // The response headers wait for the first frame, and the stream ends right after the
-        // answer: a simple call's headers, answer and trailers leave in one write (three
-        // before), which on loopback is most of a forward's cost.
-        let first = frames.next().await;
-        Ok(Response::new(Box::pin(
-            futures::stream::iter(first).chain(frames),
-        )))
+        let start: StartCall =
+            Box::new(move |req, tx| Box::pin(serve_call(runtime.clone(), req, tx)));
+        Ok(Response::new(Box::pin(HostCalls::new(
+            request.into_inner(),
+            start,
+            self.stopping.clone(),
+        ))))
     }
 
     async fn answer(
@@ -190,21 +337,12 @@ impl CallService for CallServer {
     }
 }
 
-/// Run one forwarded call and stream its frames to `tx`. Driven by [`CallFrames`]: when the
-/// caller goes away the stream is dropped, and with it this future and the upstream call,
+/// Run one forwarded call and send its frames to `tx`. Driven by [`HostCalls`]: when the
+/// caller cancels it or goes away this future is dropped, and with it the upstream call,
 /// which cancels it upstream.
-async fn serve_call(
-    runtime: Arc<Runtime>,
-    req: pb::CallRequest,
-    tx: mpsc::Sender<Result<pb::CallFrame, Status>>,
-) {
+async fn serve_call(runtime: Arc<Runtime>, req: pb::CallRequest, tx: FrameTx) {
     let id = req.instance_id.clone();
-    let answer = |f: pb::CallFrame| {
-        let tx = tx.clone();
-        async move {
-            let _ = tx.send(Ok(f)).await;
-        }
-    };
+    let answer = |f: pb::CallFrame| tx.send(f);
     let Some(inst) = runtime.instance(&id) else {
         return answer(failure(
             format!("no MCP server '{id}' on node {}", runtime.node_id()),
@@ -300,7 +438,7 @@ struct Relayer<'a> {
     call: u64,
     conn: &'a Arc<Upstream>,
     client_answers: bool,
-    tx: &'a mpsc::Sender<Result<pb::CallFrame, Status>>,
+    tx: &'a FrameTx,
 }
 
 impl Relayer<'_> {
@@ -331,7 +469,160 @@ impl Relayer<'_> {
                 Frame::Request(m.to_json().into_bytes())
             }
         };
-        let _ = self.tx.send(Ok(pb::CallFrame { frame: Some(frame) })).await;
+        self.tx.send(pb::CallFrame { frame: Some(frame) }).await;
+    }
+}
+
+/// Why a caller's stream to a host ended.
+#[derive(Clone, Debug)]
+enum StreamEnd {
+    /// It could not be opened: no call on it was sent.
+    NotOpened(Status),
+    /// It broke, or the host ended it: the calls in flight may have reached the upstream.
+    Broken(String),
+    /// (Of one call, never of a stream:) the stream was closing, the call was not sent.
+    NotSent,
+}
+
+/// The part of a caller's stream its reader task shares: the calls waiting for frames.
+#[derive(Default)]
+struct Pending {
+    calls: HashMap<u64, mpsc::UnboundedSender<pb::CallFrame>>,
+    /// Set once when the stream ends; no call is registered after.
+    ended: Option<StreamEnd>,
+}
+
+/// A caller's stream of calls to one host. Its reader task hands each frame to the call it
+/// belongs to, never waiting for one (a slow client holds up only its own call).
+struct CallStream {
+    up: mpsc::UnboundedSender<pb::CallUp>,
+    pending: Arc<parking_lot::Mutex<Pending>>,
+    next: AtomicU64,
+}
+
+/// One call in flight on a [`CallStream`]. Dropped before its answer (client gone, deadline),
+/// it cancels the call on the host.
+struct CallInFlight {
+    stream: Arc<CallStream>,
+    id: u64,
+    frames: mpsc::UnboundedReceiver<pb::CallFrame>,
+}
+
+impl Drop for CallInFlight {
+    fn drop(&mut self) {
+        // Still registered = no answer came: tell the host to drop the call.
+        if self.stream.pending.lock().calls.remove(&self.id).is_some() {
+            let _ = self.stream.up.send(pb::CallUp {
+                call: self.id,
+                op: Some(pb::call_up::Op::Cancel(pb::Cancel {})),
+            });
+        }
+    }
+}
+
+impl CallStream {
+    /// Open a stream to the host at `addr` behind `client`; its reader task runs until the
+    /// stream ends. The stream is in `streams` until it ends or its host stops serving calls.
+    fn open(
+        mut client: CallServiceClient<Channel>,
+        raft: RaftHandle,
+        addr: String,
+        streams: &Arc<Streams>,
+    ) -> Arc<Self> {
+        let (up, up_rx) = mpsc::unbounded_channel();
+        let pending = Arc::new(parking_lot::Mutex::new(Pending::default()));
+        let p = pending.clone();
+        let streams = Arc::downgrade(streams);
+        // Take it out of use: new calls open a new stream. Its calls in flight go on; when the
+        // last of them ends, the stream is dropped, which closes the request side.
+        let retire = {
+            let (p, addr) = (pending.clone(), addr.clone());
+            move || {
+                if let Some(streams) = streams.upgrade() {
+                    let mut map = streams.lock();
+                    if map.get(&addr).is_some_and(|s| Arc::ptr_eq(&s.pending, &p)) {
+                        map.remove(&addr);
+                    }
+                }
+            }
+        };
+        tokio::spawn(async move {
+            let outbound = tokio_stream::wrappers::UnboundedReceiverStream::new(up_rx);
+            let end = match client.calls(outbound).await {
+                Err(status) => {
+                    raft.peer_failed(&addr, &status);
+                    StreamEnd::NotOpened(status)
+                }
+                Ok(response) => {
+                    let mut down = response.into_inner();
+                    loop {
+                        match down.message().await {
+                            // Call number 0 is the stream: its host stops serving calls.
+                            Ok(Some(d)) if d.call == 0 => retire(),
+                            Ok(Some(d)) => dispatch(&p, d),
+                            Ok(None) => break StreamEnd::Broken("it ended the stream".to_owned()),
+                            Err(status) => {
+                                raft.peer_failed(&addr, &status);
+                                break StreamEnd::Broken(status.message().to_owned());
+                            }
+                        }
+                    }
+                }
+            };
+            retire();
+            let mut st = p.lock();
+            st.ended = Some(end);
+            // The calls still waiting see their channel close and read `ended`.
+            st.calls.clear();
+        });
+        Arc::new(CallStream {
+            up,
+            pending,
+            next: AtomicU64::new(1),
+        })
+    }
+
+    /// Send `req` as a new call on this stream.
+    fn start(self: &Arc<Self>, req: pb::CallRequest) -> Result<CallInFlight, StreamEnd> {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let (tx, frames) = mpsc::unbounded_channel();
+        {
+            let mut st = self.pending.lock();
+            if let Some(end) = &st.ended {
+                return Err(end.clone());
+            }
+            st.calls.insert(id, tx);
+        }
+        let start = pb::CallUp {
+            call: id,
+            op: Some(pb::call_up::Op::Start(req)),
+        };
+        if self.up.send(start).is_err() {
+            // The request side is gone (the stream is ending): nothing was sent.
+            self.pending.lock().calls.remove(&id);
+            return Err(StreamEnd::NotSent);
+        }
+        Ok(CallInFlight {
+            stream: self.clone(),
+            id,
+            frames,
+        })
+    }
+}
+
+/// Hand a host's frame to its call; an answer or failure also ends the call's registration.
+fn dispatch(pending: &parking_lot::Mutex<Pending>, down: pb::CallDown) {
+    let Some(frame) = down.frame else {
+        return;
+    };
+    let mut st = pending.lock();
+    if is_last(&frame) {
+        if let Some(tx) = st.calls.remove(&down.call) {
+            drop(st);
+            let _ = tx.send(frame);
+        }
+    } else if let Some(tx) = st.calls.get(&down.call) {
+        let _ = tx.send(frame);
     }
 }
 
@@ -339,29 +630,62 @@ impl Relayer<'_> {
 pub struct Forwarder {
     raft: RaftHandle,
     me: u64,
+    /// The open stream of calls to each host, by its Raft address.
+    streams: Arc<Streams>,
 }
+
+/// A caller's streams of calls in use, by host Raft address.
+type Streams = parking_lot::Mutex<HashMap<String, Arc<CallStream>>>;
 
 impl Forwarder {
     /// Forward over `raft`'s peer channels; `me` is this node's id.
     pub fn new(raft: RaftHandle, me: u64) -> Self {
-        Forwarder { raft, me }
+        Forwarder {
+            raft,
+            me,
+            streams: Default::default(),
+        }
     }
 
-    /// A `CallService` client to `node` (over Raft's shared channel) and its address.
-    fn client(&self, node: u64) -> Result<(CallServiceClient<Channel>, String), ForwardError> {
-        let unreachable = |message: String| ForwardError::Unreachable { node, message };
-        let addr = self
-            .raft
-            .read(|st| st.nodes.get(&node).map(|n| n.raft_addr.clone()))
-            .ok_or_else(|| unreachable("it has no registered address".to_owned()))?;
+    /// A `CallService` client to `node` at `addr`, over Raft's shared channel.
+    fn client(&self, node: u64, addr: &str) -> Result<CallServiceClient<Channel>, ForwardError> {
         let channel = self
             .raft
-            .peer_channel(&addr)
-            .map_err(|e| unreachable(e.to_string()))?;
-        let client = CallServiceClient::new(channel)
+            .peer_channel(addr)
+            .map_err(|e| ForwardError::Unreachable {
+                node,
+                message: e.to_string(),
+            })?;
+        Ok(CallServiceClient::new(channel)
             .max_decoding_message_size(hangar_proto::MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(hangar_proto::MAX_MESSAGE_BYTES);
-        Ok((client, addr))
+            .max_encoding_message_size(hangar_proto::MAX_MESSAGE_BYTES))
+    }
+
+    /// The Raft address of `node`.
+    fn addr(&self, node: u64) -> Result<String, ForwardError> {
+        self.raft
+            .read(|st| st.nodes.get(&node).map(|n| n.raft_addr.clone()))
+            .ok_or_else(|| ForwardError::Unreachable {
+                node,
+                message: "it has no registered address".to_owned(),
+            })
+    }
+
+    /// The stream of calls to `node`, opened if there is none in use.
+    fn stream(&self, node: u64) -> Result<Arc<CallStream>, ForwardError> {
+        let addr = self.addr(node)?;
+        if let Some(s) = self.streams.lock().get(&addr) {
+            return Ok(s.clone());
+        }
+        let client = self.client(node, &addr)?;
+        let mut streams = self.streams.lock();
+        // Another call may have opened one meanwhile.
+        if let Some(s) = streams.get(&addr) {
+            return Ok(s.clone());
+        }
+        let s = CallStream::open(client, self.raft.clone(), addr.clone(), &self.streams);
+        streams.insert(addr, s.clone());
+        Ok(s)
     }
 
     async fn run(
@@ -373,13 +697,25 @@ impl Forwarder {
         sink: Option<CallSink>,
         timeout: Duration,
     ) -> Result<Outcome, ForwardError> {
-        let (mut client, addr) = self.client(node)?;
+        let stream = self.stream(node)?;
         let deadline = tokio::time::Instant::now() + timeout + DEADLINE_SLACK;
         let timed_out = || {
             ForwardError::Upstream(UpstreamError::Timeout {
                 server: instance.to_owned(),
                 secs: timeout.as_secs_f64(),
             })
+        };
+        let ended = |end: StreamEnd| match end {
+            StreamEnd::NotOpened(status) => status_error(instance, node, &status),
+            StreamEnd::NotSent => ForwardError::Unreachable {
+                node,
+                message: "its stream of calls was closing".to_owned(),
+            },
+            StreamEnd::Broken(message) => ForwardError::Upstream(UpstreamError::Closed {
+                server: instance.to_owned(),
+                message: format!("the forward to node {node} broke: {message}"),
+                before_send: false,
+            }),
         };
         let req = pb::CallRequest {
             from_node: self.me,
@@ -391,33 +727,17 @@ impl Forwarder {
             timeout_ms: timeout.as_millis() as u64,
             client_answers: sink.is_some(),
         };
-        let mut stream = match tokio::time::timeout_at(deadline, client.call(req)).await {
-            Err(_) => return Err(timed_out()),
-            Ok(Err(status)) => {
-                self.raft.peer_failed(&addr, &status);
-                return Err(status_error(instance, node, &status));
-            }
-            Ok(Ok(r)) => r.into_inner(),
-        };
+        let mut call = stream.start(req).map_err(ended)?;
         loop {
-            let frame = match tokio::time::timeout_at(deadline, stream.message()).await {
+            let frame = match tokio::time::timeout_at(deadline, call.frames.recv()).await {
                 Err(_) => return Err(timed_out()),
-                Ok(Err(status)) => {
-                    self.raft.peer_failed(&addr, &status);
-                    return Err(ForwardError::Upstream(UpstreamError::Closed {
-                        server: instance.to_owned(),
-                        message: format!("the forward to node {node} broke: {}", status.message()),
-                        before_send: false,
-                    }));
+                Ok(None) => {
+                    let end = stream.pending.lock().ended.clone();
+                    return Err(ended(end.unwrap_or_else(|| {
+                        StreamEnd::Broken("the call was dropped".to_owned())
+                    })));
                 }
-                Ok(Ok(None)) => {
-                    return Err(ForwardError::Upstream(UpstreamError::Closed {
-                        server: instance.to_owned(),
-                        message: format!("node {node} ended the forward without an answer"),
-                        before_send: false,
-                    }));
-                }
-                Ok(Ok(Some(f))) => f,
+                Ok(Some(f)) => f,
             };
             let bad = |what: &str| {
                 ForwardError::Upstream(UpstreamError::Protocol {
@@ -437,39 +757,19 @@ impl Forwarder {
                     }
                 }
                 Some(Frame::Result(b)) => {
-                    finish(stream);
                     let text = String::from_utf8(b).map_err(|_| bad("result"))?;
                     let raw = RawValue::from_string(text).map_err(|_| bad("result"))?;
                     return Ok(Outcome::Result(raw));
                 }
                 Some(Frame::RpcError(b)) => {
-                    finish(stream);
                     let e: RpcError = serde_json::from_slice(&b).map_err(|_| bad("error"))?;
                     return Ok(Outcome::Error(e));
                 }
-                Some(Frame::Failure(f)) => {
-                    finish(stream);
-                    return Err(failure_error(instance, node, f, timeout));
-                }
+                Some(Frame::Failure(f)) => return Err(failure_error(instance, node, f, timeout)),
                 None => return Err(bad("frame")),
             }
         }
     }
-}
-
-/// Read a forward's stream to its end after the answer (the host sends its trailers right
-/// behind it, usually in the same packet). A stream dropped before its end is reset
-/// (`RST_STREAM`), which costs a frame each way — and HTTP/2 libraries count such resets
-/// against a per-connection limit.
-fn finish(mut stream: tonic::Streaming<pb::CallFrame>) {
-    use futures::FutureExt;
-    if let Some(Ok(None) | Err(_)) = stream.message().now_or_never() {
-        return;
-    }
-    tokio::spawn(async move {
-        let drain = async { while let Ok(Some(_)) = stream.message().await {} };
-        let _ = tokio::time::timeout(FINISH_TIMEOUT, drain).await;
-    });
 }
 
 /// A failure frame from the host, as the router's error.
@@ -478,6 +778,10 @@ fn failure_error(instance: &str, node: u64, f: pb::Failure, timeout: Duration) -
         kind::NOT_PLACED_HERE => ForwardError::NotHostedThere {
             node,
             instance: instance.to_owned(),
+        },
+        kind::SHUTTING_DOWN => ForwardError::Unreachable {
+            node,
+            message: f.message,
         },
         kind::UNKNOWN_SERVER | kind::START_FAILED | kind::BAD_REQUEST => ForwardError::Start {
             node,
@@ -495,8 +799,8 @@ fn failure_error(instance: &str, node: u64, f: pb::Failure, timeout: Duration) -
     }
 }
 
-/// A gRPC status at the start of a forward. The request is known not to have left only
-/// when the connection could not be made.
+/// The gRPC status of a stream of calls that could not be opened. The requests are known
+/// not to have left only when the connection could not be made.
 fn status_error(instance: &str, node: u64, status: &Status) -> ForwardError {
     // Only a connection that could not be made (or a host still starting) proves the request
     // never left; a connection that broke later may have delivered it.
@@ -522,7 +826,8 @@ impl Forwarder {
         let Id::Str(relay_id) = relay_id else {
             return Ok(false);
         };
-        let (mut client, addr) = self.client(node)?;
+        let addr = self.addr(node)?;
+        let mut client = self.client(node, &addr)?;
         let (result, rpc_error) = match (msg.result, msg.error) {
             (Some(r), _) => (r.get().as_bytes().to_vec(), Vec::new()),
             (None, Some(e)) => (Vec::new(), serde_json::to_vec(&e).unwrap_or_default()),
@@ -580,67 +885,246 @@ impl Forward for Forwarder {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::sync::oneshot;
 
-    fn frame(f: Frame) -> Result<pb::CallFrame, Status> {
-        Ok(pb::CallFrame { frame: Some(f) })
+    fn start(call: u64, method: &str) -> pb::CallUp {
+        pb::CallUp {
+            call,
+            op: Some(pb::call_up::Op::Start(pb::CallRequest {
+                method: method.to_owned(),
+                ..Default::default()
+            })),
+        }
     }
 
-    /// The stream drives its call, yields its frames in order and ends with the answer, even
-    /// when the call goes on sending.
-    #[tokio::test]
-    async fn call_frames_end_with_the_answer() {
-        let (tx, rx) = mpsc::channel(2);
-        let call = async move {
-            for f in [
-                Frame::Notification(b"{}".to_vec()),
-                Frame::Notification(b"{}".to_vec()),
-                Frame::Notification(b"{}".to_vec()),
-                Frame::Result(b"1".to_vec()),
-                Frame::Notification(b"late".to_vec()),
-            ] {
-                if tx.send(frame(f)).await.is_err() {
-                    return;
-                }
-            }
-            std::future::pending::<()>().await;
+    fn cancel(call: u64) -> pb::CallUp {
+        pb::CallUp {
+            call,
+            op: Some(pb::call_up::Op::Cancel(pb::Cancel {})),
+        }
+    }
+
+    fn kind_of(d: &pb::CallDown) -> (u64, String) {
+        let k = match &d.frame.as_ref().unwrap().frame {
+            Some(Frame::Notification(b)) => format!("n:{}", String::from_utf8_lossy(b)),
+            Some(Frame::Result(b)) => format!("r:{}", String::from_utf8_lossy(b)),
+            Some(Frame::Failure(f)) => format!("f:{}:{}", f.kind, f.before_send),
+            _ => "?".to_owned(),
         };
-        let frames = CallFrames {
-            call: Some(Box::pin(call)),
-            rx,
-            done: false,
-        };
-        let got: Vec<_> = tokio::time::timeout(Duration::from_secs(10), frames.collect::<Vec<_>>())
+        (d.call, k)
+    }
+
+    type Inbound = mpsc::UnboundedSender<Result<pb::CallUp, Status>>;
+
+    /// A host stream whose calls are `run(method)`; `guards` receives a oneshot per call
+    /// whose sender lives exactly as long as the call.
+    fn host<F>(
+        run: F,
+        stopping: CancellationToken,
+    ) -> (
+        Inbound,
+        HostCalls<tokio_stream::wrappers::UnboundedReceiverStream<Result<pb::CallUp, Status>>>,
+    )
+    where
+        F: Fn(String, FrameTx) -> CallFuture + Send + 'static,
+    {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let start: StartCall = Box::new(move |req, out| run(req.method, out));
+        let inbound = tokio_stream::wrappers::UnboundedReceiverStream::new(rx);
+        (tx, HostCalls::new(inbound, start, stopping))
+    }
+
+    async fn next(
+        h: &mut (impl Stream<Item = Result<pb::CallDown, Status>> + Unpin),
+    ) -> (u64, String) {
+        let d = tokio::time::timeout(Duration::from_secs(10), h.next())
             .await
-            .expect("the stream ends after the answer");
-        let kinds: Vec<_> = got
-            .into_iter()
-            .map(|f| match f.unwrap().frame {
-                Some(Frame::Notification(_)) => "n",
-                Some(Frame::Result(_)) => "r",
-                _ => "?",
+            .expect("a frame in time")
+            .expect("the stream goes on")
+            .expect("no error");
+        kind_of(&d)
+    }
+
+    /// Calls on one stream run side by side; each one's frames come tagged with its number,
+    /// in order, answer last. The stream ends when the caller closes its side.
+    #[tokio::test]
+    async fn host_streams_tag_each_calls_frames() {
+        let (inbound, mut h) = host(
+            |method, out| {
+                Box::pin(async move {
+                    // The second call answers first: frames of calls interleave.
+                    if method == "slow" {
+                        tokio::task::yield_now().await;
+                        tokio::task::yield_now().await;
+                    }
+                    out.send(pb::CallFrame {
+                        frame: Some(Frame::Notification(method.clone().into_bytes())),
+                    })
+                    .await;
+                    out.send(pb::CallFrame {
+                        frame: Some(Frame::Result(method.into_bytes())),
+                    })
+                    .await;
+                })
+            },
+            CancellationToken::new(),
+        );
+        inbound.send(Ok(start(1, "slow"))).unwrap();
+        inbound.send(Ok(start(2, "fast"))).unwrap();
+        let mut got = Vec::new();
+        for _ in 0..4 {
+            got.push(next(&mut h).await);
+        }
+        let of = |c: u64| -> Vec<String> {
+            got.iter()
+                .filter(|(n, _)| *n == c)
+                .map(|(_, k)| k.clone())
+                .collect()
+        };
+        assert_eq!(of(1), ["n:slow", "r:slow"]);
+        assert_eq!(of(2), ["n:fast", "r:fast"]);
+        assert!(
+            h.calls.is_empty() && h.aborts.is_empty(),
+            "finished calls are forgotten"
+        );
+        drop(inbound);
+        assert!(
+            h.next().await.is_none(),
+            "the stream ends with the caller's side"
+        );
+    }
+
+    /// A cancel drops its call (which cancels it upstream) and only that one; a number in use
+    /// is refused without touching its call; closing the caller's side drops the rest.
+    #[tokio::test]
+    async fn cancels_and_a_closed_caller_drop_the_calls() {
+        let (guards_tx, mut guards) = mpsc::unbounded_channel::<oneshot::Receiver<()>>();
+        let (inbound, mut h) = host(
+            move |_, out| {
+                let (alive, dropped) = oneshot::channel::<()>();
+                guards_tx.send(dropped).unwrap();
+                Box::pin(async move {
+                    let _alive = alive;
+                    out.send(pb::CallFrame {
+                        frame: Some(Frame::Notification(b"started".to_vec())),
+                    })
+                    .await;
+                    std::future::pending::<()>().await;
+                })
+            },
+            CancellationToken::new(),
+        );
+        inbound.send(Ok(start(1, "a"))).unwrap();
+        inbound.send(Ok(start(2, "b"))).unwrap();
+        assert_eq!(next(&mut h).await.1, "n:started");
+        assert_eq!(next(&mut h).await.1, "n:started");
+        let mut one = guards.recv().await.unwrap();
+        let mut two = guards.recv().await.unwrap();
+        inbound.send(Ok(start(2, "again"))).unwrap();
+        assert_eq!(next(&mut h).await, (2, "f:bad_request:true".to_owned()));
+        inbound.send(Ok(cancel(1))).unwrap();
+        // Poll the stream until the cancel is read (it yields nothing more).
+        let _ = tokio::time::timeout(Duration::from_millis(50), h.next()).await;
+        assert!(
+            one.try_recv()
+                .is_err_and(|e| e == oneshot::error::TryRecvError::Closed)
+        );
+        assert_eq!(
+            two.try_recv(),
+            Err(oneshot::error::TryRecvError::Empty),
+            "call 2 runs on"
+        );
+        drop(inbound);
+        assert!(h.next().await.is_none());
+        drop(h);
+        assert_eq!(two.try_recv(), Err(oneshot::error::TryRecvError::Closed));
+    }
+
+    /// A host that stops serving calls says so on call number 0, refuses new calls (nothing
+    /// sent) and lets the running ones finish.
+    #[tokio::test]
+    async fn a_stopping_host_says_so_and_refuses_new_calls() {
+        let stopping = CancellationToken::new();
+        let (release_tx, release) = tokio::sync::watch::channel(false);
+        let (inbound, mut h) = host(
+            move |_, out| {
+                let mut release = release.clone();
+                Box::pin(async move {
+                    let _ = release.wait_for(|r| *r).await;
+                    out.send(pb::CallFrame {
+                        frame: Some(Frame::Result(b"done".to_vec())),
+                    })
+                    .await;
+                })
+            },
+            stopping.clone(),
+        );
+        inbound.send(Ok(start(1, "a"))).unwrap();
+        let _ = tokio::time::timeout(Duration::from_millis(50), h.next()).await;
+        stopping.cancel();
+        assert_eq!(next(&mut h).await, (0, "f:shutting_down:true".to_owned()));
+        inbound.send(Ok(start(2, "b"))).unwrap();
+        assert_eq!(next(&mut h).await, (2, "f:shutting_down:true".to_owned()));
+        release_tx.send(true).unwrap();
+        assert_eq!(next(&mut h).await, (1, "r:done".to_owned()));
+        drop(inbound);
+        assert!(h.next().await.is_none());
+    }
+
+    fn caller() -> (Arc<CallStream>, mpsc::UnboundedReceiver<pb::CallUp>) {
+        let (up, up_rx) = mpsc::unbounded_channel();
+        let s = Arc::new(CallStream {
+            up,
+            pending: Default::default(),
+            next: AtomicU64::new(1),
+        });
+        (s, up_rx)
+    }
+
+    fn down(call: u64, f: Frame) -> pb::CallDown {
+        pb::CallDown {
+            call,
+            frame: Some(pb::CallFrame { frame: Some(f) }),
+        }
+    }
+
+    /// The caller's side: each call gets its own frames; an answered call sends nothing more,
+    /// one dropped before its answer cancels it; after the stream ended no call starts.
+    #[tokio::test]
+    async fn callers_get_their_frames_and_cancel_what_they_drop() {
+        let (s, mut up) = caller();
+        let mut a = s.start(pb::CallRequest::default()).unwrap();
+        let b = s.start(pb::CallRequest::default()).unwrap();
+        let ids: Vec<u64> = [up.recv().await.unwrap(), up.recv().await.unwrap()]
+            .iter()
+            .map(|u| {
+                assert!(matches!(u.op, Some(pb::call_up::Op::Start(_))));
+                u.call
             })
             .collect();
-        assert_eq!(kinds, ["n", "n", "n", "r"]);
-    }
-
-    /// Dropping the stream drops the call it drives (which cancels the upstream request).
-    #[tokio::test]
-    async fn dropping_call_frames_drops_the_call() {
-        let (tx, rx) = mpsc::channel(4);
-        let (dropped_tx, dropped_rx) = tokio::sync::oneshot::channel::<()>();
-        let call = async move {
-            let _guard = dropped_tx;
-            let _ = tx.send(frame(Frame::Notification(b"{}".to_vec()))).await;
-            std::future::pending::<()>().await;
-        };
-        let mut frames = CallFrames {
-            call: Some(Box::pin(call)),
-            rx,
-            done: false,
-        };
-        assert!(frames.next().await.is_some());
-        drop(frames);
-        // The oneshot's sender went with the call.
-        assert!(dropped_rx.await.is_err());
+        assert_eq!(ids, [a.id, b.id]);
+        assert_ne!(a.id, b.id);
+        dispatch(&s.pending, down(a.id, Frame::Notification(b"p".to_vec())));
+        dispatch(&s.pending, down(a.id, Frame::Result(b"1".to_vec())));
+        dispatch(
+            &s.pending,
+            down(a.id, Frame::Notification(b"late".to_vec())),
+        );
+        let got = |f: Option<pb::CallFrame>| kind_of(&pb::CallDown { call: 0, frame: f }).1;
+        assert_eq!(got(a.frames.recv().await), "n:p");
+        assert_eq!(got(a.frames.recv().await), "r:1");
+        assert!(a.frames.recv().await.is_none(), "nothing after the answer");
+        drop(a);
+        let b_id = b.id;
+        drop(b);
+        let c = up.recv().await.unwrap();
+        assert_eq!(c.call, b_id);
+        assert!(matches!(c.op, Some(pb::call_up::Op::Cancel(_))));
+        assert!(up.try_recv().is_err(), "the answered call sent no cancel");
+        s.pending.lock().ended = Some(StreamEnd::Broken("gone".to_owned()));
+        assert!(matches!(
+            s.start(pb::CallRequest::default()),
+            Err(StreamEnd::Broken(_))
+        ));
     }
 }

@@ -1653,6 +1653,11 @@ impl Cluster {
         }
     }
 
+    /// Stop taking forwarded calls (those in flight finish): before the runtime stops.
+    pub fn stop_calls(&self) {
+        self.calls.stop();
+    }
+
     /// Stop Raft (after the runtime stopped).
     pub async fn shutdown(&self) {
         self.flush_events(Duration::from_secs(2)).await;

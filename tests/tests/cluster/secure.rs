@@ -363,7 +363,7 @@ async fn https_mtls_keys_and_jwts_hold_on_every_node_and_no_secret_is_written_do
     for path in [
         "/hangar.raft.v1.RaftService/Vote",
         "/hangar.raft.v1.RaftService/Forward",
-        "/hangar.node.v1.CallService/Call",
+        "/hangar.node.v1.CallService/Calls",
     ] {
         assert!(
             !grpc_answered(&intruder, n1.raft_addr(), path).await,
