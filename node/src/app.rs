@@ -424,9 +424,10 @@ impl Node {
             }
         }
         self.shutdown.cancel();
+        let grace_end = tokio::time::Instant::now() + GRACE;
         if let Some((_, task)) = &self.http {
             // Wait for in-flight requests within the grace period.
-            let waited = tokio::time::timeout(GRACE, async {
+            let waited = tokio::time::timeout_at(grace_end, async {
                 while !task.is_finished() {
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
@@ -436,7 +437,12 @@ impl Node {
                 tracing::warn!("in-flight requests did not finish within the grace period");
             }
         }
+        // Calls forwarded here by other nodes: new ones are refused unsent (they go to another
+        // member, or wait for the server's next placement), those running finish within what is
+        // left of the grace period before the instances stop.
         self.cluster.stop_calls();
+        let left = grace_end.saturating_duration_since(tokio::time::Instant::now());
+        self.runtime.drain_all(left).await;
         self.runtime.shutdown_all().await;
         self.cluster.shutdown().await;
         if let Some(dir) = &self.temp_data {

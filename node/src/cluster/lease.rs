@@ -158,8 +158,8 @@ impl LeaseService for LeaseServer {
 }
 
 impl Cluster {
-    /// Keep this node's placement lease renewed until shutdown; stop the single-instance
-    /// servers here when it lapses.
+    /// Keep this node's placement lease renewed until its instances have stopped; stop the
+    /// single-instance servers here when it lapses.
     pub(super) async fn lease_loop(self: Arc<Self>, runtime: Arc<Runtime>) {
         let lease = self.cfg.placement_lease;
         let every = (lease / 5).max(Duration::from_millis(20));
@@ -203,8 +203,10 @@ impl Cluster {
                 let rt = runtime.clone();
                 tokio::spawn(async move { rt.lease_lapsed().await });
             }
+            // Not `shutdown`: a node that stops keeps its lease while the calls running on
+            // its instances finish; it ends after the instances have stopped.
             tokio::select! {
-                _ = self.shutdown.cancelled() => return,
+                _ = self.lease_end.cancelled() => return,
                 _ = tokio::time::sleep_until(started + every) => {}
             }
         }

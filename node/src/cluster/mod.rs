@@ -357,6 +357,8 @@ pub struct Cluster {
     events_notify: Notify,
     http: reqwest::Client,
     shutdown: CancellationToken,
+    /// Ends the placement lease renewals: once the runtime stopped (see [`Cluster::shutdown`]).
+    lease_end: CancellationToken,
     /// The host side of call forwarding, served on the Raft listener.
     calls: Arc<CallServer>,
     /// Placement leases: the renewals this node granted while leading.
@@ -457,6 +459,7 @@ impl Cluster {
             events_notify: Notify::new(),
             http,
             shutdown,
+            lease_end: CancellationToken::new(),
             calls,
             leases,
             quotas,
@@ -1660,6 +1663,7 @@ impl Cluster {
 
     /// Stop Raft (after the runtime stopped).
     pub async fn shutdown(&self) {
+        self.lease_end.cancel();
         self.flush_events(Duration::from_secs(2)).await;
         if let Err(e) = self.raft.shutdown().await {
             tracing::warn!(error = %e, "raft_shutdown_incomplete");

@@ -544,6 +544,13 @@ impl Runtime {
         d
     }
 
+    /// Wait until no instance has a call in flight, at most `limit` (before a graceful
+    /// shutdown stops them).
+    pub async fn drain_all(&self, limit: Duration) {
+        let all = self.instances();
+        futures::future::join_all(all.iter().map(|i| i.drain_calls(limit))).await;
+    }
+
     /// Stop every instance (graceful shutdown), concurrently.
     pub async fn shutdown_all(&self) {
         let all = self.instances();

@@ -1175,6 +1175,83 @@ async fn a_group_spread_over_nodes_fails_no_call_when_a_node_dies() {
     );
 }
 
+/// A node stopped with SIGTERM, without a drain first, fails no call forwarded to it, not even
+/// one that is not idempotent: the calls running there finish, new ones are refused before
+/// they are sent and go to the group's other member.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_stopped_with_sigterm_fails_no_forwarded_call() {
+    let c = client();
+    let mut cl = cluster(3, &[]);
+    let tag = std::process::id();
+    let (a, b) = (format!("sa{tag}"), format!("sb{tag}"));
+    let head = format!(
+        "mcp_servers:\n{}{}  g:\n    mode: group\n    strategy: round_robin\n    members:\n      - id: {a}\n      - id: {b}\n",
+        fixture_stdio_yaml(&a, ""),
+        fixture_stdio_yaml(&b, "")
+    );
+    start_static(&mut cl, &head, "  node_loss_timeout_ms: 3000\n").await;
+    let (na, nb) = wait_for("members ready", Duration::from_secs(30), || async {
+        let v = placements_seen(&c, &cl.members()[0]).await?;
+        let (na, sa) = v.get(&a)?;
+        let (nb, sb) = v.get(&b)?;
+        (sa == "ready" && sb == "ready").then_some((*na, *nb))
+    })
+    .await;
+    assert_ne!(na, nb, "members on different nodes");
+    // Every call goes through the third node, so every call is forwarded.
+    let via = cl
+        .members()
+        .iter()
+        .find(|m| m.id() != na && m.id() != nb)
+        .unwrap()
+        .url("/mcp");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let mut tasks = Vec::new();
+    for i in 0..4 {
+        let (c, url, stop, done) = (c.clone(), via.clone(), stop.clone(), done.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut failed = Vec::new();
+            // Bounded: at most 10 000 calls per client (the test stops it far earlier).
+            for _ in 0..10_000 {
+                if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
+                // Calls run on the node when it is stopped, and longer than the fixture's
+                // own grace after its stdin closes (2 s): Hangar waits for them first.
+                let r = call_tool(&c, &url, "g__slow", json!({"ms": 2500})).await;
+                if r["result"]["content"][0]["text"].is_string() && r["result"]["isError"] != true {
+                    done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                } else {
+                    failed.push(format!("client {i}: {r}"));
+                }
+            }
+            failed
+        }));
+    }
+    let calls = || done.load(std::sync::atomic::Ordering::Relaxed);
+    wait_for("calls flowing", Duration::from_secs(30), || async {
+        (calls() >= 4).then_some(())
+    })
+    .await;
+    let code = cl.terminate(na).await.unwrap();
+    assert_eq!(code, Some(0), "node {na} stopped cleanly");
+    // Its peers closed their streams of calls when it said it stopped serving them: the
+    // Raft listener closed without being cut off.
+    let log = cl.member(na).unwrap().log();
+    assert!(!log.contains("did not stop in time"), "{log}");
+    let after = calls();
+    wait_for("calls after the stop", Duration::from_secs(30), || async {
+        (calls() >= after + 8).then_some(())
+    })
+    .await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for t in tasks {
+        let failed = t.await.unwrap();
+        assert!(failed.is_empty(), "failed calls: {failed:?}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leader_kill_restarts_no_instance_on_a_survivor() {
     let c = client();
