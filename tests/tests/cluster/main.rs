@@ -953,11 +953,11 @@ async fn placements_seen(
     )
 }
 
-/// A forwarded call whose client goes away resets its HTTP/2 stream between the two nodes,
-/// and every forward ends its stream: neither may disturb the other calls on the connection
-/// (the HTTP/2 library ends a connection after 1,024 streams it had to reset itself). Here a
-/// forwarded call waits for the client's sampling answer while more than 1,100 other forwards
-/// are cancelled and 3,000 more are answered, and must still complete.
+/// A forwarded call whose client goes away is cancelled on the stream of calls the two nodes
+/// share: cancellations must not disturb the other calls on it (with a stream per call they
+/// once did: the HTTP/2 library ends a connection after 1,024 streams it had to reset itself).
+/// Here a forwarded call waits for the client's sampling answer while more than 1,100 other
+/// forwards are cancelled and 3,000 more are answered, and must still complete.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn more_than_a_thousand_cancelled_forwards_break_no_other_call() {
     use std::sync::atomic::{AtomicBool, Ordering};
