@@ -674,15 +674,11 @@ impl Forwarder {
     /// The stream of calls to `node`, opened if there is none in use.
     fn stream(&self, node: u64) -> Result<Arc<CallStream>, ForwardError> {
         let addr = self.addr(node)?;
-        if let Some(s) = self.streams.lock().get(&addr) {
-            return Ok(s.clone());
-        }
-        let client = self.client(node, &addr)?;
         let mut streams = self.streams.lock();
-        // Another call may have opened one meanwhile.
         if let Some(s) = streams.get(&addr) {
             return Ok(s.clone());
         }
+        let client = self.client(node, &addr)?;
         let s = CallStream::open(client, self.raft.clone(), addr.clone(), &self.streams);
         streams.insert(addr, s.clone());
         Ok(s)

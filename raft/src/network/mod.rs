@@ -155,8 +155,9 @@ impl PeerPool {
             .keep_alive_while_idle(true)
             // The peers are members of the cluster (mutual TLS when configured), not strangers:
             // h2 ends a connection, and fails every call on it, after 1,024 streams it had to
-            // reset itself (e.g. for frames arriving on a stream this side dropped early and
-            // has forgotten). Forwards read their streams to the end; this is the backstop.
+            // reset itself (e.g. for frames arriving on a stream this side dropped early, such
+            // as a Raft RPC past its deadline). Forwarded calls share one long-lived stream and
+            // are never reset; this keeps the other RPCs from ever tripping that limit.
             .http2_max_local_error_reset_streams(None))
     }
 

@@ -161,6 +161,32 @@ async fn event_ids(c: &reqwest::Client, m: &Member) -> Option<Vec<(u64, String)>
         .collect()
 }
 
+/// A config with fixture servers `a` and `b` (`member_extra` added to each) and a round-robin
+/// group `g` of the two.
+fn group_of_two(a: &str, b: &str, member_extra: &str) -> String {
+    format!(
+        "mcp_servers:\n{}{}  g:\n    mode: group\n    strategy: round_robin\n    members:\n      - id: {a}\n      - id: {b}\n",
+        fixture_stdio_yaml(a, member_extra),
+        fixture_stdio_yaml(b, member_extra)
+    )
+}
+
+/// A JSON-RPC POST that accepts a JSON answer only (no event stream), within `timeout`.
+async fn post_json_only(
+    c: &reqwest::Client,
+    url: &str,
+    body: &Value,
+    timeout: Duration,
+) -> reqwest::Result<reqwest::Response> {
+    c.post(url)
+        .header("Content-Type", "application/json")
+        .header("Accept", "application/json")
+        .timeout(timeout)
+        .body(body.to_string())
+        .send()
+        .await
+}
+
 fn fixture_config() -> String {
     format!("mcp_servers:\n{}", fixture_stdio_yaml("fx", ""))
 }
@@ -753,13 +779,7 @@ async fn one_instance_serves_every_node_and_moves_when_its_node_dies() {
     // (the call ends without waiting for an answer that cannot come).
     let body = json!({"jsonrpc": "2.0", "id": 5, "method": "tools/call",
         "params": {"name": format!("{id}__sample"), "arguments": {"prompt": "p"}}});
-    let r = c
-        .post(other.url("/mcp"))
-        .header("Content-Type", "application/json")
-        .header("Accept", "application/json")
-        .timeout(Duration::from_secs(20))
-        .body(body.to_string())
-        .send()
+    let r = post_json_only(&c, &other.url("/mcp"), &body, Duration::from_secs(20))
         .await
         .unwrap();
     let v: Value = serde_json::from_str(&r.text().await.unwrap()).unwrap();
@@ -1002,12 +1022,7 @@ async fn more_than_a_thousand_cancelled_forwards_break_no_other_call() {
             async move {
                 let body = json!({"jsonrpc": "2.0", "id": i, "method": "tools/call",
                     "params": {"name": slow, "arguments": {"ms": 2000}}});
-                c.post(&url)
-                    .header("Content-Type", "application/json")
-                    .header("Accept", "application/json")
-                    .timeout(Duration::from_millis(150))
-                    .body(body.to_string())
-                    .send()
+                post_json_only(&c, &url, &body, Duration::from_millis(150))
                     .await
                     .is_err_and(|e| e.is_timeout())
             }
@@ -1050,12 +1065,7 @@ async fn a_group_spread_over_nodes_fails_no_call_when_a_node_dies() {
     let mut cl = cluster(3, &[]);
     let tag = std::process::id();
     let (a, b) = (format!("ga{tag}"), format!("gb{tag}"));
-    let member = |id: &str| fixture_stdio_yaml(id, "    idempotent_tools: [whoami]\n");
-    let head = format!(
-        "mcp_servers:\n{}{}  g:\n    mode: group\n    strategy: round_robin\n    members:\n      - id: {a}\n      - id: {b}\n",
-        member(&a),
-        member(&b)
-    );
+    let head = group_of_two(&a, &b, "    idempotent_tools: [whoami]\n");
     start_static(&mut cl, &head, "  node_loss_timeout_ms: 3000\n").await;
     // Both members run (the group auto-starts them), on two different nodes, and every node
     // shows the same placement and state.
@@ -1184,11 +1194,7 @@ async fn a_node_stopped_with_sigterm_fails_no_forwarded_call() {
     let mut cl = cluster(3, &[]);
     let tag = std::process::id();
     let (a, b) = (format!("sa{tag}"), format!("sb{tag}"));
-    let head = format!(
-        "mcp_servers:\n{}{}  g:\n    mode: group\n    strategy: round_robin\n    members:\n      - id: {a}\n      - id: {b}\n",
-        fixture_stdio_yaml(&a, ""),
-        fixture_stdio_yaml(&b, "")
-    );
+    let head = group_of_two(&a, &b, "");
     start_static(&mut cl, &head, "  node_loss_timeout_ms: 3000\n").await;
     let (na, nb) = wait_for("members ready", Duration::from_secs(30), || async {
         let v = placements_seen(&c, &cl.members()[0]).await?;
